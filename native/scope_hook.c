@@ -1,0 +1,493 @@
+/* scope_hook: see scope_hook.h for the contract. */
+#include "scope_hook.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ggml-backend.h"
+
+#define SOFTMAX_PREFIX "kq_soft_max-"
+#define K_IDXS_NAME    "attn_inp_k_idxs"
+#define K_CACHE_PREFIX "cache_k_l"
+#define MASK_NAME      "attn_inp_kq_mask"
+
+struct scope_hook {
+    int32_t n_cells;
+    int32_t n_layer;
+    int32_t n_head;
+
+    int32_t * cell_pos;      /* [n_cells] position held by each cell, -1 empty */
+
+    /* the decode in progress (between begin and end) */
+    bool      in_decode;
+    int32_t * batch_pos;     /* positions of the batch tokens */
+    int32_t   batch_cap;
+    int32_t   batch_n;
+    int32_t   written;       /* tokens whose cell was read so far */
+
+    /* visibility of the last query row of the latest ubatch */
+    uint8_t * visible;       /* [n_cells] */
+    int32_t   n_visible;
+    int32_t   n_kv;
+
+    int32_t   ub_start;      /* batch index of the current ubatch's first token */
+    int32_t   ub_n;          /* tokens in the current ubatch */
+
+    /* attention capture */
+    int32_t   capture_from;  /* capture query rows at positions >= this; -1 off */
+    float   * acc;           /* [n_layer][n_head][n_cells] */
+    int32_t * rows;          /* [n_layer] query rows summed */
+    float   * scratch;
+    size_t    scratch_cap;   /* floats */
+
+    int32_t   err;           /* first error met inside the callback */
+    char      msg[512];
+};
+
+static int32_t fail(scope_hook * h, int32_t code, const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(h->msg, sizeof(h->msg), fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* Record an error met inside the callback; the first one wins. */
+static bool fail_cb(scope_hook * h, int32_t code, const char * fmt, ...) {
+    if (h->err == SCOPE_HOOK_OK) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(h->msg, sizeof(h->msg), fmt, ap);
+        va_end(ap);
+        h->err = code;
+    }
+    return false;
+}
+
+scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head) {
+    if (n_cells <= 0 || n_layer <= 0 || n_head <= 0) {
+        return NULL;
+    }
+    scope_hook * h = calloc(1, sizeof(*h));
+    if (!h) {
+        return NULL;
+    }
+    h->n_cells = n_cells;
+    h->n_layer = n_layer;
+    h->n_head  = n_head;
+    h->capture_from = SCOPE_HOOK_CAPTURE_OFF;
+    h->cell_pos = malloc(sizeof(int32_t) * (size_t) n_cells);
+    h->visible  = calloc((size_t) n_cells, 1);
+    h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
+    h->rows     = calloc((size_t) n_layer, sizeof(int32_t));
+    if (!h->cell_pos || !h->visible || !h->acc || !h->rows) {
+        scope_hook_free(h);
+        return NULL;
+    }
+    for (int32_t i = 0; i < n_cells; i++) {
+        h->cell_pos[i] = -1;
+    }
+    return h;
+}
+
+void scope_hook_free(scope_hook * h) {
+    if (!h) {
+        return;
+    }
+    free(h->cell_pos);
+    free(h->batch_pos);
+    free(h->visible);
+    free(h->acc);
+    free(h->rows);
+    free(h->scratch);
+    free(h);
+}
+
+static bool has_name(const struct ggml_tensor * t, const char * name) {
+    return t && strcmp(ggml_get_name(t), name) == 0;
+}
+
+/* Layer index of a "<prefix><il>" name, or -1. */
+static int parse_layer(const char * name, const char * prefix) {
+    size_t n = strlen(prefix);
+    if (strncmp(name, prefix, n) != 0) {
+        return -1;
+    }
+    char * end = NULL;
+    long il = strtol(name + n, &end, 10);
+    if (end == name + n || (*end != '\0' && *end != ' ') || il < 0 || il > 1000000) {
+        return -1;
+    }
+    return (int) il;
+}
+
+static bool ensure_scratch(scope_hook * h, size_t n_floats) {
+    if (n_floats <= h->scratch_cap) {
+        return true;
+    }
+    float * p = realloc(h->scratch, n_floats * sizeof(float));
+    if (!p) {
+        return false;
+    }
+    h->scratch = p;
+    h->scratch_cap = n_floats;
+    return true;
+}
+
+/* Layer-0 K write: cell index of each ubatch token, in batch order. */
+static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
+    const struct ggml_tensor * idx = t->src[1];
+    if (idx->type != GGML_TYPE_I64 || idx->ne[1] != 1 || idx->ne[2] != 1 || idx->ne[3] != 1 || !idx->buffer) {
+        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: expected I64 [n_tokens] in a buffer, got type %d ne=[%lld,%lld]",
+                       K_IDXS_NAME, (int) idx->type, (long long) idx->ne[0], (long long) idx->ne[1]);
+    }
+    const int64_t n = idx->ne[0];
+    if (!h->in_decode || h->written + n > h->batch_n) {
+        return fail_cb(h, SCOPE_HOOK_E_STATE, "%lld K writes but the batch given to begin has %d tokens (%d written)",
+                       (long long) n, h->batch_n, h->written);
+    }
+    if (!ensure_scratch(h, (size_t) n * 2)) {
+        return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading %lld write indices", (long long) n);
+    }
+    int64_t * cells = (int64_t *) h->scratch;
+    ggml_backend_tensor_get(idx, cells, 0, (size_t) n * sizeof(int64_t));
+    for (int64_t i = 0; i < n; i++) {
+        if (cells[i] < 0 || cells[i] >= h->n_cells) {
+            return fail_cb(h, SCOPE_HOOK_E_SHAPE, "write index %lld outside the %d cells", (long long) cells[i], h->n_cells);
+        }
+    }
+    for (int64_t i = 0; i < n; i++) {
+        h->cell_pos[cells[i]] = h->batch_pos[h->written + i];
+    }
+    h->ub_start = h->written;
+    h->ub_n = (int32_t) n;
+    h->written += (int32_t) n;
+    return false;
+}
+
+/* Attention mask of layer 0: which cells the ubatch's last query row sees. */
+static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
+    const struct ggml_tensor * m = sm->src[1];
+    if (!has_name(m, MASK_NAME) || !m->buffer) {
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-0 has no '%s' operand", MASK_NAME);
+    }
+    const int64_t n_kv = m->ne[0];
+    const int64_t n_rows = m->ne[1];
+    if (n_kv <= 0 || n_kv > h->n_cells || n_rows <= 0 || m->ne[2] != 1 || m->ne[3] != 1 ||
+        (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16)) {
+        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: type %d ne=[%lld,%lld,%lld,%lld], expected F32/F16 [<=%d, n, 1, 1]",
+                       MASK_NAME, (int) m->type, (long long) m->ne[0], (long long) m->ne[1],
+                       (long long) m->ne[2], (long long) m->ne[3], h->n_cells);
+    }
+    if (!ensure_scratch(h, (size_t) n_kv)) {
+        return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the mask");
+    }
+    const size_t row = (size_t) (n_rows - 1) * m->nb[1];
+    const size_t esz = ggml_type_size(m->type);
+    ggml_backend_tensor_get(m, h->scratch, row, (size_t) n_kv * esz);
+    memset(h->visible, 0, (size_t) h->n_cells);
+    int32_t count = 0;
+    for (int64_t j = 0; j < n_kv; j++) {
+        float v = m->type == GGML_TYPE_F32 ? h->scratch[j] : ggml_fp16_to_fp32(((ggml_fp16_t *) h->scratch)[j]);
+        if (v != -INFINITY) {
+            h->visible[j] = 1;
+            count++;
+        }
+    }
+    h->n_visible = count;
+    h->n_kv = (int32_t) n_kv;
+    return false;
+}
+
+/* Computed kq_soft_max-<il>: add the chosen rows' probabilities per cell. */
+static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
+    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
+    if (t->type != GGML_TYPE_F32 || n_kv > h->n_cells || n_head != h->n_head || t->ne[3] != 1 ||
+        t->nb[0] != sizeof(float) || t->nb[1] != (size_t) n_kv * sizeof(float) || !t->buffer) {
+        fail_cb(h, SCOPE_HOOK_E_SHAPE, "kq_soft_max-%d: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32 "
+                "[<=%d, n_tokens, %d, 1]", il, (int) t->type, (long long) n_kv, (long long) n_tok,
+                (long long) n_head, (long long) t->ne[3], h->n_cells, h->n_head);
+        return true; /* keep computing: the error is reported by scope_hook_end */
+    }
+    if (n_tok != h->ub_n) {
+        fail_cb(h, SCOPE_HOOK_E_SHAPE, "kq_soft_max-%d has %lld query rows but the ubatch wrote %d tokens",
+                il, (long long) n_tok, h->ub_n);
+        return true;
+    }
+    /* batch positions increase (checked by begin): the captured rows are a suffix */
+    const int32_t * pos = h->batch_pos + h->ub_start;
+    int64_t first = 0;
+    while (first < n_tok && pos[first] < h->capture_from) {
+        first++;
+    }
+    const int64_t n_rows = n_tok - first;
+    if (n_rows == 0) {
+        return true;
+    }
+    if (!ensure_scratch(h, (size_t) (n_rows * n_kv))) {
+        fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading kq_soft_max-%d", il);
+        return true;
+    }
+    for (int64_t hd = 0; hd < n_head; hd++) {
+        ggml_backend_tensor_get(t, h->scratch, hd * t->nb[2] + first * t->nb[1], (size_t) (n_rows * n_kv) * sizeof(float));
+        float * dst = h->acc + ((size_t) il * h->n_head + hd) * h->n_cells;
+        for (int64_t r = 0; r < n_rows; r++) {
+            const float * src = h->scratch + r * n_kv;
+            for (int64_t j = 0; j < n_kv; j++) {
+                dst[j] += src[j];
+            }
+        }
+    }
+    h->rows[il] += (int32_t) n_rows;
+    return true;
+}
+
+bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
+    scope_hook * h = user_data;
+    if (!h || !t) {
+        return false;
+    }
+    if (!ask) {
+        int il = parse_layer(ggml_get_name(t), SOFTMAX_PREFIX);
+        return il >= 0 && il < h->n_layer ? on_softmax(h, t, il) : true;
+    }
+    if (t->op == GGML_OP_SET_ROWS && has_name(t->src[1], K_IDXS_NAME) && t->src[2] &&
+        parse_layer(ggml_get_name(t->src[2]), K_CACHE_PREFIX) == 0) {
+        return on_k_write(h, t);
+    }
+    if (t->op != GGML_OP_SOFT_MAX) {
+        return false;
+    }
+    int il = parse_layer(ggml_get_name(t), SOFTMAX_PREFIX);
+    if (il < 0) {
+        return false;
+    }
+    if (il >= h->n_layer) {
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d but the model has %d layers", il, h->n_layer);
+    }
+    if (il == 0) {
+        on_mask(h, t);
+    }
+    return h->capture_from >= 0;
+}
+
+int32_t scope_hook_begin(scope_hook * h, const int32_t * positions, int32_t n_tokens) {
+    if (!h || !positions || n_tokens <= 0) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "begin: need a non-empty batch, got %d tokens", n_tokens) : SCOPE_HOOK_E_ARG;
+    }
+    if (n_tokens > h->batch_cap) {
+        int32_t * p = realloc(h->batch_pos, sizeof(int32_t) * (size_t) n_tokens);
+        if (!p) {
+            return fail(h, SCOPE_HOOK_E_NOMEM, "begin: out of memory for %d positions", n_tokens);
+        }
+        h->batch_pos = p;
+        h->batch_cap = n_tokens;
+    }
+    for (int32_t i = 0; i < n_tokens; i++) {
+        if (positions[i] < 0 || (i > 0 && positions[i] <= positions[i - 1])) {
+            return fail(h, SCOPE_HOOK_E_ARG, "begin: positions must be >= 0 and increasing; token %d has %d "
+                        "after %d", i, positions[i], i > 0 ? positions[i - 1] : -1);
+        }
+    }
+    memcpy(h->batch_pos, positions, sizeof(int32_t) * (size_t) n_tokens);
+    h->batch_n = n_tokens;
+    h->written = 0;
+    h->in_decode = true;
+    h->err = SCOPE_HOOK_OK;
+    h->msg[0] = '\0';
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_end(scope_hook * h) {
+    if (!h) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    if (!h->in_decode) {
+        return fail(h, SCOPE_HOOK_E_STATE, "end without begin");
+    }
+    h->in_decode = false;
+    if (h->err != SCOPE_HOOK_OK) {
+        return h->err;
+    }
+    if (h->written == 0) {
+        return fail(h, SCOPE_HOOK_E_GRAPH, "no '%s' write into '%s0' was seen: the graph is not a KV-cached "
+                    "attention graph this hook understands", K_IDXS_NAME, K_CACHE_PREFIX);
+    }
+    if (h->written != h->batch_n) {
+        return fail(h, SCOPE_HOOK_E_STATE, "%d of %d batch tokens were written to the cache (decode failed?)",
+                    h->written, h->batch_n);
+    }
+    if (h->capture_from >= 0 && h->batch_pos[h->batch_n - 1] >= h->capture_from) {
+        for (int32_t il = 0; il < h->n_layer; il++) {
+            if (h->rows[il] == 0 || h->rows[il] != h->rows[0]) {
+                return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer 0: %d): attention "
+                            "capture needs flash attention off and the standard attention graph",
+                            il, h->rows[il], h->rows[0]);
+            }
+        }
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_capture_arm(scope_hook * h, int32_t from_pos) {
+    if (!h || from_pos < SCOPE_HOOK_CAPTURE_OFF) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "capture_arm: from_pos %d < -1", from_pos) : SCOPE_HOOK_E_ARG;
+    }
+    h->capture_from = from_pos;
+    memset(h->acc, 0, sizeof(float) * (size_t) h->n_layer * h->n_head * h->n_cells);
+    memset(h->rows, 0, sizeof(int32_t) * (size_t) h->n_layer);
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_capture_read(const scope_hook * h, float * out, int64_t capacity, int32_t * rows_out) {
+    if (!h || !out) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    const int64_t n = (int64_t) h->n_layer * h->n_head * h->n_cells;
+    if (capacity < n) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    memcpy(out, h->acc, sizeof(float) * (size_t) n);
+    if (rows_out) {
+        memcpy(rows_out, h->rows, sizeof(int32_t) * (size_t) h->n_layer);
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_cells(const scope_hook * h, int32_t * out, int32_t n_cells) {
+    if (!h || !out || n_cells != h->n_cells) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    memcpy(out, h->cell_pos, sizeof(int32_t) * (size_t) n_cells);
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_visible(const scope_hook * h, int32_t * out, int32_t capacity, int32_t * n_kv) {
+    if (!h || capacity < 0) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    if (out) {
+        int32_t k = 0;
+        for (int32_t j = 0; j < h->n_kv && k < capacity; j++) {
+            if (h->visible[j]) {
+                out[k++] = j;
+            }
+        }
+    }
+    if (n_kv) {
+        *n_kv = h->n_kv;
+    }
+    return h->n_visible;
+}
+
+static int cmp_i32(const void * a, const void * b) {
+    int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
+    return (x > y) - (x < y);
+}
+
+int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32_t * positions, int32_t n,
+                         int32_t * n_freed) {
+    if (!h || !ctx || n < 0 || (n > 0 && !positions)) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "evict: bad arguments (n=%d)", n) : SCOPE_HOOK_E_ARG;
+    }
+    if (n_freed) {
+        *n_freed = 0;
+    }
+    if (n == 0) {
+        return SCOPE_HOOK_OK;
+    }
+    int32_t * sorted = malloc(sizeof(int32_t) * (size_t) n);
+    if (!sorted) {
+        return fail(h, SCOPE_HOOK_E_NOMEM, "evict: out of memory");
+    }
+    memcpy(sorted, positions, sizeof(int32_t) * (size_t) n);
+    qsort(sorted, (size_t) n, sizeof(int32_t), cmp_i32);
+
+    /* every position must be held; the highest held one must stay */
+    int32_t pos_max = -1, held = 0;
+    for (int32_t i = 0; i < h->n_cells; i++) {
+        if (h->cell_pos[i] > pos_max) {
+            pos_max = h->cell_pos[i];
+        }
+    }
+    for (int32_t i = 0; i < h->n_cells; i++) {
+        int32_t p = h->cell_pos[i];
+        if (p >= 0 && bsearch(&p, sorted, (size_t) n, sizeof(int32_t), cmp_i32)) {
+            held++;
+        }
+    }
+    int32_t n_unique = n > 0 ? 1 : 0;
+    for (int32_t i = 1; i < n; i++) {
+        n_unique += sorted[i] != sorted[i - 1];
+    }
+    int32_t rc = SCOPE_HOOK_OK;
+    if (sorted[n - 1] == pos_max) {
+        rc = fail(h, SCOPE_HOOK_E_LAST_POS, "evict: refusing to evict position %d, the last of the sequence "
+                  "(the next token must follow it)", pos_max);
+    } else if (held != n_unique) {
+        rc = fail(h, SCOPE_HOOK_E_NOT_HELD, "evict: %d of the %d positions asked for are not held by any cell",
+                  n_unique - held, n_unique);
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    for (int32_t i = 0; rc == SCOPE_HOOK_OK && i < n;) {
+        int32_t j = i;
+        while (j + 1 < n && sorted[j + 1] <= sorted[j] + 1) {
+            j++;
+        }
+        if (!llama_memory_seq_rm(mem, 0, sorted[i], sorted[j] + 1)) {
+            rc = fail(h, SCOPE_HOOK_E_LLAMA, "evict: llama_memory_seq_rm(0, %d, %d) failed", sorted[i], sorted[j] + 1);
+        }
+        i = j + 1;
+    }
+    if (rc == SCOPE_HOOK_OK) {
+        for (int32_t i = 0; i < h->n_cells; i++) {
+            int32_t p = h->cell_pos[i];
+            if (p >= 0 && bsearch(&p, sorted, (size_t) n, sizeof(int32_t), cmp_i32)) {
+                h->cell_pos[i] = -1;
+            }
+        }
+        if (n_freed) {
+            *n_freed = held;
+        }
+    }
+    free(sorted);
+    return rc;
+}
+
+int32_t scope_hook_shift(scope_hook * h, struct llama_context * ctx, int32_t p0, int32_t p1, int32_t delta) {
+    if (!h || !ctx || p0 < 0 || p1 < p0) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "shift: bad range [%d, %d)", p0, p1) : SCOPE_HOOK_E_ARG;
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    if (!llama_memory_can_shift(mem)) {
+        return fail(h, SCOPE_HOOK_E_LLAMA, "shift: this model's memory cannot shift positions");
+    }
+    llama_memory_seq_add(mem, 0, p0, p1, delta);
+    for (int32_t i = 0; i < h->n_cells; i++) {
+        int32_t p = h->cell_pos[i];
+        if (p >= p0 && p < p1) {
+            h->cell_pos[i] = p + delta < 0 ? -1 : p + delta;
+        }
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_clear(scope_hook * h, struct llama_context * ctx) {
+    if (!h || !ctx) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+    for (int32_t i = 0; i < h->n_cells; i++) {
+        h->cell_pos[i] = -1;
+    }
+    h->n_visible = 0;
+    h->n_kv = 0;
+    return SCOPE_HOOK_OK;
+}
+
+const char * scope_hook_last_error(const scope_hook * h) {
+    return h ? h->msg : "null hook";
+}

@@ -1,0 +1,108 @@
+/*
+ * scope_hook: observe and evict llama.cpp KV-cache cells of sequence 0.
+ *
+ * The hook is installed as llama_context_params.cb_eval (with the hook as
+ * cb_eval_user_data). While the graph runs it
+ *   - maps every KV cell written to the position of its token, reading the
+ *     K-cache write indices (input `attn_inp_k_idxs` of the layer-0 SET_ROWS);
+ *   - records which cells the attention of the ubatch's last token can see,
+ *     reading the attention mask (`attn_inp_kq_mask`, src[1] of kq_soft_max-0);
+ *   - when armed, accumulates attention probabilities of chosen query rows
+ *     from every layer's `kq_soft_max-<il>` node into per (layer, head, cell)
+ *     sums.
+ * It knows nothing of eviction policies: callers read scores and cell
+ * positions, decide, and call scope_hook_evict.
+ *
+ * All tensor reads go through ggml_backend_tensor_get, so any backend works.
+ * Inputs are read at ask time (they are set before the graph runs), so steps
+ * without capture observe no node and force no synchronisation.
+ *
+ * Every function returning int32_t returns SCOPE_HOOK_OK (0) or a negative
+ * scope_hook_status; scope_hook_last_error() describes the latest failure.
+ */
+#ifndef SCOPE_HOOK_H
+#define SCOPE_HOOK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "ggml.h"
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct scope_hook scope_hook;
+
+enum scope_hook_status {
+    SCOPE_HOOK_OK         =  0,
+    SCOPE_HOOK_E_ARG      = -1, /* invalid argument (null, out of range) */
+    SCOPE_HOOK_E_NOMEM    = -2, /* allocation failed */
+    SCOPE_HOOK_E_GRAPH    = -3, /* graph is not what the hook expects (flash attention on, renamed nodes) */
+    SCOPE_HOOK_E_SHAPE    = -4, /* a tensor had an unexpected type or shape */
+    SCOPE_HOOK_E_LAST_POS = -5, /* refused to evict the last position of the sequence */
+    SCOPE_HOOK_E_NOT_HELD = -6, /* asked to evict a position no cell holds */
+    SCOPE_HOOK_E_LLAMA    = -7, /* llama.cpp refused the memory operation */
+    SCOPE_HOOK_E_STATE    = -8, /* call out of order (end without begin, ...) */
+};
+
+/* scope_hook_capture_arm's from_pos that stops capturing. */
+#define SCOPE_HOOK_CAPTURE_OFF (-1)
+
+/* Create a hook for a context of n_cells KV cells, n_layer layers and n_head
+ * query heads. Returns NULL on bad arguments or out of memory. */
+scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head);
+void scope_hook_free(scope_hook * hook);
+
+/* The ggml_backend_sched_eval_callback; user_data must be the hook. */
+bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data);
+
+/* Bracket one llama_decode. positions[i] is the position of batch token i
+ * (copied; must increase). end checks that every token was written and, when armed, that
+ * every layer was captured; it returns the first error the callback met. */
+int32_t scope_hook_begin(scope_hook * hook, const int32_t * positions, int32_t n_tokens);
+int32_t scope_hook_end(scope_hook * hook);
+
+/* Capture, in the following decodes, the attention rows of the query tokens
+ * at positions >= from_pos (0: every row), and zero the accumulators.
+ * SCOPE_HOOK_CAPTURE_OFF stops capturing. */
+int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
+
+/* Copy the accumulated sums, laid out [n_layer][n_head][n_cells], into out
+ * (capacity in floats). rows_out (n_layer entries, may be NULL) receives the
+ * number of query rows summed per layer. */
+int32_t scope_hook_capture_read(const scope_hook * hook, float * out, int64_t capacity, int32_t * rows_out);
+
+/* Copy the position held by each cell (-1: empty) into out[n_cells]. */
+int32_t scope_hook_cells(const scope_hook * hook, int32_t * out, int32_t n_cells);
+
+/* Cells visible to the last query row of the latest ubatch, per llama.cpp's
+ * attention mask. Writes up to capacity cell indices to out (may be NULL),
+ * the attention width to *n_kv (may be NULL); returns the count (>= 0) or an
+ * error. */
+int32_t scope_hook_visible(const scope_hook * hook, int32_t * out, int32_t capacity, int32_t * n_kv);
+
+/* Evict positions[0..n) of sequence 0 with llama_memory_seq_rm, coalesced
+ * into runs. Refuses (changing nothing) if any position is not held or is the
+ * highest held position. *n_freed receives the number of cells freed. */
+int32_t scope_hook_evict(scope_hook * hook, struct llama_context * ctx,
+                         const int32_t * positions, int32_t n, int32_t * n_freed);
+
+/* Shift positions [p0, p1) of sequence 0 by delta (llama_memory_seq_add,
+ * which re-rotates K). Positions shifted below 0 are removed by llama.cpp;
+ * the map follows. */
+int32_t scope_hook_shift(scope_hook * hook, struct llama_context * ctx,
+                         int32_t p0, int32_t p1, int32_t delta);
+
+/* Clear sequence 0's cells and the map. */
+int32_t scope_hook_clear(scope_hook * hook, struct llama_context * ctx);
+
+/* Message of the latest failure ("" if none). Valid until the next call. */
+const char * scope_hook_last_error(const scope_hook * hook);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SCOPE_HOOK_H */

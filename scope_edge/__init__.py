@@ -1,0 +1,29 @@
+"""scope-edge: SCOPE KV-cache compression inside an unmodified llama.cpp.
+
+    from scope_edge import ScopeLlama, Budget
+    with ScopeLlama(budget=Budget(prefill=1024, decode=512)) as llm:
+        print(llm.generate("Hello", max_tokens=64).text)
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["ScopeLlama", "Budget", "Completion", "Chunk", "GenerationStats"]
+
+if TYPE_CHECKING:
+    from .budget import Budget
+    from .llama import Chunk, Completion, GenerationStats, ScopeLlama
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so policies and models import without loading llama.cpp.
+    if name == "Budget":
+        from .budget import Budget
+
+        return Budget
+    if name in ("ScopeLlama", "Completion", "Chunk", "GenerationStats"):
+        from . import llama
+
+        return getattr(llama, name)
+    raise AttributeError(f"module 'scope_edge' has no attribute {name!r}")

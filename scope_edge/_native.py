@@ -1,0 +1,178 @@
+"""Thin binding to native/scope_hook.c; every non-zero return code raises.
+
+The hook library is the `scope_edge._scope_hook` extension. It links to the
+libllama that llama_cpp has already loaded, so both share one llama.cpp.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+_i32p = ctypes.POINTER(ctypes.c_int32)
+_f32p = ctypes.POINTER(ctypes.c_float)
+
+_STATUS = {
+    -1: "invalid argument",
+    -2: "out of memory",
+    -3: "unexpected graph",
+    -4: "unexpected tensor shape",
+    -5: "refused to evict the last position",
+    -6: "position not held",
+    -7: "llama.cpp refused the operation",
+    -8: "call out of order",
+}
+
+
+class HookError(RuntimeError):
+    """The native hook failed; `code` is its scope_hook_status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{_STATUS.get(code, 'error')} ({code}): {message}")
+        self.code = code
+
+
+def _load() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("scope_edge._scope_hook")
+    if spec is None or spec.origin is None:
+        raise ImportError(
+            "scope_edge's native hook is not built; install the package with `pip install .` "
+            "(or `pip install -e .` in a checkout)"
+        )
+    lib = ctypes.CDLL(spec.origin)
+    sig = {
+        "scope_hook_new": (ctypes.c_void_p, [ctypes.c_int32] * 3),
+        "scope_hook_free": (None, [ctypes.c_void_p]),
+        "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
+        "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
+        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
+        "scope_hook_capture_read": (ctypes.c_int32, [ctypes.c_void_p, _f32p, ctypes.c_int64, _i32p]),
+        "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
+        "scope_hook_visible": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32, _i32p]),
+        "scope_hook_evict": (
+            ctypes.c_int32,
+            [ctypes.c_void_p, ctypes.c_void_p, _i32p, ctypes.c_int32, _i32p],
+        ),
+        "scope_hook_shift": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 3),
+        "scope_hook_clear": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p]),
+        "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
+    }
+    for name, (restype, argtypes) in sig.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+_lib = _load()
+# The C callback itself: installed in llama_context_params.cb_eval, no Python per node.
+EVAL_CALLBACK = llama_cpp.ggml_backend_sched_eval_callback(
+    ctypes.cast(_lib.scope_hook_eval, ctypes.c_void_p).value
+)
+
+
+def _i32(a: np.ndarray) -> ctypes._Pointer:
+    return a.ctypes.data_as(_i32p)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """Attention captured since the hook was armed, per held position.
+
+    positions: sorted int32 positions held now.
+    attn: float32 [n_layer, n_head, len(positions)], each entry the sum of the
+        captured query rows' attention probabilities on that position's cell.
+    rows: query rows summed per layer.
+    """
+
+    positions: np.ndarray
+    attn: np.ndarray
+    rows: np.ndarray
+
+
+class Hook:
+    """Owner of one native scope_hook (sequence 0 of one llama context)."""
+
+    def __init__(self, *, n_cells: int, n_layer: int, n_head: int) -> None:
+        self.n_cells, self.n_layer, self.n_head = n_cells, n_layer, n_head
+        self._ptr = _lib.scope_hook_new(n_cells, n_layer, n_head)
+        if not self._ptr:
+            raise MemoryError(f"scope_hook_new({n_cells}, {n_layer}, {n_head}) failed")
+        self._acc = np.zeros((n_layer, n_head, n_cells), dtype=np.float32)
+        self._rows = np.zeros(n_layer, dtype=np.int32)
+        self._cells = np.zeros(n_cells, dtype=np.int32)
+
+    @property
+    def user_data(self) -> ctypes.c_void_p:
+        return ctypes.c_void_p(self._ptr)
+
+    def close(self) -> None:
+        if self._ptr:
+            _lib.scope_hook_free(self._ptr)
+            self._ptr = None
+
+    def _check(self, rc: int) -> int:
+        if rc < 0:
+            msg = _lib.scope_hook_last_error(self._ptr) or b""
+            raise HookError(rc, msg.decode("utf-8", "replace"))
+        return rc
+
+    def begin(self, positions: np.ndarray) -> None:
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        self._check(_lib.scope_hook_begin(self._ptr, _i32(pos), len(pos)))
+
+    def end(self) -> None:
+        self._check(_lib.scope_hook_end(self._ptr))
+
+    def abandon(self) -> None:
+        """Close a begin whose decode failed; its error is the decode's."""
+        _lib.scope_hook_end(self._ptr)
+
+    def arm(self, from_pos: int | None) -> None:
+        """Capture the rows of query positions >= from_pos in the following
+        decodes (None: stop capturing). Zeroes the accumulators."""
+        self._check(_lib.scope_hook_capture_arm(self._ptr, -1 if from_pos is None else from_pos))
+
+    def cells(self) -> np.ndarray:
+        """Position held by each cell, -1 for empty cells (a copy)."""
+        self._check(_lib.scope_hook_cells(self._ptr, _i32(self._cells), self.n_cells))
+        return self._cells.copy()
+
+    def positions(self) -> np.ndarray:
+        cells = self.cells()
+        return np.sort(cells[cells >= 0])
+
+    def capture(self) -> Capture:
+        self._check(
+            _lib.scope_hook_capture_read(
+                self._ptr, self._acc.ctypes.data_as(_f32p), self._acc.size, _i32(self._rows)
+            )
+        )
+        cells = self.cells()
+        held = np.flatnonzero(cells >= 0)
+        order = held[np.argsort(cells[held], kind="stable")]
+        return Capture(cells[order], self._acc[:, :, order], self._rows.copy())
+
+    def visible(self) -> tuple[np.ndarray, int]:
+        """(cells the latest query row could see, attention width n_kv), from
+        llama.cpp's attention mask."""
+        out = np.zeros(self.n_cells, dtype=np.int32)
+        n_kv = ctypes.c_int32(0)
+        n = self._check(_lib.scope_hook_visible(self._ptr, _i32(out), self.n_cells, ctypes.byref(n_kv)))
+        return out[:n], n_kv.value
+
+    def evict(self, ctx: llama_cpp.llama_context_p, positions: np.ndarray) -> int:
+        """Free the cells of `positions`; returns the number of cells freed."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        freed = ctypes.c_int32(0)
+        self._check(_lib.scope_hook_evict(self._ptr, ctx, _i32(pos), len(pos), ctypes.byref(freed)))
+        return freed.value
+
+    def shift(self, ctx: llama_cpp.llama_context_p, p0: int, p1: int, delta: int) -> None:
+        self._check(_lib.scope_hook_shift(self._ptr, ctx, p0, p1, delta))
+
+    def clear(self, ctx: llama_cpp.llama_context_p) -> None:
+        self._check(_lib.scope_hook_clear(self._ptr, ctx))

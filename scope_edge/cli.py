@@ -1,0 +1,136 @@
+"""The scope-edge command: generate, chat, bench, models."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("scope_edge")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and cache")
+    g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
+    g.add_argument("--prefill-budget", type=int, default=None, help="prompt cells kept (omit both budgets for the full cache)")
+    g.add_argument("--decode-budget", type=int, default=None, help="generated-token cells kept")
+    g.add_argument("--observation-window", type=int, default=8, help="last prompt tokens always kept (alpha2)")
+    g.add_argument("--recent-window", type=int, default=256, help="last generated tokens always kept (beta2)")
+    g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
+    g.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
+    g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _budget(args: argparse.Namespace):
+    from .budget import Budget
+
+    if args.prefill_budget is None and args.decode_budget is None:
+        return None
+    if args.prefill_budget is None or args.decode_budget is None:
+        raise ValueError("give both --prefill-budget and --decode-budget, or neither for the full cache")
+    return Budget(
+        prefill=args.prefill_budget,
+        decode=args.decode_budget,
+        observation_window=min(args.observation_window, args.prefill_budget),
+        recent_window=min(args.recent_window, args.decode_budget),
+    )
+
+
+def _open(args: argparse.Namespace):
+    from .llama import ScopeLlama
+
+    return ScopeLlama(
+        args.model,
+        budget=_budget(args),
+        strategy=args.strategy,
+        prefill_selector=args.selector,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        seed=args.seed,
+        type_k=args.type_k,
+        verbose=args.verbose,
+    )
+
+
+def _summary(stats) -> str:
+    return (
+        f"[{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens | "
+        f"KV {stats.kv_bytes_allocated / 2**20:.1f} MiB ({stats.kv_cells_allocated} cells, peak "
+        f"{stats.kv_cells_peak}) vs stock {stats.stock_kv_bytes / 2**20:.1f} MiB | "
+        f"prefill {stats.prefill_tokens_per_s:.0f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s]"
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with _open(args) as llm:
+        sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, stop=args.stop)
+        last = None
+        for last in llm.stream(args.prompt, **sampling):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if last is not None and last.stats is not None:
+            print(f"{_summary(last.stats)} finish={last.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import models
+
+    if args.action == "fetch":
+        print(models.fetch(args.name))
+        return 0
+    for spec, path in models.list_models():
+        print(f"{spec.name}\t{spec.size} B\t{path if path else '(not fetched)'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="scope-edge",
+        description="Run GGUF models through llama.cpp with the KV cache inside SCOPE's prefill and decode budgets.",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log and debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
+    g.add_argument("prompt")
+    _add_model_args(g)
+    _add_sampling_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list or fetch the registry's models")
+    m.add_argument("action", choices=["list", "fetch"])
+    m.add_argument("name", nargs="?", default=None, help="model name (default: the default model)")
+    m.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"scope-edge: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""KV-cache byte accounting from GGUF metadata.
+
+Per attention layer llama.cpp allocates a K tensor of n_cells rows of n_head_kv * head_dim_k
+elements and a V tensor of n_cells rows of n_head_kv * head_dim_v elements. Quantized cache
+types store each row in blocks (q8_0: 34 bytes per 32 elements, q4_0: 18 per 32). ``kv_bytes``
+is the sum of those tensors, the "KV self size" llama.cpp reports; the context size llama.cpp
+uses is ``padded_cells(n_ctx)``.
+
+Sliding-window and recurrent/hybrid models have other memory layouts: ``read_geometry`` flags
+them and ``KvGeometry.unsupported_reason`` says why a plain KV cache does not describe them.
+
+The metadata is read by a small GGUF parser here rather than ``gguf.GGUFReader``: the reader
+builds numpy views of every tokenizer string and takes 3-6 s on the 100 MB default model
+(this parser: 0.15 s), and ``ScopeLlama`` reads the geometry on every load. The tests check
+that both agree.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import mmap
+import operator
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+logger = logging.getLogger(__name__)
+
+KV_CELL_PADDING = 256
+"""llama.cpp rounds the number of KV cells (n_ctx) up to a multiple of this."""
+
+_T = gguf.GGMLQuantizationType
+KV_TYPES: dict[str, gguf.GGMLQuantizationType] = {
+    "f32": _T.F32, "f16": _T.F16, "bf16": _T.BF16, "q8_0": _T.Q8_0,
+    "q4_0": _T.Q4_0, "q4_1": _T.Q4_1, "q5_0": _T.Q5_0, "q5_1": _T.Q5_1,
+}
+"""KV cache types by llama.cpp name (``--cache-type-k``); the int values are ggml_type."""
+
+KvType = str | int
+"""A KV cache type: a name from KV_TYPES ("q8_0") or its ggml_type number."""
+
+RECURRENT_ARCHITECTURES = frozenset({
+    "mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7",  # recurrent only
+    "jamba", "falcon-h1", "granitehybrid", "plamo2", "lfm2", "lfm2moe", "nemotron_h",
+    "nemotron_h_moe", "qwen3next", "qwen35", "qwen35moe", "kimi-linear",  # hybrid
+})
+_RECURRENT_KEY_PARTS = (".ssm.", ".wkv.", ".shortconv.", ".kda.")
+
+_GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+@dataclass(frozen=True)
+class KvGeometry:
+    """The shape of a model's KV cache, as read from its GGUF metadata."""
+
+    architecture: str
+    n_layer: int
+    n_head: int  # query heads (the largest, if they vary per layer)
+    n_head_kv: int  # KV heads (the largest, if they vary per layer)
+    head_dim_k: int
+    head_dim_v: int
+    n_ctx_train: int
+    n_head_kv_per_layer: tuple[int, ...]  # 0 for layers without attention (hybrid models)
+    sliding_window: int | None = None
+    recurrent: bool = False  # has recurrent (SSM/RWKV/conv) state, alone or beside attention
+
+    @property
+    def n_kv_layers(self) -> int:
+        """Layers that have a KV cache."""
+        return sum(1 for n in self.n_head_kv_per_layer if n > 0)
+
+    def unsupported_reason(self) -> str | None:
+        """Why this model's memory is not one plain KV cache, or None if it is."""
+        if self.recurrent:
+            return (f"{self.architecture} keeps recurrent state (SSM/RWKV/conv layers) instead of "
+                    "or beside a KV cache; only attention-only models have a plain KV cache")
+        if self.sliding_window:
+            return (f"{self.architecture} uses sliding-window attention (window "
+                    f"{self.sliding_window}); llama.cpp gives those layers a separate SWA cache")
+        return None
+
+
+def read_geometry(path: str | os.PathLike[str]) -> KvGeometry:
+    """KV geometry of a GGUF file; ValueError if the file is not a valid, complete GGUF."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.exists():
+        raise FileNotFoundError(f"GGUF file not found: {resolved}")
+    if not resolved.is_file():
+        raise ValueError(f"{resolved} is not a file; pass the path of a .gguf model")
+    stat = resolved.stat()
+    return _read_geometry_cached(str(resolved), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_geometry_cached(path: str, size: int, mtime_ns: int) -> KvGeometry:
+    # Keyed by (path, size, mtime): a rewritten file is read again.
+    return geometry_from_metadata(_read_metadata(path, size), source=path)
+
+
+def _read_metadata(path: str, size: int) -> dict[str, Any]:
+    """GGUF key/values of a file, without the tokenizer's; checks the tensor data is all there."""
+    if size < _GGUF_HEADER_BYTES:
+        raise ValueError(f"{path} is {size} bytes, shorter than a GGUF header "
+                         f"({_GGUF_HEADER_BYTES} bytes); fetch or copy it again")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
+            return _parse_gguf(buf)
+        except (_Truncated, ValueError, struct.error) as exc:
+            raise ValueError(
+                f"{path} ({size:,} bytes) is not a valid GGUF file or is truncated ({exc}); "
+                "fetch or copy it again"
+            ) from exc
+
+
+def geometry_from_metadata(metadata: dict[str, Any], source: str = "<metadata>") -> KvGeometry:
+    """KV geometry from GGUF key/values (as ``gguf.GGUFReader`` fields' ``contents()``)."""
+    arch = str(_required(metadata, "general.architecture", source))
+    n_layer = _as_int(_required(metadata, f"{arch}.block_count", source), f"{arch}.block_count", source)
+    heads = _per_layer(metadata, f"{arch}.attention.head_count", n_layer, 0, source)
+    heads_kv = _per_layer(metadata, f"{arch}.attention.head_count_kv", n_layer, heads, source)
+    n_head = max(heads, default=0)
+    return KvGeometry(
+        architecture=arch,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=max(heads_kv, default=0),
+        head_dim_k=_head_dim(metadata, f"{arch}.attention.key_length", arch, n_head, source),
+        head_dim_v=_head_dim(metadata, f"{arch}.attention.value_length", arch, n_head, source),
+        n_ctx_train=_as_int(_required(metadata, f"{arch}.context_length", source),
+                            f"{arch}.context_length", source),
+        n_head_kv_per_layer=heads_kv,
+        sliding_window=int(metadata.get(f"{arch}.attention.sliding_window") or 0) or None,
+        recurrent=_is_recurrent(metadata, arch),
+    )
+
+
+def _required(metadata: dict[str, Any], key: str, source: str) -> Any:
+    if key not in metadata:
+        raise ValueError(f"{source}: GGUF metadata has no {key!r}; is this a llama.cpp model file?")
+    return metadata[key]
+
+
+def _as_int(value: Any, key: str, source: str) -> int:
+    if isinstance(value, (list, str, bytes)) or value is None:
+        raise ValueError(f"{source}: {key} should be an integer, got {value!r}")
+    return int(value)
+
+
+def _per_layer(metadata: dict[str, Any], key: str, n_layer: int,
+               default: int | tuple[int, ...], source: str) -> tuple[int, ...]:
+    """A per-layer count stored either as one integer or as an array of n_layer integers."""
+    value = metadata.get(key, default)
+    if isinstance(value, tuple):
+        return value
+    if isinstance(value, list):
+        if len(value) != n_layer:
+            raise ValueError(f"{source}: {key} has {len(value)} entries for {n_layer} layers")
+        return tuple(int(v) for v in value)
+    return (_as_int(value, key, source),) * n_layer
+
+
+def _head_dim(metadata: dict[str, Any], key: str, arch: str, n_head: int, source: str) -> int:
+    if key in metadata:
+        return _as_int(metadata[key], key, source)
+    if n_head == 0:
+        return 0
+    n_embd = _as_int(_required(metadata, f"{arch}.embedding_length", source),
+                     f"{arch}.embedding_length", source)
+    if n_embd % n_head:
+        raise ValueError(f"{source}: embedding_length {n_embd} is not a multiple of "
+                         f"head_count {n_head}, and {key} is missing")
+    return n_embd // n_head
+
+
+def _is_recurrent(metadata: dict[str, Any], arch: str) -> bool:
+    if arch in RECURRENT_ARCHITECTURES:
+        return True
+    return any(key.startswith(f"{arch}.") and part in key
+               for key in metadata for part in _RECURRENT_KEY_PARTS)
+
+
+def kv_type(name: KvType) -> gguf.GGMLQuantizationType:
+    """The ggml type of a KV cache type name ("f16", "q8_0", ...) or ggml_type number."""
+    if isinstance(name, str) and name.lower() in KV_TYPES:
+        return KV_TYPES[name.lower()]
+    if isinstance(name, int) and not isinstance(name, bool) and name in KV_TYPES.values():
+        return gguf.GGMLQuantizationType(name)
+    raise ValueError(f"unsupported KV cache type {name!r}; valid types: {', '.join(KV_TYPES)}")
+
+
+def bytes_per_cell(geometry: KvGeometry, type_k: KvType = "f16", type_v: KvType = "f16") -> int:
+    """Bytes one KV cell takes over all layers, K plus V."""
+    k, v = kv_type(type_k), kv_type(type_v)
+    _check_blocks(k, geometry.head_dim_k, "type_k", "head_dim_k")
+    _check_blocks(v, geometry.head_dim_v, "type_v", "head_dim_v")
+    return sum(_row_bytes(k, n * geometry.head_dim_k) + _row_bytes(v, n * geometry.head_dim_v)
+               for n in geometry.n_head_kv_per_layer)
+
+
+def kv_bytes(geometry: KvGeometry, n_cells: int, type_k: KvType = "f16",
+             type_v: KvType = "f16") -> int:
+    """Bytes llama.cpp allocates for a KV cache of ``n_cells`` cells (see ``padded_cells``)."""
+    cells = operator.index(n_cells)
+    if cells < 0:
+        raise ValueError(f"n_cells must be >= 0, got {cells}")
+    return cells * bytes_per_cell(geometry, type_k, type_v)
+
+
+def padded_cells(n: int) -> int:
+    """The number of KV cells llama.cpp allocates for a context of ``n`` tokens."""
+    n = operator.index(n)
+    if n < 1:
+        raise ValueError(f"context size must be >= 1 token, got {n}")
+    return -(-n // KV_CELL_PADDING) * KV_CELL_PADDING
+
+
+def _row_bytes(qtype: gguf.GGMLQuantizationType, n_elements: int) -> int:
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return n_elements // block_size * type_size
+
+
+def _check_blocks(qtype: gguf.GGMLQuantizationType, head_dim: int, arg: str, dim: str) -> None:
+    block_size = gguf.GGML_QUANT_SIZES[qtype][0]
+    if head_dim % block_size:
+        raise ValueError(
+            f"{arg}={qtype.name.lower()} stores blocks of {block_size} elements, which do not "
+            f"divide {dim}={head_dim}; llama.cpp refuses this combination: use f16, bf16 or f32"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF parsing (format: github.com/ggml-org/ggml/blob/master/docs/gguf.md)
+
+_V = gguf.GGUFValueType
+_SCALAR_FORMATS: dict[int, str] = {
+    _V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I", _V.INT32: "i",
+    _V.FLOAT32: "f", _V.BOOL: "?", _V.UINT64: "Q", _V.INT64: "q", _V.FLOAT64: "d",
+}
+
+
+class _Truncated(Exception):
+    """The file ends before the structure being read."""
+
+
+class _Cursor:
+    """Reads GGUF values front to back from a buffer."""
+
+    def __init__(self, buf: mmap.mmap | bytes, byte_order: str) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.byte_order = byte_order
+
+    def unpack(self, fmt: str, count: int = 1) -> tuple[Any, ...]:
+        end = self.pos + count * struct.calcsize(fmt)
+        if end > len(self.buf):
+            raise _Truncated(f"reading at byte {self.pos:,} needs {end:,} bytes")
+        values = struct.unpack_from(f"{self.byte_order}{count}{fmt}", self.buf, self.pos)
+        self.pos = end
+        return values
+
+    def scalar(self, fmt: str) -> Any:
+        return self.unpack(fmt)[0]
+
+    def skip(self, n_bytes: int) -> None:
+        if self.pos + n_bytes > len(self.buf):
+            raise _Truncated(f"skipping at byte {self.pos:,} needs {self.pos + n_bytes:,} bytes")
+        self.pos += n_bytes
+
+    def string(self) -> str:
+        start, length = self.pos + 8, self.scalar("Q")
+        self.skip(length)
+        return bytes(self.buf[start:start + length]).decode("utf-8")
+
+    def value(self, value_type: int, keep: bool = True) -> Any:
+        """The next value of GGUF type ``value_type``; skipped (None) unless ``keep``."""
+        if value_type == _V.STRING:
+            return self.string() if keep else self.skip(self.scalar("Q"))
+        if value_type == _V.ARRAY:
+            return self._array(keep)
+        if value_type not in _SCALAR_FORMATS:
+            raise ValueError(f"unknown GGUF value type {value_type} at byte {self.pos - 4:,}")
+        return self.scalar(_SCALAR_FORMATS[value_type])
+
+    def _array(self, keep: bool) -> list[Any] | None:
+        item_type, count = self.scalar("I"), self.scalar("Q")
+        if count > len(self.buf) - self.pos:
+            raise _Truncated(f"array of {count:,} items at byte {self.pos:,}")
+        if item_type in _SCALAR_FORMATS:
+            fmt = _SCALAR_FORMATS[item_type]
+            if not keep:
+                return self.skip(count * struct.calcsize(fmt))
+            return list(self.unpack(fmt, count))
+        items = [self.value(item_type, keep) for _ in range(count)]
+        return items if keep else None
+
+
+def _parse_gguf(buf: mmap.mmap | bytes) -> dict[str, Any]:
+    if buf[:4] != b"GGUF":
+        raise ValueError(f"it starts with {bytes(buf[:4])!r}, not b'GGUF'")
+    # A version with zero low bytes is a file of the other byte order.
+    byte_order = ">" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF == 0 else "<"
+    cursor = _Cursor(buf, byte_order)
+    cursor.skip(4)
+    version = cursor.scalar("I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = cursor.scalar("Q"), cursor.scalar("Q")
+    metadata: dict[str, Any] = {}
+    for _ in range(n_kv):
+        key = cursor.string()
+        keep = not key.startswith("tokenizer.")  # vocabularies: large and not needed here
+        value = cursor.value(cursor.scalar("I"), keep)
+        if keep:
+            metadata[key] = value
+    _check_tensor_data(cursor, n_tensors, metadata.get("general.alignment", 32))
+    return metadata
+
+
+def _check_tensor_data(cursor: _Cursor, n_tensors: int, alignment: int) -> None:
+    """Raises _Truncated if the file ends before the end of its last tensor."""
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise ValueError(f"general.alignment must be a power of two, got {alignment!r}")
+    data_end = 0
+    for _ in range(n_tensors):
+        cursor.skip(cursor.scalar("Q"))  # name
+        dims = cursor.unpack("Q", cursor.scalar("I"))
+        type_id, offset = cursor.scalar("I"), cursor.scalar("Q")
+        data_end = max(data_end, offset + _tensor_bytes(type_id, dims))
+    data_start = -(-cursor.pos // alignment) * alignment
+    if data_start + data_end > len(cursor.buf):
+        raise _Truncated(f"its tensor data ends at byte {data_start + data_end:,}")
+
+
+def _tensor_bytes(type_id: int, dims: tuple[int, ...]) -> int:
+    try:
+        block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        logger.debug("ggml type %d is unknown to gguf %s; not checking its extent", type_id,
+                     getattr(gguf, "__version__", "?"))
+        return 0
+    return math.prod(dims) // block_size * type_size

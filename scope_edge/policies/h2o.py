@@ -1,0 +1,95 @@
+"""H2O (Zhang et al., 2023): heavy hitters by accumulated attention, plus the
+most recent tokens. A prefill selector, and the unified decode baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from .base import EMPTY, DecodeStrategy, PrefillSelector, StepPlan
+from .checks import require_head_reduce, require_int
+from .kernels import carry_scores
+from .scores import aggregate, evict_lowest, nothing_to_evict, require_attn
+
+
+@dataclass(frozen=True, kw_only=True)
+class H2OPrefill(PrefillSelector):
+    """Keep the last `recent` prompt cells plus those that every prompt query
+    together attended to most (the SCOPE reference's main prefill scoring)."""
+
+    name: ClassVar[str] = "h2o"
+
+    recent: int
+    head_reduce: str = "sum"
+
+    def __post_init__(self) -> None:
+        # recent >= 1: the last prompt cell must survive, decoding continues from it.
+        require_int("H2OPrefill", "recent", self.recent, lo=1)
+        require_head_reduce("H2OPrefill", self.head_reduce)
+
+    def capture_from(self, n_prompt: int) -> int | None:
+        return 0
+
+    def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
+        """Attention summed over all captured prompt rows, aggregated per cell."""
+        return aggregate(require_attn("H2OPrefill", positions, attn), head_reduce=self.head_reduce)
+
+    def select(self, positions: np.ndarray, attn: np.ndarray | None, *, keep: int) -> np.ndarray:
+        if nothing_to_evict(positions, keep):
+            return EMPTY
+        return evict_lowest(positions, self.score(positions, attn), keep=keep, protect=self.recent)
+
+
+def _empty_scores() -> np.ndarray:
+    return np.zeros(0, dtype=np.float64)
+
+
+def _empty_positions() -> np.ndarray:
+    return EMPTY.copy()
+
+
+@dataclass(kw_only=True)
+class H2O(DecodeStrategy):
+    """Unified H2O baseline: prompt and generated cells share `total` cells;
+    each cell's score is its attention accumulated over every observed step.
+
+    Holds per-generation state: make one per generation (make_policy does).
+    """
+
+    name: ClassVar[str] = "h2o"
+    unified: ClassVar[bool] = True
+
+    total: int
+    recent: int
+    head_reduce: str = "sum"
+    _positions: np.ndarray = field(default_factory=_empty_positions, init=False, repr=False, compare=False)
+    _scores: np.ndarray = field(default_factory=_empty_scores, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        require_int("H2O", "total", self.total, lo=2)
+        require_int("H2O", "recent", self.recent, lo=1, hi=self.total - 1)
+        require_head_reduce("H2O", self.head_reduce)
+
+    def plan(self, step: int, n_held: int) -> StepPlan:
+        # Every step's row feeds the running sums, evicting or not.
+        keep = self.total - 1 if n_held > self.total - 1 else None
+        return StepPlan(keep=keep, capture=True)
+
+    def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        step_scores = aggregate(require_attn("H2O", positions, attn), head_reduce=self.head_reduce)
+        # Cells no longer held drop out: the state is exactly `positions`.
+        self._scores = carry_scores(self._positions, self._scores, positions) + step_scores
+        self._positions = positions.copy()
+
+    def accumulated(self, positions: np.ndarray) -> np.ndarray:
+        """Accumulated score of each position (0 for never observed)."""
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        return carry_scores(self._positions, self._scores, positions)
+
+    def select(self, positions: np.ndarray, attn: np.ndarray | None, keep: int) -> np.ndarray:
+        # attn is already in the sums: the facade calls observe() first.
+        if nothing_to_evict(positions, keep):
+            return EMPTY
+        return evict_lowest(positions, self.accumulated(positions), keep=keep, protect=self.recent)

@@ -1,0 +1,64 @@
+"""StreamingLLM (Xiao et al., 2024): attention sinks plus a recent window."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .base import EMPTY, DecodeStrategy, PrefillSelector, StepPlan
+from .checks import require_int
+from .scores import nothing_to_evict
+
+
+def evict_middle(positions: np.ndarray, keep: int, sinks: int) -> np.ndarray:
+    """Evict all but the first `sinks` and the most recent of `positions`.
+    The newest position always stays (when keep >= 1): decoding continues
+    from it, so sinks give way first when keep is small."""
+    if nothing_to_evict(positions, keep):
+        return EMPTY
+    n = len(positions)
+    head = min(sinks, max(keep - 1, 0))
+    return np.ascontiguousarray(positions[head : n - (keep - head)], dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class StreamingPrefill(PrefillSelector):
+    """Keep the first `sinks` prompt cells and the most recent rest; no scores."""
+
+    name: ClassVar[str] = "streaming"
+
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        require_int("StreamingPrefill", "sinks", self.sinks, lo=0)
+
+    def capture_from(self, n_prompt: int) -> int | None:
+        return None
+
+    def select(self, positions: np.ndarray, attn: np.ndarray | None, *, keep: int) -> np.ndarray:
+        return evict_middle(positions, keep, self.sinks)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Streaming(DecodeStrategy):
+    """Unified StreamingLLM baseline: `total` cells for prompt and generated
+    text together; the oldest non-sink cell goes first. Never captures."""
+
+    name: ClassVar[str] = "streaming"
+    unified: ClassVar[bool] = True
+
+    total: int
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        require_int("Streaming", "sinks", self.sinks, lo=0)
+        # Room for the sinks, one older cell and the newest: total - 1 kept per step.
+        require_int("Streaming", "total", self.total, lo=self.sinks + 2)
+
+    def plan(self, step: int, n_held: int) -> StepPlan:
+        keep = self.total - 1 if n_held > self.total - 1 else None
+        return StepPlan(keep=keep, capture=False)
+
+    def select(self, positions: np.ndarray, attn: np.ndarray | None, keep: int) -> np.ndarray:
+        return evict_middle(positions, keep, self.sinks)

@@ -1,0 +1,217 @@
+"""The runtime on the real default model: hook, cache map, identity, streaming."""
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from scope_edge import ScopeLlama
+from scope_edge.llama import _TextStream
+
+# SmolLM2 answers through its chat template; a raw prompt often ends at once.
+PROMPT = (
+    "<|im_start|>user\nWrite a long story about a lighthouse keeper who finds a message in a bottle."
+    "<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def _text_of(n: int) -> str:
+    """A prompt of roughly n tokens (more than one 512-token ubatch for n > 512)."""
+    words = "the keeper counted ships and wrote their names in a blue book every night".split()
+    return " ".join(words[i % len(words)] + str(i % 7) for i in range(n // 2))
+
+
+def _llama_view(llm: ScopeLlama) -> tuple[set[int], int, int]:
+    """Cells the attention could see at the last step, and llama.cpp's own
+    min/max position of sequence 0."""
+    cells, _ = llm._ctx.hook.visible()
+    mem = llama_cpp.llama_get_memory(llm._ctx.ptr)
+    return set(cells.tolist()), llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)
+
+
+def test_cell_map_matches_positions_across_ubatches_and_evictions(model_path):
+    with ScopeLlama(model_path, n_ctx=2048) as llm:
+        prompt = llm._model.tokenize(_text_of(1300))
+        assert len(prompt) > 1024  # three ubatches of 512
+        out = llm.generate(prompt, max_tokens=4)
+        held = llm._ctx.hook.cells()
+        positions = llm.kv_positions()
+        n = len(prompt) + out.stats.generated_tokens - 1  # the last token is sampled, never fed
+        np.testing.assert_array_equal(positions, np.arange(n))
+        visible, pmin, pmax = _llama_view(llm)
+        assert (pmin, pmax) == (0, n - 1)
+        assert visible == set(np.flatnonzero(held >= 0).tolist())
+
+        # evict runs and singles, then decode one more token through the hook
+        ctx = llm._ctx
+        evict = np.r_[np.arange(3, 40), np.arange(500, 777), [901, 903, 1000]].astype(np.int32)
+        freed = ctx.hook.evict(ctx.ptr, evict)
+        assert freed == len(evict)
+        ctx.decode([prompt[0]], [n], want_logits=True)
+        assert np.isfinite(ctx.logits()).all()
+        held = ctx.hook.cells()
+        expect = np.setdiff1d(np.arange(n + 1), evict)
+        np.testing.assert_array_equal(np.sort(held[held >= 0]), expect)
+        visible, pmin, pmax = _llama_view(llm)
+        assert visible == set(np.flatnonzero(held >= 0).tolist())
+        assert len(visible) == n + 1 - len(evict)
+        assert (pmin, pmax) == (0, n)
+
+
+def test_evicted_cells_are_invisible_and_reused(model_path):
+    with ScopeLlama(model_path, n_ctx=1024) as llm:
+        prompt = llm._model.tokenize(_text_of(300))
+        llm.generate(prompt, max_tokens=2)
+        ctx = llm._ctx
+        before = ctx.hook.cells()
+        evict = np.arange(10, 60, dtype=np.int32)
+        freed_cells = set(np.flatnonzero(np.isin(before, evict)).tolist())
+        ctx.hook.evict(ctx.ptr, evict)
+        nxt = int(llm.kv_positions()[-1]) + 1
+        ctx.decode(prompt[:5], range(nxt, nxt + 5), want_logits=True)
+        visible, _, _ = _llama_view(llm)
+        assert not (visible & set()) and len(visible) == len(llm.kv_positions())
+        after = ctx.hook.cells()
+        new_cells = set(np.flatnonzero(after >= nxt).tolist())
+        assert new_cells <= freed_cells  # llama.cpp reuses freed cells first
+        assert not set(evict.tolist()) & set(llm.kv_positions().tolist())
+
+
+def test_hook_refuses_bad_evictions(model_path):
+    from scope_edge._native import HookError
+
+    with ScopeLlama(model_path, n_ctx=512) as llm:
+        llm.generate("Hello there", max_tokens=3)
+        ctx = llm._ctx
+        last = int(llm.kv_positions()[-1])
+        before = llm.kv_positions()
+        with pytest.raises(HookError, match="last"):
+            ctx.hook.evict(ctx.ptr, np.array([0, last], dtype=np.int32))
+        with pytest.raises(HookError, match="not held"):
+            ctx.hook.evict(ctx.ptr, np.array([last + 5], dtype=np.int32))
+        np.testing.assert_array_equal(llm.kv_positions(), before)  # refusals change nothing
+
+
+def test_captured_rows_sum_to_one_per_head_and_layer(model_path):
+    with ScopeLlama(model_path, n_ctx=1024) as llm:
+        prompt = llm._model.tokenize(_text_of(700))
+        llm.generate(prompt, max_tokens=2)
+        ctx = llm._ctx
+        nxt = int(llm.kv_positions()[-1]) + 1
+        # one decode row
+        ctx.hook.arm(nxt)
+        ctx.decode([prompt[1]], [nxt], want_logits=True)
+        cap = ctx.hook.capture()
+        assert cap.attn.shape == (llm._model.n_layer, llm._model.n_head, nxt + 1)
+        assert (cap.rows == 1).all()
+        np.testing.assert_allclose(cap.attn.sum(axis=2), 1.0, atol=1e-4)
+        assert (cap.attn >= 0).all()
+        # the last 8 rows of a 40-token batch
+        ctx.hook.arm(nxt + 33)
+        ctx.decode(prompt[:40], range(nxt + 1, nxt + 41), want_logits=True)
+        cap = ctx.hook.capture()
+        ctx.hook.arm(None)
+        assert (cap.rows == 8).all()
+        np.testing.assert_allclose(cap.attn.sum(axis=2), 8.0, atol=1e-3)
+        # causal: no captured row attends to a later position
+        assert cap.attn[:, :, cap.positions > nxt + 40].sum() == 0
+
+
+def test_full_cache_is_token_identical_to_stock(model_path):
+    n_ctx, max_tokens = 1024, 48
+    stock = llama_cpp.Llama(model_path, n_ctx=n_ctx, verbose=False)
+    try:
+        want = stock.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0)
+    finally:
+        stock.close()
+    with ScopeLlama(model_path, n_ctx=n_ctx) as llm:
+        got = llm.generate(PROMPT, max_tokens=max_tokens)
+    assert got.text == want["choices"][0]["text"]
+    assert len(got.tokens) == want["usage"]["completion_tokens"] == max_tokens  # a real, full-length run
+    assert got.finish_reason == want["choices"][0]["finish_reason"]
+
+
+def test_stream_equals_generate_and_last_chunk_carries_stats(model_path):
+    with ScopeLlama(model_path) as llm:
+        chunks = list(llm.stream(PROMPT, max_tokens=40))
+        full = llm.generate(PROMPT, max_tokens=40)
+        n_prompt = len(llm._model.tokenize(PROMPT))
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.generate(PROMPT, max_tokens=2)
+    assert "".join(c.text for c in chunks) == full.text
+    assert [c.token for c in chunks if c.token is not None] == full.tokens
+    assert all(c.finish_reason is None and c.stats is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.finish_reason == full.finish_reason == "length"
+    st = last.stats
+    assert st.prompt_tokens == n_prompt
+    assert st.generated_tokens == len(full.tokens) == 40
+    assert st.kv_bytes_allocated == st.kv_cells_allocated * 23040
+    assert st.decode_tokens_per_s > 0 and st.prefill_tokens_per_s > 0
+
+
+def test_utf8_stream_never_splits_characters(model_path):
+    prompt = "<|im_start|>user\nTranslate to Japanese and Chinese: I love the sea.<|im_end|>\n<|im_start|>assistant\n"
+    with ScopeLlama(model_path) as llm:
+        chunks = list(llm.stream(prompt, max_tokens=60))
+        full = llm.generate(prompt, max_tokens=60)
+    text = "".join(c.text for c in chunks)
+    assert text == full.text
+    assert any(ord(ch) > 0x2E80 for ch in text), text  # the model did write CJK
+    assert "\ufffd" not in text
+    # some character's bytes arrived over several tokens, yet no chunk split it
+    pieces = [llm_piece for llm_piece in (c.text for c in chunks) if llm_piece]
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_text_stream_joins_split_utf8_and_holds_stop_prefixes():
+    ts = _TextStream(("STOP",))
+    data = "héllo 日本 ST".encode()
+    out = "".join(ts.push(data[i : i + 1]) for i in range(len(data)))
+    assert out == "héllo 日本 "  # "ST" is held: it may start "STOP"
+    assert ts.push(b"OP and more") == "" and ts.stopped
+    ts = _TextStream(("STOP",))
+    assert ts.push(b"ST") == "" and ts.flush() == "ST"
+
+
+def test_stop_string_ends_generation(model_path):
+    with ScopeLlama(model_path) as llm:
+        free = llm.generate(PROMPT, max_tokens=40)
+        words = free.text.split()
+        assert len(words) > 4
+        stop = words[3]
+        cut = llm.generate(PROMPT, max_tokens=40, stop=[stop])
+        streamed = "".join(c.text for c in llm.stream(PROMPT, max_tokens=40, stop=stop))
+    assert cut.finish_reason == "stop"
+    assert cut.text == free.text[: free.text.index(stop)]
+    assert streamed == cut.text
+
+
+def test_bad_input(model_path, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        ScopeLlama(tmp_path / "nope.gguf")
+    notgguf = tmp_path / "x.gguf"
+    notgguf.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    with pytest.raises(ValueError, match="GGUF"):
+        ScopeLlama(notgguf)
+    with ScopeLlama(model_path, n_ctx=256) as llm:
+        with pytest.raises(ValueError, match=r"300 tokens.*256"):
+            llm.generate([1] * 300, max_tokens=5)
+        with pytest.raises(ValueError, match="max_tokens"):
+            llm.generate("hi", max_tokens=0)
+        with pytest.raises(ValueError, match="empty"):
+            llm.generate("", max_tokens=3)
+        with pytest.raises(ValueError, match="vocabulary"):
+            llm.generate([1, 10**7], max_tokens=3)
+        assert llm.generate("Hello", max_tokens=3).stats.generated_tokens >= 1  # still usable
+
+
+def test_interrupted_stream_leaves_instance_usable(model_path):
+    with ScopeLlama(model_path) as llm:
+        want = llm.generate(PROMPT, max_tokens=20).text
+        for i, _ in enumerate(llm.stream(PROMPT, max_tokens=200)):
+            if i == 5:
+                break
+        held = llm.stream(PROMPT, max_tokens=200)
+        next(held)  # left suspended in this thread
+        assert llm.generate(PROMPT, max_tokens=20).text == want
