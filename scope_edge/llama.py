@@ -83,6 +83,7 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -120,6 +121,7 @@ class _Model:
         self.n_head = llama_cpp.llama_model_n_head(self.ptr)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self._piece = ctypes.create_string_buffer(256)
+        self._eog: list[int] | None = None
 
     def close(self) -> None:
         if self.ptr:
@@ -160,6 +162,11 @@ class _Model:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> list[int]:
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        return self._eog
 
 
 class _Context:
@@ -222,8 +229,12 @@ class _Context:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
 
-def _make_sampler(s: Sampling, seed: int) -> llama_cpp.llama_sampler_p:
+def _make_sampler(s: Sampling, seed: int, model: _Model) -> llama_cpp.llama_sampler_p:
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    if s.ignore_eos:
+        eog = model.eog_tokens()
+        bias = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog])
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), bias))
     if s.temperature == 0:
         llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         return chain
@@ -370,12 +381,19 @@ class ScopeLlama:
         top_k: int = 0,
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
     ) -> Completion:
         text: list[str] = []
         tokens: list[int] = []
         last: Chunk | None = None
         for last in self.stream(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=stop,
+            ignore_eos=ignore_eos,
         ):
             text.append(last.text)
             if last.token is not None:
@@ -392,9 +410,17 @@ class ScopeLlama:
         top_k: int = 0,
         top_p: float = 1.0,
         stop: str | Sequence[str] | None = None,
+        ignore_eos: bool = False,
     ) -> Iterator[Chunk]:
+        """Stream a generation. ignore_eos keeps generating past end-of-text
+        tokens (for benchmarks that need a fixed length)."""
         sampling = Sampling(
-            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=_stop_tuple(stop)
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=_stop_tuple(stop),
+            ignore_eos=bool(ignore_eos),
         )
         tokens = self._prompt_tokens(prompt)
         self._close_abandoned_stream()
@@ -445,7 +471,7 @@ class ScopeLlama:
         b = self.budget
         if policy.decode.unified:
             return max(n_prompt, b.total + policy.decode.slack)
-        prompt_kept = min(n_prompt, b.prefill)
+        prompt_kept = n_prompt if policy.prefill.name == "full" else min(n_prompt, b.prefill)
         gen = s.max_tokens if policy.decode.name == "full" else min(s.max_tokens, b.decode + policy.decode.slack)
         return max(n_prompt, prompt_kept + gen)
 
@@ -492,7 +518,7 @@ class ScopeLlama:
         stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells)
         stats.kv_bytes_allocated = memory.kv_bytes(self.geometry, ctx.n_cells, self.type_k, "f16")
         run = _Run(self, ctx, policy, stats)
-        sampler = _make_sampler(s, self.seed)
+        sampler = _make_sampler(s, self.seed, self._model)
         try:
             yield from run.loop(prompt, s, sampler)
         finally:

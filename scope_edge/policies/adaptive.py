@@ -34,8 +34,9 @@ class Adaptive(ScopeDecode):
         return min(step, self.recent + grown, self.decode)
 
     def plan(self, step: int, n_held: int) -> StepPlan:
-        # Leave room for the next token; never below 1: the newest cell stays.
-        keep = max(1, self.budget_at(step + 1) - 1)
+        # Leave room for the next token, but keep the whole recent window held
+        # (SCOPE's budget counts the current token; ours the cells between steps).
+        keep = max(min(self.recent, self.decode - 1), self.budget_at(step + 1) - 1, 1)
         if n_held > keep:
             return StepPlan(keep=keep, capture=True)
         return StepPlan(keep=None, capture=False)
