@@ -12,6 +12,13 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the hook reads this llama.cpp's graph node names
+if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
+    raise ImportError(
+        f"scope_edge needs llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (its graph names are what the hook "
+        f"reads), found {llama_cpp.__version__}; run: pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    )
+
 _i32p = ctypes.POINTER(ctypes.c_int32)
 _f32p = ctypes.POINTER(ctypes.c_float)
 

@@ -428,6 +428,30 @@ class ScopeLlama:
         self._active = (weakref.ref(gen), threading.get_ident())
         return gen
 
+    def teacher_force(self, prompt: str | Sequence[int], tokens: Sequence[int]) -> Iterator[np.ndarray]:
+        """Next-token logits under this instance's cache policy while feeding
+        `tokens` after `prompt`, whatever the model would have sampled: one
+        float32 [n_vocab] array after the prompt, then one after each token but
+        the last. The fidelity harness compares these between caches. The
+        decode schedule sees max_tokens = len(tokens)."""
+        forced = self._prompt_tokens(list(tokens)) if len(tokens) else []
+        if not forced:
+            raise ValueError("teacher_force needs at least one token to feed")
+        sampling = Sampling(max_tokens=len(forced))
+        prompt_tokens = self._prompt_tokens(prompt)
+        self._close_abandoned_stream()
+        gen = self._guarded(self._forced(prompt_tokens, forced, sampling))
+        self._active = (weakref.ref(gen), threading.get_ident())
+        return gen
+
+    def _forced(self, prompt: list[int], forced: list[int], s: Sampling) -> Iterator[np.ndarray]:
+        run = self._start(prompt, s)
+        run.prefill(prompt)
+        yield run.ctx.logits()
+        for step, token in enumerate(forced[:-1], start=1):
+            run.feed(token, step)
+            yield run.ctx.logits()
+
     # -- internals ---------------------------------------------------------
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if self._model.ptr is None:
@@ -511,13 +535,16 @@ class ScopeLlama:
             )
         return self._ensure_context(min(need, memory.padded_cells(limit)))
 
-    def _run(self, prompt: list[int], s: Sampling) -> Iterator[Chunk]:
+    def _start(self, prompt: list[int], s: Sampling) -> _Run:
         policy = self._policy(s.max_tokens)
         ctx = self._context_for(len(prompt), s, policy)
         ctx.hook.clear(ctx.ptr)
         stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells)
         stats.kv_bytes_allocated = memory.kv_bytes(self.geometry, ctx.n_cells, self.type_k, "f16")
-        run = _Run(self, ctx, policy, stats)
+        return _Run(self, ctx, policy, stats)
+
+    def _run(self, prompt: list[int], s: Sampling) -> Iterator[Chunk]:
+        run = self._start(prompt, s)
         sampler = _make_sampler(s, self.seed, self._model)
         try:
             yield from run.loop(prompt, s, sampler)
