@@ -35,6 +35,8 @@ struct scope_hook {
 
     int32_t   ub_start;      /* batch index of the current ubatch's first token */
     int32_t   ub_n;          /* tokens in the current ubatch */
+    int32_t   n_ubatch;      /* ubatches (layer-0 K writes) seen in this decode */
+    int32_t   n_mask;        /* layer-0 attention masks read in this decode */
 
     /* attention capture */
     int32_t   capture_from;  /* capture query rows at positions >= this; -1 off */
@@ -165,6 +167,7 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
     h->ub_start = h->written;
     h->ub_n = (int32_t) n;
     h->written += (int32_t) n;
+    h->n_ubatch++;
     return false;
 }
 
@@ -176,11 +179,13 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
     }
     const int64_t n_kv = m->ne[0];
     const int64_t n_rows = m->ne[1];
-    if (n_kv <= 0 || n_kv > h->n_cells || n_rows <= 0 || m->ne[2] != 1 || m->ne[3] != 1 ||
-        (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16)) {
-        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: type %d ne=[%lld,%lld,%lld,%lld], expected F32/F16 [<=%d, n, 1, 1]",
+    /* one row per ubatch token (a padded mask would put padding in the last row) */
+    if (n_kv <= 0 || n_kv > h->n_cells || n_rows != h->ub_n || m->ne[2] != 1 || m->ne[3] != 1 ||
+        (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16) || m->nb[0] != ggml_type_size(m->type)) {
+        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32/F16 "
+                       "[<=%d, %d (ubatch tokens), 1, 1]",
                        MASK_NAME, (int) m->type, (long long) m->ne[0], (long long) m->ne[1],
-                       (long long) m->ne[2], (long long) m->ne[3], h->n_cells);
+                       (long long) m->ne[2], (long long) m->ne[3], h->n_cells, h->ub_n);
     }
     if (!ensure_scratch(h, (size_t) n_kv)) {
         return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the mask");
@@ -199,6 +204,7 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
     }
     h->n_visible = count;
     h->n_kv = (int32_t) n_kv;
+    h->n_mask++;
     return false;
 }
 
@@ -295,6 +301,9 @@ int32_t scope_hook_begin(scope_hook * h, const int32_t * positions, int32_t n_to
     memcpy(h->batch_pos, positions, sizeof(int32_t) * (size_t) n_tokens);
     h->batch_n = n_tokens;
     h->written = 0;
+    h->ub_n = 0;
+    h->n_ubatch = 0;
+    h->n_mask = 0;
     h->in_decode = true;
     h->err = SCOPE_HOOK_OK;
     h->msg[0] = '\0';
@@ -319,6 +328,11 @@ int32_t scope_hook_end(scope_hook * h) {
     if (h->written != h->batch_n) {
         return fail(h, SCOPE_HOOK_E_STATE, "%d of %d batch tokens were written to the cache (decode failed?)",
                     h->written, h->batch_n);
+    }
+    if (h->n_mask != h->n_ubatch) {
+        return fail(h, SCOPE_HOOK_E_GRAPH, "%s0 with its '%s' operand was seen in %d of %d ubatches: flash "
+                    "attention is on, or llama.cpp renamed its attention nodes; the hook needs the standard "
+                    "attention graph with flash attention off", SOFTMAX_PREFIX, MASK_NAME, h->n_mask, h->n_ubatch);
     }
     if (h->capture_from >= 0 && h->batch_pos[h->batch_n - 1] >= h->capture_from) {
         for (int32_t il = 0; il < h->n_layer; il++) {
@@ -470,6 +484,21 @@ int32_t scope_hook_shift(scope_hook * h, struct llama_context * ctx, int32_t p0,
         int32_t p = h->cell_pos[i];
         if (p >= p0 && p < p1) {
             h->cell_pos[i] = p + delta < 0 ? -1 : p + delta;
+        }
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_truncate(scope_hook * h, struct llama_context * ctx, int32_t p0) {
+    if (!h || !ctx || p0 < 0) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "truncate: bad position %d", p0) : SCOPE_HOOK_E_ARG;
+    }
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p0, -1)) {
+        return fail(h, SCOPE_HOOK_E_LLAMA, "truncate: llama_memory_seq_rm(0, %d, -1) failed", p0);
+    }
+    for (int32_t i = 0; i < h->n_cells; i++) {
+        if (h->cell_pos[i] >= p0) {
+            h->cell_pos[i] = -1;
         }
     }
     return SCOPE_HOOK_OK;

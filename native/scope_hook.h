@@ -59,8 +59,10 @@ void scope_hook_free(scope_hook * hook);
 bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data);
 
 /* Bracket one llama_decode. positions[i] is the position of batch token i
- * (copied; must increase). end checks that every token was written and, when armed, that
- * every layer was captured; it returns the first error the callback met. */
+ * (copied; must increase). end checks that every token was written, that every ubatch
+ * showed kq_soft_max-0 with its mask (SCOPE_HOOK_E_GRAPH otherwise: flash attention on, or
+ * renamed nodes) and, when armed, that every layer was captured; it returns the first error
+ * the callback met. */
 int32_t scope_hook_begin(scope_hook * hook, const int32_t * positions, int32_t n_tokens);
 int32_t scope_hook_end(scope_hook * hook);
 
@@ -94,6 +96,10 @@ int32_t scope_hook_evict(scope_hook * hook, struct llama_context * ctx,
  * the map follows. */
 int32_t scope_hook_shift(scope_hook * hook, struct llama_context * ctx,
                          int32_t p0, int32_t p1, int32_t delta);
+
+/* Remove every position >= p0 of sequence 0 (the last one included), as
+ * when a continued conversation diverges from what the cache holds. */
+int32_t scope_hook_truncate(scope_hook * hook, struct llama_context * ctx, int32_t p0);
 
 /* Clear sequence 0's cells and the map. */
 int32_t scope_hook_clear(scope_hook * hook, struct llama_context * ctx);

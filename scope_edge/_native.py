@@ -64,6 +64,7 @@ def _load() -> ctypes.CDLL:
             [ctypes.c_void_p, ctypes.c_void_p, _i32p, ctypes.c_int32, _i32p],
         ),
         "scope_hook_shift": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 3),
+        "scope_hook_truncate": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_clear": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p]),
         "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
     }
@@ -111,6 +112,7 @@ class Hook:
         self._acc = np.zeros((n_layer, n_head, n_cells), dtype=np.float32)
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
+        self._frozen = False  # _acc/_rows hold the capture read at disarm
 
     @property
     def user_data(self) -> ctypes.c_void_p:
@@ -140,8 +142,20 @@ class Hook:
 
     def arm(self, from_pos: int | None) -> None:
         """Capture the rows of query positions >= from_pos in the following
-        decodes (None: stop capturing). Zeroes the accumulators."""
+        decodes, from zeroed accumulators. None stops capturing; what was
+        captured stays readable through capture() until the next arm (the
+        native disarm zeroes its accumulators, so they are read first)."""
+        if from_pos is None:
+            self._read()
+        self._frozen = from_pos is None
         self._check(_lib.scope_hook_capture_arm(self._ptr, -1 if from_pos is None else from_pos))
+
+    def _read(self) -> None:
+        self._check(
+            _lib.scope_hook_capture_read(
+                self._ptr, self._acc.ctypes.data_as(_f32p), self._acc.size, _i32(self._rows)
+            )
+        )
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""
@@ -153,11 +167,8 @@ class Hook:
         return np.sort(cells[cells >= 0])
 
     def capture(self) -> Capture:
-        self._check(
-            _lib.scope_hook_capture_read(
-                self._ptr, self._acc.ctypes.data_as(_f32p), self._acc.size, _i32(self._rows)
-            )
-        )
+        if not self._frozen:
+            self._read()
         cells = self.cells()
         held = np.flatnonzero(cells >= 0)
         order = held[np.argsort(cells[held], kind="stable")]
@@ -180,6 +191,10 @@ class Hook:
 
     def shift(self, ctx: llama_cpp.llama_context_p, p0: int, p1: int, delta: int) -> None:
         self._check(_lib.scope_hook_shift(self._ptr, ctx, p0, p1, delta))
+
+    def truncate(self, ctx: llama_cpp.llama_context_p, p0: int) -> None:
+        """Remove every position >= p0, the last one included."""
+        self._check(_lib.scope_hook_truncate(self._ptr, ctx, p0))
 
     def clear(self, ctx: llama_cpp.llama_context_p) -> None:
         self._check(_lib.scope_hook_clear(self._ptr, ctx))

@@ -47,6 +47,9 @@ class GenerationStats:
     stock_kv_bytes: int = 0
     evicted_cells: int = 0
     captured_steps: int = 0
+    position_resets: int = 0
+    prefilled_tokens: int = 0
+    reused_prompt_tokens: int = 0
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
 
@@ -290,6 +293,17 @@ class ScopeLlama:
 
     budget=None keeps the full cache (stock llama.cpp behaviour). Attention
     capture needs flash attention off, so contexts are created with it off.
+
+    n_ctx: fixed KV cells; None sizes the context per generation to what the
+        budgets need (the full cache: prompt + max_tokens).
+    type_k: K cache type, "f16", "q8_0" or "q4_0". V stays f16: a quantized V
+        cache needs flash attention, which hides the attention the policies read.
+    prefill_chunk, chunked_prefill: under a budget, a prompt longer than the
+        kept prompt + prefill_chunk is prefilled in chunks of prefill_chunk
+        tokens, trimming back to the prefill budget after each, so the cells
+        needed do not grow with the prompt (None: automatic; True/False force).
+    Under a budget, positions are re-indexed when they would pass the model's
+    trained context, so generation can continue indefinitely.
     """
 
     def __init__(
@@ -304,6 +318,8 @@ class ScopeLlama:
         n_gpu_layers: int = 0,
         seed: int = 0,
         type_k: str = "f16",
+        prefill_chunk: int = N_BATCH,
+        chunked_prefill: bool | None = None,
         verbose: bool = False,
     ) -> None:
         if budget is not None and not isinstance(budget, Budget):
@@ -313,6 +329,10 @@ class ScopeLlama:
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
             raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        if chunked_prefill not in (None, True, False):
+            raise ValueError(f"chunked_prefill must be None (auto), True or False, got {chunked_prefill!r}")
         if type_k not in _KV_TYPES:
             raise ValueError(f"type_k must be one of {sorted(_KV_TYPES)}, got {type_k!r}")
         llama_cpp.llama_backend_init()
@@ -336,7 +356,10 @@ class ScopeLlama:
         self._n_threads = n_threads or max(cpus // 2, 1)
         self._n_threads_batch = n_threads or cpus
         self._fixed_ctx = n_ctx
+        self._prefill_chunk = prefill_chunk
+        self._chunked = chunked_prefill
         self._ctx: _Context | None = None
+        self._session: _Session | None = None
         self._lock = threading.Lock()
         self._active: tuple[weakref.ref[Iterator[Chunk]], int] | None = None
         if n_ctx is not None:
@@ -344,9 +367,8 @@ class ScopeLlama:
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
+        if getattr(self, "_ctx", None) is not None:
+            self._drop_context()
         if getattr(self, "_model", None) is not None:
             self._model.close()
 
@@ -489,23 +511,13 @@ class ScopeLlama:
         with self._lock:
             yield from gen
 
-    def _needed_cells(self, n_prompt: int, s: Sampling, policy: Policy | None) -> int:
-        if policy is None or self.budget is None:
-            return n_prompt + s.max_tokens
-        b = self.budget
-        if policy.decode.unified:
-            return max(n_prompt, b.total + policy.decode.slack)
-        prompt_kept = n_prompt if policy.prefill.name == "full" else min(n_prompt, b.prefill)
-        gen = s.max_tokens if policy.decode.name == "full" else min(s.max_tokens, b.decode + policy.decode.slack)
-        return max(n_prompt, prompt_kept + gen)
-
     def _ensure_context(self, n_cells: int) -> _Context:
+        """A context of at least n_cells; a bigger one replaces the old (and
+        its conversation)."""
         n_cells = memory.padded_cells(n_cells)
         if self._ctx is not None and self._ctx.n_cells >= n_cells:
             return self._ctx
-        if self._ctx is not None:
-            self._ctx.close()
-            self._ctx = None
+        self._drop_context()
         self._ctx = _Context(
             self._model,
             n_cells=n_cells,
@@ -515,6 +527,12 @@ class ScopeLlama:
         )
         return self._ctx
 
+    def _drop_context(self) -> None:
+        self._session = None
+        if self._ctx is not None:
+            self._ctx.close()
+            self._ctx = None
+
     def _policy(self, max_tokens: int) -> Policy | None:
         if self.budget is None:
             return None
@@ -522,97 +540,262 @@ class ScopeLlama:
             self.budget, strategy=self.strategy, prefill_selector=self.prefill_selector, max_tokens=max_tokens
         )
 
-    def _context_for(self, n_prompt: int, s: Sampling, policy: Policy | None) -> _Context:
-        need = self._needed_cells(n_prompt, s, policy)
+    def _plan(self, prompt: list[int], s: Sampling, *, resume: bool) -> _Plan:
+        """Decide what to reuse, whether to chunk, and how many cells."""
+        policy = self._policy(s.max_tokens)
+        reuse = self._session.common_prefix(prompt) if resume and self._session is not None else 0
+        held_before = self._session.held_upto(reuse) if reuse else 0
+        n_new = len(prompt) - reuse
+        if n_new == 0:  # the cache already holds the whole prompt: feed its last token again
+            reuse -= 1
+            held_before = self._session.held_upto(reuse) if reuse else 0
+            n_new = 1
+        one_shot = held_before + n_new
+        if policy is None:
+            return _Plan(policy, reuse, None, one_shot + s.max_tokens)
+        assert self.budget is not None
+        keep = policy_prefill_keep(policy, self.budget, n_prompt=one_shot)
+        chunk = self._prefill_chunk
+        chunked = self._chunked if self._chunked is not None else one_shot > keep + chunk
+        decode_cells = keep + _decode_cells(policy, self.budget, s.max_tokens)
+        prefill_cells = min(one_shot, keep + chunk) if chunked else one_shot
+        return _Plan(policy, reuse, chunk if chunked else None, max(prefill_cells, decode_cells))
+
+    def _context_for(self, n_prompt: int, plan: _Plan) -> _Context:
         limit = self._fixed_ctx
+        need = plan.cells
         if limit is None:
-            limit = max(self._model.n_ctx_train, memory.padded_cells(n_prompt + 1))
-            need = min(need, limit)
-        if n_prompt >= memory.padded_cells(limit):
+            cap = max(self._model.n_ctx_train, memory.padded_cells(n_prompt + 1))
+            limit, need = cap, min(need, cap)
+        if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
             raise ValueError(
                 f"prompt has {n_prompt} tokens but the context holds {memory.padded_cells(limit)} cells; "
-                "shorten the prompt or raise n_ctx"
+                "shorten the prompt, raise n_ctx, or give a budget (long prompts are then prefilled in chunks)"
             )
-        return self._ensure_context(min(need, memory.padded_cells(limit)))
+        if need > memory.padded_cells(limit):
+            raise ValueError(
+                f"this generation needs {need} KV cells but n_ctx is fixed at {memory.padded_cells(limit)}; "
+                "raise n_ctx or lower the budgets / max_tokens"
+            )
+        if self._ctx is None or self._ctx.n_cells < memory.padded_cells(need):
+            plan.reuse = 0  # a new context holds nothing
+        return self._ensure_context(need)
 
-    def _start(self, prompt: list[int], s: Sampling) -> _Run:
-        policy = self._policy(s.max_tokens)
-        ctx = self._context_for(len(prompt), s, policy)
-        ctx.hook.clear(ctx.ptr)
+    def _start(self, prompt: list[int], s: Sampling, *, resume: bool = False) -> _Run:
+        plan = self._plan(prompt, s, resume=resume)
+        ctx = self._context_for(len(prompt), plan)
+        session = self._session if plan.reuse and self._session is not None else None
+        if session is None:
+            ctx.hook.clear(ctx.ptr)
+            session = _Session()
+        else:
+            session.truncate(ctx, plan.reuse)
+        self._session = session
         stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells)
         stats.kv_bytes_allocated = memory.kv_bytes(self.geometry, ctx.n_cells, self.type_k, "f16")
-        return _Run(self, ctx, policy, stats)
+        stats.reused_prompt_tokens = plan.reuse
+        return _Run(self, ctx, plan, session, stats)
 
-    def _run(self, prompt: list[int], s: Sampling) -> Iterator[Chunk]:
-        run = self._start(prompt, s)
+    def _run(self, prompt: list[int], s: Sampling, *, resume: bool = False) -> Iterator[Chunk]:
+        run = self._start(prompt, s, resume=resume)
         sampler = _make_sampler(s, self.seed, self._model)
         try:
             yield from run.loop(prompt, s, sampler)
+        except BaseException:
+            self._session = None  # interrupted mid-step: the next call starts clean
+            raise
         finally:
             llama_cpp.llama_sampler_free(sampler)
 
 
+def policy_prefill_keep(policy: Policy, budget: Budget, *, n_prompt: int) -> int:
+    """Prompt cells the prefill selection keeps."""
+    if policy.decode.unified:
+        return min(n_prompt, budget.total - 1)  # one cell stays free for the first decode step
+    if policy.prefill.name == "full":
+        return n_prompt
+    return min(n_prompt, budget.prefill)
+
+
+def _decode_cells(policy: Policy, budget: Budget, max_tokens: int) -> int:
+    """Cells decoding adds on top of the kept prompt."""
+    if policy.decode.unified:
+        return 1 + policy.decode.slack  # the prompt kept total - 1: the step sees total
+    if policy.decode.name == "full":
+        return max_tokens
+    return min(max_tokens, budget.decode + policy.decode.slack)
+
+
+@dataclass
+class _Plan:
+    """How one generation uses the context: policy, prompt tokens reused from
+    the cache, prefill chunk size (None: one shot) and cells needed."""
+
+    policy: Policy | None
+    reuse: int
+    chunk: int | None
+    cells: int
+
+
+@dataclass
+class _Session:
+    """What the cache holds across calls: the tokens fed, in order, and the
+    position each got (-1 once evicted or truncated away)."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    next_pos: int = 0
+
+    def common_prefix(self, prompt: list[int]) -> int:
+        n = min(len(prompt), len(self.tokens))
+        i = 0
+        while i < n and prompt[i] == self.tokens[i]:
+            i += 1
+        return i
+
+    def held_upto(self, n: int) -> int:
+        return sum(1 for p in self.positions[:n] if p >= 0)
+
+    def record(self, tokens: Sequence[int], positions: Sequence[int]) -> None:
+        self.tokens.extend(tokens)
+        self.positions.extend(positions)
+        self.next_pos = positions[-1] + 1
+
+    def truncate(self, ctx: _Context, n: int) -> None:
+        """Keep the first n tokens: drop the cells of the rest."""
+        later = [p for p in self.positions[n:] if p >= 0]
+        if later:
+            ctx.hook.truncate(ctx.ptr, min(later))
+        if len(self.tokens) > n:
+            del self.tokens[n:], self.positions[n:]
+            held = [p for p in self.positions if p >= 0]
+            self.next_pos = (max(held) + 1) if held else 0
+
+    def forget(self, evicted: np.ndarray) -> None:
+        gone = set(evicted.tolist())
+        self.positions = [-1 if p in gone else p for p in self.positions]
+
+    def renumber(self, old: np.ndarray, new: np.ndarray) -> None:
+        mapping = dict(zip(old.tolist(), new.tolist()))
+        self.positions = [mapping.get(p, -1) for p in self.positions]
+
+
 class _Run:
-    """State of one generation: positions, counts and timings."""
+    """One generation: feeds tokens through the hook, applies the policy,
+    keeps the counts and timings."""
 
-    def __init__(self, llm: ScopeLlama, ctx: _Context, policy: Policy | None, stats: GenerationStats) -> None:
-        self.llm, self.ctx, self.policy, self.stats = llm, ctx, policy, stats
-        self.n_prompt = 0
-        self.next_pos = 0
-        self.n_held = 0  # cells of the sequence
+    def __init__(self, llm: ScopeLlama, ctx: _Context, plan: _Plan, session: _Session, stats: GenerationStats) -> None:
+        self.llm, self.ctx, self.plan, self.session, self.stats = llm, ctx, plan, session, stats
+        self.policy = plan.policy
+        self.n_held = len(ctx.hook.positions())
+        self.gen_start = session.next_pos  # first position of this run's generated text
         self.n_eligible = 0  # cells the decode strategy may evict
+        # Positions past the trained context are re-indexed under a budget;
+        # the full cache behaves as stock and simply runs on.
+        self.pos_limit = llm._model.n_ctx_train if plan.policy is not None else 2**31 - 1
 
-    # prefill -------------------------------------------------------------
-    def prefill(self, prompt: list[int]) -> None:
-        t0 = time.perf_counter()
-        self.n_prompt = len(prompt)
-        hook = self.ctx.hook
-        policy = self.policy
-        capture_from = policy.prefill.capture_from(len(prompt)) if policy else None
-        hook.arm(capture_from)
-        for i in range(0, len(prompt), N_BATCH):
-            chunk = prompt[i : i + N_BATCH]
-            self.ctx.decode(chunk, range(i, i + len(chunk)), want_logits=i + N_BATCH >= len(prompt))
-        hook.arm(None)
-        self.next_pos = self.n_held = len(prompt)
-        self.stats.prefill_cells_peak = self.n_held
-        if policy is not None:
-            self._select_prompt(policy, captured=capture_from is not None)
-        self.n_eligible = self.n_held if policy is not None and policy.decode.unified else 0
-        self.stats.prefill_tokens_per_s = len(prompt) / max(time.perf_counter() - t0, 1e-9)
+    # feeding ---------------------------------------------------------------
+    def _make_room(self, n: int) -> None:
+        """Re-index positions if the next n tokens would pass the limit."""
+        if self.session.next_pos + n > self.pos_limit:
+            self._reindex(n)
 
-    def _select_prompt(self, policy: Policy, *, captured: bool) -> None:
-        budget = self.llm.budget
-        assert budget is not None
-        keep = budget.total - 1 if policy.decode.unified else budget.prefill
-        if captured:
-            cap = self.ctx.hook.capture()
-            positions, attn = cap.positions, cap.attn
-            policy.decode.observe(positions, attn)
-        else:
-            positions, attn = self.ctx.hook.positions(), None
-        if len(positions) > keep:
-            self._evict(policy.prefill.select(positions, attn, keep=keep))
+    def _decode(self, tokens: Sequence[int], *, want_logits: bool) -> None:
+        self._make_room(len(tokens))
+        start = self.session.next_pos
+        positions = list(range(start, start + len(tokens)))
+        self.ctx.decode(tokens, positions, want_logits=want_logits)
+        self.session.record(tokens, positions)
+        self.n_held += len(tokens)
+
+    def _reindex(self, n_next: int) -> None:
+        """Renumber the held positions 0..n-1 (llama_memory_seq_add
+        re-rotates K) so the next tokens stay inside the trained range."""
+        if self.policy is None or not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(self.ctx.ptr)):
+            raise _PositionLimit()
+        old = self.ctx.hook.positions()
+        new = np.arange(len(old), dtype=np.int32)
+        if len(old) + n_next > self.pos_limit:
+            raise _PositionLimit()
+        runs = np.flatnonzero(np.diff(old) != 1) + 1
+        for first, last in zip(np.r_[0, runs], np.r_[runs, len(old)]):
+            delta = int(new[first] - old[first])
+            if delta:
+                self.ctx.hook.shift(self.ctx.ptr, int(old[first]), int(old[last - 1]) + 1, delta)
+        self.gen_start = int(np.searchsorted(old, self.gen_start))
+        self.session.renumber(old, new)
+        self.session.next_pos = len(old)
+        if self.policy is not None:
+            self.policy.decode.reindex(old, new)
+        self.stats.position_resets += 1
+        log.info("re-indexed %d held positions (max %d -> %d) to continue past %d",
+                 len(old), int(old[-1]), len(old) - 1, self.pos_limit)
 
     def _evict(self, positions: np.ndarray) -> None:
         if len(positions):
             freed = self.ctx.hook.evict(self.ctx.ptr, positions)
             self.n_held -= freed
             self.stats.evicted_cells += freed
+            self.session.forget(positions)
+
+    # prefill -------------------------------------------------------------
+    def prefill(self, prompt: list[int]) -> None:
+        t0 = time.perf_counter()
+        new = prompt[self.plan.reuse :]
+        chunk = self.plan.chunk or len(new)
+        try:
+            for i in range(0, len(new), chunk):
+                self._prefill_chunk(new[i : i + chunk], last=i + chunk >= len(new))
+        except _PositionLimit:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) passes the model's trained context of {self.pos_limit} "
+                "positions; give a budget and leave chunked_prefill on so positions can be re-indexed"
+            ) from None
+        self.gen_start = self.session.next_pos
+        self.n_eligible = self.n_held if self.policy is not None and self.policy.decode.unified else 0
+        self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
+        self.stats.prefilled_tokens = len(new)
+
+    def _prefill_chunk(self, tokens: list[int], *, last: bool) -> None:
+        policy = self.policy
+        hook = self.ctx.hook
+        self._make_room(len(tokens))
+        end = self.session.next_pos + len(tokens)
+        capture_from = policy.prefill.capture_from(end) if policy else None
+        hook.arm(capture_from)
+        for i in range(0, len(tokens), N_BATCH):
+            self._decode(tokens[i : i + N_BATCH], want_logits=last and i + N_BATCH >= len(tokens))
+        hook.arm(None)
+        self.stats.prefill_cells_peak = max(self.stats.prefill_cells_peak, self.n_held)
+        if policy is not None:
+            self._select_prompt(policy, captured=capture_from is not None)
+
+    def _select_prompt(self, policy: Policy, *, captured: bool) -> None:
+        assert self.llm.budget is not None
+        if captured:
+            cap = self.ctx.hook.capture()
+            positions, attn = cap.positions, cap.attn
+            policy.decode.observe(positions, attn)
+        else:
+            positions, attn = self.ctx.hook.positions(), None
+        keep = policy_prefill_keep(policy, self.llm.budget, n_prompt=len(positions))
+        if len(positions) > keep:
+            self._evict(policy.prefill.select(positions, attn, keep=keep))
 
     # decode --------------------------------------------------------------
     def feed(self, token: int, step: int) -> None:
         plan = self.policy.decode.plan(step, self.n_eligible + 1) if self.policy else None
         capture = plan is not None and plan.capture
-        hook = self.ctx.hook
+        self._make_room(1)
         if capture:
-            hook.arm(self.next_pos)
-        self.ctx.decode([token], [self.next_pos], want_logits=True)
+            self.ctx.hook.arm(self.session.next_pos)
+        try:
+            self._decode([token], want_logits=True)
+        finally:
+            if capture:
+                self.ctx.hook.arm(None)
         if capture:
-            hook.arm(None)
             self.stats.captured_steps += 1
-        self.next_pos += 1
-        self.n_held += 1
         self.n_eligible += 1
         self.stats.kv_cells_peak = max(self.stats.kv_cells_peak, self.n_held)
         if plan is not None and (capture or (plan.keep is not None and self.n_eligible > plan.keep)):
@@ -627,7 +810,7 @@ class _Run:
         else:
             positions, attn = self.ctx.hook.positions(), None
         if not decode.unified:
-            mask = positions >= self.n_prompt
+            mask = positions >= self.gen_start
             positions = positions[mask]
             attn = attn[:, :, mask] if attn is not None else None
         if captured:
@@ -642,8 +825,7 @@ class _Run:
         self.prefill(prompt)
         text = _TextStream(s.stop)
         t0 = time.perf_counter()
-        n_fed = 0
-        generated = 0
+        n_fed = generated = 0
         while True:
             token = llama_cpp.llama_sampler_sample(sampler, self.ctx.ptr, -1)
             if model.is_eog(token):
@@ -654,15 +836,18 @@ class _Run:
             if text.stopped:
                 yield self._final(piece, token, "stop", n_fed, t0, generated)
                 return
-            if generated == s.max_tokens:
-                yield self._final(piece + text.flush(), token, "length", n_fed, t0, generated)
-                return
-            if self.next_pos >= self.ctx.n_cells and self.policy is None:
+            if generated == s.max_tokens or (self.policy is None and self.session.next_pos >= self.ctx.n_cells):
                 yield self._final(piece + text.flush(), token, "length", n_fed, t0, generated)
                 return
             yield Chunk(piece, token)
+            try:
+                self.feed(token, n_fed + 1)
+            except _PositionLimit:
+                log.warning("stopping at position %d: this model's cache cannot shift positions, so generation "
+                            "cannot pass its trained context of %d", self.session.next_pos, self.pos_limit)
+                yield self._final(text.flush(), None, "length", n_fed, t0, generated)
+                return
             n_fed += 1
-            self.feed(token, n_fed)
 
     def _final(self, piece: str, token: int | None, reason: FinishReason, n_fed: int, t0: float, generated: int) -> Chunk:
         st = self.stats
@@ -674,3 +859,8 @@ class _Run:
         if st.kv_cells_peak == 0:
             st.kv_cells_peak = self.n_held
         return Chunk(piece, token, reason, st)
+
+
+class _PositionLimit(Exception):
+    """The next token would pass the model's trained context and positions
+    cannot be re-indexed."""

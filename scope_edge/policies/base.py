@@ -71,6 +71,10 @@ class DecodeStrategy(ABC):
     def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
         """Called with every captured score (prefill included), in order."""
 
+    def reindex(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Held positions `old` were renumbered to `new` (same order): state
+        keyed by position must follow."""
+
     @abstractmethod
     def select(self, positions: np.ndarray, attn: np.ndarray | None, keep: int) -> np.ndarray:
         """Positions to evict so that `keep` of `positions` remain."""

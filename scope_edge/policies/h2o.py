@@ -83,6 +83,10 @@ class H2O(DecodeStrategy):
         self._scores = carry_scores(self._positions, self._scores, positions) + step_scores
         self._positions = positions.copy()
 
+    def reindex(self, old: np.ndarray, new: np.ndarray) -> None:
+        scores = carry_scores(self._positions, self._scores, old)
+        self._positions, self._scores = new.astype(self._positions.dtype), scores
+
     def accumulated(self, positions: np.ndarray) -> np.ndarray:
         """Accumulated score of each position (0 for never observed)."""
         positions = np.ascontiguousarray(positions, dtype=np.int32)

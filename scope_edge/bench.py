@@ -1,0 +1,531 @@
+"""`scope-edge bench`: memory, speed and fidelity of one configuration against
+the stock llama.cpp cache, measured in the same run.
+
+    scope-edge bench --prompt-tokens 2048 --max-tokens 4096 --strategy slide \
+        --prefill-budget 1024 --decode-budget 512 [--model PATH] [--json]
+
+What is measured (in this order, so the shared machine's load hits all alike):
+  stock  llama_cpp.Llama, n_ctx = prompt + max_tokens, same K/V types, flash
+         attention off (its default, and ours); prefill with Llama.eval, then
+         max_tokens greedy steps with end-of-generation tokens masked out
+         (ignore-EOS). Its tokens are the reference output.
+  ours   ScopeLlama(budget, strategy).generate(prompt, ignore_eos=True): the
+         stats of the run, and its tokens (free-running fidelity).
+  ideal  stock llama_cpp.Llama with n_ctx = our allocated cells: the decode
+         speed we could reach. It cannot hold the whole run, so it prefills
+         n_ctx - ideal_steps tokens and times ideal_steps greedy steps, i.e.
+         decoding with the cache filled to our allocation's level, as ours
+         is once its budgets are full.
+  fidelity  lockstep teacher forcing: ScopeLlama(budget=None) and the
+         compressed ScopeLlama are both fed the reference tokens; at every
+         step the two next-token distributions are compared (top-1 agreement,
+         KL(full || compressed) in float64 from log-softmax).
+         reference_consistency is how often the full cache's argmax equals
+         the reference token (1.0: the lockstep is exactly the full cache's
+         greedy run). Free-running: length of the identical prefix of ours
+         vs the reference, and ROUGE-L F1 (token LCS) of the two outputs.
+
+The prompt is a deterministic logbook of varied records inside the model's
+chat template (SmolLM2 degenerates without it), cut to exactly prompt_tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import random
+import resource
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+from numba import njit
+from tqdm import tqdm
+
+from . import memory, models
+from .budget import Budget
+from .llama import ScopeLlama
+from .policies import STRATEGIES, validate_names
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+# -- configuration -------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark configuration. Windows larger than their budget are
+    clipped to it (as the CLI does), so small budgets work with the defaults."""
+
+    prompt_tokens: int = 2048
+    max_tokens: int = 4096
+    strategy: str = "slide"
+    prefill_selector: str | None = None
+    prefill_budget: int = 1024
+    decode_budget: int = 512
+    observation_window: int = 8
+    recent_window: int = 256
+    type_k: str = "f16"
+    model: str | None = None
+    ideal_steps: int = 256
+    prefill_chunk: int = 512
+    fidelity: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("prompt_tokens", "max_tokens", "prefill_budget", "decode_budget",
+                     "observation_window", "recent_window", "ideal_steps", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.prompt_tokens < 64:
+            raise ValueError(f"prompt_tokens must be >= 64 (the chat template alone takes ~40), got {self.prompt_tokens}")
+        if self.decode_budget < 2:
+            raise ValueError(f"decode_budget must be >= 2, got {self.decode_budget}")
+        validate_names(self.strategy, self.prefill_selector)
+        self.budget()  # raises ValueError with the numbers
+
+    def budget(self) -> Budget:
+        return Budget(
+            prefill=self.prefill_budget,
+            decode=self.decode_budget,
+            observation_window=min(self.observation_window, self.prefill_budget),
+            recent_window=min(self.recent_window, self.decode_budget),
+        )
+
+    def model_path(self) -> str:
+        return str(models.resolve_model_path(self.model)) if self.model else str(models.fetch())
+
+
+# -- prompt ----------------------------------------------------------------
+_NAMES = ["Maria", "Kenji", "Amara", "Lukas", "Priya", "Tomás", "Ingrid", "Omar", "Chen", "Fatima",
+          "Diego", "Sofia", "Yusuf", "Elena", "Kwame", "Hana", "Pavel", "Lucia", "Arjun", "Nora"]
+_CITIES = ["Lisbon", "Osaka", "Nairobi", "Hamburg", "Pune", "Bogotá", "Oslo", "Cairo", "Chengdu",
+           "Tunis", "Quito", "Turin", "Izmir", "Kraków", "Accra", "Sapporo", "Brno", "Seville"]
+_ITEMS = ["violins", "bicycles", "lanterns", "kettles", "telescopes", "umbrellas", "typewriters",
+          "backpacks", "clocks", "drums", "microscopes", "teapots", "skateboards", "compasses"]
+_WAYS = ["by train", "by bicycle courier", "by cargo ship", "on foot", "by van", "by air freight"]
+_NOTES = ["the box was slightly damaged", "the customer paid in cash", "delivery was two days late",
+          "a thank-you note came back", "the invoice had a typo", "it rained all day",
+          "the recipient asked for a discount", "everything arrived in perfect order"]
+
+
+def _record(i: int, rng: random.Random) -> str:
+    return (f"Record {i}: {rng.choice(_NAMES)} from {rng.choice(_CITIES)} ordered {rng.randint(2, 99)} "
+            f"{rng.choice(_ITEMS)}; the parcel weighed {rng.randint(1, 60)} kg, went {rng.choice(_WAYS)}, "
+            f"and {rng.choice(_NOTES)}.")
+
+
+def chat_prompt(tokenize, user_head: str, body: str, user_tail: str, n_tokens: int) -> list[int]:
+    """Token ids of a chat-template prompt of exactly n_tokens: the body's
+    tokens are cut (or the body repeated) to fit. tokenize(text) -> ids,
+    special tokens parsed, no BOS added."""
+    head = tokenize(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user_head}")
+    tail = tokenize(f"{user_tail}<|im_end|>\n<|im_start|>assistant\n")
+    room = n_tokens - len(head) - len(tail)
+    if room < 1:
+        raise ValueError(f"a prompt of {n_tokens} tokens cannot hold the template ({len(head) + len(tail)} tokens)")
+    ids = tokenize(body)
+    while len(ids) < room:
+        ids = ids + ids
+    return head + ids[:room] + tail
+
+
+def make_tokenizer(model_path: str) -> Callable[[str], list[int]]:
+    """tokenize(text) -> ids with special tokens parsed and no BOS, from a
+    vocab-only model (no weights or context are loaded)."""
+    llama_cpp.llama_backend_init()
+    llama_cpp._logger.set_verbose(False)  # as ScopeLlama(verbose=False): no llama.cpp log
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
+    if not model:
+        raise ValueError(f"llama.cpp could not read the vocabulary of {model_path}")
+    vocab = llama_cpp.llama_model_get_vocab(model)
+
+    def tokenize(text: str) -> list[int]:
+        data = text.encode("utf-8")
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
+        if n < 0:
+            raise ValueError(f"tokenizing {len(data)} bytes needs {-n} tokens")
+        return list(buf[:n])
+
+    weakref.finalize(tokenize, llama_cpp.llama_model_free, model)
+    return tokenize
+
+
+def logbook_prompt(model_path: str, n_tokens: int, seed: int = 0) -> list[int]:
+    """The benchmark prompt: a delivery logbook the model is asked to go through."""
+    rng = random.Random(seed)
+    n_records = max(8, n_tokens // 30)
+    body = "\n".join(_record(i + 1, rng) for i in range(n_records))
+    return chat_prompt(
+        make_tokenizer(model_path),
+        "Here is a delivery logbook.\n\n",
+        body,
+        "\n\nGo through the logbook record by record. For each record write one line with the customer, "
+        "the city, the number of items and what happened.",
+        n_tokens,
+    )
+
+
+# -- measurements ------------------------------------------------------------
+def _greedy(logits: np.ndarray, eog: np.ndarray) -> int:
+    logits = logits.copy()
+    logits[eog] = -np.inf
+    return int(np.argmax(logits))
+
+
+def _eog_tokens(llm: llama_cpp.Llama) -> np.ndarray:
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    return np.array([t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.int64)
+
+
+def _stock_logits(llm: llama_cpp.Llama) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+
+
+def _open_stock(path: str, n_ctx: int, type_k: str) -> llama_cpp.Llama:
+    types = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+    return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=types[type_k], type_v=llama_cpp.GGML_TYPE_F16,
+                           flash_attn=False, verbose=False)
+
+
+@dataclass
+class StockRun:
+    """The stock cache's numbers and its greedy tokens."""
+
+    n_ctx: int
+    kv_bytes: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    tokens: list[int]
+
+
+def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress: bool = False,
+              label: str = "stock") -> StockRun:
+    """Prefill `prompt` into a stock Llama of n_ctx = prompt + steps, then
+    decode `steps` greedy tokens (EOG masked). Times prefill and decode apart.
+    Decode time counts the steps that feed a token (steps - 1), as ours does."""
+    n_ctx = len(prompt) + steps
+    llm = _open_stock(path, n_ctx, type_k)
+    try:
+        eog = _eog_tokens(llm)
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        prefill_s = time.perf_counter() - t0
+        tokens = [_greedy(_stock_logits(llm), eog)]
+        t0 = time.perf_counter()
+        for _ in tqdm(range(steps - 1), desc=label, disable=not progress, leave=False):
+            llm.eval([tokens[-1]])
+            tokens.append(_greedy(_stock_logits(llm), eog))
+        decode_s = time.perf_counter() - t0
+        geometry = memory.read_geometry(path)
+        return StockRun(
+            n_ctx=llm.n_ctx(),
+            kv_bytes=memory.kv_bytes(geometry, llm.n_ctx(), type_k, "f16"),
+            prefill_tokens_per_s=len(prompt) / max(prefill_s, 1e-9),
+            decode_tokens_per_s=(steps - 1) / max(decode_s, 1e-9) if steps > 1 else 0.0,
+            tokens=tokens,
+        )
+    finally:
+        llm.close()
+
+
+def run_ideal(path: str, n_ctx: int, filler: Sequence[int], steps: int, type_k: str) -> dict[str, float | int]:
+    """Stock decoding in a context of n_ctx cells filled to n_ctx - steps
+    before `steps` timed greedy steps: the speed our allocation allows."""
+    steps = max(1, min(steps, n_ctx // 2))
+    n_prefill = n_ctx - steps
+    filler = list(filler)
+    while len(filler) < n_prefill:
+        filler = filler + filler
+    run = run_stock(path, filler[:n_prefill], steps, type_k)
+    return {"n_ctx": run.n_ctx, "prefilled": n_prefill, "steps": steps,
+            "prefill_tokens_per_s": run.prefill_tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s}
+
+
+def open_ours(cfg: BenchConfig, path: str, *, full: bool = False) -> ScopeLlama:
+    if full:
+        return ScopeLlama(path, budget=None, type_k=cfg.type_k)
+    return ScopeLlama(path, budget=cfg.budget(), strategy=cfg.strategy, prefill_selector=cfg.prefill_selector,
+                      type_k=cfg.type_k, prefill_chunk=cfg.prefill_chunk)
+
+
+def run_ours(cfg: BenchConfig, path: str, prompt: list[int], *, progress: bool = False) -> tuple[dict, list[int]]:
+    """Our generation of max_tokens (ignore-EOS): its stats and tokens."""
+    tokens: list[int] = []
+    stats = None
+    with open_ours(cfg, path) as llm:
+        bar = tqdm(total=cfg.max_tokens, desc=f"ours {cfg.strategy}", disable=not progress, leave=False)
+        for chunk in llm.stream(prompt, max_tokens=cfg.max_tokens, ignore_eos=True):
+            if chunk.token is not None:
+                tokens.append(chunk.token)
+            bar.update(1)
+            stats = chunk.stats
+        bar.close()
+    assert stats is not None
+    return stats.as_dict(), tokens
+
+
+# -- fidelity --------------------------------------------------------------------
+@dataclass
+class Fidelity:
+    """Running lockstep statistics of one compressed cache against the full one."""
+
+    steps: int = 0
+    top1_agree: int = 0
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    first_disagreement: int = -1
+
+    def add(self, full_logp: np.ndarray, comp_logits: np.ndarray) -> None:
+        comp_logp = log_softmax(comp_logits)
+        kl = float(np.sum(np.exp(full_logp) * (full_logp - comp_logp)))
+        kl = max(kl, 0.0)  # exact KL is >= 0; float64 rounding can give -1e-17
+        agree = int(np.argmax(full_logp)) == int(np.argmax(comp_logp))
+        if not agree and self.first_disagreement < 0:
+            self.first_disagreement = self.steps
+        self.steps += 1
+        self.top1_agree += agree
+        self.kl_sum += kl
+        self.kl_max = max(self.kl_max, kl)
+
+    def as_dict(self) -> dict[str, float | int]:
+        n = max(self.steps, 1)
+        return {"steps": self.steps, "top1_agreement": self.top1_agree / n, "mean_kl": self.kl_sum / n,
+                "max_kl": self.kl_max, "first_disagreement": self.first_disagreement}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max()
+    return x - np.log(np.exp(x).sum())
+
+
+def lockstep(full: ScopeLlama, compressed: Sequence[ScopeLlama], prompt: list[int], reference: list[int],
+             *, progress: bool = False) -> tuple[list[Fidelity], float]:
+    """Teacher-force `reference` after `prompt` through the full cache and
+    every compressed cache at once; compare each step's distributions.
+    Returns one Fidelity per compressed cache and reference_consistency
+    (how often the full cache's argmax is the reference token, EOG masked
+    the same way as the reference run)."""
+    streams: list[Iterator[np.ndarray]] = [llm.teacher_force(prompt, reference) for llm in compressed]
+    results = [Fidelity() for _ in compressed]
+    eog = np.array(full._model.eog_tokens(), dtype=np.int64)
+    consistent = 0
+    bar = tqdm(total=len(reference), desc="fidelity", disable=not progress, leave=False)
+    for step, full_logits in enumerate(full.teacher_force(prompt, reference)):
+        consistent += _greedy(full_logits, eog) == reference[step]
+        full_logp = log_softmax(full_logits)
+        for fid, stream in zip(results, streams):
+            fid.add(full_logp, next(stream))
+        bar.update(1)
+    bar.close()
+    for stream in streams:
+        for _ in stream:  # finish each generator so its ScopeLlama is free again
+            pass
+    return results, consistent / max(len(reference), 1)
+
+
+@njit(cache=True)
+def _lcs_length(a: np.ndarray, b: np.ndarray) -> int:
+    prev = np.zeros(b.shape[0] + 1, dtype=np.int32)
+    cur = np.zeros(b.shape[0] + 1, dtype=np.int32)
+    for i in range(a.shape[0]):
+        for j in range(b.shape[0]):
+            if a[i] == b[j]:
+                cur[j + 1] = prev[j] + 1
+            else:
+                cur[j + 1] = max(prev[j + 1], cur[j])
+        prev, cur = cur, prev
+    return int(prev[b.shape[0]])
+
+
+def free_running(reference: Sequence[int], ours: Sequence[int]) -> dict[str, float | int]:
+    """identical_prefix: tokens until the first difference; rouge_l: F1 of
+    the longest common token subsequence (ROUGE-L over token ids)."""
+    prefix = 0
+    for a, b in zip(reference, ours):
+        if a != b:
+            break
+        prefix += 1
+    lcs = _lcs_length(np.asarray(reference, dtype=np.int64), np.asarray(ours, dtype=np.int64))
+    p = lcs / max(len(ours), 1)
+    r = lcs / max(len(reference), 1)
+    return {"identical_prefix": prefix, "rouge_l": 2 * p * r / (p + r) if lcs else 0.0}
+
+
+# -- the whole run ---------------------------------------------------------------
+def machine() -> dict[str, str | int | float]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count() or 1, "python": platform.python_version(),
+            "llama_cpp_python": llama_cpp.__version__, "loadavg_1m": os.getloadavg()[0]}
+
+
+def _check_shared(cfgs: Sequence[BenchConfig]) -> None:
+    keys = {(c.prompt_tokens, c.max_tokens, c.type_k, c.model) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError(f"run_many needs one prompt_tokens/max_tokens/type_k/model for all configs, got {sorted(map(str, keys))}")
+
+
+def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict]:
+    """run_bench for configs that differ only in strategy/budgets: the stock
+    run and the full-cache reference are measured once and shared; all
+    compressed caches are teacher-forced in one lockstep pass."""
+    if not cfgs:
+        raise ValueError("run_many needs at least one BenchConfig")
+    _check_shared(cfgs)
+    c0 = cfgs[0]
+    path = c0.model_path()
+    prompt = logbook_prompt(path, c0.prompt_tokens)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stock = run_stock(path, prompt, c0.max_tokens, c0.type_k, progress=progress)
+    log.info("stock: prefill %.0f tok/s, decode %.1f tok/s", stock.prefill_tokens_per_s, stock.decode_tokens_per_s)
+    ours = [run_ours(cfg, path, prompt, progress=progress) for cfg in cfgs]
+    ideals: dict[int, dict] = {}
+    for cfg, (stats, _) in zip(cfgs, ours):
+        cells = int(stats["kv_cells_allocated"])
+        if cells not in ideals:
+            ideals[cells] = run_ideal(path, cells, prompt + stock.tokens, cfg.ideal_steps, cfg.type_k)
+    fids: list[dict | None] = [None] * len(cfgs)
+    want = [i for i, c in enumerate(cfgs) if c.fidelity]
+    if want:
+        full = open_ours(c0, path, full=True)
+        comps = [open_ours(cfgs[i], path) for i in want]
+        try:
+            res, consistency = lockstep(full, comps, prompt, stock.tokens, progress=progress)
+        finally:
+            for llm in [full, *comps]:
+                llm.close()
+        for i, fid in zip(want, res):
+            fids[i] = {**fid.as_dict(), "reference_consistency": consistency,
+                       **free_running(stock.tokens, ours[i][1])}
+    return [_report(cfg, stock, stats, ideals[int(stats["kv_cells_allocated"])], fid, started)
+            for cfg, (stats, _), fid in zip(cfgs, ours, fids)]
+
+
+def _report(cfg: BenchConfig, stock: StockRun, stats: dict, ideal: dict, fid: dict | None, started: str) -> dict:
+    stock_d = {k: v for k, v in dataclasses.asdict(stock).items() if k != "tokens"}
+    ours_d = {"kv_bytes": stats["kv_bytes_allocated"], "kv_cells": stats["kv_cells_allocated"], **stats}
+    return {
+        "config": dataclasses.asdict(cfg),
+        "stock": stock_d,
+        "ours": ours_d,
+        "ideal": ideal,
+        "ratios": {
+            "kv_bytes": ours_d["kv_bytes"] / stock.kv_bytes,
+            "decode_speedup": ours_d["decode_tokens_per_s"] / max(stock.decode_tokens_per_s, 1e-9),
+            "prefill_speedup": ours_d["prefill_tokens_per_s"] / max(stock.prefill_tokens_per_s, 1e-9),
+            "decode_vs_ideal": ours_d["decode_tokens_per_s"] / max(ideal["decode_tokens_per_s"], 1e-9),
+        },
+        "fidelity": fid,
+        "date": started,
+        "machine": machine(),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict:
+    """Stock, ours, ideal and fidelity for one configuration: a JSON-able dict."""
+    return run_many([cfg], progress=progress)[0]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+# -- CLI -----------------------------------------------------------------------
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bench` on the scope-edge command's subparsers."""
+    p = subparsers.add_parser("bench", help="memory, speed and fidelity against the stock llama.cpp cache",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    p.set_defaults(func=main)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="generated tokens (EOS ignored)")
+    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES)
+    p.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
+    p.add_argument("--prefill-budget", type=int, default=d.prefill_budget)
+    p.add_argument("--decode-budget", type=int, default=d.decode_budget)
+    p.add_argument("--observation-window", type=int, default=d.observation_window)
+    p.add_argument("--recent-window", type=int, default=d.recent_window)
+    p.add_argument("--type-k", default=d.type_k, help="K cache type: f16|q8_0|q4_0")
+    p.add_argument("--model", default=None, help="GGUF path (default: the default model)")
+    p.add_argument("--ideal-steps", type=int, default=d.ideal_steps, help="timed decode steps of the ideal run")
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
+                   help="prompt tokens prefilled between prefill selections (bounds the cells prefill needs)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the lockstep fidelity pass")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=args.strategy,
+        prefill_selector=args.selector, prefill_budget=args.prefill_budget, decode_budget=args.decode_budget,
+        observation_window=args.observation_window, recent_window=args.recent_window, type_k=args.type_k,
+        model=args.model, ideal_steps=args.ideal_steps, prefill_chunk=args.prefill_chunk,
+        fidelity=not args.no_fidelity,
+    )
+
+
+def format_table(res: dict) -> str:
+    s, o, i, r, f = res["stock"], res["ours"], res["ideal"], res["ratios"], res["fidelity"]
+    c = res["config"]
+    mib = 2**20
+    lines = [
+        f"scope-edge bench: prompt {c['prompt_tokens']} + {c['max_tokens']} generated, strategy {c['strategy']}, "
+        f"budgets {c['prefill_budget']}/{c['decode_budget']}, K {c['type_k']}",
+        f"{'':8} {'KV MiB':>8} {'cells':>6} {'prefill tok/s':>14} {'decode tok/s':>13}",
+        f"{'stock':8} {s['kv_bytes'] / mib:8.1f} {s['n_ctx']:6d} {s['prefill_tokens_per_s']:14.1f} {s['decode_tokens_per_s']:13.1f}",
+        f"{'ours':8} {o['kv_bytes'] / mib:8.1f} {o['kv_cells']:6d} {o['prefill_tokens_per_s']:14.1f} {o['decode_tokens_per_s']:13.1f}",
+        f"{'ideal':8} {'':8} {i['n_ctx']:6d} {'':14} {i['decode_tokens_per_s']:13.1f}",
+        f"ours/stock: KV {r['kv_bytes']:.1%}, decode x{r['decode_speedup']:.2f}, prefill x{r['prefill_speedup']:.2f}; "
+        f"ours/ideal decode {r['decode_vs_ideal']:.1%}",
+    ]
+    if f:
+        lines.append(
+            f"fidelity over {f['steps']} steps: top-1 {f['top1_agreement']:.1%}, KL mean {f['mean_kl']:.4f} "
+            f"max {f['max_kl']:.3f}; free-running identical prefix {f['identical_prefix']}, "
+            f"ROUGE-L {f['rouge_l']:.3f} (reference consistency {f['reference_consistency']:.1%})"
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    res = run_bench(cfg, progress=sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m scope_edge.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main(parser.parse_args()))
+    except ValueError as e:
+        print(f"scope-edge bench: error: {e}", file=sys.stderr)
+        sys.exit(2)
