@@ -16,10 +16,14 @@ What is measured (in this order, so the shared machine's load hits all alike):
          n_ctx - ideal_steps tokens and times ideal_steps greedy steps, i.e.
          decoding with the cache filled to our allocation's level, as ours
          is once its budgets are full.
-  fidelity  lockstep teacher forcing: ScopeLlama(budget=None) and the
-         compressed ScopeLlama are both fed the reference tokens; at every
-         step the two next-token distributions are compared (top-1 agreement,
-         KL(full || compressed) in float64 from log-softmax).
+  fidelity  lockstep teacher forcing: the compressed ScopeLlama is fed the
+         reference tokens (teacher_force); at every step its next-token
+         distribution is compared with the full cache's (top-1 agreement,
+         KL(full || compressed) in float64 from log-softmax). The full
+         cache's logits are the stock run's, kept (reference="stock": the
+         same llama_decode calls as ScopeLlama(budget=None), which
+         tests/test_bench.py checks give the same logits), or
+         ScopeLlama(budget=None).teacher_force run alongside ("full").
          reference_consistency is how often the full cache's argmax equals
          the reference token (1.0: the lockstep is exactly the full cache's
          greedy run). Free-running: length of the identical prefix of ours
@@ -42,7 +46,7 @@ import resource
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import llama_cpp
@@ -79,6 +83,7 @@ class BenchConfig:
     ideal_steps: int = 256
     prefill_chunk: int = 512
     fidelity: bool = True
+    reference: str = "stock"
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "max_tokens", "prefill_budget", "decode_budget",
@@ -91,6 +96,9 @@ class BenchConfig:
         if self.decode_budget < 2:
             raise ValueError(f"decode_budget must be >= 2, got {self.decode_budget}")
         validate_names(self.strategy, self.prefill_selector)
+        if self.reference not in ("stock", "full"):
+            raise ValueError(f"reference must be 'stock' (kept stock logits) or 'full' (ScopeLlama(budget=None) "
+                             f"teacher-forced alongside), got {self.reference!r}")
         self.budget()  # raises ValueError with the numbers
 
     def budget(self) -> Budget:
@@ -210,25 +218,33 @@ class StockRun:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     tokens: list[int]
+    logits: np.ndarray | None = None  # float32 [steps, n_vocab] when kept
 
 
 def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress: bool = False,
-              label: str = "stock") -> StockRun:
+              label: str = "stock", keep_logits: bool = False) -> StockRun:
     """Prefill `prompt` into a stock Llama of n_ctx = prompt + steps, then
     decode `steps` greedy tokens (EOG masked). Times prefill and decode apart.
-    Decode time counts the steps that feed a token (steps - 1), as ours does."""
+    Decode time counts the steps that feed a token (steps - 1), as ours does.
+    keep_logits keeps each step's logits (steps x n_vocab float32: 800 MB
+    for 4096 steps of a 49K vocabulary), the lockstep's reference."""
     n_ctx = len(prompt) + steps
     llm = _open_stock(path, n_ctx, type_k)
     try:
         eog = _eog_tokens(llm)
+        kept = np.empty((steps, llm.n_vocab()), dtype=np.float32) if keep_logits else None
         t0 = time.perf_counter()
         llm.eval(prompt)
         prefill_s = time.perf_counter() - t0
-        tokens = [_greedy(_stock_logits(llm), eog)]
+        tokens: list[int] = []
         t0 = time.perf_counter()
-        for _ in tqdm(range(steps - 1), desc=label, disable=not progress, leave=False):
-            llm.eval([tokens[-1]])
-            tokens.append(_greedy(_stock_logits(llm), eog))
+        for step in tqdm(range(steps), desc=label, disable=not progress, leave=False):
+            if step:
+                llm.eval([tokens[-1]])
+            logits = _stock_logits(llm)
+            if kept is not None:
+                kept[step] = logits
+            tokens.append(_greedy(logits, eog))
         decode_s = time.perf_counter() - t0
         geometry = memory.read_geometry(path)
         return StockRun(
@@ -237,6 +253,7 @@ def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress
             prefill_tokens_per_s=len(prompt) / max(prefill_s, 1e-9),
             decode_tokens_per_s=(steps - 1) / max(decode_s, 1e-9) if steps > 1 else 0.0,
             tokens=tokens,
+            logits=kept,
         )
     finally:
         llm.close()
@@ -313,19 +330,19 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum())
 
 
-def lockstep(full: ScopeLlama, compressed: Sequence[ScopeLlama], prompt: list[int], reference: list[int],
-             *, progress: bool = False) -> tuple[list[Fidelity], float]:
-    """Teacher-force `reference` after `prompt` through the full cache and
-    every compressed cache at once; compare each step's distributions.
-    Returns one Fidelity per compressed cache and reference_consistency
-    (how often the full cache's argmax is the reference token, EOG masked
-    the same way as the reference run)."""
+def lockstep(full_logits_steps: Iterable[np.ndarray], compressed: Sequence[ScopeLlama], prompt: list[int],
+             reference: list[int], eog: np.ndarray, *, progress: bool = False) -> tuple[list[Fidelity], float]:
+    """Teacher-force `reference` after `prompt` through every compressed
+    cache at once and compare each step's distribution with the full cache's
+    (full_logits_steps: the stock run's kept logits, or
+    ScopeLlama(budget=None).teacher_force(prompt, reference)).
+    Returns one Fidelity per compressed cache and reference_consistency (how
+    often the full cache's argmax, EOG masked, is the reference token)."""
     streams: list[Iterator[np.ndarray]] = [llm.teacher_force(prompt, reference) for llm in compressed]
     results = [Fidelity() for _ in compressed]
-    eog = np.array(full._model.eog_tokens(), dtype=np.int64)
     consistent = 0
     bar = tqdm(total=len(reference), desc="fidelity", disable=not progress, leave=False)
-    for step, full_logits in enumerate(full.teacher_force(prompt, reference)):
+    for step, full_logits in enumerate(full_logits_steps):
         consistent += _greedy(full_logits, eog) == reference[step]
         full_logp = log_softmax(full_logits)
         for fid, stream in zip(results, streams):
@@ -390,7 +407,9 @@ def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict
     path = c0.model_path()
     prompt = logbook_prompt(path, c0.prompt_tokens)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    stock = run_stock(path, prompt, c0.max_tokens, c0.type_k, progress=progress)
+    want = [i for i, c in enumerate(cfgs) if c.fidelity]
+    keep_logits = bool(want) and c0.reference == "stock"
+    stock = run_stock(path, prompt, c0.max_tokens, c0.type_k, progress=progress, keep_logits=keep_logits)
     log.info("stock: prefill %.0f tok/s, decode %.1f tok/s", stock.prefill_tokens_per_s, stock.decode_tokens_per_s)
     ours = [run_ours(cfg, path, prompt, progress=progress) for cfg in cfgs]
     ideals: dict[int, dict] = {}
@@ -399,15 +418,17 @@ def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict
         if cells not in ideals:
             ideals[cells] = run_ideal(path, cells, prompt + stock.tokens, cfg.ideal_steps, cfg.type_k)
     fids: list[dict | None] = [None] * len(cfgs)
-    want = [i for i, c in enumerate(cfgs) if c.fidelity]
     if want:
-        full = open_ours(c0, path, full=True)
+        full = None if keep_logits else open_ours(c0, path, full=True)
         comps = [open_ours(cfgs[i], path) for i in want]
+        eog = np.array(comps[0]._model.eog_tokens(), dtype=np.int64)
+        reference = stock.logits if full is None else full.teacher_force(prompt, stock.tokens)
         try:
-            res, consistency = lockstep(full, comps, prompt, stock.tokens, progress=progress)
+            res, consistency = lockstep(reference, comps, prompt, stock.tokens, eog, progress=progress)
         finally:
-            for llm in [full, *comps]:
+            for llm in [*comps, *([full] if full else [])]:
                 llm.close()
+        stock.logits = None
         for i, fid in zip(want, res):
             fids[i] = {**fid.as_dict(), "reference_consistency": consistency,
                        **free_running(stock.tokens, ours[i][1])}
@@ -473,6 +494,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
                    help="prompt tokens prefilled between prefill selections (bounds the cells prefill needs)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the lockstep fidelity pass")
+    p.add_argument("--reference", default="stock", choices=["stock", "full"],
+                   help="full-cache logits for the lockstep: kept from the stock run (fast, steps x vocab "
+                        "floats of RAM) or ScopeLlama(budget=None) teacher-forced alongside (slow, no RAM)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
 
 
@@ -482,7 +506,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         prefill_selector=args.selector, prefill_budget=args.prefill_budget, decode_budget=args.decode_budget,
         observation_window=args.observation_window, recent_window=args.recent_window, type_k=args.type_k,
         model=args.model, ideal_steps=args.ideal_steps, prefill_chunk=args.prefill_chunk,
-        fidelity=not args.no_fidelity,
+        fidelity=not args.no_fidelity, reference=args.reference,
     )
 
 

@@ -87,6 +87,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat; each turn prefills only the new message."""
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = sys.stdin.isatty()
+    with _open(args) as llm:
+        while True:
+            if interactive:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line or line.strip() in ("/exit", "/quit"):
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            reply, last = [], None
+            for last in llm.create_chat_completion(
+                messages, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, stop=args.stop, stream=True,
+            ):
+                text = last["choices"][0]["delta"].get("content", "")
+                reply.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            messages.append({"role": "assistant", "content": "".join(reply)})
+            if last is not None and "scope_edge" in last:
+                st = last["scope_edge"]
+                print(f"[turn: {st['prefilled_tokens']} new prompt tokens, {st['reused_prompt_tokens']} reused from "
+                      f"the cache | KV {st['kv_bytes_allocated'] / 2**20:.1f} MiB]", file=sys.stderr)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from . import models
 
@@ -112,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
+    c = sub.add_parser("chat", help="interactive multi-turn chat on stdin/stdout (/exit to quit)")
+    c.add_argument("--system", default=None, help="system message")
+    _add_model_args(c)
+    _add_sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    try:
+        from . import bench
+    except ImportError as e:  # bench needs nothing extra to import; keep the CLI usable regardless
+        log.debug("bench unavailable: %s", e)
+    else:
+        bench.add_parser(sub)
+
     m = sub.add_parser("models", help="list or fetch the registry's models")
     m.add_argument("action", choices=["list", "fetch"])
     m.add_argument("name", nargs="?", default=None, help="model name (default: the default model)")
@@ -127,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"scope-edge: error: {e}", file=sys.stderr)
         return 2

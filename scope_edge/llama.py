@@ -13,14 +13,14 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import llama_cpp
 import numpy as np
 
-from . import memory, models
+from . import memory, models, openai
 from ._native import EVAL_CALLBACK, Hook
 from .budget import Budget
 from .policies import Policy, make_policy, validate_names
@@ -444,9 +444,59 @@ class ScopeLlama:
             stop=_stop_tuple(stop),
             ignore_eos=bool(ignore_eos),
         )
-        tokens = self._prompt_tokens(prompt)
+        return self._stream(self._prompt_tokens(prompt), sampling, resume=False)
+
+    def create_completion(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """llama-cpp-python-shaped text completion. Like llama-cpp-python it
+        continues the cache: a prompt extending the previous call's prompt and
+        output prefills only the new tokens (under the same budgets)."""
+        sampling = Sampling(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=_stop_tuple(stop)
+        )
+        chunks = self._stream(self._prompt_tokens(prompt), sampling, resume=True)
+        return openai.completion_stream(self, chunks) if stream else openai.completion_response(self, chunks)
+
+    def create_chat_completion(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        stream: bool = False,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-shaped chat completion through the GGUF's chat template.
+
+        A conversation continues on its cache: when messages extend the
+        previous call's (with the reply it produced), only the new messages
+        are prefilled. Each turn, the prefill budget bounds what survives of
+        the whole conversation so far and the decode budget bounds the new
+        reply; the cells kept from earlier turns are scored again with the
+        new turn's attention."""
+        sampling = Sampling(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop=_stop_tuple(stop)
+        )
+        if self._model.ptr is None:
+            raise RuntimeError("this ScopeLlama is closed")
+        prompt = openai.render_chat(self._model.ptr, messages)
+        chunks = self._stream(self._prompt_tokens(prompt), sampling, resume=True)
+        return openai.chat_stream(self, chunks) if stream else openai.chat_response(self, chunks)
+
+    def _stream(self, tokens: list[int], sampling: Sampling, *, resume: bool) -> Iterator[Chunk]:
         self._close_abandoned_stream()
-        gen = self._guarded(self._run(tokens, sampling))
+        gen = self._guarded(self._run(tokens, sampling, resume=resume))
         self._active = (weakref.ref(gen), threading.get_ident())
         return gen
 

@@ -1,0 +1,161 @@
+"""OpenAI-shaped completions, multi-turn cache reuse, and the CLI end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from scope_edge import Budget, ScopeLlama
+from scope_edge.openai import render_chat
+
+FIRST = [{"role": "user", "content": "Name three colours."}]
+BIG = Budget(prefill=1024, decode=512, observation_window=8, recent_window=64)
+
+
+def _second(reply: dict) -> list[dict]:
+    return FIRST + [reply["choices"][0]["message"], {"role": "user", "content": "Now name three animals."}]
+
+
+def test_chat_plain_and_streamed_agree(model_path):
+    with ScopeLlama(model_path) as llm:
+        plain = llm.create_chat_completion(FIRST, max_tokens=40)
+        chunks = list(llm.create_chat_completion(FIRST, max_tokens=40, stream=True))
+    assert plain["object"] == "chat.completion" and plain["id"].startswith("chatcmpl-")
+    msg = plain["choices"][0]["message"]
+    assert msg["role"] == "assistant" and msg["content"]
+    assert plain["usage"]["total_tokens"] == plain["usage"]["prompt_tokens"] + plain["usage"]["completion_tokens"]
+    assert plain["scope_edge"]["kv_bytes_allocated"] > 0
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == msg["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == plain["usage"]
+
+
+def test_completion_plain_and_streamed_agree(model_path):
+    prompt = render_chat_text(model_path, FIRST)
+    with ScopeLlama(model_path) as llm:
+        plain = llm.create_completion(prompt, max_tokens=30)
+        streamed = list(llm.create_completion(prompt, max_tokens=30, stream=True))
+        direct = llm.generate(prompt, max_tokens=30)
+    assert plain["object"] == "text_completion"
+    assert plain["choices"][0]["text"] == direct.text
+    assert "".join(c["choices"][0]["text"] for c in streamed) == direct.text
+    assert plain["usage"]["completion_tokens"] == len(direct.tokens)
+
+
+def render_chat_text(model_path: str, messages: list[dict]) -> str:
+    with ScopeLlama(model_path) as llm:
+        return render_chat(llm._model.ptr, messages)
+
+
+@pytest.mark.parametrize("budget", [None, BIG], ids=["full", "big-budget"])
+def test_second_turn_prefills_only_new_messages(model_path, budget):
+    with ScopeLlama(model_path, budget=budget) as llm:
+        r1 = llm.create_chat_completion(FIRST, max_tokens=40)
+        u1 = r1["usage"]
+        r2 = llm.create_chat_completion(_second(r1), max_tokens=40)
+        st = r2["scope_edge"]
+        history = llm._model.tokenize(render_chat(llm._model.ptr, _second(r1)))
+        # the first turn's prompt and reply came from the cache
+        assert st["reused_prompt_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"]
+        assert st["prefilled_tokens"] == len(history) - st["reused_prompt_tokens"]
+        assert r2["usage"]["prompt_tokens"] == len(history)
+        # the cache holds the whole conversation, as a fresh run over it would
+        n = len(history) + r2["usage"]["completion_tokens"] - (r2["choices"][0]["finish_reason"] == "length")
+        np.testing.assert_array_equal(llm.kv_positions(), np.arange(n))
+    with ScopeLlama(model_path) as fresh:
+        whole = fresh.create_chat_completion(_second(r1), max_tokens=40)
+        assert whole["scope_edge"]["reused_prompt_tokens"] == 0
+    # llama.cpp computes a batch and one-token steps with slightly different
+    # rounding, so a reply can differ at a near tie; the answer must start alike
+    got, want = r2["choices"][0]["message"]["content"], whole["choices"][0]["message"]["content"]
+    assert got[:10] == want[:10], (got, want)
+
+
+def test_large_budget_conversation_equals_full_cache_conversation(model_path):
+    replies = []
+    for budget in (None, BIG):
+        with ScopeLlama(model_path, budget=budget) as llm:
+            r1 = llm.create_chat_completion(FIRST, max_tokens=40)
+            r2 = llm.create_chat_completion(_second(r1), max_tokens=40)
+            replies.append((r1["choices"][0]["message"]["content"], r2["choices"][0]["message"]["content"]))
+            assert r2["scope_edge"]["evicted_cells"] == 0
+    assert replies[0] == replies[1]
+
+
+def test_edited_history_truncates_the_cache(model_path):
+    with ScopeLlama(model_path) as llm:
+        r1 = llm.create_chat_completion(FIRST, max_tokens=40)
+        edited = [{"role": "user", "content": "Name three fruits."}]
+        r2 = llm.create_chat_completion(edited, max_tokens=20)
+        n_prompt = r2["usage"]["prompt_tokens"]
+        assert 0 < r2["scope_edge"]["reused_prompt_tokens"] < r1["usage"]["prompt_tokens"]
+        n = n_prompt + r2["usage"]["completion_tokens"] - (r2["choices"][0]["finish_reason"] == "length")
+        np.testing.assert_array_equal(llm.kv_positions(), np.arange(n))
+
+
+def test_multi_turn_under_a_small_budget_stays_within_it(model_path):
+    b = Budget(prefill=32, decode=16, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b) as llm:
+        messages = list(FIRST)
+        for turn in range(3):
+            r = llm.create_chat_completion(messages, max_tokens=30)
+            st = r["scope_edge"]
+            assert st["kv_cells_peak"] <= b.prefill + b.decode
+            if turn:
+                assert st["reused_prompt_tokens"] > 0
+            messages += [r["choices"][0]["message"], {"role": "user", "content": f"And {turn + 4} more?"}]
+
+
+def test_bad_messages(model_path):
+    with ScopeLlama(model_path) as llm:
+        with pytest.raises(ValueError, match="empty"):
+            llm.create_chat_completion([])
+        with pytest.raises(ValueError, match=r"messages\[0\]"):
+            llm.create_chat_completion([{"role": "wizard", "content": "hi"}])
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "scope_edge.cli", *args], input=stdin, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_generate_chat_models_and_errors(model_path):
+    prompt = render_chat_text(model_path, FIRST)
+    gen = _cli("generate", prompt, "--model", model_path, "--max-tokens", "12",
+               "--prefill-budget", "64", "--decode-budget", "16", "--recent-window", "8")
+    assert gen.returncode == 0, gen.stderr
+    with ScopeLlama(model_path, budget=Budget(prefill=64, decode=16, recent_window=8)) as llm:
+        assert gen.stdout == llm.generate(prompt, max_tokens=12).text + "\n"
+    assert "KV" in gen.stderr and "tok/s" in gen.stderr
+
+    chat = _cli("chat", "--model", model_path, "--max-tokens", "20", stdin="Name three colours.\nAnd animals?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stderr.count("[turn:") == 2 and "reused from the cache" in chat.stderr
+
+    models = _cli("models", "list")
+    assert models.returncode == 0 and "smollm2" in models.stdout
+
+    bad = _cli("generate", "hi", "--model", model_path, "--max-tokens", "0")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().count("\n") == 0 and "max_tokens" in bad.stderr
+    missing = _cli("generate", "hi", "--model", "/nope/x.gguf")
+    assert missing.returncode != 0 and "/nope/x.gguf" in missing.stderr
+
+    for cmd in ("generate", "chat", "bench", "models"):
+        helped = _cli(cmd, "--help")
+        assert helped.returncode == 0 and "usage:" in helped.stdout
+
+
+def test_cli_bench_json_last_line(model_path):
+    out = _cli("bench", "--model", model_path, "--prompt-tokens", "300", "--max-tokens", "24",
+               "--prefill-budget", "128", "--decode-budget", "32", "--recent-window", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ours"]["kv_bytes"] <= res["stock"]["kv_bytes"]  # 300 + 24 tokens: both pad to 512 cells
+    assert 0.0 <= res["fidelity"]["top1_agreement"] <= 1.0
