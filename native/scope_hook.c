@@ -173,6 +173,9 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
 
 /* Attention mask of layer 0: which cells the ubatch's last query row sees. */
 static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
+    if (h->n_mask != h->n_ubatch - 1) {
+        return false; /* this ubatch's K write failed or was not seen: scope_hook_end reports that */
+    }
     const struct ggml_tensor * m = sm->src[1];
     if (!has_name(m, MASK_NAME) || !m->buffer) {
         return fail_cb(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-0 has no '%s' operand", MASK_NAME);
@@ -210,6 +213,9 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
 
 /* Computed kq_soft_max-<il>: add the chosen rows' probabilities per cell. */
 static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
+    if (h->n_mask != h->n_ubatch || h->n_ubatch == 0) {
+        return true; /* no K write or mask for this ubatch: scope_hook_end reports that */
+    }
     const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
     if (t->type != GGML_TYPE_F32 || n_kv > h->n_cells || n_head != h->n_head || t->ne[3] != 1 ||
         t->nb[0] != sizeof(float) || t->nb[1] != (size_t) n_kv * sizeof(float) || !t->buffer) {
@@ -351,6 +357,9 @@ int32_t scope_hook_capture_arm(scope_hook * h, int32_t from_pos) {
         return h ? fail(h, SCOPE_HOOK_E_ARG, "capture_arm: from_pos %d < -1", from_pos) : SCOPE_HOOK_E_ARG;
     }
     h->capture_from = from_pos;
+    if (from_pos == SCOPE_HOOK_CAPTURE_OFF) {
+        return SCOPE_HOOK_OK; /* keep what was captured readable */
+    }
     memset(h->acc, 0, sizeof(float) * (size_t) h->n_layer * h->n_head * h->n_cells);
     memset(h->rows, 0, sizeof(int32_t) * (size_t) h->n_layer);
     return SCOPE_HOOK_OK;

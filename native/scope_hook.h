@@ -68,7 +68,7 @@ int32_t scope_hook_end(scope_hook * hook);
 
 /* Capture, in the following decodes, the attention rows of the query tokens
  * at positions >= from_pos (0: every row), and zero the accumulators.
- * SCOPE_HOOK_CAPTURE_OFF stops capturing. */
+ * SCOPE_HOOK_CAPTURE_OFF stops capturing and keeps the sums readable. */
 int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
 
 /* Copy the accumulated sums, laid out [n_layer][n_head][n_cells], into out

@@ -112,7 +112,6 @@ class Hook:
         self._acc = np.zeros((n_layer, n_head, n_cells), dtype=np.float32)
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
-        self._frozen = False  # _acc/_rows hold the capture read at disarm
 
     @property
     def user_data(self) -> ctypes.c_void_p:
@@ -143,19 +142,8 @@ class Hook:
     def arm(self, from_pos: int | None) -> None:
         """Capture the rows of query positions >= from_pos in the following
         decodes, from zeroed accumulators. None stops capturing; what was
-        captured stays readable through capture() until the next arm (the
-        native disarm zeroes its accumulators, so they are read first)."""
-        if from_pos is None:
-            self._read()
-        self._frozen = from_pos is None
+        captured stays readable through capture() until the next arm."""
         self._check(_lib.scope_hook_capture_arm(self._ptr, -1 if from_pos is None else from_pos))
-
-    def _read(self) -> None:
-        self._check(
-            _lib.scope_hook_capture_read(
-                self._ptr, self._acc.ctypes.data_as(_f32p), self._acc.size, _i32(self._rows)
-            )
-        )
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""
@@ -167,8 +155,11 @@ class Hook:
         return np.sort(cells[cells >= 0])
 
     def capture(self) -> Capture:
-        if not self._frozen:
-            self._read()
+        self._check(
+            _lib.scope_hook_capture_read(
+                self._ptr, self._acc.ctypes.data_as(_f32p), self._acc.size, _i32(self._rows)
+            )
+        )
         cells = self.cells()
         held = np.flatnonzero(cells >= 0)
         order = held[np.argsort(cells[held], kind="stable")]

@@ -222,13 +222,14 @@ class StockRun:
 
 
 def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress: bool = False,
-              label: str = "stock", keep_logits: bool = False) -> StockRun:
+              label: str = "stock", keep_logits: bool = False, n_ctx: int | None = None) -> StockRun:
     """Prefill `prompt` into a stock Llama of n_ctx = prompt + steps, then
     decode `steps` greedy tokens (EOG masked). Times prefill and decode apart.
     Decode time counts the steps that feed a token (steps - 1), as ours does.
     keep_logits keeps each step's logits (steps x n_vocab float32: 800 MB
-    for 4096 steps of a 49K vocabulary), the lockstep's reference."""
-    n_ctx = len(prompt) + steps
+    for 4096 steps of a 49K vocabulary), the lockstep's reference. n_ctx:
+    allocate more cells than the run uses (memory benchmarks)."""
+    n_ctx = max(n_ctx or 0, len(prompt) + steps)
     llm = _open_stock(path, n_ctx, type_k)
     try:
         eog = _eog_tokens(llm)

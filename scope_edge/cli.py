@@ -74,11 +74,16 @@ def _summary(stats) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, stop=args.stop)
     with _open(args) as llm:
-        sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop=args.stop)
+        prompt = args.prompt
+        if args.chat:
+            from .openai import render_chat
+
+            prompt = render_chat(llm._model.ptr, [{"role": "user", "content": args.prompt}])
         last = None
-        for last in llm.stream(args.prompt, **sampling):
+        for last in llm.stream(prompt, **sampling):
             sys.stdout.write(last.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -142,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the model's chat template")
     _add_model_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

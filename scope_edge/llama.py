@@ -24,6 +24,7 @@ from . import memory, models, openai
 from ._native import EVAL_CALLBACK, Hook
 from .budget import Budget
 from .policies import Policy, make_policy, validate_names
+from .policies.checks import require_head_reduce
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +295,7 @@ class ScopeLlama:
     budget=None keeps the full cache (stock llama.cpp behaviour). Attention
     capture needs flash attention off, so contexts are created with it off.
 
+    head_reduce: how a cell's score aggregates attention heads, "sum" or "max".
     n_ctx: fixed KV cells; None sizes the context per generation to what the
         budgets need (the full cache: prompt + max_tokens).
     type_k: K cache type, "f16", "q8_0" or "q4_0". V stays f16: a quantized V
@@ -313,6 +315,7 @@ class ScopeLlama:
         budget: Budget | None = None,
         strategy: str = "slide",
         prefill_selector: str | None = None,
+        head_reduce: str = "sum",
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
@@ -325,6 +328,7 @@ class ScopeLlama:
         if budget is not None and not isinstance(budget, Budget):
             raise ValueError(f"budget must be a scope_edge.Budget or None, got {type(budget).__name__}")
         validate_names(strategy, prefill_selector)
+        require_head_reduce("ScopeLlama", head_reduce)
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
         if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
@@ -349,6 +353,7 @@ class ScopeLlama:
         self.budget = budget
         self.strategy = strategy
         self.prefill_selector = prefill_selector
+        self.head_reduce = head_reduce
         self.seed = seed
         self.type_k = type_k
         cpus = os.cpu_count() or 1
@@ -587,7 +592,11 @@ class ScopeLlama:
         if self.budget is None:
             return None
         return make_policy(
-            self.budget, strategy=self.strategy, prefill_selector=self.prefill_selector, max_tokens=max_tokens
+            self.budget,
+            strategy=self.strategy,
+            prefill_selector=self.prefill_selector,
+            max_tokens=max_tokens,
+            head_reduce=self.head_reduce,
         )
 
     def _plan(self, prompt: list[int], s: Sampling, *, resume: bool) -> _Plan:

@@ -126,3 +126,24 @@ def test_invalid_budgets_and_names():
         ScopeLlama("unused.gguf", budget=BUDGET, strategy="streaming", prefill_selector="snapkv")
     with pytest.raises(ValueError, match="Budget"):
         ScopeLlama("unused.gguf", budget={"prefill": 64})  # type: ignore[arg-type]
+
+
+def test_policies_see_real_attention_scores(model_path, monkeypatch):
+    """Regression: the scores a policy gets are the captured attention, not zeros."""
+    from scope_edge.policies import SnapKV, Slide
+
+    seen: list[float] = []
+    for cls in (SnapKV, Slide):
+        original = cls.select
+
+        def spy(self, positions, attn, *args, _original=original, **kw):
+            seen.append(float(attn.sum()))
+            return _original(self, positions, attn, *args, **kw)
+
+        monkeypatch.setattr(cls, "select", spy)
+    with ScopeLlama(model_path, budget=BUDGET, strategy="slide", prefill_selector="snapkv") as llm:
+        llm.generate(_prompt(llm), max_tokens=BUDGET.decode + 4, ignore_eos=True)
+    assert len(seen) >= 2
+    # snapkv: 8 window rows x 30 layers x 9 heads, each row summing to 1 over the held cells
+    assert seen[0] == pytest.approx(8 * 30 * 9, rel=1e-3)
+    assert all(s > 0 for s in seen)

@@ -101,6 +101,7 @@ def test_captured_rows_sum_to_one_per_head_and_layer(model_path):
         # one decode row
         ctx.hook.arm(nxt)
         ctx.decode([prompt[1]], [nxt], want_logits=True)
+        ctx.hook.arm(None)  # disarming keeps the capture readable (policies read it after)
         cap = ctx.hook.capture()
         assert cap.attn.shape == (llm._model.n_layer, llm._model.n_head, nxt + 1)
         assert (cap.rows == 1).all()

@@ -1,0 +1,145 @@
+"""Fidelity of every strategy at equal memory, and the score-aggregation experiments.
+
+    python bench/fidelity.py [--prompt-tokens 512] [--max-tokens 256] \
+        [--budgets 96:64 192:128 320:192] [--json]
+
+Sweep: for each prefill:decode budget pair, every compressed strategy gets
+the same cells (SCOPE: prefill + decode; streaming and h2o: their sum) and
+scope_edge.bench.run_many measures it against one stock run: lockstep
+teacher forcing (top-1 agreement, mean/max KL(full || compressed)), and the
+free-running identical prefix and ROUGE-L. The recent window is half the
+decode budget (the paper's 256 of 512). memory_ratio = budget cells /
+(prompt + generated), what each strategy is allowed to hold.
+
+Aggregation (at the middle budget pair, slide + SnapKV): how a cell's score
+is pooled from 30 layers x 9 heads: heads summed or maxed per layer; SnapKV
+max-pool width 1/7/15; observation window 8 vs 32. Lockstep metrics only.
+
+Writes bench/results/fidelity.json and prints tables.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from scope_edge import Budget, ScopeLlama
+from scope_edge.bench import BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock
+from scope_edge.policies import Policy, SnapKV, make_policy
+
+log = logging.getLogger("bench.fidelity")
+RESULTS = Path(__file__).resolve().parent / "results"
+COMPRESSED = ["slide", "adaptive", "discontinuous", "streaming", "h2o"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One aggregation setting of slide + SnapKV."""
+
+    name: str
+    head_reduce: str = "sum"
+    kernel: int = 7
+    observation_window: int = 8
+
+
+VARIANTS = [
+    Variant("sum (default)"),
+    Variant("head max", head_reduce="max"),
+    Variant("pool 1", kernel=1),
+    Variant("pool 15", kernel=15),
+    Variant("window 32", observation_window=32),
+    Variant("head max + window 32", head_reduce="max", observation_window=32),
+]
+
+
+def with_variant(llm: ScopeLlama, v: Variant) -> ScopeLlama:
+    """Make llm build its policies with v's head reduction and pooling width.
+    ScopeLlama has no head_reduce/kernel parameters yet (see the llama.py
+    patch in bench/results/RESULTS.md), so this replaces its policy factory."""
+    def policy(max_tokens: int) -> Policy:
+        assert llm.budget is not None
+        p = make_policy(llm.budget, strategy=llm.strategy, prefill_selector=llm.prefill_selector,
+                        max_tokens=max_tokens, head_reduce=v.head_reduce)
+        if isinstance(p.prefill, SnapKV):
+            p = Policy(prefill=dataclasses.replace(p.prefill, kernel=v.kernel), decode=p.decode)
+        return p
+
+    llm._policy = policy  # type: ignore[method-assign]
+    return llm
+
+
+def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]]) -> list[dict]:
+    rows = []
+    for prefill, decode in budgets:
+        cfgs = [BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, strategy=s, prefill_budget=prefill,
+                            decode_budget=decode, recent_window=max(1, decode // 2), ideal_steps=64)
+                for s in COMPRESSED]
+        for r in run_many(cfgs):
+            r["memory_ratio"] = (prefill + decode) / (prompt_tokens + max_tokens)
+            rows.append(r)
+            f = r["fidelity"]
+            log.info("budget %d:%d %s: top-1 %.3f, KL %.4f", prefill, decode, r["config"]["strategy"],
+                     f["top1_agreement"], f["mean_kl"])
+    return rows
+
+
+def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) -> list[dict]:
+    cfg = BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, prefill_budget=prefill, decode_budget=decode)
+    path = cfg.model_path()
+    prompt = logbook_prompt(path, prompt_tokens)
+    stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
+    llms = []
+    for v in VARIANTS:
+        budget = Budget(prefill=prefill, decode=decode, observation_window=v.observation_window,
+                        recent_window=max(1, decode // 2))
+        llms.append(with_variant(ScopeLlama(path, budget=budget, strategy="slide"), v))
+    eog = np.array(llms[0]._model.eog_tokens(), dtype=np.int64)
+    try:
+        res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)
+    finally:
+        for llm in llms:
+            llm.close()
+    return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--budgets", nargs="+", default=["96:64", "192:128", "320:192"], help="prefill:decode pairs")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-aggregation", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    budgets = [tuple(int(x) for x in b.split(":")) for b in args.budgets]
+    if any(len(b) != 2 for b in budgets):
+        raise ValueError(f"--budgets takes prefill:decode pairs, got {args.budgets}")
+    out: dict = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "machine": machine()}
+    if not args.skip_sweep:
+        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets)  # type: ignore[arg-type]
+    if not args.skip_aggregation:
+        mid = budgets[len(budgets) // 2]
+        out["aggregation_budget"] = list(mid)
+        out["aggregation"] = aggregation(args.prompt_tokens, args.max_tokens, *mid)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.json:
+        print(json.dumps(out))
+        return
+    print(f"{'budget':>8} {'mem':>5} {'strategy':14} {'top-1':>6} {'mean KL':>8} {'max KL':>7} {'prefix':>6} {'ROUGE-L':>7}")
+    for r in out.get("sweep", []):
+        c, f = r["config"], r["fidelity"]
+        print(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} {c['strategy']:14} "
+              f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} {f['rouge_l']:7.3f}")
+    for r in out.get("aggregation", []):
+        print(f"{r['variant']['name']:24} top-1 {r['top1_agreement']:6.1%} mean KL {r['mean_kl']:.4f} max KL {r['max_kl']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
