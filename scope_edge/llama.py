@@ -92,7 +92,9 @@ class Sampling:
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature < float("inf")):
+        if isinstance(self.temperature, bool) or not (
+            isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature < float("inf")
+        ):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
@@ -263,11 +265,10 @@ class _TextStream:
 
     def push(self, data: bytes) -> str:
         self._held += self._decoder.decode(data)
-        for s in self._stop:
-            i = self._held.find(s)
-            if i >= 0:
-                out, self._held, self.stopped = self._held[:i], "", True
-                return out
+        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        if hits:  # the earliest stop string wins
+            out, self._held, self.stopped = self._held[: min(hits)], "", True
+            return out
         keep = self._longest_stop_prefix()
         out, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
         return out
@@ -329,9 +330,14 @@ class ScopeLlama:
             raise ValueError(f"budget must be a scope_edge.Budget or None, got {type(budget).__name__}")
         validate_names(strategy, prefill_selector)
         require_head_reduce("ScopeLlama", head_reduce)
+        if budget is not None:  # settings a policy refuses fail here, not at the first generation
+            make_policy(budget, strategy=strategy, prefill_selector=prefill_selector,
+                        max_tokens=budget.total, head_reduce=head_reduce)
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
-        if n_threads is not None and (not isinstance(n_threads, int) or n_threads < 1):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
             raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
@@ -367,15 +373,34 @@ class ScopeLlama:
         self._session: _Session | None = None
         self._lock = threading.Lock()
         self._active: tuple[weakref.ref[Iterator[Chunk]], int] | None = None
+        self._closing = False
         if n_ctx is not None:
             self._ensure_context(n_ctx)
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
-        if getattr(self, "_ctx", None) is not None:
-            self._drop_context()
-        if getattr(self, "_model", None) is not None:
-            self._model.close()
+        """Free llama.cpp's memory. A generation running in another thread
+        stops at its next step (raising RuntimeError there); a suspended
+        stream raises when resumed."""
+        self._closing = True
+        lock = getattr(self, "_lock", None)
+        active = getattr(self, "_active", None)
+        same_thread_stream = active is not None and active[1] == threading.get_ident()
+        if same_thread_stream:
+            self._close_abandoned_stream()
+        got = lock.acquire(timeout=60) if lock is not None else False
+        try:
+            if getattr(self, "_ctx", None) is not None:
+                self._drop_context()
+            if getattr(self, "_model", None) is not None:
+                self._model.close()
+        finally:
+            if got:
+                lock.release()
+
+    def _check_open(self) -> None:
+        if self._closing or self._model.ptr is None:
+            raise RuntimeError("this ScopeLlama is closed")
 
     def __enter__(self) -> ScopeLlama:
         return self
@@ -533,6 +558,11 @@ class ScopeLlama:
     def _prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if self._model.ptr is None:
             raise RuntimeError("this ScopeLlama is closed")
+        if isinstance(prompt, (bytes, bytearray)):
+            raise TypeError("prompt must be a str or a sequence of token ids, got bytes: decode it first "
+                            "(prompt.decode('utf-8'))")
+        if not isinstance(prompt, (str, Sequence, np.ndarray)):
+            raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if prompt == "":
                 raise ValueError("prompt is empty; pass some text or a list of token ids")
@@ -564,6 +594,7 @@ class ScopeLlama:
     def _guarded(self, gen: Iterator[Chunk]) -> Iterator[Chunk]:
         """One generation at a time: other threads wait for the lock."""
         with self._lock:
+            self._check_open()
             yield from gen
 
     def _ensure_context(self, n_cells: int) -> _Context:
@@ -616,7 +647,7 @@ class ScopeLlama:
         keep = policy_prefill_keep(policy, self.budget, n_prompt=one_shot)
         chunk = self._prefill_chunk
         chunked = self._chunked if self._chunked is not None else one_shot > keep + chunk
-        decode_cells = keep + _decode_cells(policy, self.budget, s.max_tokens)
+        decode_cells = _decode_cells(policy, self.budget, kept=keep, max_tokens=s.max_tokens)
         prefill_cells = min(one_shot, keep + chunk) if chunked else one_shot
         return _Plan(policy, reuse, chunk if chunked else None, max(prefill_cells, decode_cells))
 
@@ -676,13 +707,13 @@ def policy_prefill_keep(policy: Policy, budget: Budget, *, n_prompt: int) -> int
     return min(n_prompt, budget.prefill)
 
 
-def _decode_cells(policy: Policy, budget: Budget, max_tokens: int) -> int:
-    """Cells decoding adds on top of the kept prompt."""
-    if policy.decode.unified:
-        return 1 + policy.decode.slack  # the prompt kept total - 1: the step sees total
+def _decode_cells(policy: Policy, budget: Budget, *, kept: int, max_tokens: int) -> int:
+    """Cells the decode phase needs, kept prompt cells included."""
+    if policy.decode.unified:  # one budget over prompt and output
+        return min(kept + max_tokens, budget.total + policy.decode.slack)
     if policy.decode.name == "full":
-        return max_tokens
-    return min(max_tokens, budget.decode + policy.decode.slack)
+        return kept + max_tokens
+    return kept + min(max_tokens, budget.decode + policy.decode.slack)
 
 
 @dataclass
@@ -816,6 +847,7 @@ class _Run:
         self.stats.prefilled_tokens = len(new)
 
     def _prefill_chunk(self, tokens: list[int], *, last: bool) -> None:
+        self.llm._check_open()
         policy = self.policy
         hook = self.ctx.hook
         self._make_room(len(tokens))
@@ -843,6 +875,7 @@ class _Run:
 
     # decode --------------------------------------------------------------
     def feed(self, token: int, step: int) -> None:
+        self.llm._check_open()
         plan = self.policy.decode.plan(step, self.n_eligible + 1) if self.policy else None
         capture = plan is not None and plan.capture
         self._make_room(1)
