@@ -190,7 +190,7 @@ BAD_INPUT_GAPS: list[tuple[str, Callable[[Env], Any], type[BaseException], str]]
     # make_policy refuses this only at the first generation, naming Streaming.total
     ("streaming budget too small, at construction",
      lambda e: ScopeLlama(e.model, budget=Budget(prefill=2, decode=2, observation_window=1, recent_window=1),
-                          strategy="streaming", n_threads=T), ValueError, r"(?s)streaming.*>= 6, got 4"),
+                          strategy="streaming", n_threads=T), ValueError, r"(?is)streaming.*>= 6, got 4"),
     ("seed str, at construction", lambda e: ScopeLlama(e.model, seed="x", n_threads=T), ValueError, r"seed"),
     ("n_threads bool", lambda e: ScopeLlama(e.model, n_threads=True), ValueError, r"n_threads must be an int >= 1"),
     ("temperature bool", lambda e: e.llm.generate("hi", temperature=True, max_tokens=2), ValueError, r"temperature"),
