@@ -11,9 +11,11 @@ free-running identical prefix and ROUGE-L. The recent window is half the
 decode budget (the paper's 256 of 512). memory_ratio = budget cells /
 (prompt + generated), what each strategy is allowed to hold.
 
-Aggregation (at the middle budget pair, slide + SnapKV): how a cell's score
-is pooled from 30 layers x 9 heads: heads summed or maxed per layer; SnapKV
-max-pool width 1/7/15; observation window 8 vs 32. Lockstep metrics only.
+Aggregation (at the middle budget pair, slide): how the prompt's cells are
+scored from 30 layers x 9 heads: heads summed or maxed per layer; SnapKV
+max-pool width 1/7/15; observation window 8/16/32; all layers or only the
+upper ones; SnapKV's last-window vote vs H2O's all-prompt vote. Lockstep
+metrics only.
 
 Writes bench/results/fidelity.json and prints tables.
 """
@@ -29,7 +31,7 @@ import numpy as np
 
 from scope_edge import Budget, ScopeLlama
 from scope_edge.bench import BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock
-from scope_edge.policies import Policy, SnapKV, make_policy
+from scope_edge.policies import Policy, SnapKV
 
 log = logging.getLogger("bench.fidelity")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -38,34 +40,54 @@ COMPRESSED = ["slide", "adaptive", "discontinuous", "streaming", "h2o"]
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One aggregation setting of slide + SnapKV."""
+    """One way to score the prompt for slide's prefill selection."""
 
     name: str
+    selector: str = "snapkv"
     head_reduce: str = "sum"
     kernel: int = 7
     observation_window: int = 8
+    first_layer: int = 0  # layers below this do not vote
 
 
 VARIANTS = [
-    Variant("sum (default)"),
-    Variant("head max", head_reduce="max"),
-    Variant("pool 1", kernel=1),
-    Variant("pool 15", kernel=15),
-    Variant("window 32", observation_window=32),
-    Variant("head max + window 32", head_reduce="max", observation_window=32),
+    Variant("snapkv sum w8 (paper)"),
+    Variant("snapkv max w8", head_reduce="max"),
+    Variant("snapkv sum w32", observation_window=32),
+    Variant("snapkv max w32", head_reduce="max", observation_window=32),
+    Variant("snapkv max w16", head_reduce="max", observation_window=16),
+    Variant("snapkv max w32 pool 15", head_reduce="max", observation_window=32, kernel=15),
+    Variant("snapkv max w32 pool 1", head_reduce="max", observation_window=32, kernel=1),
+    Variant("snapkv max w32 layers 2+", head_reduce="max", observation_window=32, first_layer=2),
+    Variant("snapkv max w32 upper half", head_reduce="max", observation_window=32, first_layer=15),
+    Variant("h2o sum", selector="h2o"),
+    Variant("h2o max", selector="h2o", head_reduce="max"),
 ]
 
 
-def with_variant(llm: ScopeLlama, v: Variant) -> ScopeLlama:
-    """Make llm build its policies with v's head reduction and pooling width.
-    ScopeLlama has no head_reduce/kernel parameters yet (see the llama.py
-    patch in bench/results/RESULTS.md), so this replaces its policy factory."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerSnapKV(SnapKV):
+    """SnapKV whose vote skips the first `first_layer` layers (experiment only)."""
+
+    first_layer: int = 0
+
+    def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
+        return super().score(positions, np.asarray(attn)[self.first_layer:])
+
+
+def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
+    """slide with v's prefill scoring. Layer subsets are not a ScopeLlama
+    option, so those replace the instance's policy factory."""
+    budget = Budget(prefill=prefill, decode=decode, observation_window=v.observation_window,
+                    recent_window=max(1, decode // 2))
+    llm = ScopeLlama(path, budget=budget, strategy="slide", prefill_selector=v.selector, head_reduce=v.head_reduce)
+    base_policy = llm._policy
+
     def policy(max_tokens: int) -> Policy:
-        assert llm.budget is not None
-        p = make_policy(llm.budget, strategy=llm.strategy, prefill_selector=llm.prefill_selector,
-                        max_tokens=max_tokens, head_reduce=v.head_reduce)
+        p = base_policy(max_tokens)
         if isinstance(p.prefill, SnapKV):
-            p = Policy(prefill=dataclasses.replace(p.prefill, kernel=v.kernel), decode=p.decode)
+            p = Policy(prefill=LayerSnapKV(window=p.prefill.window, kernel=v.kernel, head_reduce=v.head_reduce,
+                                           first_layer=v.first_layer), decode=p.decode)
         return p
 
     llm._policy = policy  # type: ignore[method-assign]
@@ -92,11 +114,7 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
     path = cfg.model_path()
     prompt = logbook_prompt(path, prompt_tokens)
     stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
-    llms = []
-    for v in VARIANTS:
-        budget = Budget(prefill=prefill, decode=decode, observation_window=v.observation_window,
-                        recent_window=max(1, decode // 2))
-        llms.append(with_variant(ScopeLlama(path, budget=budget, strategy="slide"), v))
+    llms = [variant_llm(path, v, prefill, decode) for v in VARIANTS]
     eog = np.array(llms[0]._model.eog_tokens(), dtype=np.int64)
     try:
         res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)

@@ -30,10 +30,12 @@ def table(rows: list[dict]) -> str:
            f"{'top-1':>6} {'mean KL':>8} {'max KL':>7} {'prefix':>6} {'ROUGE-L':>7}"]
     for r in rows:
         o, f, q = r["ours"], r["fidelity"], r["ratios"]
-        out.append(f"{r['config']['strategy']:14} {o['kv_bytes'] / 2**20:7.1f} {q['kv_bytes']:8.1%} "
-                   f"{o['decode_tokens_per_s']:7.1f} {q['decode_speedup']:7.2f} {r['ideal']['decode_tokens_per_s']:6.1f} "
-                   f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
-                   f"{f['rouge_l']:7.3f}")
+        line = (f"{r['config']['strategy']:14} {o['kv_bytes'] / 2**20:7.1f} {q['kv_bytes']:8.1%} "
+                f"{o['decode_tokens_per_s']:7.1f} {q['decode_speedup']:7.2f} {r['ideal']['decode_tokens_per_s']:6.1f}")
+        if f is not None:
+            line += (f" {f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
+                     f"{f['rouge_l']:7.3f}")
+        out.append(line)
     return "\n".join(out)
 
 
@@ -44,11 +46,13 @@ def main() -> None:
     ap.add_argument("--prefill-budget", type=int, default=1024)
     ap.add_argument("--decode-budget", type=int, default=512)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--no-fidelity", action="store_true", help="memory and speed only (no lockstep pass)")
     ap.add_argument("--out", default=str(RESULTS / "headline.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfgs = [BenchConfig(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=s,
-                        prefill_budget=args.prefill_budget, decode_budget=args.decode_budget)
+                        prefill_budget=args.prefill_budget, decode_budget=args.decode_budget,
+                        fidelity=not args.no_fidelity)
             for s in args.strategies]
     rows = run_many(cfgs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

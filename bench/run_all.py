@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 QUICK = {
     "headline.py": ["--prompt-tokens", "300", "--max-tokens", "64", "--prefill-budget", "128", "--decode-budget", "64"],
     "fidelity.py": ["--prompt-tokens", "256", "--max-tokens", "64", "--budgets", "96:32", "128:64"],
-    "tasks.py": ["--seeds", "1", "--strategies", "full", "slide", "streaming"],
+    "tasks.py": ["--seeds", "1", "--strategies", "slide", "streaming"],
     "memory.py": ["--prompts", "512", "--gens", "512", "1024"],
     "speed.py": ["--contexts", "512", "1024", "--steps", "16", "--hook-cached"],
 }

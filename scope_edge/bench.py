@@ -67,8 +67,8 @@ SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # -- configuration -------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark configuration. Windows larger than their budget are
-    clipped to it (as the CLI does), so small budgets work with the defaults."""
+    """One benchmark configuration. Windows left None take Budget's defaults,
+    which fit any budget."""
 
     prompt_tokens: int = 2048
     max_tokens: int = 4096
@@ -76,8 +76,8 @@ class BenchConfig:
     prefill_selector: str | None = None
     prefill_budget: int = 1024
     decode_budget: int = 512
-    observation_window: int = 8
-    recent_window: int = 256
+    observation_window: int | None = None  # None: Budget's default
+    recent_window: int | None = None
     type_k: str = "f16"
     model: str | None = None
     ideal_steps: int = 256
@@ -89,6 +89,8 @@ class BenchConfig:
         for name in ("prompt_tokens", "max_tokens", "prefill_budget", "decode_budget",
                      "observation_window", "recent_window", "ideal_steps", "prefill_chunk"):
             value = getattr(self, name)
+            if value is None and name.endswith("_window"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.prompt_tokens < 64:
@@ -105,8 +107,8 @@ class BenchConfig:
         return Budget(
             prefill=self.prefill_budget,
             decode=self.decode_budget,
-            observation_window=min(self.observation_window, self.prefill_budget),
-            recent_window=min(self.recent_window, self.decode_budget),
+            observation_window=self.observation_window,
+            recent_window=self.recent_window,
         )
 
     def model_path(self) -> str:

@@ -14,8 +14,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
     g.add_argument("--prefill-budget", type=int, default=None, help="prompt cells kept (omit both budgets for the full cache)")
     g.add_argument("--decode-budget", type=int, default=None, help="generated-token cells kept")
-    g.add_argument("--observation-window", type=int, default=8, help="last prompt tokens always kept (alpha2)")
-    g.add_argument("--recent-window", type=int, default=256, help="last generated tokens always kept (beta2)")
+    g.add_argument("--observation-window", type=int, default=None,
+                   help="last prompt tokens always kept (alpha2; default min(32, prefill budget))")
+    g.add_argument("--recent-window", type=int, default=None,
+                   help="last generated tokens always kept (beta2; default min(256, decode budget / 2))")
     g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
     g.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
     g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
@@ -43,8 +45,8 @@ def _budget(args: argparse.Namespace):
     return Budget(
         prefill=args.prefill_budget,
         decode=args.decode_budget,
-        observation_window=min(args.observation_window, args.prefill_budget),
-        recent_window=min(args.recent_window, args.decode_budget),
+        observation_window=args.observation_window,
+        recent_window=args.recent_window,
     )
 
 

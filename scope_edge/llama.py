@@ -296,7 +296,8 @@ class ScopeLlama:
     budget=None keeps the full cache (stock llama.cpp behaviour). Attention
     capture needs flash attention off, so contexts are created with it off.
 
-    head_reduce: how a cell's score aggregates attention heads, "sum" or "max".
+    head_reduce: how a cell's score aggregates attention heads per layer: "max"
+        (default; measured closer to the full cache, see README Results) or "sum".
     n_ctx: fixed KV cells; None sizes the context per generation to what the
         budgets need (the full cache: prompt + max_tokens).
     type_k: K cache type, "f16", "q8_0" or "q4_0". V stays f16: a quantized V
@@ -316,7 +317,7 @@ class ScopeLlama:
         budget: Budget | None = None,
         strategy: str = "slide",
         prefill_selector: str | None = None,
-        head_reduce: str = "sum",
+        head_reduce: str = "max",
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,

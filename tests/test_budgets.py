@@ -109,6 +109,14 @@ def test_scope_captures_only_on_selection_steps(model_path):
     assert counts["discontinuous"] < counts["adaptive"] <= counts["slide"]
 
 
+@pytest.mark.parametrize(("prefill", "decode", "window", "recent"),
+                         [(1024, 512, 32, 256), (2048, 2048, 32, 256), (16, 8, 16, 4), (1, 2, 1, 1)])
+def test_budget_default_windows_fit_any_budget(prefill, decode, window, recent):
+    b = Budget(prefill=prefill, decode=decode)
+    assert (b.observation_window, b.recent_window) == (window, recent)
+    assert Budget(prefill=prefill, decode=decode, observation_window=1, recent_window=1).observation_window == 1
+
+
 def test_invalid_budgets_and_names():
     with pytest.raises(ValueError, match="observation_window.*prefill=4.*got 8"):
         Budget(prefill=4, decode=32, observation_window=8, recent_window=8)

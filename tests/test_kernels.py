@@ -47,11 +47,11 @@ def test_aggregate_rejects_bad_head_reduce_and_shape() -> None:
     with pytest.raises(ValueError, match="'mean'"):
         aggregate(ATTN, head_reduce="mean")
     with pytest.raises(ValueError, match=r"\(2, 3\)"):
-        aggregate(np.zeros((2, 3), dtype=np.float32))
+        aggregate(np.zeros((2, 3), dtype=np.float32), head_reduce="sum")
 
 
 def test_aggregate_empty_positions() -> None:
-    assert aggregate(np.zeros((2, 3, 0), dtype=np.float32)).shape == (0,)
+    assert aggregate(np.zeros((2, 3, 0), dtype=np.float32), head_reduce="sum").shape == (0,)
 
 
 # --- max_pool_1d ---------------------------------------------------------------

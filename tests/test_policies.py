@@ -115,7 +115,7 @@ def test_h2o_plan_always_captures() -> None:
 
 
 def test_h2o_accumulates_and_drops_unheld_positions() -> None:
-    h2o = H2O(total=4, recent=1)
+    h2o = H2O(total=4, recent=1, head_reduce="sum")
     h2o.observe(np.arange(5, dtype=np.int32), attn_of([1, 2, 3, 4, 5], [0, 0, 0, 0, 1]))
     held = np.array([0, 1, 3, 4, 5], dtype=np.int32)  # 2 was evicted, 5 is new
     h2o.observe(held, attn_of([5, 0, 0, 1, 1], [0, 0, 0, 0, 0]))

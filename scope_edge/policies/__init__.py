@@ -113,7 +113,7 @@ def make_policy(
     strategy: str,
     prefill_selector: str | None,
     max_tokens: int,
-    head_reduce: str = "sum",
+    head_reduce: str = "max",
 ) -> Policy:
     """A fresh policy for one generation (H2O keeps per-generation state).
 

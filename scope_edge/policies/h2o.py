@@ -21,7 +21,7 @@ class H2OPrefill(PrefillSelector):
     name: ClassVar[str] = "h2o"
 
     recent: int
-    head_reduce: str = "sum"
+    head_reduce: str = "max"
 
     def __post_init__(self) -> None:
         # recent >= 1: the last prompt cell must survive, decoding continues from it.
@@ -62,7 +62,7 @@ class H2O(DecodeStrategy):
 
     total: int
     recent: int
-    head_reduce: str = "sum"
+    head_reduce: str = "max"
     _positions: np.ndarray = field(default_factory=_empty_positions, init=False, repr=False, compare=False)
     _scores: np.ndarray = field(default_factory=_empty_scores, init=False, repr=False, compare=False)
 

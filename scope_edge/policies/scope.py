@@ -27,7 +27,7 @@ class ScopeDecode(DecodeStrategy):
 
     decode: int
     recent: int
-    head_reduce: str = "sum"
+    head_reduce: str = "max"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__

@@ -13,7 +13,7 @@ from .checks import HEAD_REDUCTIONS
 from .kernels import reduce_heads, select_evictions
 
 
-def aggregate(attn: np.ndarray, *, head_reduce: str = "sum", layers: slice | None = None) -> np.ndarray:
+def aggregate(attn: np.ndarray, *, head_reduce: str, layers: slice | None = None) -> np.ndarray:
     """[n_layer, n_head, n] attention -> [n] float64 cell scores: heads summed
     or maxed per layer, then the chosen layers summed."""
     if head_reduce not in HEAD_REDUCTIONS:

@@ -27,7 +27,7 @@ class SnapKV(PrefillSelector):
 
     window: int = 8
     kernel: int = 7
-    head_reduce: str = "sum"
+    head_reduce: str = "max"
 
     def __post_init__(self) -> None:
         require_int("SnapKV", "window", self.window, lo=1)
