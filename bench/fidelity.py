@@ -54,7 +54,7 @@ VARIANTS = [
     Variant("snapkv sum w8 (paper)"),
     Variant("snapkv max w8", head_reduce="max"),
     Variant("snapkv sum w32", observation_window=32),
-    Variant("snapkv max w32", head_reduce="max", observation_window=32),
+    Variant("snapkv max w32 (default)", head_reduce="max", observation_window=32),
     Variant("snapkv max w16", head_reduce="max", observation_window=16),
     Variant("snapkv max w32 pool 15", head_reduce="max", observation_window=32, kernel=15),
     Variant("snapkv max w32 pool 1", head_reduce="max", observation_window=32, kernel=1),

@@ -5,6 +5,7 @@
 memory.png    KV MiB and peak RSS vs total tokens, stock vs ours
 speed.png     decode tok/s vs context length: stock, ours, ideal
 fidelity.png  top-1 agreement and mean KL vs memory ratio, every strategy
+fidelity_long.png  the same for a long output (bench/fidelity.py --out fidelity_long.json)
 """
 from __future__ import annotations
 
@@ -81,7 +82,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     d = Path(args.results)
-    for name, fn in (("memory", plot_memory), ("speed", plot_speed), ("fidelity", plot_fidelity)):
+    for name, fn in (("memory", plot_memory), ("speed", plot_speed), ("fidelity", plot_fidelity),
+                     ("fidelity_long", plot_fidelity)):
         src = d / f"{name}.json"
         if not src.exists():
             log.warning("no %s: skipping %s.png", src, name)

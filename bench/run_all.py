@@ -2,9 +2,10 @@
 
     python bench/run_all.py [--quick]
 
-Runs, in order: headline.py (2048 + 4096, every strategy), fidelity.py,
-tasks.py, memory.py, speed.py (with hook_overhead.py), plots.py. --quick
-uses small sizes to check the pipeline end to end.
+Runs, in order: headline.py (2048 + 4096, every strategy; and 2048 + 2048
+without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
+memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
+plots.py. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
 
@@ -14,23 +15,38 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-QUICK = {
-    "headline.py": ["--prompt-tokens", "300", "--max-tokens", "64", "--prefill-budget", "128", "--decode-budget", "64"],
-    "fidelity.py": ["--prompt-tokens", "256", "--max-tokens", "64", "--budgets", "96:32", "128:64"],
-    "tasks.py": ["--seeds", "1", "--strategies", "slide", "streaming"],
-    "memory.py": ["--prompts", "512", "--gens", "512", "1024"],
-    "speed.py": ["--contexts", "512", "1024", "--steps", "16", "--hook-cached"],
-}
+RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --quick args
+    ("headline.py", [], ["--prompt-tokens", "300", "--max-tokens", "64", "--prefill-budget", "128",
+                         "--decode-budget", "64"]),
+    ("headline.py", ["--max-tokens", "2048", "--no-fidelity", "--out", "RESULTS/headline_2048.json"],
+     ["--prompt-tokens", "300", "--max-tokens", "32", "--prefill-budget", "128", "--decode-budget", "16",
+      "--no-fidelity"]),
+    ("fidelity.py", [], ["--prompt-tokens", "256", "--max-tokens", "64", "--budgets", "96:32", "128:64"]),
+    ("fidelity.py", ["--skip-aggregation", "--max-tokens", "1024", "--budgets", "96:64", "192:128",
+                     "--out", "RESULTS/fidelity_long.json"], ["--skip-aggregation", "--prompt-tokens", "256",
+                                                              "--max-tokens", "32", "--budgets", "96:16"]),
+    ("tasks.py", [], ["--seeds", "1", "--strategies", "slide", "streaming"]),
+    ("memory.py", [], ["--prompts", "512", "--gens", "512", "1024"]),
+    ("speed.py", [], ["--contexts", "512", "1024", "--steps", "16", "--hook-cached"]),
+    ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128",
+                       "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
+    ("plots.py", [], []),
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
-    for script in ("headline.py", "fidelity.py", "tasks.py", "memory.py", "speed.py", "plots.py"):
-        extra = QUICK.get(script, []) if args.quick else []
-        if args.quick and script != "plots.py":
-            extra = [*extra, "--out", str(HERE.parent / "bench" / "out" / script.replace(".py", ".json"))]
+    results = HERE / "out" if args.quick else HERE / "results"
+    seen: set[str] = set()
+    for i, (script, full, quick) in enumerate(RUNS):
+        extra = [a.replace("RESULTS", str(results)) for a in (quick if args.quick else full)]
+        if args.quick:  # into bench/out/, first run of a script under its plain name (plots.py reads those)
+            stem = script.removesuffix(".py")
+            name = f"{stem}.json" if stem not in seen else f"{stem}_{i}.json"
+            seen.add(stem)
+            extra += ["--results", str(results)] if script == "plots.py" else ["--out", str(results / name)]
         print(f"== {script} {' '.join(extra)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *extra], check=True)
 

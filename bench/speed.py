@@ -2,7 +2,7 @@
 the hook's own overhead (bench/hook_overhead.py, reused).
 
     python bench/speed.py [--contexts 512 1024 2048 4096] [--steps 64] \
-        [--prefill-budget 1024] [--decode-budget 512] [--json]
+        [--prefill-budget 1024] [--decode-budget 512] [--hook-cached 2048 7000] [--json]
 
 For each context length L (same run, interleaved):
   stock  llama_cpp.Llama, n_ctx = L + steps: prefill L tokens, time `steps`
@@ -53,7 +53,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prefill-budget", type=int, default=1024)
     ap.add_argument("--decode-budget", type=int, default=512)
-    ap.add_argument("--hook-cached", type=int, nargs="*", default=[2048], help="hook_overhead contexts ([] skips)")
+    ap.add_argument("--hook-cached", type=int, nargs="*", default=[2048, 7000], help="hook_overhead contexts ([] skips)")
+    ap.add_argument("--hook-repeats", type=int, default=3, help="hook_overhead repeats (medians)")
     ap.add_argument("--out", default=str(RESULTS / "speed.json"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -75,7 +76,7 @@ def main() -> None:
     res = {"steps": args.steps, "budget": {"prefill": budget.prefill, "decode": budget.decode},
            "rows": rows, "machine": machine()}
     if args.hook_cached:
-        res["hook_overhead"] = hook_overhead.run(args.hook_cached, args.steps, 1)
+        res["hook_overhead"] = hook_overhead.run(args.hook_cached, args.steps, args.hook_repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     if args.json:
