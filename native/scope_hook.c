@@ -142,9 +142,11 @@ static bool ensure_scratch(scope_hook * h, size_t n_floats) {
 /* Layer-0 K write: cell index of each ubatch token, in batch order. */
 static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
     const struct ggml_tensor * idx = t->src[1];
-    if (idx->type != GGML_TYPE_I64 || idx->ne[1] != 1 || idx->ne[2] != 1 || idx->ne[3] != 1 || !idx->buffer) {
-        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: expected I64 [n_tokens] in a buffer, got type %d ne=[%lld,%lld]",
-                       K_IDXS_NAME, (int) idx->type, (long long) idx->ne[0], (long long) idx->ne[1]);
+    if (idx->type != GGML_TYPE_I64 || idx->ne[1] != 1 || idx->ne[2] != 1 || idx->ne[3] != 1 ||
+        idx->nb[0] != sizeof(int64_t) || !idx->buffer) {
+        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: expected contiguous I64 [n_tokens] in a buffer, got type %d "
+                       "ne=[%lld,%lld] nb[0]=%zu", K_IDXS_NAME, (int) idx->type, (long long) idx->ne[0],
+                       (long long) idx->ne[1], idx->nb[0]);
     }
     const int64_t n = idx->ne[0];
     if (!h->in_decode || h->written + n > h->batch_n) {
@@ -218,7 +220,7 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
     }
     const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
     if (t->type != GGML_TYPE_F32 || n_kv > h->n_cells || n_head != h->n_head || t->ne[3] != 1 ||
-        t->nb[0] != sizeof(float) || t->nb[1] != (size_t) n_kv * sizeof(float) || !t->buffer) {
+        !ggml_is_contiguous(t) || !t->buffer) {
         fail_cb(h, SCOPE_HOOK_E_SHAPE, "kq_soft_max-%d: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32 "
                 "[<=%d, n_tokens, %d, 1]", il, (int) t->type, (long long) n_kv, (long long) n_tok,
                 (long long) n_head, (long long) t->ne[3], h->n_cells, h->n_head);

@@ -32,6 +32,7 @@ T = 1  # n_threads: see tests/test_reliability.py
 SCOPE = ("slide", "adaptive", "discontinuous")
 UNIFIED = ("streaming", "h2o")
 SINKS = 4  # StreamingLLM's attention sinks (policies/streaming.py)
+VALID = Budget(prefill=64, decode=32)
 _COMMON = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 QUICK = settings(max_examples=12, derandomize=True, **_COMMON)
 LONG = settings(max_examples=300, **_COMMON)
@@ -74,7 +75,9 @@ class Instances:
     def get(self, s: dict) -> ScopeLlama:
         key = (s["strategy"], s["selector"], s["chunk"])
         if key not in self.cache:
-            self.cache[key] = ScopeLlama(self.path, budget=s["budget"], strategy=s["strategy"],
+            # built with a budget every strategy accepts: a drawn budget the
+            # strategy refuses must fail at the generation (checked below)
+            self.cache[key] = ScopeLlama(self.path, budget=VALID, strategy=s["strategy"],
                                          prefill_selector=s["selector"], prefill_chunk=s["chunk"], n_threads=T)
         m = self.cache[key]
         m.budget = s["budget"]
@@ -91,15 +94,6 @@ def real(model_path):
     words = "the keeper counted ships and wrote their names in a blue book every night".split()
     text = "<|im_start|>user\n" + " ".join(words[i % len(words)] + str(i % 7) for i in range(700))
     inst.text_tokens = inst.get(dict(strategy="full", selector="full", chunk=512, budget=None))._model.tokenize(text)
-    yield inst
-    inst.close()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny llama with a trained context of 256: long runs re-index positions."""
-    inst = Instances(str(write_tiny_gguf(tmp_path_factory.mktemp("fuzz") / "tiny.gguf", "llama", n_ctx_train=256)))
-    inst.text_tokens = list(range(3, 263)) * 20
     yield inst
     inst.close()
 
@@ -182,6 +176,8 @@ def check_invariants(inst: Instances, s: dict) -> None:
                 protected = _streaming_recent(keep)
             elif selector == "full" and strategy not in UNIFIED:
                 protected = n
+            elif strategy == "h2o":  # the baseline's recent window covers the prompt's end too
+                protected = min(n, max(b.observation_window, b.recent_window))
             else:  # snapkv and h2o keep the observation window
                 protected = min(n, b.observation_window)
             assert set(fed[n - protected :].tolist()) <= set(held.tolist()), (protected, held[-protected:])
@@ -209,8 +205,24 @@ def check_invariants(inst: Instances, s: dict) -> None:
     assert st_.position_resets == 0
 
 
+# Regression example: the first scenario of an instance refusing its budget
+# once failed at construction instead of at the generation.
+STREAMING_TOO_SMALL = dict(strategy="streaming", selector="streaming",
+                           budget=Budget(prefill=1, decode=2, observation_window=1, recent_window=1), n_prompt=1,
+                           max_tokens=1, chunk=512, kind="text", temperature=0.0, ignore_eos=False, seed=0)
+
+# Found by the long run: the unified H2O baseline's prefill kept only the
+# observation window, so its recent window (108 here) was not held at step 1.
+H2O_RECENT_OVER_PROMPT = dict(strategy="h2o", selector="h2o",
+                              budget=Budget(prefill=48, decode=155, observation_window=1, recent_window=108),
+                              n_prompt=348, max_tokens=2, chunk=512, kind="text", temperature=0.0,
+                              ignore_eos=False, seed=0)
+
+
 @QUICK
 @given(s=scenarios())
+@example(s=STREAMING_TOO_SMALL)
+@example(s=H2O_RECENT_OVER_PROMPT)
 def test_fuzz_budgets_quick(real, s):
     check_invariants(real, s)
 
@@ -281,10 +293,9 @@ def check_long_run(inst: Instances, s: dict) -> None:
 
 # keep + chunk stays under the trained context, so every longer prompt is chunked
 _TINY = dict(max_prefill=64, max_decode=600, max_prompt=1500, chunks=(32, 64))
-# The unified baselines under a budget above 256 cells with a shorter prompt:
-# the context is sized for the prompt + 1 cell, and llama_decode runs out of
-# cells ("no free KV cell") once the generation passes 256 (bug in
-# llama.py's _decode_cells; tests/test_budgets.py's large-budget test fails on it too).
+# Regression examples: the unified baselines under a budget above 256 cells
+# with a shorter prompt once got a context sized for the prompt + 1 cell and
+# ran out of cells ("no free KV cell") past 256 generated tokens.
 UNIFIED_UNDERSIZED = [
     dict(strategy=name, selector=name, budget=Budget(prefill=64, decode=512, observation_window=8, recent_window=64),
          n_prompt=50, max_tokens=400, chunk=64, kind="text", temperature=0.0, ignore_eos=True, seed=0)

@@ -336,6 +336,7 @@ def test_make_policy_maps_the_budget() -> None:
 
     assert build("slide").prefill == SnapKV(window=6)
     assert build("full", "h2o").prefill == H2OPrefill(recent=6)
+    assert build("h2o").prefill == H2OPrefill(recent=8)  # the baseline's recent window, if longer
     assert build("slide").decode == Slide(decode=32, recent=8)
     assert build("adaptive").decode == Adaptive(decode=32, recent=8, max_tokens=100)
     assert build("discontinuous").decode == Discontinuous(decode=32, recent=8, max_tokens=100)

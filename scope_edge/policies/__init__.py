@@ -78,12 +78,15 @@ def validate_names(strategy: str, prefill_selector: str | None) -> str:
     return prefill_selector
 
 
-def _make_selector(name: str, budget: Budget, head_reduce: str) -> PrefillSelector:
+def _make_selector(name: str, budget: Budget, head_reduce: str, *, unified: bool) -> PrefillSelector:
     match name:
         case "snapkv":
             return SnapKV(window=budget.observation_window, head_reduce=head_reduce)
         case "h2o":
-            return H2OPrefill(recent=budget.observation_window, head_reduce=head_reduce)
+            # The unified H2O baseline's recent window spans the whole sequence, so
+            # at the end of the prompt it covers the last prompt tokens as well.
+            recent = max(budget.observation_window, budget.recent_window) if unified else budget.observation_window
+            return H2OPrefill(recent=recent, head_reduce=head_reduce)
         case "streaming":
             return StreamingPrefill()
         case _:
@@ -124,6 +127,6 @@ def make_policy(
     selector = validate_names(strategy, prefill_selector)
     require_int("make_policy", "max_tokens", max_tokens, lo=1)
     return Policy(
-        prefill=_make_selector(selector, budget, head_reduce),
+        prefill=_make_selector(selector, budget, head_reduce, unified=strategy in _BASELINES),
         decode=_make_strategy(strategy, budget, max_tokens, head_reduce),
     )
