@@ -58,6 +58,7 @@ from . import memory, models
 from .budget import Budget
 from .llama import ScopeLlama
 from .policies import STRATEGIES, validate_names
+from .policies.checks import is_int
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class BenchConfig:
             value = getattr(self, name)
             if value is None and name.endswith("_window"):
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.prompt_tokens < 64:
             raise ValueError(f"prompt_tokens must be >= 64 (the chat template alone takes ~40), got {self.prompt_tokens}")

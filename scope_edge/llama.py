@@ -24,7 +24,7 @@ from . import memory, models, openai
 from ._native import EVAL_CALLBACK, Hook
 from .budget import Budget
 from .policies import Policy, make_policy, validate_names
-from .policies.checks import require_head_reduce
+from .policies.checks import is_int, require_head_reduce
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +90,13 @@ class Sampling:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if isinstance(self.temperature, bool) or not (
             isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature < float("inf")
         ):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if not is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -334,15 +334,15 @@ class ScopeLlama:
         if budget is not None:  # settings a policy refuses fail here, not at the first generation
             make_policy(budget, strategy=strategy, prefill_selector=prefill_selector,
                         max_tokens=budget.total, head_reduce=head_reduce)
-        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+        if n_ctx is not None and (not is_int(n_ctx) or n_ctx < 1):
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if not is_int(seed):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+        if n_threads is not None and (not is_int(n_threads) or n_threads < 1):
             raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
-        if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int) or n_gpu_layers < -1:
+        if not is_int(n_gpu_layers) or n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be an int >= -1 (-1: every layer), got {n_gpu_layers!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if not is_int(prefill_chunk) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         if chunked_prefill not in (None, True, False):
             raise ValueError(f"chunked_prefill must be None (auto), True or False, got {chunked_prefill!r}")
