@@ -45,6 +45,9 @@ struct scope_hook {
     float   * scratch;
     size_t    scratch_cap;   /* floats */
 
+    int64_t   n_reads;       /* tensor reads (transfers on a device) since creation */
+    int64_t   bytes_read;
+
     int32_t   err;           /* first error met inside the callback */
     char      msg[512];
 };
@@ -108,8 +111,27 @@ void scope_hook_free(scope_hook * h) {
     free(h);
 }
 
-static bool has_name(const struct ggml_tensor * t, const char * name) {
-    return t && strcmp(ggml_get_name(t), name) == 0;
+/* A graph input by its name, or the scheduler's copy of it into a device
+ * split, named "<backend>#<name>#<copy>" (ggml_backend_sched_split_graph) and
+ * truncated to GGML_MAX_NAME - 1 characters. */
+static bool is_input(const struct ggml_tensor * t, const char * name) {
+    if (!t) {
+        return false;
+    }
+    const char * s = ggml_get_name(t);
+    if (strcmp(s, name) == 0) {
+        return true;
+    }
+    const char * hash = strchr(s, '#');
+    if (!hash) {
+        return false;
+    }
+    const char * rest = hash + 1;
+    size_t n = strlen(name), have = strlen(rest);
+    if (have < n) { /* truncated: what is left must be a prefix of the name */
+        return have > 0 && strlen(s) == GGML_MAX_NAME - 1 && strncmp(rest, name, have) == 0;
+    }
+    return strncmp(rest, name, n) == 0 && (rest[n] == '#' || rest[n] == '\0');
 }
 
 /* Layer index of a "<prefix><il>" name, or -1. */
@@ -124,6 +146,13 @@ static int parse_layer(const char * name, const char * prefix) {
         return -1;
     }
     return (int) il;
+}
+
+/* Every tensor read goes through here: backend-agnostic, and counted. */
+static void read_tensor(scope_hook * h, const struct ggml_tensor * t, void * dst, size_t offset, size_t size) {
+    ggml_backend_tensor_get(t, dst, offset, size);
+    h->n_reads++;
+    h->bytes_read += (int64_t) size;
 }
 
 static bool ensure_scratch(scope_hook * h, size_t n_floats) {
@@ -157,7 +186,7 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
         return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading %lld write indices", (long long) n);
     }
     int64_t * cells = (int64_t *) h->scratch;
-    ggml_backend_tensor_get(idx, cells, 0, (size_t) n * sizeof(int64_t));
+    read_tensor(h, idx, cells, 0, (size_t) n * sizeof(int64_t));
     for (int64_t i = 0; i < n; i++) {
         if (cells[i] < 0 || cells[i] >= h->n_cells) {
             return fail_cb(h, SCOPE_HOOK_E_SHAPE, "write index %lld outside the %d cells", (long long) cells[i], h->n_cells);
@@ -179,7 +208,7 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
         return false; /* this ubatch's K write failed or was not seen: scope_hook_end reports that */
     }
     const struct ggml_tensor * m = sm->src[1];
-    if (!has_name(m, MASK_NAME) || !m->buffer) {
+    if (!is_input(m, MASK_NAME) || !m->buffer) {
         return fail_cb(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-0 has no '%s' operand", MASK_NAME);
     }
     const int64_t n_kv = m->ne[0];
@@ -197,7 +226,7 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
     }
     const size_t row = (size_t) (n_rows - 1) * m->nb[1];
     const size_t esz = ggml_type_size(m->type);
-    ggml_backend_tensor_get(m, h->scratch, row, (size_t) n_kv * esz);
+    read_tensor(h, m, h->scratch, row, (size_t) n_kv * esz);
     memset(h->visible, 0, (size_t) h->n_cells);
     int32_t count = 0;
     for (int64_t j = 0; j < n_kv; j++) {
@@ -211,6 +240,15 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
     h->n_kv = (int32_t) n_kv;
     h->n_mask++;
     return false;
+}
+
+static void add_rows(float * dst, const float * rows, int64_t n_rows, int64_t n_kv) {
+    for (int64_t r = 0; r < n_rows; r++) {
+        const float * src = rows + r * n_kv;
+        for (int64_t j = 0; j < n_kv; j++) {
+            dst[j] += src[j];
+        }
+    }
 }
 
 /* Computed kq_soft_max-<il>: add the chosen rows' probabilities per cell. */
@@ -241,19 +279,24 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
     if (n_rows == 0) {
         return true;
     }
-    if (!ensure_scratch(h, (size_t) (n_rows * n_kv))) {
+    /* Each read is a transfer (a round trip on RPC, a copy over PCIe): when
+     * every row is captured (decode steps) the heads are contiguous and one
+     * read takes the layer; a prefill window reads its rows head by head. */
+    const bool whole = first == 0;
+    const size_t n_read = (size_t) (whole ? n_head : 1) * (size_t) (n_rows * n_kv);
+    if (!ensure_scratch(h, n_read)) {
         fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading kq_soft_max-%d", il);
         return true;
     }
+    if (whole) {
+        read_tensor(h, t, h->scratch, 0, n_read * sizeof(float));
+    }
     for (int64_t hd = 0; hd < n_head; hd++) {
-        ggml_backend_tensor_get(t, h->scratch, hd * t->nb[2] + first * t->nb[1], (size_t) (n_rows * n_kv) * sizeof(float));
-        float * dst = h->acc + ((size_t) il * h->n_head + hd) * h->n_cells;
-        for (int64_t r = 0; r < n_rows; r++) {
-            const float * src = h->scratch + r * n_kv;
-            for (int64_t j = 0; j < n_kv; j++) {
-                dst[j] += src[j];
-            }
+        const float * rows = h->scratch + (whole ? hd * n_rows * n_kv : 0);
+        if (!whole) {
+            read_tensor(h, t, h->scratch, hd * t->nb[2] + first * t->nb[1], n_read * sizeof(float));
         }
+        add_rows(h->acc + ((size_t) il * h->n_head + hd) * h->n_cells, rows, n_rows, n_kv);
     }
     h->rows[il] += (int32_t) n_rows;
     return true;
@@ -268,7 +311,7 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
         int il = parse_layer(ggml_get_name(t), SOFTMAX_PREFIX);
         return il >= 0 && il < h->n_layer ? on_softmax(h, t, il) : true;
     }
-    if (t->op == GGML_OP_SET_ROWS && has_name(t->src[1], K_IDXS_NAME) && t->src[2] &&
+    if (t->op == GGML_OP_SET_ROWS && is_input(t->src[1], K_IDXS_NAME) && t->src[2] &&
         parse_layer(ggml_get_name(t->src[2]), K_CACHE_PREFIX) == 0) {
         return on_k_write(h, t);
     }
@@ -408,6 +451,26 @@ int32_t scope_hook_visible(const scope_hook * h, int32_t * out, int32_t capacity
     return h->n_visible;
 }
 
+/* After a memory operation: llama.cpp's lowest and highest position of
+ * sequence 0 must be the map's, or the map no longer describes the cache. */
+static int32_t verify(scope_hook * h, struct llama_context * ctx, const char * op) {
+    int32_t lo = -1, hi = -1;
+    for (int32_t i = 0; i < h->n_cells; i++) {
+        int32_t p = h->cell_pos[i];
+        if (p >= 0) {
+            lo = lo < 0 || p < lo ? p : lo;
+            hi = p > hi ? p : hi;
+        }
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    const llama_pos got_lo = llama_memory_seq_pos_min(mem, 0), got_hi = llama_memory_seq_pos_max(mem, 0);
+    if (got_lo != lo || got_hi != hi) {
+        return fail(h, SCOPE_HOOK_E_LLAMA, "%s: llama.cpp holds positions [%d, %d] of sequence 0 but the map "
+                    "holds [%d, %d]; the cell map no longer matches the cache (clear it)", op, got_lo, got_hi, lo, hi);
+    }
+    return SCOPE_HOOK_OK;
+}
+
 static int cmp_i32(const void * a, const void * b) {
     int32_t x = *(const int32_t *) a, y = *(const int32_t *) b;
     return (x > y) - (x < y);
@@ -457,26 +520,34 @@ int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32
                   n_unique - held, n_unique);
     }
     llama_memory_t mem = llama_get_memory(ctx);
+    int32_t n_done = 0; /* sorted[0..n_done) are gone from llama.cpp */
     for (int32_t i = 0; rc == SCOPE_HOOK_OK && i < n;) {
         int32_t j = i;
         while (j + 1 < n && sorted[j + 1] <= sorted[j] + 1) {
             j++;
         }
         if (!llama_memory_seq_rm(mem, 0, sorted[i], sorted[j] + 1)) {
-            rc = fail(h, SCOPE_HOOK_E_LLAMA, "evict: llama_memory_seq_rm(0, %d, %d) failed", sorted[i], sorted[j] + 1);
+            rc = fail(h, SCOPE_HOOK_E_LLAMA, "evict: llama_memory_seq_rm(0, %d, %d) failed after %d of %d "
+                      "positions were removed (the map follows what was)", sorted[i], sorted[j] + 1, n_done, n);
+        } else {
+            n_done = j + 1;
         }
         i = j + 1;
     }
-    if (rc == SCOPE_HOOK_OK) {
-        for (int32_t i = 0; i < h->n_cells; i++) {
-            int32_t p = h->cell_pos[i];
-            if (p >= 0 && bsearch(&p, sorted, (size_t) n, sizeof(int32_t), cmp_i32)) {
-                h->cell_pos[i] = -1;
-            }
+    /* the map drops what llama.cpp dropped, even when a later run failed */
+    int32_t freed = 0;
+    for (int32_t i = 0; n_done > 0 && i < h->n_cells; i++) {
+        int32_t p = h->cell_pos[i];
+        if (p >= 0 && bsearch(&p, sorted, (size_t) n_done, sizeof(int32_t), cmp_i32)) {
+            h->cell_pos[i] = -1;
+            freed++;
         }
-        if (n_freed) {
-            *n_freed = held;
-        }
+    }
+    if (n_freed) {
+        *n_freed = freed;
+    }
+    if (n_done > 0 && rc == SCOPE_HOOK_OK) {
+        rc = verify(h, ctx, "evict");
     }
     free(sorted);
     return rc;
@@ -486,6 +557,9 @@ int32_t scope_hook_shift(scope_hook * h, struct llama_context * ctx, int32_t p0,
     if (!h || !ctx || p0 < 0 || p1 < p0) {
         return h ? fail(h, SCOPE_HOOK_E_ARG, "shift: bad range [%d, %d)", p0, p1) : SCOPE_HOOK_E_ARG;
     }
+    if ((int64_t) p1 - 1 + delta > INT32_MAX - 1) {
+        return fail(h, SCOPE_HOOK_E_ARG, "shift: positions up to %d + %d would pass the int32 range", p1 - 1, delta);
+    }
     llama_memory_t mem = llama_get_memory(ctx);
     if (!llama_memory_can_shift(mem)) {
         return fail(h, SCOPE_HOOK_E_LLAMA, "shift: this model's memory cannot shift positions");
@@ -494,10 +568,10 @@ int32_t scope_hook_shift(scope_hook * h, struct llama_context * ctx, int32_t p0,
     for (int32_t i = 0; i < h->n_cells; i++) {
         int32_t p = h->cell_pos[i];
         if (p >= p0 && p < p1) {
-            h->cell_pos[i] = p + delta < 0 ? -1 : p + delta;
+            h->cell_pos[i] = (int64_t) p + delta < 0 ? -1 : p + delta;
         }
     }
-    return SCOPE_HOOK_OK;
+    return verify(h, ctx, "shift");
 }
 
 int32_t scope_hook_truncate(scope_hook * h, struct llama_context * ctx, int32_t p0) {
@@ -512,7 +586,7 @@ int32_t scope_hook_truncate(scope_hook * h, struct llama_context * ctx, int32_t 
             h->cell_pos[i] = -1;
         }
     }
-    return SCOPE_HOOK_OK;
+    return verify(h, ctx, "truncate");
 }
 
 int32_t scope_hook_clear(scope_hook * h, struct llama_context * ctx) {
@@ -525,6 +599,15 @@ int32_t scope_hook_clear(scope_hook * h, struct llama_context * ctx) {
     }
     h->n_visible = 0;
     h->n_kv = 0;
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_transfers(const scope_hook * h, int64_t * n_reads, int64_t * bytes) {
+    if (!h || !n_reads || !bytes) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    *n_reads = h->n_reads;
+    *bytes = h->bytes_read;
     return SCOPE_HOOK_OK;
 }
 

@@ -14,8 +14,15 @@
  * positions, decide, and call scope_hook_evict.
  *
  * All tensor reads go through ggml_backend_tensor_get, so any backend works.
- * Inputs are read at ask time (they are set before the graph runs), so steps
- * without capture observe no node and force no synchronisation.
+ * With offloaded layers the scheduler hands the device split its own copy of
+ * each graph input, named "<backend>#<input>#<copy>"; the hook recognises
+ * inputs by their place in the graph (the index operand of layer 0's K write,
+ * the mask operand of kq_soft_max-0) and accepts the original name or such a
+ * copy. Inputs are read at ask time (they are set, and copied to the device
+ * split, before its nodes run), so steps without capture observe no node and
+ * force no synchronisation. A captured layer costs one read on decode steps
+ * (all heads of one query row are contiguous) and one read per head for a
+ * window of prefill rows.
  *
  * Every function returning int32_t returns SCOPE_HOOK_OK (0) or a negative
  * scope_hook_status; scope_hook_last_error() describes the latest failure.
@@ -87,13 +94,20 @@ int32_t scope_hook_visible(const scope_hook * hook, int32_t * out, int32_t capac
 
 /* Evict positions[0..n) of sequence 0 with llama_memory_seq_rm, coalesced
  * into runs. Refuses (changing nothing) if any position is not held or is the
- * highest held position. *n_freed receives the number of cells freed. */
+ * highest held position. *n_freed receives the number of cells freed. If
+ * llama.cpp refuses a run partway (SCOPE_HOOK_E_LLAMA), the map drops the runs
+ * already removed, so it still describes the cache.
+ *
+ * evict, shift and truncate check afterwards that llama.cpp's lowest and
+ * highest position of sequence 0 (llama_memory_seq_pos_min/max) are the
+ * map's, and return SCOPE_HOOK_E_LLAMA if not: the cache was changed behind
+ * the hook's back and the map must be cleared. */
 int32_t scope_hook_evict(scope_hook * hook, struct llama_context * ctx,
                          const int32_t * positions, int32_t n, int32_t * n_freed);
 
 /* Shift positions [p0, p1) of sequence 0 by delta (llama_memory_seq_add,
  * which re-rotates K). Positions shifted below 0 are removed by llama.cpp;
- * the map follows. */
+ * the map follows. SCOPE_HOOK_E_ARG if p1 - 1 + delta passes INT32_MAX - 1. */
 int32_t scope_hook_shift(scope_hook * hook, struct llama_context * ctx,
                          int32_t p0, int32_t p1, int32_t delta);
 
@@ -103,6 +117,10 @@ int32_t scope_hook_truncate(scope_hook * hook, struct llama_context * ctx, int32
 
 /* Clear sequence 0's cells and the map. */
 int32_t scope_hook_clear(scope_hook * hook, struct llama_context * ctx);
+
+/* Tensor reads the callback made since the hook was created, and their
+ * bytes: on a device each read is a transfer to the host. */
+int32_t scope_hook_transfers(const scope_hook * hook, int64_t * n_reads, int64_t * bytes);
 
 /* Message of the latest failure ("" if none). Valid until the next call. */
 const char * scope_hook_last_error(const scope_hook * hook);

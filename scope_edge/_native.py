@@ -66,6 +66,7 @@ def _load() -> ctypes.CDLL:
         "scope_hook_shift": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 3),
         "scope_hook_truncate": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_clear": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p]),
+        "scope_hook_transfers": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int64)] * 2),
         "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
     }
     for name, (restype, argtypes) in sig.items():
@@ -186,6 +187,13 @@ class Hook:
     def truncate(self, ctx: llama_cpp.llama_context_p, p0: int) -> None:
         """Remove every position >= p0, the last one included."""
         self._check(_lib.scope_hook_truncate(self._ptr, ctx, p0))
+
+    def transfers(self) -> tuple[int, int]:
+        """(tensor reads, bytes read) since the hook was created; on a device
+        every read is a transfer to the host."""
+        n, size = ctypes.c_int64(0), ctypes.c_int64(0)
+        self._check(_lib.scope_hook_transfers(self._ptr, ctypes.byref(n), ctypes.byref(size)))
+        return n.value, size.value
 
     def clear(self, ctx: llama_cpp.llama_context_p) -> None:
         self._check(_lib.scope_hook_clear(self._ptr, ctx))

@@ -206,10 +206,10 @@ def _stock_logits(llm: llama_cpp.Llama) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def _open_stock(path: str, n_ctx: int, type_k: str) -> llama_cpp.Llama:
+def _open_stock(path: str, n_ctx: int, type_k: str, n_gpu_layers: int = 0) -> llama_cpp.Llama:
     types = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
     return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=types[type_k], type_v=llama_cpp.GGML_TYPE_F16,
-                           flash_attn=False, verbose=False)
+                           flash_attn=False, n_gpu_layers=n_gpu_layers, verbose=False)
 
 
 @dataclass
@@ -225,15 +225,17 @@ class StockRun:
 
 
 def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress: bool = False,
-              label: str = "stock", keep_logits: bool = False, n_ctx: int | None = None) -> StockRun:
+              label: str = "stock", keep_logits: bool = False, n_ctx: int | None = None,
+              n_gpu_layers: int = 0) -> StockRun:
     """Prefill `prompt` into a stock Llama of n_ctx = prompt + steps, then
     decode `steps` greedy tokens (EOG masked). Times prefill and decode apart.
     Decode time counts the steps that feed a token (steps - 1), as ours does.
     keep_logits keeps each step's logits (steps x n_vocab float32: 800 MB
     for 4096 steps of a 49K vocabulary), the lockstep's reference. n_ctx:
-    allocate more cells than the run uses (memory benchmarks)."""
+    allocate more cells than the run uses (memory benchmarks). n_gpu_layers:
+    offload to llama.cpp's default devices (RPC servers: rpc.register)."""
     n_ctx = max(n_ctx or 0, len(prompt) + steps)
-    llm = _open_stock(path, n_ctx, type_k)
+    llm = _open_stock(path, n_ctx, type_k, n_gpu_layers)
     try:
         eog = _eog_tokens(llm)
         kept = np.empty((steps, llm.n_vocab()), dtype=np.float32) if keep_logits else None
@@ -263,7 +265,8 @@ def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress
         llm.close()
 
 
-def run_ideal(path: str, n_ctx: int, filler: Sequence[int], steps: int, type_k: str) -> dict[str, float | int]:
+def run_ideal(path: str, n_ctx: int, filler: Sequence[int], steps: int, type_k: str,
+              n_gpu_layers: int = 0) -> dict[str, float | int]:
     """Stock decoding in a context of n_ctx cells filled to n_ctx - steps
     before `steps` timed greedy steps: the speed our allocation allows."""
     steps = max(1, min(steps, n_ctx // 2))
@@ -271,7 +274,7 @@ def run_ideal(path: str, n_ctx: int, filler: Sequence[int], steps: int, type_k: 
     filler = list(filler)
     while len(filler) < n_prefill:
         filler = filler + filler
-    run = run_stock(path, filler[:n_prefill], steps, type_k)
+    run = run_stock(path, filler[:n_prefill], steps, type_k, n_gpu_layers=n_gpu_layers)
     return {"n_ctx": run.n_ctx, "prefilled": n_prefill, "steps": steps,
             "prefill_tokens_per_s": run.prefill_tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s}
 

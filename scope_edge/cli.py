@@ -1,4 +1,4 @@
-"""The scope-edge command: generate, chat, bench, models."""
+"""The scope-edge command: generate, chat, bench, models, rpc-server."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
+    d = p.add_argument_group("devices")
+    d.add_argument("--n-gpu-layers", type=int, default=0,
+                   help="layers to offload to GPUs / RPC servers (-1: every layer and the output layer)")
+    d.add_argument("--rpc", action="append", default=None, metavar="HOST:PORT",
+                   help="llama.cpp RPC server whose device takes offloaded layers (repeatable)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +67,8 @@ def _open(args: argparse.Namespace):
         n_threads=args.threads,
         seed=args.seed,
         type_k=args.type_k,
+        n_gpu_layers=args.n_gpu_layers,
+        rpc_servers=args.rpc,
         verbose=args.verbose,
     )
 
@@ -139,6 +146,14 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rpc_server(args: argparse.Namespace) -> int:
+    from . import rpc
+
+    logging.getLogger("scope_edge").setLevel(logging.INFO)
+    rpc.serve(args.endpoint, n_threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="scope-edge",
@@ -166,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         log.debug("bench unavailable: %s", e)
     else:
         bench.add_parser(sub)
+
+    r = sub.add_parser("rpc-server", help="serve this machine's CPU as a llama.cpp RPC device (blocks)")
+    r.add_argument("endpoint", metavar="HOST:PORT", help="where to listen; 127.0.0.1 unless the network is trusted")
+    r.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
+    r.set_defaults(func=cmd_rpc_server)
 
     m = sub.add_parser("models", help="list or fetch the registry's models")
     m.add_argument("action", choices=["list", "fetch"])

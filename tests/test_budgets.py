@@ -37,7 +37,14 @@ def _bound(strategy: str, selector: str, n_prompt: int, delta: int) -> int:
 
 @pytest.mark.parametrize("strategy,selector", COMBINATIONS)
 def test_budget_invariants_every_step(model_path, strategy, selector):
-    with ScopeLlama(model_path, budget=BUDGET, strategy=strategy, prefill_selector=selector) as llm:
+    check_invariants_every_step(model_path, strategy, selector)
+
+
+def check_invariants_every_step(model_path: str, strategy: str, selector: str, **device: object) -> None:
+    """Stream a generation under BUDGET and check, after every step, the held
+    cells against llama.cpp's mask and the strategy's rules. `device`: the
+    ScopeLlama offload arguments (tests/test_device.py)."""
+    with ScopeLlama(model_path, budget=BUDGET, strategy=strategy, prefill_selector=selector, **device) as llm:
         prompt = _prompt(llm)
         n_prompt = len(prompt)
         delta = (MAX_TOKENS - BUDGET.recent_window) // (BUDGET.decode - BUDGET.recent_window)

@@ -1,0 +1,134 @@
+"""Decode speed with offloaded layers: stock llama.cpp and ours on the same device.
+
+    python bench/device.py [--prompt 2048] [--tokens 2048] [--prefill-budget 1024] \
+        [--decode-budget 512] [--steady-steps 128] [--server-threads 1] [--skip-headline] [--json]
+
+The device is llama.cpp's RPC backend: a server process on 127.0.0.1 serving
+this machine's CPU (scope_edge.rpc.Server), every layer offloaded to it
+(n_gpu_layers=-1). Weights and KV cache live in the server; every tensor the
+hook reads crosses the socket, as it would cross PCIe from a GPU.
+
+headline  prompt P + T generated (greedy, end-of-generation masked), same run:
+          stock llama_cpp.Llama on the device; ours with budget=None; ours
+          under budget (slide). Decode tok/s, ratios to stock, and the hook's
+          reads and bytes per decode step and per captured step.
+steady    prompt 512, budget 512/512, every strategy: generate 512 + S tokens
+          and time the last S (the decode cache is full: a selection, and for
+          slide an eviction, every step), against stock decoding in a context
+          of the same cells filled to that level (attention width identical).
+          On the CPU and on the device, same run.
+Writes bench/results/device.json; ratios only (the machine is shared).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from scope_edge import Budget, ScopeLlama, models, rpc
+from scope_edge.bench import logbook_prompt, machine, run_ideal, run_stock
+from scope_edge.policies import STRATEGIES
+
+log = logging.getLogger("bench.device")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_ours(path: str, prompt: list[int], *, max_tokens: int, timed: int, budget: Budget | None,
+              strategy: str = "slide", **device: object) -> dict:
+    """Generate max_tokens (EOG ignored); decode tok/s over the last `timed`."""
+    with ScopeLlama(path, budget=budget, strategy=strategy, **device) as llm:
+        stamps: list[float] = []
+        last = None
+        for last in llm.stream(prompt, max_tokens=max_tokens, ignore_eos=True):
+            stamps.append(time.perf_counter())
+        assert last is not None and last.stats is not None
+        st = last.stats
+        tail = stamps[-timed - 1:]
+        fed = max(st.generated_tokens - 1, 1)
+        return {"decode_tokens_per_s": (len(tail) - 1) / (tail[-1] - tail[0]),
+                "prefill_tokens_per_s": st.prefill_tokens_per_s, "kv_cells": st.kv_cells_allocated,
+                "captured_steps": st.captured_steps, "hook_reads": st.hook_reads,
+                "hook_bytes_read": st.hook_bytes_read, "reads_per_step": st.hook_reads / fed,
+                "bytes_per_step": st.hook_bytes_read / fed}
+
+
+def headline(path: str, endpoint: str, args: argparse.Namespace) -> dict:
+    prompt = logbook_prompt(path, args.prompt)
+    budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget)
+    device = {"rpc_servers": [endpoint], "n_gpu_layers": -1}
+    stock = run_stock(path, prompt, args.tokens, "f16", n_gpu_layers=-1, label="stock on device")
+    full = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=None, **device)
+    slide = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=budget, **device)
+    # a captured step reads every layer's row of every head: 30 x 9 x n_kv floats
+    no_capture = full["bytes_per_step"]
+    slide["bytes_per_captured_step"] = (
+        (slide["hook_bytes_read"] - no_capture * (args.tokens - 1)) / max(slide["captured_steps"], 1))
+    out = {"prompt": len(prompt), "tokens": args.tokens, "budget": [budget.prefill, budget.decode],
+           "stock": {"decode_tokens_per_s": stock.decode_tokens_per_s, "kv_cells": stock.n_ctx},
+           "full": full, "slide": slide,
+           "full_vs_stock": full["decode_tokens_per_s"] / stock.decode_tokens_per_s,
+           "slide_vs_stock": slide["decode_tokens_per_s"] / stock.decode_tokens_per_s}
+    log.info("headline: stock %.1f, full %.1f (%.2fx), slide %.1f tok/s (%.2fx)", stock.decode_tokens_per_s,
+             full["decode_tokens_per_s"], out["full_vs_stock"], slide["decode_tokens_per_s"], out["slide_vs_stock"])
+    return out
+
+
+def steady(path: str, steps: int, **device: object) -> dict:
+    prompt = logbook_prompt(path, 512)
+    budget = Budget(prefill=512, decode=512)
+    ngl = int(device.get("n_gpu_layers", 0))
+    ideal: dict[int, float] = {}
+    rows = {}
+    for strategy in STRATEGIES:
+        ours = time_ours(path, prompt, max_tokens=budget.decode + steps, timed=steps, budget=budget,
+                         strategy=strategy, **device)
+        cells = ours["kv_cells"]
+        if cells not in ideal:
+            ideal[cells] = run_ideal(path, cells, prompt, steps, "f16", n_gpu_layers=ngl)["decode_tokens_per_s"]
+        rows[strategy] = {**ours, "stock_same_cells_tokens_per_s": ideal[cells],
+                          "vs_stock": ours["decode_tokens_per_s"] / ideal[cells]}
+        log.info("steady %s %s: ours %.1f, stock at %d cells %.1f tok/s (%.2fx)", "device" if ngl else "cpu",
+                 strategy, ours["decode_tokens_per_s"], cells, ideal[cells], rows[strategy]["vs_stock"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--prefill-budget", type=int, default=1024)
+    ap.add_argument("--decode-budget", type=int, default=512)
+    ap.add_argument("--steady-steps", type=int, default=128)
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="the server's compute threads (1: it shares 2 cores with this process)")
+    ap.add_argument("--skip-headline", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "device.json"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    path = str(models.fetch())
+    res: dict = {"machine": machine(), "server_threads": args.server_threads}
+    with rpc.Server(rpc.free_endpoint(), n_threads=args.server_threads) as server:
+        rpc.register(server.endpoint)  # stock llama_cpp.Llama offloads to it too
+        if not args.skip_headline:
+            res["headline"] = headline(path, server.endpoint, args)
+        res["steady_cpu"] = steady(path, args.steady_steps)
+        res["steady_device"] = steady(path, args.steady_steps, rpc_servers=[server.endpoint], n_gpu_layers=-1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.json:
+        print(json.dumps(res))
+        return
+    h = res.get("headline")
+    if h:
+        print(f"device, {h['prompt']} + {h['tokens']}: stock {h['stock']['decode_tokens_per_s']:.1f} tok/s; "
+              f"budget=None {h['full_vs_stock']:.2f}x; slide {h['slide_vs_stock']:.2f}x; "
+              f"{h['slide']['bytes_per_captured_step'] / 1e6:.2f} MB per captured step")
+    for where in ("steady_cpu", "steady_device"):
+        print(where, " ".join(f"{s} {r['vs_stock']:.2f}x" for s, r in res[where].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The offload path on a real non-CPU device: llama.cpp's RPC backend.
+
+A session fixture starts an RPC server (the CPU device behind a socket, in a
+child process) on 127.0.0.1; models offload every layer (-1) or about half of
+them (15 of 31) to it. With every layer offloaded, the hook's inputs reach it
+as the scheduler's copies into the device split, the KV cache lives in the
+server's memory and every tensor read is a transfer: what a GPU exercises.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from scope_edge import Budget, ScopeLlama, rpc
+from test_budgets import check_invariants_every_step
+from test_runtime import PROMPT
+
+OFFLOAD = {"all": -1, "half": 15}
+STRATEGIES = [("slide", "snapkv"), ("adaptive", "h2o"), ("discontinuous", "streaming"),
+              ("streaming", "streaming"), ("h2o", "h2o"), ("full", "full")]
+
+
+@pytest.fixture(scope="session")
+def endpoint() -> str:
+    if not rpc.available():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the device tests: llama-cpp-python lacks RPC; {rpc.REBUILD}")
+        pytest.skip(f"llama-cpp-python was built without the RPC backend; to run these: {rpc.REBUILD}")
+    # one compute thread: the client's thread and the server's share this machine's 2 cores
+    with rpc.Server(rpc.free_endpoint(), n_threads=1) as server:
+        rpc.register(server.endpoint)  # stock llama_cpp.Llama offloads to it too
+        yield server.endpoint
+
+
+@pytest.fixture(params=list(OFFLOAD), ids=[f"{k}-layers" for k in OFFLOAD])
+def device(request: pytest.FixtureRequest, endpoint: str) -> dict:
+    return {"rpc_servers": [endpoint], "n_gpu_layers": OFFLOAD[request.param]}
+
+
+def _kv_buffers(run) -> list[str]:
+    """llama.cpp's own log lines naming the buffers its KV cache was put in."""
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode(errors="replace"))
+
+    llama_cpp.llama_log_set(collect, None)
+    try:
+        run()
+    finally:
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    return [line for line in lines if "KV buffer size" in line]
+
+
+def test_cache_lives_on_the_device(model_path, device):
+    def run() -> None:
+        with ScopeLlama(model_path, n_ctx=512, **device) as llm:
+            llm.generate(PROMPT, max_tokens=4)
+
+    buffers = _kv_buffers(run)
+    on_device = [b for b in buffers if "RPC" in b]
+    assert on_device, buffers
+    if device["n_gpu_layers"] == -1:
+        assert len(on_device) == len(buffers)  # nothing of the cache on the host
+    else:
+        assert len(on_device) < len(buffers)  # the lower layers stay on the CPU
+
+
+def test_full_cache_is_token_identical_to_stock_on_the_device(model_path, device):
+    n_ctx, max_tokens = 512, 40
+    stock = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_gpu_layers=device["n_gpu_layers"], verbose=False)
+    try:
+        want = stock.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0)
+    finally:
+        stock.close()
+    with ScopeLlama(model_path, n_ctx=n_ctx, **device) as llm:
+        got = llm.generate(PROMPT, max_tokens=max_tokens)
+    assert got.text == want["choices"][0]["text"]
+    assert len(got.tokens) == max_tokens
+
+
+def test_device_matches_cpu_under_a_budget(model_path, device):
+    budget = Budget(prefill=48, decode=32, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=budget) as cpu:
+        want = cpu.generate(PROMPT, max_tokens=60, ignore_eos=True)
+    with ScopeLlama(model_path, budget=budget, **device) as llm:
+        got = llm.generate(PROMPT, max_tokens=60, ignore_eos=True)
+    # the same attention reaches the policy, so the same cells are evicted
+    assert got.stats.evicted_cells == want.stats.evicted_cells > 0
+    assert got.stats.captured_steps == want.stats.captured_steps > 0
+    assert got.tokens[:30] == want.tokens[:30]
+
+
+@pytest.mark.parametrize("strategy,selector", STRATEGIES)
+def test_budget_invariants_every_step_on_the_device(model_path, endpoint, strategy, selector):
+    check_invariants_every_step(model_path, strategy, selector, rpc_servers=[endpoint], n_gpu_layers=-1)
+
+
+@pytest.mark.parametrize("strategy,selector", STRATEGIES[:2])
+def test_budget_invariants_with_half_the_layers_offloaded(model_path, endpoint, strategy, selector):
+    check_invariants_every_step(model_path, strategy, selector, rpc_servers=[endpoint], n_gpu_layers=15)
+
+
+def test_captured_rows_sum_to_one_on_the_device(model_path, device):
+    with ScopeLlama(model_path, n_ctx=1024, **device) as llm:
+        llm.generate(PROMPT, max_tokens=2)
+        ctx = llm._ctx
+        pos = int(llm.kv_positions()[-1]) + 1
+        ctx.hook.arm(pos)
+        ctx.decode([100, 200, 300], range(pos, pos + 3), want_logits=True)
+        ctx.hook.arm(None)
+        cap = ctx.hook.capture()
+    np.testing.assert_allclose(cap.attn.sum(axis=-1), 3.0, rtol=1e-4)  # 3 rows, each summing to 1
+    assert (cap.rows == 3).all()
+
+
+def test_reindexing_on_the_device(model_path, device):
+    b = Budget(prefill=64, decode=64, observation_window=8, recent_window=16)
+    with ScopeLlama(model_path, budget=b, **device) as llm:
+        prompt = llm._model.tokenize(PROMPT * 8)
+        assert len(prompt) + 20 > b.total + 32
+        llm._model.n_ctx_train = len(prompt) + 20  # re-index early and often
+        got = llm.generate(prompt, max_tokens=200, ignore_eos=True)
+        held = llm.kv_positions()
+        mem = llama_cpp.llama_get_memory(llm._ctx.ptr)
+        assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == held.max() < len(prompt) + 20
+    assert got.stats.position_resets >= 2
+    assert len(set(got.tokens[-50:])) > 3
+
+
+def test_multi_turn_chat_on_the_device(model_path, endpoint):
+    b = Budget(prefill=32, decode=16, observation_window=8, recent_window=8)
+    messages = [{"role": "user", "content": "Name three colours."}]
+    with ScopeLlama(model_path, budget=b, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
+        for turn in range(3):
+            r = llm.create_chat_completion(messages, max_tokens=24)
+            st = r["scope_edge"]
+            assert st["kv_cells_peak"] <= b.total
+            if turn:
+                assert st["reused_prompt_tokens"] > 0
+            messages += [r["choices"][0]["message"], {"role": "user", "content": f"And {turn + 4} more?"}]
+
+
+def test_interrupted_stream_on_the_device(model_path, endpoint):
+    b = Budget(prefill=32, decode=16, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
+        want = llm.generate(PROMPT, max_tokens=24).tokens
+        for i, _ in enumerate(llm.stream(PROMPT, max_tokens=200)):
+            if i == 5:
+                break
+        assert llm.generate(PROMPT, max_tokens=24).tokens == want
+
+
+def test_unreachable_server_fails_fast_with_the_endpoint(model_path):
+    endpoint = rpc.free_endpoint()  # bound, then released: nothing listens there
+    with pytest.raises(rpc.RPCError, match=f"cannot reach an RPC server at {endpoint}"):
+        ScopeLlama(model_path, rpc_servers=[endpoint], n_gpu_layers=-1)
+
+
+def test_silent_server_times_out_with_the_endpoint(model_path):
+    with socket.socket() as listener:  # accepts connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(rpc.RPCError, match=f"{endpoint} did not answer within 1 s"):
+            rpc.probe(endpoint, timeout=1.0)
+
+
+@pytest.mark.parametrize("bad", ["localhost", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:70000", ":50052",
+                                 "127.0.0.1:port", 50052])
+def test_malformed_endpoints_are_refused(bad):
+    with pytest.raises(ValueError, match="host:port"):
+        ScopeLlama("unused.gguf", rpc_servers=[bad], n_gpu_layers=-1)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"rpc_servers": "127.0.0.1:50052"}, "list of 'host:port' strings"),
+    ({"rpc_servers": ["127.0.0.1:1", "127.0.0.1:1"]}, "twice"),
+    ({"n_gpu_layers": -2}, r"n_gpu_layers must be an int >= -1"),
+    ({"main_gpu": -1}, "main_gpu"),
+    ({"tensor_split": [-1.0]}, "tensor_split"),
+    ({"tensor_split": [0.0, 0.0]}, "tensor_split"),
+])
+def test_bad_device_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScopeLlama("unused.gguf", **kwargs)
