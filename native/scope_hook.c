@@ -410,15 +410,23 @@ int32_t scope_hook_capture_arm(scope_hook * h, int32_t from_pos) {
     return SCOPE_HOOK_OK;
 }
 
-int32_t scope_hook_capture_read(const scope_hook * h, float * out, int64_t capacity, int32_t * rows_out) {
-    if (!h || !out) {
+int32_t scope_hook_capture_gather(const scope_hook * h, const int32_t * cells, int32_t n, float * out,
+                                  int64_t capacity, int32_t * rows_out) {
+    if (!h || n < 0 || (n > 0 && (!cells || !out)) || capacity < (int64_t) h->n_layer * h->n_head * n) {
         return SCOPE_HOOK_E_ARG;
     }
-    const int64_t n = (int64_t) h->n_layer * h->n_head * h->n_cells;
-    if (capacity < n) {
-        return SCOPE_HOOK_E_ARG;
+    for (int32_t i = 0; i < n; i++) {
+        if (cells[i] < 0 || cells[i] >= h->n_cells) {
+            return SCOPE_HOOK_E_ARG;
+        }
     }
-    memcpy(out, h->acc, sizeof(float) * (size_t) n);
+    for (int32_t lh = 0; lh < h->n_layer * h->n_head; lh++) {
+        const float * src = h->acc + (size_t) lh * h->n_cells;
+        float * dst = out + (size_t) lh * n;
+        for (int32_t i = 0; i < n; i++) {
+            dst[i] = src[cells[i]];
+        }
+    }
     if (rows_out) {
         memcpy(rows_out, h->rows, sizeof(int32_t) * (size_t) h->n_layer);
     }

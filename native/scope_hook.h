@@ -78,10 +78,11 @@ int32_t scope_hook_end(scope_hook * hook);
  * SCOPE_HOOK_CAPTURE_OFF stops capturing and keeps the sums readable. */
 int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
 
-/* Copy the accumulated sums, laid out [n_layer][n_head][n_cells], into out
- * (capacity in floats). rows_out (n_layer entries, may be NULL) receives the
- * number of query rows summed per layer. */
-int32_t scope_hook_capture_read(const scope_hook * hook, float * out, int64_t capacity, int32_t * rows_out);
+/* Gather the accumulated sums of cells[0..n) (each in [0, n_cells)), laid out
+ * [n_layer][n_head][n], into out (capacity in floats). rows_out (n_layer
+ * entries, may be NULL) receives the number of query rows summed per layer. */
+int32_t scope_hook_capture_gather(const scope_hook * hook, const int32_t * cells, int32_t n, float * out,
+                                  int64_t capacity, int32_t * rows_out);
 
 /* Copy the position held by each cell (-1: empty) into out[n_cells]. */
 int32_t scope_hook_cells(const scope_hook * hook, int32_t * out, int32_t n_cells);

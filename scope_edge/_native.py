@@ -56,7 +56,8 @@ def _load() -> ctypes.CDLL:
         "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
         "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
-        "scope_hook_capture_read": (ctypes.c_int32, [ctypes.c_void_p, _f32p, ctypes.c_int64, _i32p]),
+        "scope_hook_capture_gather": (
+            ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
         "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
         "scope_hook_visible": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32, _i32p]),
         "scope_hook_evict": (
@@ -110,7 +111,6 @@ class Hook:
         self._ptr = _lib.scope_hook_new(n_cells, n_layer, n_head)
         if not self._ptr:
             raise MemoryError(f"scope_hook_new({n_cells}, {n_layer}, {n_head}) failed")
-        self._acc = np.zeros((n_layer, n_head, n_cells), dtype=np.float32)
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
 
@@ -155,16 +155,16 @@ class Hook:
         cells = self.cells()
         return np.sort(cells[cells >= 0])
 
-    def capture(self) -> Capture:
-        self._check(
-            _lib.scope_hook_capture_read(
-                self._ptr, self._acc.ctypes.data_as(_f32p), self._acc.size, _i32(self._rows)
-            )
-        )
+    def capture(self, min_pos: int = 0) -> Capture:
+        """What was captured since the last arm, for the held positions >=
+        min_pos, in position order."""
         cells = self.cells()
-        held = np.flatnonzero(cells >= 0)
-        order = held[np.argsort(cells[held], kind="stable")]
-        return Capture(cells[order], self._acc[:, :, order], self._rows.copy())
+        held = np.flatnonzero(cells >= min_pos)
+        order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+        attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
+        self._check(_lib.scope_hook_capture_gather(
+            self._ptr, _i32(order), len(order), attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows)))
+        return Capture(cells[order], attn, self._rows.copy())
 
     def visible(self) -> tuple[np.ndarray, int]:
         """(cells the latest query row could see, attention width n_kv), from

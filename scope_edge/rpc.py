@@ -58,7 +58,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def _library(name: str) -> ctypes.CDLL | None:
-    suffixes = {"darwin": (".dylib", ".so"), "win32": (".dll",)}.get(sys.platform, (".so",))
+    # A wheel stores lib<name>.so and lib<name>.so.0 as two files; libllama
+    # loads the one its soname names, and ours must be that same instance
+    # (one device registry, one RPC connection), not a second copy.
+    suffixes = {"darwin": (".0.dylib", ".dylib", ".so"), "win32": (".dll",)}.get(sys.platform, (".so.0", ".so"))
     for suffix in suffixes:
         for stem in (f"lib{name}", name):
             path = _LIB_DIR / f"{stem}{suffix}"

@@ -9,7 +9,7 @@
 
 The workload drives every entry point of native/scope_hook.c through
 ScopeLlama and the Hook binding, in parts:
-  strategies  begin/end, capture_arm/capture_read and evict on one-shot
+  strategies  begin/end, capture_arm/capture_gather and evict on one-shot
               prefills and every decode step, for four strategy x selector pairs;
   chunked     chunked prefill over several ubatches, then shift (positions
               re-indexed past a lowered trained context);

@@ -73,11 +73,16 @@ def test_cache_lives_on_the_device(model_path, device):
 
 def test_full_cache_is_token_identical_to_stock_on_the_device(model_path, device):
     n_ctx, max_tokens = 512, 40
-    stock = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_gpu_layers=device["n_gpu_layers"], verbose=False)
-    try:
-        want = stock.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0)
-    finally:
-        stock.close()
+    want = {}
+
+    def run_stock() -> None:
+        stock = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_gpu_layers=device["n_gpu_layers"], verbose=False)
+        try:
+            want.update(stock.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0))
+        finally:
+            stock.close()
+
+    assert any("RPC" in b for b in _kv_buffers(run_stock))  # stock really ran on the device
     with ScopeLlama(model_path, n_ctx=n_ctx, **device) as llm:
         got = llm.generate(PROMPT, max_tokens=max_tokens)
     assert got.text == want["choices"][0]["text"]
