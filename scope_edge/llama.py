@@ -13,16 +13,19 @@ import os
 import threading
 import time
 import weakref
+from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import llama_cpp
 import numpy as np
+from numba import carray, cfunc, types
 
 from . import memory, models, openai
 from ._native import EVAL_CALLBACK, Hook
 from .budget import Budget
+from .devices import Devices
 from .policies import Policy, make_policy, validate_names
 from .policies.checks import is_int, require_head_reduce
 
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 N_BATCH = 512  # llama-cpp-python's default, so prefill matches stock ubatch for ubatch
+_CLOSE_WAIT = 10.0  # seconds close() waits for another thread's generation to let go before leaving it the free
 _KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
@@ -37,7 +41,9 @@ _KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "
 class GenerationStats:
     """Memory and speed of one generation. kv_cells_peak counts the cells
     held while decoding (after the prefill selection); prefill_cells_peak the
-    cells held during prefill."""
+    cells held during prefill. hook_reads / hook_bytes_read: tensor reads the
+    hook made (cell indices, mask rows, captured attention): with offloaded
+    layers, transfers from the device."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -48,6 +54,8 @@ class GenerationStats:
     stock_kv_bytes: int = 0
     evicted_cells: int = 0
     captured_steps: int = 0
+    hook_reads: int = 0
+    hook_bytes_read: int = 0
     position_resets: int = 0
     prefilled_tokens: int = 0
     reused_prompt_tokens: int = 0
@@ -115,9 +123,17 @@ def _stop_tuple(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 class _Model:
     """The loaded llama_model and its vocabulary."""
 
-    def __init__(self, path: str, *, n_gpu_layers: int) -> None:
+    def __init__(self, path: str, *, devices: Devices) -> None:
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        params.n_gpu_layers = devices.n_gpu_layers
+        params.main_gpu = devices.main_gpu
+        # llama.cpp reads both arrays during the load only
+        handles = devices.handles()
+        if handles is not None:
+            params.devices = ctypes.cast(handles, ctypes.c_void_p)
+        split = (ctypes.c_float * len(devices.tensor_split))(*devices.tensor_split) if devices.tensor_split else None
+        if split is not None:
+            params.tensor_split = split
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ValueError(f"llama.cpp could not load {path}: a truncated or unsupported GGUF? (run with verbose=True for its log)")
@@ -175,14 +191,33 @@ class _Model:
         return self._eog
 
 
-class _Context:
-    """A llama_context of n_cells KV cells with our hook as eval callback."""
+@cfunc(types.boolean(types.voidptr), cache=True)
+def _aborted(flag: int) -> bool:
+    """llama.cpp's abort callback: true once the bool at address flag is set. Compiled,
+    not a Python callback: llama.cpp polls it at every graph node (about a
+    thousand a token), and a Python callback would take the GIL each time."""
+    return carray(flag, 1, np.uint8)[0] != 0
 
-    def __init__(self, model: _Model, *, n_cells: int, n_threads: int, n_threads_batch: int, type_k: str) -> None:
+
+# Module-level, so the function pointer outlives every context that polls it.
+_ABORT_CALLBACK = llama_cpp.ggml_abort_callback(_aborted.address)
+
+
+class _Context:
+    """A llama_context of n_cells KV cells with our hook as eval callback.
+    A decode stops at its next graph node once `abort` is set (close()).
+    n_ubatch < N_BATCH makes llama.cpp split one decode into several ubatches
+    (the tests use it; the facade keeps one ubatch per decode, as stock)."""
+
+    def __init__(self, model: _Model, *, n_cells: int, n_threads: int, n_threads_batch: int, type_k: str,
+                 abort: ctypes.c_bool, n_ubatch: int = N_BATCH) -> None:
+        if not is_int(n_ubatch) or not 1 <= n_ubatch <= N_BATCH:
+            raise ValueError(f"n_ubatch must be an int in [1, {N_BATCH}] (the batch size), got {n_ubatch!r}")
         self.hook = Hook(n_cells=n_cells, n_layer=model.n_layer, n_head=model.n_head)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_cells
-        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_batch = N_BATCH
+        params.n_ubatch = n_ubatch
         params.n_seq_max = 1
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch
@@ -196,6 +231,8 @@ class _Context:
         if not self.ptr:
             self.hook.close()
             raise RuntimeError(f"llama.cpp could not create a context of {n_cells} cells (out of memory?)")
+        self.abort = abort  # llama.cpp holds its address: keep it alive with the context
+        llama_cpp.llama_set_abort_callback(self.ptr, _ABORT_CALLBACK, ctypes.addressof(abort))
         self.n_cells = llama_cpp.llama_n_ctx(self.ptr)
         if self.n_cells != n_cells:
             self.close()
@@ -226,6 +263,8 @@ class _Context:
         rc = llama_cpp.llama_decode(self.ptr, b)
         if rc != 0:
             self.hook.abandon()
+            if rc == 2 and self.abort.value:
+                raise RuntimeError("this ScopeLlama is closed: close() stopped this generation mid-decode")
             reason = {1: "no free KV cell (the cache is full)", 2: "aborted"}.get(rc, "error")
             raise RuntimeError(f"llama_decode failed with {rc}: {reason}")
         self.hook.end()
@@ -321,6 +360,9 @@ class ScopeLlama:
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
+        main_gpu: int = 0,
+        tensor_split: Sequence[float] | None = None,
+        rpc_servers: Sequence[str] | None = None,
         seed: int = 0,
         type_k: str = "f16",
         prefill_chunk: int = N_BATCH,
@@ -340,8 +382,10 @@ class ScopeLlama:
             raise ValueError(f"seed must be an int, got {seed!r}")
         if n_threads is not None and (not is_int(n_threads) or n_threads < 1):
             raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
-        if not is_int(n_gpu_layers) or n_gpu_layers < -1:
-            raise ValueError(f"n_gpu_layers must be an int >= -1 (-1: every layer), got {n_gpu_layers!r}")
+        if isinstance(rpc_servers, str):
+            raise ValueError(f"rpc_servers must be a list of 'host:port' strings, got the str {rpc_servers!r}")
+        devices = Devices(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, tensor_split=tuple(tensor_split or ()),
+                          rpc_servers=tuple(rpc_servers or ()))
         if not is_int(prefill_chunk) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         if chunked_prefill not in (None, True, False):
@@ -353,7 +397,8 @@ class ScopeLlama:
         path = models.resolve_model_path(model_path)
         self.model_path = str(path)
         self.geometry = memory.read_geometry(path)
-        self._model = _Model(self.model_path, n_gpu_layers=n_gpu_layers)
+        self.devices = devices
+        self._model = _Model(self.model_path, devices=devices)
         try:
             self._model.check_supported(self.model_path)
         except ValueError:
@@ -376,33 +421,44 @@ class ScopeLlama:
         self._session: _Session | None = None
         self._lock = threading.Lock()
         self._active: tuple[weakref.ref[Iterator[Chunk]], int] | None = None
-        self._closing = False
+        self._closing = ctypes.c_bool(False)  # also read by llama.cpp's abort callback
         if n_ctx is not None:
             self._ensure_context(n_ctx)
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
         """Free llama.cpp's memory. A generation running in another thread
-        stops at its next step (raising RuntimeError there); a suspended
-        stream raises when resumed."""
-        self._closing = True
+        stops at its next decode (llama.cpp's abort callback) or step, raising
+        RuntimeError("... closed ...") there, and the memory is freed only once
+        it has let go: here, or by that generation as it ends if it holds on
+        longer than _CLOSE_WAIT (a stream suspended in another thread). A
+        suspended stream raises when resumed."""
+        closing = getattr(self, "_closing", None)
+        if closing is not None:
+            closing.value = True
         lock = getattr(self, "_lock", None)
+        if lock is None:  # __init__ failed before any generation could start
+            self._free()
+            return
         active = getattr(self, "_active", None)
-        same_thread_stream = active is not None and active[1] == threading.get_ident()
-        if same_thread_stream:
+        if active is not None and active[1] == threading.get_ident():
             self._close_abandoned_stream()
-        got = lock.acquire(timeout=60) if lock is not None else False
+        if not lock.acquire(timeout=_CLOSE_WAIT):
+            log.info("close(): a generation in another thread still holds this ScopeLlama; it frees it as it ends")
+            return
         try:
-            if getattr(self, "_ctx", None) is not None:
-                self._drop_context()
-            if getattr(self, "_model", None) is not None:
-                self._model.close()
+            self._free()
         finally:
-            if got:
-                lock.release()
+            lock.release()
+
+    def _free(self) -> None:
+        if getattr(self, "_ctx", None) is not None:
+            self._drop_context()
+        if getattr(self, "_model", None) is not None:
+            self._model.close()
 
     def _check_open(self) -> None:
-        if self._closing or self._model.ptr is None:
+        if self._closing.value or self._model.ptr is None:
             raise RuntimeError("this ScopeLlama is closed")
 
     def __enter__(self) -> ScopeLlama:
@@ -597,8 +653,12 @@ class ScopeLlama:
     def _guarded(self, gen: Iterator[Chunk]) -> Iterator[Chunk]:
         """One generation at a time: other threads wait for the lock."""
         with self._lock:
-            self._check_open()
-            yield from gen
+            try:
+                self._check_open()
+                yield from gen
+            finally:
+                if self._closing.value:  # close() gave up waiting for us: free now that we let go
+                    self._free()
 
     def _ensure_context(self, n_cells: int) -> _Context:
         """A context of at least n_cells; a bigger one replaces the old (and
@@ -613,6 +673,7 @@ class ScopeLlama:
             n_threads=self._n_threads,
             n_threads_batch=self._n_threads_batch,
             type_k=self.type_k,
+            abort=self._closing,
         )
         return self._ctx
 
@@ -637,11 +698,25 @@ class ScopeLlama:
         """Decide what to reuse, whether to chunk, and how many cells."""
         policy = self._policy(s.max_tokens)
         reuse = self._session.common_prefix(prompt) if resume and self._session is not None else 0
-        held_before = self._session.held_upto(reuse) if reuse else 0
+        plan = self._plan_from(prompt, s, policy, reuse)
+        if plan.reuse and self._grows(len(prompt), plan):
+            # A bigger context starts empty: llama.cpp moves cells between
+            # contexts only by state save/restore, which the hook's cell map
+            # would not follow. So the plan sized for the compressed history no
+            # longer applies: plan the whole prompt from its real length.
+            fresh = self._plan_from(prompt, s, policy, 0)
+            if self._fixed_ctx is None:  # big enough for both, so later turns like this one reuse
+                fresh.cells = max(fresh.cells, plan.cells)
+            plan = fresh
+        return plan
+
+    def _plan_from(self, prompt: list[int], s: Sampling, policy: Policy | None, reuse: int) -> _Plan:
+        """The plan that takes the first `reuse` prompt tokens from the cache."""
+        held_before = self._session.held_upto(reuse) if reuse and self._session is not None else 0
         n_new = len(prompt) - reuse
         if n_new == 0:  # the cache already holds the whole prompt: feed its last token again
             reuse -= 1
-            held_before = self._session.held_upto(reuse) if reuse else 0
+            held_before = self._session.held_upto(reuse) if reuse and self._session is not None else 0
             n_new = 1
         one_shot = held_before + n_new
         if policy is None:
@@ -651,15 +726,26 @@ class ScopeLlama:
         chunk = self._prefill_chunk
         chunked = self._chunked if self._chunked is not None else one_shot > keep + chunk
         decode_cells = _decode_cells(policy, self.budget, kept=keep, max_tokens=s.max_tokens)
-        prefill_cells = min(one_shot, keep + chunk) if chunked else one_shot
+        # The first chunk lands on every cell held before (the last turn's
+        # reply included, so possibly more than keep); later ones on keep.
+        prefill_cells = min(one_shot, max(held_before, keep) + chunk) if chunked else one_shot
         return _Plan(policy, reuse, chunk if chunked else None, max(prefill_cells, decode_cells))
 
+    def _cells_for(self, n_prompt: int, plan: _Plan) -> tuple[int, int]:
+        """Cells to allocate for plan, and the most allowed: n_ctx if fixed,
+        else the trained context (or the prompt, if longer)."""
+        if self._fixed_ctx is not None:
+            return plan.cells, self._fixed_ctx
+        cap = max(self._model.n_ctx_train, memory.padded_cells(n_prompt + 1))
+        return min(plan.cells, cap), cap
+
+    def _grows(self, n_prompt: int, plan: _Plan) -> bool:
+        """Whether plan needs a bigger context than the current one."""
+        need, _ = self._cells_for(n_prompt, plan)
+        return self._ctx is None or self._ctx.n_cells < memory.padded_cells(need)
+
     def _context_for(self, n_prompt: int, plan: _Plan) -> _Context:
-        limit = self._fixed_ctx
-        need = plan.cells
-        if limit is None:
-            cap = max(self._model.n_ctx_train, memory.padded_cells(n_prompt + 1))
-            limit, need = cap, min(need, cap)
+        need, limit = self._cells_for(n_prompt, plan)
         if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
             raise ValueError(
                 f"prompt has {n_prompt} tokens but the context holds {memory.padded_cells(limit)} cells; "
@@ -670,9 +756,7 @@ class ScopeLlama:
                 f"this generation needs {need} KV cells but n_ctx is fixed at {memory.padded_cells(limit)}; "
                 "raise n_ctx or lower the budgets / max_tokens"
             )
-        if self._ctx is None or self._ctx.n_cells < memory.padded_cells(need):
-            plan.reuse = 0  # a new context holds nothing
-        return self._ensure_context(need)
+        return self._ensure_context(need)  # a new context drops the session: _plan reuses only when none is needed
 
     def _start(self, prompt: list[int], s: Sampling, *, resume: bool = False) -> _Run:
         plan = self._plan(prompt, s, resume=resume)
@@ -732,45 +816,57 @@ class _Plan:
 
 @dataclass
 class _Session:
-    """What the cache holds across calls: the tokens fed, in order, and the
-    position each got (-1 once evicted or truncated away)."""
+    """What the cache holds across calls.
 
-    tokens: list[int] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
+    tokens: every token fed, in order: the next prompt is matched against all
+    of it (4 bytes a token). held_index / held_pos: for the held tokens only,
+    in feeding order, their index in tokens and their position (both
+    ascending). So an eviction or a step costs work and memory in the cells
+    held, not in the length of the history.
+    """
+
+    tokens: array[int] = field(default_factory=lambda: array("i"))
+    held_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    held_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     next_pos: int = 0
 
     def common_prefix(self, prompt: list[int]) -> int:
         n = min(len(prompt), len(self.tokens))
-        i = 0
-        while i < n and prompt[i] == self.tokens[i]:
-            i += 1
-        return i
+        fed = np.frombuffer(self.tokens, dtype=np.int32, count=n)
+        differ = np.flatnonzero(np.asarray(prompt[:n], dtype=np.int32) != fed)
+        return int(differ[0]) if len(differ) else n
 
     def held_upto(self, n: int) -> int:
-        return sum(1 for p in self.positions[:n] if p >= 0)
+        """Held cells among the first n tokens."""
+        return int(np.searchsorted(self.held_index, n))
 
     def record(self, tokens: Sequence[int], positions: Sequence[int]) -> None:
+        first = len(self.tokens)
         self.tokens.extend(tokens)
-        self.positions.extend(positions)
-        self.next_pos = positions[-1] + 1
+        self.held_index = np.concatenate((self.held_index, np.arange(first, len(self.tokens), dtype=np.int64)))
+        self.held_pos = np.concatenate((self.held_pos, np.asarray(positions, dtype=np.int32)))
+        self.next_pos = int(positions[-1]) + 1
 
     def truncate(self, ctx: _Context, n: int) -> None:
         """Keep the first n tokens: drop the cells of the rest."""
-        later = [p for p in self.positions[n:] if p >= 0]
-        if later:
-            ctx.hook.truncate(ctx.ptr, min(later))
-        if len(self.tokens) > n:
-            del self.tokens[n:], self.positions[n:]
-            held = [p for p in self.positions if p >= 0]
-            self.next_pos = (max(held) + 1) if held else 0
+        if len(self.tokens) <= n:
+            return
+        cut = self.held_upto(n)
+        if cut < len(self.held_pos):
+            ctx.hook.truncate(ctx.ptr, int(self.held_pos[cut]))
+        del self.tokens[n:]
+        self.held_index, self.held_pos = self.held_index[:cut], self.held_pos[:cut]
+        self.next_pos = int(self.held_pos[-1]) + 1 if cut else 0
 
     def forget(self, evicted: np.ndarray) -> None:
-        gone = set(evicted.tolist())
-        self.positions = [-1 if p in gone else p for p in self.positions]
+        kept = ~np.isin(self.held_pos, evicted, assume_unique=True)
+        self.held_index, self.held_pos = self.held_index[kept], self.held_pos[kept]
 
     def renumber(self, old: np.ndarray, new: np.ndarray) -> None:
-        mapping = dict(zip(old.tolist(), new.tolist()))
-        self.positions = [mapping.get(p, -1) for p in self.positions]
+        """Held position old[i] becomes new[i] (old: sorted; one not in it is no longer held)."""
+        kept = np.isin(self.held_pos, old, assume_unique=True)
+        self.held_index = self.held_index[kept]
+        self.held_pos = new[np.searchsorted(old, self.held_pos[kept])].astype(np.int32)
 
 
 class _Run:
@@ -783,6 +879,7 @@ class _Run:
         self.n_held = len(ctx.hook.positions())
         self.gen_start = session.next_pos  # first position of this run's generated text
         self.n_eligible = 0  # cells the decode strategy may evict
+        self.transfers_before = ctx.hook.transfers()
         # Positions past the trained context are re-indexed under a budget;
         # the full cache behaves as stock and simply runs on.
         self.pos_limit = llm._model.n_ctx_train if plan.policy is not None else 2**31 - 1
@@ -805,11 +902,11 @@ class _Run:
         """Renumber the held positions 0..n-1 (llama_memory_seq_add
         re-rotates K) so the next tokens stay inside the trained range."""
         if self.policy is None or not llama_cpp.llama_memory_can_shift(llama_cpp.llama_get_memory(self.ctx.ptr)):
-            raise _PositionLimit()
+            raise _PositionLimit("this model's cache cannot shift positions")
         old = self.ctx.hook.positions()
         new = np.arange(len(old), dtype=np.int32)
         if len(old) + n_next > self.pos_limit:
-            raise _PositionLimit()
+            raise _PositionLimit(f"the {len(old)} cells held do not fit below it once renumbered")
         runs = np.flatnonzero(np.diff(old) != 1) + 1
         for first, last in zip(np.r_[0, runs], np.r_[runs, len(old)]):
             delta = int(new[first] - old[first])
@@ -850,7 +947,6 @@ class _Run:
         self.stats.prefilled_tokens = len(new)
 
     def _prefill_chunk(self, tokens: list[int], *, last: bool) -> None:
-        self.llm._check_open()
         policy = self.policy
         hook = self.ctx.hook
         self._make_room(len(tokens))
@@ -858,6 +954,7 @@ class _Run:
         capture_from = policy.prefill.capture_from(end) if policy else None
         hook.arm(capture_from)
         for i in range(0, len(tokens), N_BATCH):
+            self.llm._check_open()  # backends that do not poll the abort callback stop here
             self._decode(tokens[i : i + N_BATCH], want_logits=last and i + N_BATCH >= len(tokens))
         hook.arm(None)
         self.stats.prefill_cells_peak = max(self.stats.prefill_cells_peak, self.n_held)
@@ -899,15 +996,13 @@ class _Run:
     def _select_decode(self, keep: int | None, captured: bool) -> None:
         assert self.policy is not None
         decode = self.policy.decode
+        eligible = 0 if decode.unified else self.gen_start  # SCOPE: only generated cells
         if captured:
-            cap = self.ctx.hook.capture()
+            cap = self.ctx.hook.capture(min_pos=eligible)
             positions, attn = cap.positions, cap.attn
         else:
             positions, attn = self.ctx.hook.positions(), None
-        if not decode.unified:
-            mask = positions >= self.gen_start
-            positions = positions[mask]
-            attn = attn[:, :, mask] if attn is not None else None
+            positions = positions[positions >= eligible]
         if captured:
             decode.observe(positions, attn)
         if keep is not None and len(positions) > keep:
@@ -937,9 +1032,9 @@ class _Run:
             yield Chunk(piece, token)
             try:
                 self.feed(token, n_fed + 1)
-            except _PositionLimit:
-                log.warning("stopping at position %d: this model's cache cannot shift positions, so generation "
-                            "cannot pass its trained context of %d", self.session.next_pos, self.pos_limit)
+            except _PositionLimit as why:
+                log.warning("stopping at position %d: generation cannot pass the trained context of %d (%s)",
+                            self.session.next_pos, self.pos_limit, why)
                 yield self._final(text.flush(), None, "length", n_fed, t0, generated)
                 return
             n_fed += 1
@@ -953,6 +1048,8 @@ class _Run:
         )
         if st.kv_cells_peak == 0:
             st.kv_cells_peak = self.n_held
+        reads, size = self.ctx.hook.transfers()
+        st.hook_reads, st.hook_bytes_read = reads - self.transfers_before[0], size - self.transfers_before[1]
         return Chunk(piece, token, reason, st)
 
 

@@ -111,6 +111,53 @@ def test_multi_turn_under_a_small_budget_stays_within_it(model_path):
             messages += [r["choices"][0]["message"], {"role": "user", "content": f"And {turn + 4} more?"}]
 
 
+PROSE = ("the old lighthouse stood on a rock at the edge of the grey sea and every evening the keeper climbed "
+         "its narrow stairs to light the lamp while the wind pulled at the windows and the gulls cried below").split()
+
+
+def _words(n: int, start: int = 0) -> str:
+    """n words of plain English prose (a turn's user message)."""
+    return " ".join(PROSE[(start + i) % len(PROSE)] for i in range(n))
+
+
+def test_long_conversation_survives_the_context_growing(model_path):
+    # Regression (issue #14.1): turn 8 made the context grow; the plan had sized
+    # and chosen chunking from the compressed history, the bigger context then
+    # dropped reuse and the whole history was prefilled unchunked into it:
+    # "llama_decode failed with 1: no free KV cell".
+    b = Budget(prefill=64, decode=16, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b) as llm:
+        messages: list[dict] = []
+        for turn, n_words in enumerate([40, 100, 100, 100, 100, 100, 100, 250, 30, 600]):
+            messages.append({"role": "user", "content": _words(n_words, start=turn)})
+            r = llm.create_chat_completion(messages, max_tokens=16)
+            st = r["scope_edge"]
+            assert st["kv_cells_peak"] <= b.prefill + b.decode
+            assert st["prefill_cells_peak"] <= b.prefill + 512 + b.decode  # kept history + one chunk
+            assert st["kv_cells_allocated"] <= 1024
+            assert r["usage"]["prompt_tokens"] == len(llm._model.tokenize(render_chat(llm._model.ptr, messages)))
+            messages.append(r["choices"][0]["message"])
+
+
+def test_chunked_turn_fits_on_the_last_reply(model_path):
+    # Regression: a chunked turn was sized for the kept prompt + one chunk, but
+    # its first chunk lands on everything the last turn left, reply included
+    # (64 + 15 cells here): 79 + 192 > 256 cells, "no free KV cell".
+    b = Budget(prefill=64, decode=16, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b, prefill_chunk=192) as llm:
+        messages = [{"role": "user", "content": _words(60)}]
+        r = llm.create_chat_completion(messages, max_tokens=16)
+        messages += [r["choices"][0]["message"], {"role": "user", "content": _words(250, start=1)}]
+        r = llm.create_chat_completion(messages, max_tokens=16)
+        st = r["scope_edge"]
+        # 79 + 192 cells do not fit the first turn's 256: a bigger context, planned from the whole history
+        assert (st["kv_cells_allocated"], st["reused_prompt_tokens"]) == (512, 0)
+        assert st["kv_cells_peak"] <= b.prefill + b.decode
+        messages += [r["choices"][0]["message"], {"role": "user", "content": _words(250, start=2)}]
+        st = llm.create_chat_completion(messages, max_tokens=16)["scope_edge"]
+        assert st["kv_cells_allocated"] == 512 and st["reused_prompt_tokens"] > 0  # the next such turn reuses
+
+
 def test_bad_messages(model_path):
     with ScopeLlama(model_path) as llm:
         with pytest.raises(ValueError, match="empty"):

@@ -672,6 +672,79 @@ def test_close_from_another_thread_during_generation_does_not_crash(model_path, 
     assert "thread: finished" in proc.stdout or ("thread: raised" in proc.stdout and "closed" in proc.stdout)
 
 
+CLOSE_DURING_LONG_PREFILL = """
+import threading, time
+from scope_edge import ScopeLlama
+llm = ScopeLlama({path!r}, n_threads=1)
+prompt = llm._model.tokenize({text!r})
+def run():
+    try:
+        llm.generate(prompt, max_tokens=4)
+        print("thread: finished", flush=True)
+    except RuntimeError as exc:
+        print("thread: raised", exc, flush=True)
+t = threading.Thread(target=run)
+t.start()
+time.sleep(3.0)  # in the prefill: {n} tokens in 512-token decodes take far longer at one thread
+t0 = time.perf_counter()
+llm.close()
+print(f"main: closed in {{time.perf_counter() - t0:.2f}} s", flush=True)
+t.join()
+print("freed:", llm._ctx is None and llm._model.ptr is None, flush=True)
+"""
+
+
+def test_close_stops_a_long_prefill_mid_decode(model_path):
+    # Regression (issue #14.2): close() waited 60 s for the lock, then freed the
+    # context whether or not it got it, and an unchunked prefill runs its
+    # 512-token decodes with no check between them. Now llama.cpp's abort
+    # callback stops the running decode, and close() frees after it let go.
+    text = _text_of(6000)
+    with ScopeLlama(model_path, n_threads=T) as m:
+        n = len(m._model.tokenize(text))
+    assert 5000 < n < 8000  # unchunked (full cache), inside the trained context
+    script = CLOSE_DURING_LONG_PREFILL.format(path=model_path, text=text, n=n)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-2000:]}"
+    out = proc.stdout
+    assert "thread: raised" in out and "closed" in out, out
+    assert float(re.search(r"closed in ([0-9.]+) s", out).group(1)) < 2.0, out
+    assert "freed: True" in out, out
+
+
+def test_close_leaves_the_free_to_a_stream_suspended_in_another_thread(model_path, monkeypatch):
+    # close() never frees what another thread still holds: a stream suspended
+    # there keeps the memory until it resumes (and raises "closed").
+    m = ScopeLlama(model_path, budget=SMALL, n_threads=T)
+    monkeypatch.setattr(se_llama, "_CLOSE_WAIT", 0.2)
+    first = threading.Event()
+    resume = threading.Event()
+    outcome: list[str] = []
+
+    def consume() -> None:
+        s = m.stream(CHAT, max_tokens=50, ignore_eos=True)
+        next(s)
+        first.set()
+        resume.wait(60)
+        try:
+            next(s)
+            outcome.append("went on")
+        except RuntimeError as exc:
+            outcome.append(str(exc))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    assert first.wait(120)
+    m.close()  # returns after _CLOSE_WAIT: the other thread holds the lock
+    assert m._ctx is not None and m._model.ptr is not None  # not freed under the suspended stream
+    resume.set()
+    t.join(120)
+    assert outcome and "closed" in outcome[0], outcome
+    assert m._ctx is None and m._model.ptr is None  # the stream freed it as it ended
+    with pytest.raises(RuntimeError, match="closed"):
+        m.generate(CHAT, max_tokens=2)
+
+
 # =============================================================================
 # 6. The hook: graph checks, flash attention, version pin
 # =============================================================================
@@ -850,13 +923,25 @@ GRAPH_CASES: list[tuple[str, dict, int, str]] = [
     ("softmax F16", dict(sm_type=F16), -4, r"kq_soft_max-0: type 1 "),
     ("softmax rows != ubatch", dict(sm_rows=2), -4, r"kq_soft_max-0 has 2 query rows but the ubatch wrote 3 tokens"),
     ("no K write", dict(idx_name="k_idxs"), -3, r"no 'attn_inp_k_idxs' write into 'cache_k_l0' was seen"),
+    ("copy of another input", dict(idx_name="CUDA0#k_idxs#0"), -3, r"no 'attn_inp_k_idxs' write"),
+    ("mask copy renamed", dict(mask_name="CUDA0#kq_mask#0"), -3, r"kq_soft_max-0 has no 'attn_inp_kq_mask' operand"),
+    ("copy of a longer name", dict(idx_name="CUDA0#attn_inp_k_idxs_swa#0"), -3, r"no 'attn_inp_k_idxs' write"),
+]
+
+# The scheduler's copies of the inputs into a device split (ggml_backend_sched_split_graph
+# names them "<backend>#<input>#<copy>", cut to 63 characters): the hook must accept them.
+SCHED_COPIES = [
+    ("CUDA0#attn_inp_k_idxs#0", "MTL0#attn_inp_kq_mask#1"),
+    ("RPC0[127.0.0.1:50052]#attn_inp_k_idxs#0", "RPC0[127.0.0.1:50052]#attn_inp_kq_mask#0"),
+    ("RPC0[a-very-long-host-name.example.internal:50052]#attn_inp_k_i",  # 63 characters: cut
+     "RPC0[a-very-long-host-name.example.internal:50052]#attn_inp_kq_"),
 ]
 
 
-def _check_good_decode(hook: _native.Hook, *, mask_type=F32) -> None:
+def _check_good_decode(hook: _native.Hook, *, mask_type=F32, **names: str) -> None:
     g = _Graph()
     try:
-        nodes = _ubatch(g, mask_type=mask_type)
+        nodes = _ubatch(g, mask_type=mask_type, **names)
         g.alloc()
         hook.arm(11)
         rc, msg = _eval_decode(hook, [10, 11, 12], nodes)
@@ -954,3 +1039,28 @@ def test_hook_evict_refusals_change_nothing(tiny):
         assert set(before.tolist()) - set(m.kv_positions().tolist()) == {3, 4, 5, 7}
         _llama_agrees(m)
         assert ctx.hook.evict(ctx.ptr, np.zeros(0, dtype=np.int32)) == 0
+
+
+@pytest.mark.parametrize("idx_name,mask_name", SCHED_COPIES)
+def test_hook_reads_the_schedulers_copies_of_its_inputs(idx_name, mask_name):
+    assert all(len(n) <= 63 for n in (idx_name, mask_name))
+    hook = _native.Hook(n_cells=8, n_layer=1, n_head=2)
+    try:
+        _check_good_decode(hook, idx_name=idx_name, mask_name=mask_name)
+    finally:
+        hook.close()
+
+
+def test_hook_detects_a_cache_changed_behind_its_back(model_path):
+    # Regression (issue #14.4): evict/shift/truncate verify llama.cpp's view afterwards.
+    from scope_edge import ScopeLlama
+    from scope_edge._native import HookError
+
+    with ScopeLlama(model_path, n_ctx=512) as llm:
+        llm.generate("Tell me about the sea.", max_tokens=8)
+        ctx = llm._ctx
+        with pytest.raises(HookError, match=r"shift: positions up to .* would pass the int32 range"):
+            ctx.hook.shift(ctx.ptr, 0, 10, 2**31 - 5)
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx.ptr), 0, 0, 2)  # not through the hook
+        with pytest.raises(HookError, match=r"evict: llama.cpp holds positions \[2, \d+\] .* map holds \[0, "):
+            ctx.hook.evict(ctx.ptr, np.array([4], dtype=np.int32))

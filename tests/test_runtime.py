@@ -1,12 +1,17 @@
 """The runtime on the real default model: hook, cache map, identity, streaming."""
 from __future__ import annotations
 
+import functools
+import re
+import tracemalloc
+
 import llama_cpp
 import numpy as np
 import pytest
 
-from scope_edge import ScopeLlama
-from scope_edge.llama import _TextStream
+import scope_edge.llama as se_llama
+from scope_edge import Budget, ScopeLlama
+from scope_edge.llama import _Session, _TextStream
 
 # SmolLM2 answers through its chat template; a raw prompt often ends at once.
 PROMPT = (
@@ -58,6 +63,63 @@ def test_cell_map_matches_positions_across_ubatches_and_evictions(model_path):
         assert (pmin, pmax) == (0, n)
 
 
+def test_cell_map_and_stock_identity_across_ubatches_of_one_decode(model_path, monkeypatch):
+    # n_batch 512 over n_ubatch 128: llama.cpp splits each decode of the
+    # prompt (512 + the rest) into ubatches, each writing K through its own
+    # index tensor, which the hook must read in order.
+    monkeypatch.setattr(se_llama, "_Context", functools.partial(se_llama._Context, n_ubatch=128))
+    n_ctx, max_tokens = 1024, 32
+    with ScopeLlama(model_path, n_ctx=n_ctx) as llm:
+        prompt = llm._model.tokenize(PROMPT.replace("a message in a bottle", _text_of(700)))
+        assert 640 < len(prompt) < 896  # a 512-token decode (4 ubatches), then 2 more ubatches
+        got = llm.generate(prompt, max_tokens=max_tokens)
+        n = len(prompt) + len(got.tokens) - 1
+        held = llm._ctx.hook.cells()
+        np.testing.assert_array_equal(np.sort(held[held >= 0]), np.arange(n))
+        visible, pmin, pmax = _llama_view(llm)
+        assert visible == set(np.flatnonzero(held >= 0).tolist()) and (pmin, pmax) == (0, n - 1)
+    stock = llama_cpp.Llama(model_path, n_ctx=n_ctx, n_batch=512, n_ubatch=128, verbose=False)
+    try:
+        want = stock.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+    finally:
+        stock.close()
+    assert got.text == want["choices"][0]["text"]
+    assert len(got.tokens) == want["usage"]["completion_tokens"] == max_tokens
+
+    # under a budget: chunks of 512 over four ubatches, evictions between them
+    b = Budget(prefill=128, decode=32, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b) as llm:
+        st = llm.generate(prompt, max_tokens=40, ignore_eos=True).stats
+        assert st.evicted_cells > 0 and st.prefill_cells_peak >= 512
+        nxt = int(llm.kv_positions()[-1]) + 1  # one more step, so the mask shows the cells after the last eviction
+        llm._ctx.decode([prompt[0]], [nxt], want_logits=True)
+        held = llm._ctx.hook.cells()
+        positions = llm.kv_positions()
+        np.testing.assert_array_equal(np.sort(held[held >= 0]), positions)
+        visible, pmin, pmax = _llama_view(llm)
+        assert visible == set(np.flatnonzero(held >= 0).tolist())
+        assert (pmin, pmax) == (positions[0], positions[-1]) and len(positions) <= b.total + 1
+
+
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+def test_kv_bytes_allocated_is_what_llama_cpp_allocated(model_path, type_k):
+    # llama.cpp's own account (its log), not our formula on both sides
+    lines: list[str] = []
+    capture = llama_cpp.llama_log_callback(lambda level, text, data: lines.append(text.decode("utf-8", "replace")))
+    b = Budget(prefill=64, decode=32, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b, type_k=type_k) as llm:
+        llama_cpp.llama_log_set(capture, None)
+        try:
+            st = llm.generate(PROMPT, max_tokens=8).stats
+        finally:
+            llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    log = "".join(lines)
+    mib = [float(x) for x in re.findall(r"KV buffer size =\s*([0-9.]+) MiB", log)]
+    cells = [int(x) for x in re.findall(r"\(\s*(\d+) cells", log)]
+    assert len(mib) == 1 and cells == [st.kv_cells_allocated], log
+    assert abs(mib[0] * 2**20 - st.kv_bytes_allocated) <= 0.005 * 2**20  # the log rounds to 0.01 MiB
+
+
 def test_evicted_cells_are_invisible_and_reused(model_path):
     with ScopeLlama(model_path, n_ctx=1024) as llm:
         prompt = llm._model.tokenize(_text_of(300))
@@ -70,11 +132,50 @@ def test_evicted_cells_are_invisible_and_reused(model_path):
         nxt = int(llm.kv_positions()[-1]) + 1
         ctx.decode(prompt[:5], range(nxt, nxt + 5), want_logits=True)
         visible, _, _ = _llama_view(llm)
-        assert not (visible & set()) and len(visible) == len(llm.kv_positions())
         after = ctx.hook.cells()
+        assert visible == set(np.flatnonzero(after >= 0).tolist())  # the mask shows exactly the cells held
+        assert len(visible) == len(llm.kv_positions())
         new_cells = set(np.flatnonzero(after >= nxt).tolist())
         assert new_cells <= freed_cells  # llama.cpp reuses freed cells first
+        assert not (freed_cells - new_cells) & visible  # freed and not refilled: masked
         assert not set(evict.tolist()) & set(llm.kv_positions().tolist())
+
+
+def test_session_step_costs_follow_the_held_cells_not_the_history():
+    # Regression (issue #14.3): every eviction rebuilt Python lists over every
+    # token ever fed. Now a step allocates in the cells held (64 here), and the
+    # history costs 4 bytes a token (the ids, for matching the next prompt).
+    tracemalloc.start()
+    s = _Session()
+    for start in range(0, 100_000, 1000):
+        s.record(range(start, start + 1000), range(start, start + 1000))
+        s.forget(s.held_pos[:-64])
+    history, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    before, _ = tracemalloc.get_traced_memory()
+    s.record([7], [100_000])
+    s.forget(s.held_pos[:1])
+    s.renumber(s.held_pos, np.arange(len(s.held_pos), dtype=np.int32))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert history < 5 * 100_000, history
+    assert peak - before < 16_384, peak - before
+    assert s.held_upto(100_001) == len(s.held_pos) == 64 and s.held_upto(99_937) == 0
+    np.testing.assert_array_equal(s.held_pos, np.arange(64))
+    assert s.common_prefix(list(range(500)) + [-1]) == 500
+
+
+def test_session_matches_the_cache_over_a_long_budgeted_run(model_path):
+    b = Budget(prefill=32, decode=32, observation_window=8, recent_window=8)
+    with ScopeLlama(model_path, budget=b) as llm:
+        prompt = llm._model.tokenize(PROMPT)
+        out = llm.generate(prompt, max_tokens=600, ignore_eos=True)
+        s = llm._session
+        fed = prompt + out.tokens[:-1]  # the last token is sampled, never fed
+        np.testing.assert_array_equal(s.held_pos, llm.kv_positions())
+        np.testing.assert_array_equal(np.asarray(s.tokens)[s.held_index], np.asarray(fed)[s.held_pos])
+        assert s.common_prefix(fed + [1]) == len(fed) and s.held_upto(len(fed)) == len(llm.kv_positions())
+        assert s.next_pos == len(fed)
 
 
 def test_hook_refuses_bad_evictions(model_path):
