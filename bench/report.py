@@ -128,10 +128,41 @@ def beyond(d: dict) -> str:
     return "\n".join(out)
 
 
+def device(d: dict) -> str:
+    out = []
+    h = d.get("headline")
+    if h:
+        out.append(f"every layer on the RPC device, prompt {h['prompt']} + {h['tokens']}, budgets "
+                   f"{h['budget'][0]}/{h['budget'][1]}; stock on the device: {h['stock']['kv_cells']:,} cells, "
+                   f"{h['stock']['decode_tokens_per_s']:.1f} tok/s\n")
+        out.append(_table(["run", "cells", "decode tok/s", "vs stock", "captured steps", "reads / step",
+                           "MB / captured step"],
+                          [[name, f"{r['kv_cells']:,}", f"{r['decode_tokens_per_s']:.1f}", f"{r['vs_stock']:.2f}x",
+                            f"{r['captured_steps']:,}", f"{r['reads_per_step']:.1f}",
+                            f"{r['bytes_per_captured_step'] / 1e6:.2f}" if r["captured_steps"] else "-"]
+                           for name, r in ((n, h[n]) for n in ("full", "slide", "slide_upper_half") if n in h)]))
+    rows = [[s, *[f"{d[w][s]['decode_tokens_per_s']:.1f} / {d[w][s]['stock_same_cells_tokens_per_s']:.1f} = "
+                  f"{d[w][s]['vs_stock']:.2f}x" for w in ("steady_cpu", "steady_device")], f"{d['steady_cpu'][s]['kv_cells']:,}"]
+            for s in d["steady_cpu"]]
+    out.append("\nsteady state (decode cache full), ours / stock at the same cells\n")
+    out.append(_table(["strategy", "CPU tok/s", "RPC device tok/s", "cells"], rows))
+    return "\n".join(out)
+
+
+def long_run(d: dict) -> str:
+    w, s = d["windows"], d["summary"]
+    return (f"{d['strategy']}, budgets {d['budget']['prefill']}/{d['budget']['decode']}, {w[-1]['tokens']:,} tokens "
+            f"in windows of {d['window']:,}: first window {w[0]['tokens_per_s']:.1f} tok/s, last "
+            f"{w[-1]['tokens_per_s']:.1f} (x{s['tokens_per_s_last_over_first']:.2f}), slowest "
+            f"{min(x['tokens_per_s'] for x in w):.1f}, fastest {max(x['tokens_per_s'] for x in w):.1f}; RSS "
+            f"{w[0]['rss_bytes'] / MIB:.1f} -> {w[-1]['rss_bytes'] / MIB:.1f} MiB; at most {s['max_cells_held']} cells held")
+
+
 REPORTS: dict[str, Callable] = {
     "headline.json": headline, "headline_2048.json": headline, "fidelity.json": fidelity,
     "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
+    "device.json": device, "long_run.json": long_run,
 }
 
 

@@ -1,11 +1,11 @@
-"""Reproduce every number and plot in bench/results/ (about an hour on 2 cores).
+"""Reproduce every number and plot in bench/results/ (about two hours on 2 cores).
 
     python bench/run_all.py [--quick]
 
 Runs, in order: headline.py (2048 + 4096, every strategy; and 2048 + 2048
 without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
-plots.py. --quick uses small sizes to check the pipeline end to end.
+device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), plots.py. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("speed.py", [], ["--contexts", "512", "1024", "--steps", "16", "--hook-cached"]),
     ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128",
                        "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
+    ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
+                       "--steady-steps", "8", "--steady-size", "64"]),
+    ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("plots.py", [], []),
 ]
 

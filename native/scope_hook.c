@@ -40,6 +40,8 @@ struct scope_hook {
 
     /* attention capture */
     int32_t   capture_from;  /* capture query rows at positions >= this; -1 off */
+    uint8_t * capture_layer; /* [n_layer] 1: layer il is captured */
+    int32_t   first_layer;   /* lowest captured layer */
     float   * acc;           /* [n_layer][n_head][n_cells] */
     int32_t * rows;          /* [n_layer] query rows summed */
     float   * scratch;
@@ -88,13 +90,15 @@ scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head) {
     h->visible  = calloc((size_t) n_cells, 1);
     h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
     h->rows     = calloc((size_t) n_layer, sizeof(int32_t));
-    if (!h->cell_pos || !h->visible || !h->acc || !h->rows) {
+    h->capture_layer = malloc((size_t) n_layer);
+    if (!h->cell_pos || !h->visible || !h->acc || !h->rows || !h->capture_layer) {
         scope_hook_free(h);
         return NULL;
     }
     for (int32_t i = 0; i < n_cells; i++) {
         h->cell_pos[i] = -1;
     }
+    memset(h->capture_layer, 1, (size_t) n_layer);
     return h;
 }
 
@@ -107,6 +111,7 @@ void scope_hook_free(scope_hook * h) {
     free(h->visible);
     free(h->acc);
     free(h->rows);
+    free(h->capture_layer);
     free(h->scratch);
     free(h);
 }
@@ -328,7 +333,7 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     if (il == 0) {
         on_mask(h, t);
     }
-    return h->capture_from >= 0;
+    return h->capture_from >= 0 && h->capture_layer[il];
 }
 
 int32_t scope_hook_begin(scope_hook * h, const int32_t * positions, int32_t n_tokens) {
@@ -386,14 +391,34 @@ int32_t scope_hook_end(scope_hook * h) {
                     "attention graph with flash attention off", SOFTMAX_PREFIX, MASK_NAME, h->n_mask, h->n_ubatch);
     }
     if (h->capture_from >= 0 && h->batch_pos[h->batch_n - 1] >= h->capture_from) {
+        const int32_t want = h->rows[h->first_layer];
         for (int32_t il = 0; il < h->n_layer; il++) {
-            if (h->rows[il] == 0 || h->rows[il] != h->rows[0]) {
-                return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer 0: %d): attention "
+            if (h->capture_layer[il] && (h->rows[il] == 0 || h->rows[il] != want)) {
+                return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer %d: %d): attention "
                             "capture needs flash attention off and the standard attention graph",
-                            il, h->rows[il], h->rows[0]);
+                            il, h->rows[il], h->first_layer, want);
             }
         }
     }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_capture_layers(scope_hook * h, const uint8_t * layers, int32_t n_layer) {
+    if (!h || n_layer != h->n_layer) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "capture_layers: %d flags for %d layers", n_layer, h->n_layer)
+                 : SCOPE_HOOK_E_ARG;
+    }
+    int32_t first = -1;
+    for (int32_t il = n_layer - 1; layers && il >= 0; il--) {
+        first = layers[il] ? il : first;
+    }
+    if (layers && first < 0) {
+        return fail(h, SCOPE_HOOK_E_ARG, "capture_layers: no layer chosen");
+    }
+    for (int32_t il = 0; il < n_layer; il++) {
+        h->capture_layer[il] = layers ? layers[il] != 0 : 1;
+    }
+    h->first_layer = layers ? first : 0;
     return SCOPE_HOOK_OK;
 }
 

@@ -78,6 +78,12 @@ int32_t scope_hook_end(scope_hook * hook);
  * SCOPE_HOOK_CAPTURE_OFF stops capturing and keeps the sums readable. */
 int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
 
+/* Capture only the layers whose flag is non-zero (layers[n_layer]; NULL:
+ * every layer, the default). The sums of the other layers stay 0. Each
+ * captured layer costs one synchronisation of the graph and one read per
+ * step, so fewer layers are cheaper, most of all on a device. */
+int32_t scope_hook_capture_layers(scope_hook * hook, const uint8_t * layers, int32_t n_layer);
+
 /* Gather the accumulated sums of cells[0..n) (each in [0, n_cells)), laid out
  * [n_layer][n_head][n], into out (capacity in floats). rows_out (n_layer
  * entries, may be NULL) receives the number of query rows summed per layer. */

@@ -56,6 +56,7 @@ def _load() -> ctypes.CDLL:
         "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
         "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
+        "scope_hook_capture_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_capture_gather": (
             ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
         "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
@@ -145,6 +146,11 @@ class Hook:
         decodes, from zeroed accumulators. None stops capturing; what was
         captured stays readable through capture() until the next arm."""
         self._check(_lib.scope_hook_capture_arm(self._ptr, -1 if from_pos is None else from_pos))
+
+    def capture_layers(self, layers: np.ndarray | None) -> None:
+        """Capture only the layers flagged in layers (bool [n_layer]); None: every layer."""
+        flags = None if layers is None else np.ascontiguousarray(layers, dtype=np.uint8).tobytes()
+        self._check(_lib.scope_hook_capture_layers(self._ptr, flags, self.n_layer))
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""

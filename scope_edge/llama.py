@@ -203,6 +203,19 @@ def _aborted(flag: int) -> bool:
 _ABORT_CALLBACK = llama_cpp.ggml_abort_callback(_aborted.address)
 
 
+def _layer_flags(layers: Sequence[int] | None, n_layer: int) -> np.ndarray | None:
+    """capture_layers as flags [n_layer] (None: every layer)."""
+    if layers is None:
+        return None
+    picked = list(layers) if not isinstance(layers, (str, bytes)) else None
+    if not picked or any(not is_int(i) or not 0 <= i < n_layer for i in picked) or len(set(picked)) != len(picked):
+        raise ValueError(f"capture_layers must be distinct layer indices in [0, {n_layer}) (None: every layer), "
+                         f"got {layers!r}")
+    flags = np.zeros(n_layer, dtype=bool)
+    flags[picked] = True
+    return flags
+
+
 class _Context:
     """A llama_context of n_cells KV cells with our hook as eval callback.
     A decode stops at its next graph node once `abort` is set (close()).
@@ -337,6 +350,13 @@ class ScopeLlama:
 
     head_reduce: how a cell's score aggregates attention heads per layer: "max"
         (default; measured closer to the full cache, see README Results) or "sum".
+    capture_layers: the layers whose attention scores cells (None: every
+        layer). Each captured layer makes llama.cpp synchronise once per
+        selection step and costs one read: with offloaded layers, one
+        transfer from the device; fewer layers are cheaper there.
+    n_gpu_layers, main_gpu, tensor_split, rpc_servers: offload, as
+        scope_edge.devices.Devices documents (rpc_servers: 'host:port' of
+        llama.cpp RPC servers, probed before use).
     n_ctx: fixed KV cells; None sizes the context per generation to what the
         budgets need (the full cache: prompt + max_tokens).
     type_k: K cache type, "f16", "q8_0" or "q4_0". V stays f16: a quantized V
@@ -357,6 +377,7 @@ class ScopeLlama:
         strategy: str = "slide",
         prefill_selector: str | None = None,
         head_reduce: str = "max",
+        capture_layers: Sequence[int] | None = None,
         n_ctx: int | None = None,
         n_threads: int | None = None,
         n_gpu_layers: int = 0,
@@ -401,9 +422,11 @@ class ScopeLlama:
         self._model = _Model(self.model_path, devices=devices)
         try:
             self._model.check_supported(self.model_path)
+            self._capture_flags = _layer_flags(capture_layers, self._model.n_layer)
         except ValueError:
             self._model.close()
             raise
+        self.capture_layers = capture_layers
         self.budget = budget
         self.strategy = strategy
         self.prefill_selector = prefill_selector
@@ -675,6 +698,7 @@ class ScopeLlama:
             type_k=self.type_k,
             abort=self._closing,
         )
+        self._ctx.hook.capture_layers(self._capture_flags)
         return self._ctx
 
     def _drop_context(self) -> None:

@@ -194,3 +194,30 @@ def test_malformed_endpoints_are_refused(bad):
 def test_bad_device_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ScopeLlama("unused.gguf", **kwargs)
+
+
+def test_capturing_fewer_layers_reads_only_those(model_path, endpoint):
+    upper = list(range(15, 30))
+    b = Budget(prefill=48, decode=32, observation_window=8, recent_window=8)
+    runs = {}
+    for layers in (None, upper):
+        with ScopeLlama(model_path, budget=b, capture_layers=layers, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
+            st = llm.generate(PROMPT, max_tokens=60, ignore_eos=True).stats
+            ctx = llm._ctx
+            pos = int(llm.kv_positions()[-1]) + 1
+            ctx.hook.arm(pos)
+            ctx.decode([100], [pos], want_logits=True)
+            ctx.hook.arm(None)
+            runs[layers is None] = (st, ctx.hook.capture())
+    (st_all, cap_all), (st_half, cap_half) = runs[True], runs[False]
+    np.testing.assert_allclose(cap_half.attn[15:].sum(axis=-1), 1.0, rtol=1e-4)
+    assert not cap_half.attn[:15].any() and (cap_half.rows[:15] == 0).all() and (cap_half.rows[15:] == 1).all()
+    np.testing.assert_allclose(cap_all.attn.sum(axis=-1), 1.0, rtol=1e-4)
+    assert st_half.captured_steps == st_all.captured_steps > 0
+    assert st_half.hook_bytes_read < 0.6 * st_all.hook_bytes_read  # half the layers, about half the transfers
+
+
+@pytest.mark.parametrize("layers", [[], [30], [-1], [3, 3], "12", [1.0]])
+def test_bad_capture_layers(model_path, layers):
+    with pytest.raises(ValueError, match=r"capture_layers must be distinct layer indices in \[0, 30\)"):
+        ScopeLlama(model_path, capture_layers=layers)
