@@ -16,6 +16,7 @@ so endpoints are probed here first and refused with a clear error.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import socket
@@ -75,6 +76,7 @@ def available() -> bool:
     return _library("ggml-rpc") is not None
 
 
+@functools.cache
 def _rpc_lib() -> ctypes.CDLL:
     lib = _library("ggml-rpc")
     if lib is None:
@@ -88,6 +90,7 @@ def _rpc_lib() -> ctypes.CDLL:
     return lib
 
 
+@functools.cache
 def ggml_lib() -> ctypes.CDLL:
     """libggml (the backend registry) with the signatures used here."""
     lib = _library("ggml")
