@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from scope_edge import Budget, ScopeLlama
 from scope_edge.bench import (BenchConfig, lockstep, logbook_prompt, machine, run_ideal, run_ours,
-                              run_stock)
+                              run_stock, save_results)
 
 log = logging.getLogger("bench.beyond")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +68,7 @@ def chunking(args: argparse.Namespace) -> dict:
     variants = [(sel, chunked) for sel in ("snapkv", "h2o") for chunked in (True, False)]
     llms = [ScopeLlama(path, budget=budget, strategy="slide", prefill_selector=sel, chunked_prefill=chunked)
             for sel, chunked in variants]
-    eog = np.array(llms[0]._model.eog_tokens(), dtype=np.int64)
+    eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
     try:
         res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)
         cells = [llm.n_ctx for llm in llms]
@@ -79,6 +78,25 @@ def chunking(args: argparse.Namespace) -> dict:
     rows = [{"selector": sel, "chunked": chunked, "kv_cells_allocated": n, **r.as_dict()}
             for (sel, chunked), n, r in zip(variants, cells, res)]
     return {"prompt_tokens": args.chunk_prompt, "max_tokens": args.chunk_gen, "rows": rows}
+
+
+def table(out: dict) -> str:
+    lines = []
+    if "targets" in out:
+        t = out["targets"]
+        lines.append(f"prompt {t['prompt_tokens']} + {t['max_tokens']}: stock f16 KV "
+                     f"{t['stock']['kv_bytes'] / 2**20:.1f} MiB, decode {t['stock']['decode_tokens_per_s']:.1f} tok/s")
+        for r in t["ours"]:
+            lines.append(f"  K {r['type_k']:5} KV {r['ours']['kv_bytes_allocated'] / 2**20:6.1f} MiB "
+                         f"({r['kv_bytes_vs_stock_f16']:.1%} of stock f16), decode "
+                         f"{r['ours']['decode_tokens_per_s']:.1f} tok/s = {r['decode_vs_stock']:.2f}x stock, "
+                         f"{r['decode_vs_ideal']:.2f} of ideal ({r['ideal']['decode_tokens_per_s']:.1f})")
+    if "chunking" in out:
+        for r in out["chunking"]["rows"]:
+            lines.append(f"  {r['selector']:7} {'chunked' if r['chunked'] else 'one-shot':9} cells "
+                         f"{r['kv_cells_allocated']}: top-1 {r['top1_agreement']:.1%}, mean KL {r['mean_kl']:.4f}, "
+                         f"max KL {r['max_kl']:.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -92,6 +110,7 @@ def main() -> None:
     ap.add_argument("--skip-targets", action="store_true")
     ap.add_argument("--skip-chunking", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "beyond.json"))
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out: dict = {"machine": machine()}
@@ -99,21 +118,7 @@ def main() -> None:
         out["targets"] = targets(args)
     if not args.skip_chunking:
         out["chunking"] = chunking(args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    if "targets" in out:
-        t = out["targets"]
-        print(f"prompt {t['prompt_tokens']} + {t['max_tokens']}: stock f16 KV {t['stock']['kv_bytes'] / 2**20:.1f} MiB, "
-              f"decode {t['stock']['decode_tokens_per_s']:.1f} tok/s")
-        for r in t["ours"]:
-            print(f"  K {r['type_k']:5} KV {r['ours']['kv_bytes_allocated'] / 2**20:6.1f} MiB "
-                  f"({r['kv_bytes_vs_stock_f16']:.1%} of stock f16), decode {r['ours']['decode_tokens_per_s']:.1f} tok/s "
-                  f"= {r['decode_vs_stock']:.2f}x stock, {r['decode_vs_ideal']:.2f} of ideal "
-                  f"({r['ideal']['decode_tokens_per_s']:.1f})")
-    if "chunking" in out:
-        for r in out["chunking"]["rows"]:
-            print(f"  {r['selector']:7} {'chunked' if r['chunked'] else 'one-shot':9} cells {r['kv_cells_allocated']}: "
-                  f"top-1 {r['top1_agreement']:.1%}, mean KL {r['mean_kl']:.4f}, max KL {r['max_kl']:.2f}")
+    save_results(args.out, out, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

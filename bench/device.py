@@ -23,13 +23,12 @@ Writes bench/results/device.json; ratios only (the machine is shared).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
 from scope_edge import Budget, ScopeLlama, models, rpc
-from scope_edge.bench import logbook_prompt, machine, run_ideal, run_stock
+from scope_edge.bench import logbook_prompt, machine, run_ideal, run_stock, save_results
 from scope_edge.policies import STRATEGIES
 
 log = logging.getLogger("bench.device")
@@ -97,6 +96,18 @@ def steady(path: str, steps: int, size: int, **device: object) -> dict:
     return rows
 
 
+def table(res: dict) -> str:
+    lines = []
+    h = res.get("headline")
+    if h:
+        lines.append(f"device, {h['prompt']} + {h['tokens']}: stock {h['stock']['decode_tokens_per_s']:.1f} tok/s; "
+                     + "; ".join(f"{n} {h[n]['vs_stock']:.2f}x, {h[n]['bytes_per_captured_step'] / 1e6:.2f} MB/captured step"
+                                 for n in ("full", "slide", "slide_upper_half")))
+    for where in ("steady_cpu", "steady_device"):
+        lines.append(where + " " + " ".join(f"{s} {r['vs_stock']:.2f}x" for s, r in res[where].items()))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=2048)
@@ -121,18 +132,7 @@ def main() -> None:
         res["steady_cpu"] = steady(path, args.steady_steps, args.steady_size)
         res["steady_device"] = steady(path, args.steady_steps, args.steady_size,
                                       rpc_servers=[server.endpoint], n_gpu_layers=-1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.json:
-        print(json.dumps(res))
-        return
-    h = res.get("headline")
-    if h:
-        print(f"device, {h['prompt']} + {h['tokens']}: stock {h['stock']['decode_tokens_per_s']:.1f} tok/s; "
-              + "; ".join(f"{n} {h[n]['vs_stock']:.2f}x, {h[n]['bytes_per_captured_step'] / 1e6:.2f} MB/captured step"
-                          for n in ("full", "slide", "slide_upper_half")))
-    for where in ("steady_cpu", "steady_device"):
-        print(where, " ".join(f"{s} {r['vs_stock']:.2f}x" for s, r in res[where].items()))
+    save_results(args.out, res, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama
-from scope_edge.bench import BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock
-from scope_edge.policies import Policy, SnapKV
+from scope_edge.bench import BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock, save_results
+from scope_edge.policies import Policy, SnapKV, build
 
 log = logging.getLogger("bench.fidelity")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,23 +74,24 @@ class LayerSnapKV(SnapKV):
         return super().score(positions, np.asarray(attn)[self.first_layer:])
 
 
-def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
-    """slide with v's prefill scoring. Layer subsets are not a ScopeLlama
-    option, so those replace the instance's policy factory."""
+def variant_policy(v: Variant, prefill: int, decode: int) -> Policy:
+    """slide under budgets prefill:decode with v's prefill scoring. Layer
+    subsets are not a named option, so a SnapKV variant gets LayerSnapKV
+    with the same budget and window."""
     budget = Budget(prefill=prefill, decode=decode, observation_window=v.observation_window,
                     recent_window=max(1, decode // 2))
-    llm = ScopeLlama(path, budget=budget, strategy="slide", prefill_selector=v.selector, head_reduce=v.head_reduce)
-    base_policy = llm._policy
+    policy = build(budget, strategy="slide", prefill_selector=v.selector, head_reduce=v.head_reduce)
+    if not isinstance(policy.prefill, SnapKV):
+        return policy
+    snap = policy.prefill
+    # budget= is what makes it evict: a SnapKV without one keeps every prompt cell
+    return Policy(prefill=LayerSnapKV(budget=snap.budget, window=snap.window, kernel=v.kernel,
+                                      head_reduce=v.head_reduce, first_layer=v.first_layer),
+                  decode=policy.decode)
 
-    def policy(max_tokens: int) -> Policy:
-        p = base_policy(max_tokens)
-        if isinstance(p.prefill, SnapKV):
-            p = Policy(prefill=LayerSnapKV(window=p.prefill.window, kernel=v.kernel, head_reduce=v.head_reduce,
-                                           first_layer=v.first_layer), decode=p.decode)
-        return p
 
-    llm._policy = policy  # type: ignore[method-assign]
-    return llm
+def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
+    return ScopeLlama(path, policy=variant_policy(v, prefill, decode))
 
 
 def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]]) -> list[dict]:
@@ -115,13 +115,29 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
     prompt = logbook_prompt(path, prompt_tokens)
     stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
     llms = [variant_llm(path, v, prefill, decode) for v in VARIANTS]
-    eog = np.array(llms[0]._model.eog_tokens(), dtype=np.int64)
+    eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
     try:
         res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)
     finally:
         for llm in llms:
             llm.close()
     return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
+
+
+def table(out: dict) -> str:
+    lines = []
+    if out.get("sweep"):
+        lines.append(f"{'budget':>8} {'mem':>5} {'strategy':14} {'top-1':>6} {'mean KL':>8} {'max KL':>7} "
+                     f"{'prefix':>6} {'ROUGE-L':>7}")
+    for r in out.get("sweep", []):
+        c, f = r["config"], r["fidelity"]
+        lines.append(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} {c['strategy']:14} "
+                     f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
+                     f"{f['rouge_l']:7.3f}")
+    for r in out.get("aggregation", []):
+        lines.append(f"{r['variant']['name']:24} top-1 {r['top1_agreement']:6.1%} mean KL {r['mean_kl']:.4f} "
+                     f"max KL {r['max_kl']:.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -145,18 +161,7 @@ def main() -> None:
         mid = budgets[len(budgets) // 2]
         out["aggregation_budget"] = list(mid)
         out["aggregation"] = aggregation(args.prompt_tokens, args.max_tokens, *mid)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    if args.json:
-        print(json.dumps(out))
-        return
-    print(f"{'budget':>8} {'mem':>5} {'strategy':14} {'top-1':>6} {'mean KL':>8} {'max KL':>7} {'prefix':>6} {'ROUGE-L':>7}")
-    for r in out.get("sweep", []):
-        c, f = r["config"], r["fidelity"]
-        print(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} {c['strategy']:14} "
-              f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} {f['rouge_l']:7.3f}")
-    for r in out.get("aggregation", []):
-        print(f"{r['variant']['name']:24} top-1 {r['top1_agreement']:6.1%} mean KL {r['mean_kl']:.4f} max KL {r['max_kl']:.2f}")
+    save_results(args.out, out, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,10 @@ Writes bench/results/headline.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from scope_edge.bench import BenchConfig, run_many
+from scope_edge.bench import BenchConfig, run_many, save_results
 from scope_edge.policies import STRATEGIES
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,6 +47,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
     ap.add_argument("--no-fidelity", action="store_true", help="memory and speed only (no lockstep pass)")
     ap.add_argument("--out", default=str(RESULTS / "headline.json"))
+    ap.add_argument("--json", action="store_true", help="print one JSON array as the last line")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfgs = [BenchConfig(prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=s,
@@ -55,9 +55,7 @@ def main() -> None:
                         fidelity=not args.no_fidelity)
             for s in args.strategies]
     rows = run_many(cfgs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
-    print(table(rows))
+    save_results(args.out, rows, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -6,25 +6,35 @@ For each cached-context length it prefills the same random tokens and then
 times `steps` single-token decodes, in four set-ups that alternate within
 each repeat (the machine is shared, so only same-run ratios mean anything):
   stock    llama_cpp.Llama.eval, no callback
-  bare     our decode driver, no callback installed (isolates Python overhead)
-  hook     our hook installed, no capture (maps cells, reads the mask)
-  capture  our hook capturing kq_soft_max of every layer on every step
+  bare     a stock llama_cpp.Llama's context (no callback installed) driven
+           by the same decode loop as hook and capture: one llama_batch per
+           step, llama_decode, a copy of the logits (isolates the hook from
+           the Python overhead of the loop)
+  hook     ScopeLlama(budget=None)'s context (scope_edge.runtime.context.Context):
+           our hook installed, no capture (maps cells, reads the mask)
+  capture  the same, capturing kq_soft_max of every layer on every step
+           (`with ctx.capturing(pos):` around the decode, then ctx.capture())
+Every context: N_CTX cells, llama-cpp-python's default threads (ScopeLlama
+uses the same), ubatch 512, K and V f16, flash attention off.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import time
+from collections.abc import Sequence
 
 import llama_cpp
 import numpy as np
 
 from scope_edge import ScopeLlama, models
+from scope_edge.bench import save_results
 
 log = logging.getLogger("bench.hook_overhead")
 N_CTX = 8192
+N_BATCH = 512
+MODES = ("stock", "bare", "hook", "capture")
 
 
 def _tokens(n: int, seed: int = 0) -> list[int]:
@@ -32,7 +42,7 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
 
 
 def time_stock(path: str, prompt: list[int], steps: list[int]) -> float:
-    llm = llama_cpp.Llama(path, n_ctx=N_CTX, verbose=False)
+    llm = llama_cpp.Llama(path, n_ctx=N_CTX, flash_attn=False, verbose=False)
     try:
         llm.eval(prompt)
         t0 = time.perf_counter()
@@ -43,34 +53,70 @@ def time_stock(path: str, prompt: list[int], steps: list[int]) -> float:
         llm.close()
 
 
-def time_ours(path: str, prompt: list[int], steps: list[int], mode: str) -> float:
-    with ScopeLlama(path, n_ctx=N_CTX) as llm:
-        ctx = llm._ctx
-        if mode == "bare":  # same driver, llama.cpp without our callback
-            llama_cpp.llama_free(ctx.ptr)
-            params = llama_cpp.llama_context_default_params()
-            params.n_ctx, params.n_batch, params.n_ubatch = N_CTX, 512, 512
-            params.n_threads, params.n_threads_batch = llm._n_threads, llm._n_threads_batch
-            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            ctx.ptr = llama_cpp.llama_init_from_model(llm._model.ptr, params)
-            ctx.hook.begin = ctx.hook.end = lambda *a: None  # nothing to bracket
-        for i in range(0, len(prompt), 512):
-            chunk = prompt[i : i + 512]
-            ctx.decode(chunk, range(i, i + len(chunk)), want_logits=True)
-        pos = len(prompt)
-        t0 = time.perf_counter()
-        for tok in steps:
-            if mode == "capture":
-                ctx.hook.arm(pos)
+class BareContext:
+    """A stock llama_cpp.Llama's context, no eval callback, with the decode()
+    and logits() of scope_edge's Context minus the hook's bracketing."""
+
+    def __init__(self, path: str) -> None:
+        self.llm = llama_cpp.Llama(path, n_ctx=N_CTX, n_batch=N_BATCH, n_ubatch=N_BATCH, flash_attn=False,
+                                   verbose=False)
+        self.batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self.n_vocab = self.llm.n_vocab()
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], *, want_logits: bool) -> None:
+        b, n = self.batch, len(tokens)
+        for i, (tok, pos) in enumerate(zip(tokens, positions)):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 0
+        b.logits[n - 1] = want_logits
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self.llm.ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with {rc}")
+
+    def logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def close(self) -> None:
+        llama_cpp.llama_batch_free(self.batch)
+        self.llm.close()
+
+
+def _drive(ctx, prompt: list[int], steps: list[int], *, capture: bool) -> float:
+    """Prefill prompt, then time one decode (and logits copy) per step;
+    capture: every step's attention rows captured and read."""
+    for i in range(0, len(prompt), N_BATCH):
+        chunk = prompt[i : i + N_BATCH]
+        ctx.decode(chunk, range(i, i + len(chunk)), want_logits=True)
+    pos = len(prompt)
+    t0 = time.perf_counter()
+    for tok in steps:
+        if capture:
+            with ctx.capturing(pos):
+                ctx.decode([tok], [pos], want_logits=True)
+            ctx.capture()
+        else:
             ctx.decode([tok], [pos], want_logits=True)
-            if mode == "capture":
-                ctx.hook.capture()
-            ctx.logits()
-            pos += 1
-        rate = len(steps) / (time.perf_counter() - t0)
-        if mode == "capture":
-            ctx.hook.arm(None)
-        return rate
+        ctx.logits()
+        pos += 1
+    return len(steps) / (time.perf_counter() - t0)
+
+
+def time_ours(path: str, prompt: list[int], steps: list[int], mode: str) -> float:
+    if mode == "bare":
+        bare = BareContext(path)
+        try:
+            return _drive(bare, prompt, steps, capture=False)
+        finally:
+            bare.close()
+    with ScopeLlama(path, n_ctx=N_CTX) as llm:  # a fixed n_ctx: the context exists from the start
+        ctx = llm.context
+        assert ctx is not None and ctx.n_cells == N_CTX
+        return _drive(ctx, prompt, steps, capture=mode == "capture")
 
 
 def run(cached: list[int], n_steps: int, repeats: int) -> dict:
@@ -78,7 +124,7 @@ def run(cached: list[int], n_steps: int, repeats: int) -> dict:
     out: dict = {"n_ctx": N_CTX, "steps": n_steps, "repeats": repeats, "results": {}}
     for n in cached:
         prompt, steps = _tokens(n), _tokens(n_steps, seed=1)
-        rates: dict[str, list[float]] = {m: [] for m in ("stock", "bare", "hook", "capture")}
+        rates: dict[str, list[float]] = {m: [] for m in MODES}
         for r in range(repeats):
             for mode in rates:
                 rate = time_stock(path, prompt, steps) if mode == "stock" else time_ours(path, prompt, steps, mode)
@@ -96,23 +142,26 @@ def run(cached: list[int], n_steps: int, repeats: int) -> dict:
     return out
 
 
+def table(res: dict) -> str:
+    lines = [f"{'cached':>7} {'stock':>7} {'bare':>7} {'hook':>7} {'capture':>8} {'hook/stock':>10} {'capt/stock':>10}"]
+    for n, r in res["results"].items():
+        d = r["decode_tokens_per_s"]
+        lines.append(f"{n:>7} {d['stock']:7.1f} {d['bare']:7.1f} {d['hook']:7.1f} {d['capture']:8.1f} "
+                     f"{r['hook_vs_stock']:10.3f} {r['capture_vs_stock']:10.3f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cached", type=int, nargs="+", default=[2048, 7000])
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="also write the JSON here (default: print only)")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = run(args.cached, args.steps, args.repeats)
-    if args.json:
-        print(json.dumps(res))
-        return
-    print(f"{'cached':>7} {'stock':>7} {'bare':>7} {'hook':>7} {'capture':>8} {'hook/stock':>10} {'capt/stock':>10}")
-    for n, r in res["results"].items():
-        d = r["decode_tokens_per_s"]
-        print(f"{n:>7} {d['stock']:7.1f} {d['bare']:7.1f} {d['hook']:7.1f} {d['capture']:8.1f} "
-              f"{r['hook_vs_stock']:10.3f} {r['capture_vs_stock']:10.3f}")
+    save_results(args.out, res, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

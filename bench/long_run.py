@@ -15,14 +15,13 @@ Writes bench/results/long_run.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
 from pathlib import Path
 
 from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import logbook_prompt, machine, peak_rss_bytes
+from scope_edge.bench import logbook_prompt, machine, peak_rss_bytes, save_results
 
 log = logging.getLogger("bench.long_run")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -66,6 +65,19 @@ def summary(windows: list[dict]) -> dict:
             "max_cells_held": max(w["cells_held"] for w in windows)}
 
 
+def table(res: dict) -> str:
+    mib = 2**20
+    lines = [f"{'tokens':>7} {'tok/s':>6} {'RSS MiB':>8} {'peak MiB':>8} {'cells':>6}"]
+    for w in res["windows"]:
+        lines.append(f"{w['tokens']:7d} {w['tokens_per_s']:6.1f} {w['rss_bytes'] / mib:8.1f} "
+                     f"{w['peak_rss_bytes'] / mib:8.1f} {w['cells_held']:6d}")
+    s = res["summary"]
+    lines.append(f"last/first window tok/s {s['tokens_per_s_last_over_first']:.2f}, "
+                 f"RSS growth {s['rss_growth_bytes'] / mib:+.1f} MiB, {res['stats']['position_resets']} re-indexings, "
+                 f"at most {s['max_cells_held']} cells held")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=100_000, help="tokens to generate (e.g. 20000 for a shorter run)")
@@ -86,20 +98,7 @@ def main() -> None:
     res = run(path, prompt, budget=budget, strategy=args.strategy, tokens=args.tokens, window=args.window)
     res.update(prompt_tokens=len(prompt), budget={"prefill": budget.prefill, "decode": budget.decode},
                strategy=args.strategy, window=args.window, summary=summary(res["windows"]), machine=machine())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.json:
-        print(json.dumps(res))
-        return
-    mib = 2**20
-    print(f"{'tokens':>7} {'tok/s':>6} {'RSS MiB':>8} {'peak MiB':>8} {'cells':>6}")
-    for w in res["windows"]:
-        print(f"{w['tokens']:7d} {w['tokens_per_s']:6.1f} {w['rss_bytes'] / mib:8.1f} {w['peak_rss_bytes'] / mib:8.1f} "
-              f"{w['cells_held']:6d}")
-    s = res["summary"]
-    print(f"last/first window tok/s {s['tokens_per_s_last_over_first']:.2f}, "
-          f"RSS growth {s['rss_growth_bytes'] / mib:+.1f} MiB, {res['stats']['position_resets']} re-indexings, "
-          f"at most {s['max_cells_held']} cells held")
+    save_results(args.out, res, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

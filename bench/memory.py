@@ -24,6 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from scope_edge.bench import save_results
+
 log = logging.getLogger("bench.memory")
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,6 +62,18 @@ def run_child(kind: str, p: int, g: int, args: argparse.Namespace) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def table(res: dict) -> str:
+    mib = 2**20
+    lines = [f"{'prompt':>6} {'gen':>5} {'stock KV':>9} {'ours KV':>8} {'KV %':>6} {'stock RSS':>9} {'ours RSS':>8} "
+             f"{'RSS %':>6}  (MiB)"]
+    for r in res["rows"]:
+        s, o = r["stock"], r["ours"]
+        lines.append(f"{r['prompt_tokens']:6d} {r['gen']:5d} {s['kv_bytes'] / mib:9.1f} {o['kv_bytes'] / mib:8.1f} "
+                     f"{r['kv_ratio']:6.1%} {s['peak_rss_bytes'] / mib:9.1f} {o['peak_rss_bytes'] / mib:8.1f} "
+                     f"{r['rss_ratio']:6.1%}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, nargs="+", default=[512, 2048])
@@ -86,17 +100,7 @@ def main() -> None:
                      "rss_ratio": ours["peak_rss_bytes"] / stock["peak_rss_bytes"]})
     res = {"budget": {"prefill": args.prefill_budget, "decode": args.decode_budget}, "strategy": args.strategy,
            "steps": args.steps, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.json:
-        print(json.dumps(res))
-        return
-    mib = 2**20
-    print(f"{'prompt':>6} {'gen':>5} {'stock KV':>9} {'ours KV':>8} {'KV %':>6} {'stock RSS':>9} {'ours RSS':>8} {'RSS %':>6}  (MiB)")
-    for r in rows:
-        s, o = r["stock"], r["ours"]
-        print(f"{r['prompt_tokens']:6d} {r['gen']:5d} {s['kv_bytes'] / mib:9.1f} {o['kv_bytes'] / mib:8.1f} "
-              f"{r['kv_ratio']:6.1%} {s['peak_rss_bytes'] / mib:9.1f} {o['peak_rss_bytes'] / mib:8.1f} {r['rss_ratio']:6.1%}")
+    save_results(args.out, res, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,13 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+try:  # the bench extra (pip install 'scope-edge[bench]'); --help works without it
+    import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
 
 log = logging.getLogger("bench.plots")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -80,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args()
+    if plt is None:
+        raise SystemExit("plots.py needs matplotlib: pip install 'scope-edge[bench]'")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     d = Path(args.results)
     for name, fn in (("memory", plot_memory), ("speed", plot_speed), ("fidelity", plot_fidelity),

@@ -31,7 +31,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128",
                        "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
     ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
-                       "--steady-steps", "8", "--steady-size", "64"]),
+                       "--steady-steps", "8", "--steady-size", "96"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("plots.py", [], []),
 ]

@@ -17,7 +17,6 @@ Writes bench/results/speed.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import logbook_prompt, machine, run_ideal, run_stock
+from scope_edge.bench import logbook_prompt, machine, run_ideal, run_stock, save_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hook_overhead  # noqa: E402  (bench/ is not a package)
@@ -45,6 +44,20 @@ def time_ours(path: str, prompt: list[int], budget: Budget, steps: int) -> dict:
         tail = stamps[-steps - 1:]
         return {"prefill_tokens_per_s": last.stats.prefill_tokens_per_s,
                 "decode_tokens_per_s": steps / (tail[-1] - tail[0]), "kv_cells": last.stats.kv_cells_allocated}
+
+
+def table(res: dict) -> str:
+    lines = [f"{'context':>7} {'stock pf':>8} {'ours pf':>8} {'stock dec':>9} {'ours dec':>8} {'ideal dec':>9} "
+             f"{'ours/stock':>10}"]
+    for r in res["rows"]:
+        s, o, i = r["stock"], r["ours"], r["ideal"]
+        lines.append(f"{r['context']:7d} {s['prefill_tokens_per_s']:8.1f} {o['prefill_tokens_per_s']:8.1f} "
+                     f"{s['decode_tokens_per_s']:9.1f} {o['decode_tokens_per_s']:8.1f} {i['decode_tokens_per_s']:9.1f} "
+                     f"{o['decode_tokens_per_s'] / s['decode_tokens_per_s']:10.2f}")
+    for n, h in res.get("hook_overhead", {}).get("results", {}).items():
+        lines.append(f"hook overhead at {n} cached: hook/stock {h['hook_vs_stock']:.3f}, "
+                     f"capture/stock {h['capture_vs_stock']:.3f}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -77,19 +90,7 @@ def main() -> None:
            "rows": rows, "machine": machine()}
     if args.hook_cached:
         res["hook_overhead"] = hook_overhead.run(args.hook_cached, args.steps, args.hook_repeats)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.json:
-        print(json.dumps(res))
-        return
-    print(f"{'context':>7} {'stock pf':>8} {'ours pf':>8} {'stock dec':>9} {'ours dec':>8} {'ideal dec':>9} {'ours/stock':>10}")
-    for r in rows:
-        s, o, i = r["stock"], r["ours"], r["ideal"]
-        print(f"{r['context']:7d} {s['prefill_tokens_per_s']:8.1f} {o['prefill_tokens_per_s']:8.1f} "
-              f"{s['decode_tokens_per_s']:9.1f} {o['decode_tokens_per_s']:8.1f} {i['decode_tokens_per_s']:9.1f} "
-              f"{o['decode_tokens_per_s'] / s['decode_tokens_per_s']:10.2f}")
-    for n, h in res.get("hook_overhead", {}).get("results", {}).items():
-        print(f"hook overhead at {n} cached: hook/stock {h['hook_vs_stock']:.3f}, capture/stock {h['capture_vs_stock']:.3f}")
+    save_results(args.out, res, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ h2o their sum. Writes bench/results/tasks.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import re
@@ -36,7 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import SYSTEM, machine, make_tokenizer
+from scope_edge.bench import SYSTEM_PROMPT, machine, save_results, vocabulary
 
 log = logging.getLogger("bench.tasks")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +47,7 @@ ITEMS = ["violin", "kettle", "lantern", "compass", "teapot", "drum", "clock", "u
 
 @dataclass(frozen=True)
 class Task:
-    prompt: str
+    messages: list[dict[str, str]]  # the system and user turns, rendered by the GGUF's chat template
     answers: list[str]  # the list's lines, "violin 85"
 
 
@@ -58,9 +57,7 @@ def make_task(n_items: int, seed: int) -> Task:
     rng = random.Random(seed)
     answers = [f"{item} {rng.randint(10, 99)}" for item in rng.sample(ITEMS, n_items)]
     user = "Repeat this list:\n" + "\n".join(answers)
-    prompt = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-              f"<|im_start|>assistant\n")
-    return Task(prompt, answers)
+    return Task([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], answers)
 
 
 def score(task: Task, text: str) -> float:
@@ -69,12 +66,13 @@ def score(task: Task, text: str) -> float:
     return sum(line in found for line in task.answers) / len(task.answers)
 
 
-def accuracy(path: str, tasks: list[Task], max_tokens: int, **kw) -> dict:
-    """Mean accuracy of one cache configuration (ScopeLlama keywords) over tasks."""
+def accuracy(path: str, tasks: list[Task], prompts: list[str], max_tokens: int, **kw) -> dict:
+    """Mean accuracy of one cache configuration (ScopeLlama keywords) over
+    tasks, each prompted with its rendered chat (each from an empty cache)."""
     accs, cells, texts = [], 0, []
     with ScopeLlama(path, **kw) as llm:
-        for task in tqdm(tasks, desc=kw.get("strategy", "full"), leave=False):
-            c = llm.generate(task.prompt, max_tokens=max_tokens)
+        for task, prompt in tqdm(list(zip(tasks, prompts)), desc=kw.get("strategy", "full"), leave=False):
+            c = llm.generate(prompt, max_tokens=max_tokens)
             accs.append(score(task, c.text))
             cells = max(cells, c.stats.kv_cells_peak)
             texts.append(c.text)
@@ -84,21 +82,34 @@ def accuracy(path: str, tasks: list[Task], max_tokens: int, **kw) -> dict:
 def run(strategies: list[str], n_items: int, seeds: int, budgets: list[tuple[int, int]],
         recent: int, max_tokens: int) -> dict:
     path = str(models.fetch())
-    tokenize = make_tokenizer(path)
     tasks = [make_task(n_items, seed) for seed in range(seeds)]
+    with vocabulary(path) as vocab:
+        prompts = [vocab.render_chat(t.messages) for t in tasks]
+        prompt_tokens = [len(vocab.tokenize(p)) for p in prompts]  # as ScopeLlama.generate tokenizes them
     out: dict = {"items": n_items, "seeds": seeds, "max_tokens": max_tokens,
-                 "prompt_tokens": [len(tokenize(t.prompt)) for t in tasks], "machine": machine(),
-                 "full": accuracy(path, tasks, max_tokens, budget=None), "budgets": []}
+                 "prompt_tokens": prompt_tokens, "machine": machine(),
+                 "full": accuracy(path, tasks, prompts, max_tokens, budget=None), "budgets": []}
     log.info("full cache: accuracy %.3f", out["full"]["accuracy"])
     for prefill, decode in budgets:
         budget = Budget(prefill=prefill, decode=decode, recent_window=min(recent, decode))
         row: dict = {"prefill": prefill, "decode": decode, "recent": budget.recent_window, "results": {}}
         for strategy in strategies:
-            row["results"][strategy] = r = accuracy(path, tasks, max_tokens, budget=budget, strategy=strategy)
+            row["results"][strategy] = r = accuracy(path, tasks, prompts, max_tokens, budget=budget,
+                                                    strategy=strategy)
             log.info("%d:%d %s: accuracy %.3f (peak cells %d)", prefill, decode, strategy, r["accuracy"],
                      r["kv_cells_peak"])
         out["budgets"].append(row)
     return out
+
+
+def table(res: dict) -> str:
+    lines = [f"prompt tokens {res['prompt_tokens']}; full cache accuracy {res['full']['accuracy']:.1%}",
+             f"{'budget':>8} {'strategy':14} {'accuracy':>8} {'peak cells':>10}"]
+    for row in res["budgets"]:
+        for name, r in row["results"].items():
+            lines.append(f"{row['prefill']:>4}:{row['decode']:<3} {name:14} {r['accuracy']:8.1%} "
+                         f"{r['kv_cells_peak']:10d}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -117,16 +128,7 @@ def main() -> None:
     if any(len(b) != 2 for b in budgets):
         raise ValueError(f"--budgets takes prefill:decode pairs, got {args.budgets}")
     res = run(args.strategies, args.items, args.seeds, budgets, args.recent_window, args.max_tokens)  # type: ignore[arg-type]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
-    if args.json:
-        print(json.dumps(res))
-        return
-    print(f"prompt tokens {res['prompt_tokens']}; full cache accuracy {res['full']['accuracy']:.1%}")
-    print(f"{'budget':>8} {'strategy':14} {'accuracy':>8} {'peak cells':>10}")
-    for row in res["budgets"]:
-        for name, r in row["results"].items():
-            print(f"{row['prefill']:>4}:{row['decode']:<3} {name:14} {r['accuracy']:8.1%} {r['kv_cells_peak']:10d}")
+    save_results(args.out, res, print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,22 @@
     from scope_edge import ScopeLlama, Budget
     with ScopeLlama(budget=Budget(prefill=1024, decode=512)) as llm:
         print(llm.generate("Hello", max_tokens=64).text)
+
+A policy composed from parts: ScopeLlama(policy=Policy(prefill=SnapKV(...),
+decode=Slide(...))) with scope_edge.policies.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ScopeLlama", "Budget", "Completion", "Chunk", "GenerationStats"]
+__all__ = ["ScopeLlama", "Budget", "Policy", "Sampling", "Completion", "Chunk", "GenerationStats"]
 
 if TYPE_CHECKING:
     from .budget import Budget
     from .llama import Chunk, Completion, GenerationStats, ScopeLlama
+    from .policies import Policy
+    from .runtime.sampling import Sampling
 
 
 def __getattr__(name: str) -> Any:
@@ -22,7 +27,11 @@ def __getattr__(name: str) -> Any:
         from .budget import Budget
 
         return Budget
-    if name in ("ScopeLlama", "Completion", "Chunk", "GenerationStats"):
+    if name == "Policy":
+        from .policies import Policy
+
+        return Policy
+    if name in ("ScopeLlama", "Completion", "Chunk", "GenerationStats", "Sampling"):
         from . import llama
 
         return getattr(llama, name)

@@ -29,14 +29,15 @@ What is measured (in this order, so the shared machine's load hits all alike):
          greedy run). Free-running: length of the identical prefix of ours
          vs the reference, and ROUGE-L F1 (token LCS) of the two outputs.
 
-The prompt is a deterministic logbook of varied records inside the model's
-chat template (SmolLM2 degenerates without it), cut to exactly prompt_tokens.
+The prompt is a deterministic logbook of varied records inside the GGUF's own
+chat template (SmolLM2 degenerates without one), cut to exactly prompt_tokens.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -45,9 +46,10 @@ import random
 import resource
 import sys
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -59,10 +61,19 @@ from .budget import Budget
 from .llama import ScopeLlama
 from .policies import STRATEGIES, validate_names
 from .policies.checks import is_int
+from .runtime.context import KV_TYPES
+from .runtime.model import Model
 
 log = logging.getLogger(__name__)
 
-SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# The system message of every benchmark prompt. It is benchmark content, not
+# template: the template comes from the GGUF (Model.render_chat). This text is
+# SmolLM2's default system prompt, which the prompts of bench/results carry, so
+# the default model's prompts stay token for token what those results measured.
+# (llama.cpp's built-in ChatML formatter adds no default system turn.)
+SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# Where the body's tokens go in the rendered chat: split on, never tokenized.
+_BODY_MARK = "<<scope-edge-bench-body>>"
 
 
 # -- configuration -------------------------------------------------------------
@@ -95,10 +106,13 @@ class BenchConfig:
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if self.prompt_tokens < 64:
-            raise ValueError(f"prompt_tokens must be >= 64 (the chat template alone takes ~40), got {self.prompt_tokens}")
+            raise ValueError(f"prompt_tokens must be >= 64 (the chat template and the logbook's instructions "
+                             f"take 70 on the default model; chat_prompt checks the real number), got {self.prompt_tokens}")
         if self.decode_budget < 2:
             raise ValueError(f"decode_budget must be >= 2, got {self.decode_budget}")
         validate_names(self.strategy, self.prefill_selector)
+        if self.type_k not in KV_TYPES:
+            raise ValueError(f"type_k must be one of {sorted(KV_TYPES)}, got {self.type_k!r}")
         if self.reference not in ("stock", "full"):
             raise ValueError(f"reference must be 'stock' (kept stock logits) or 'full' (ScopeLlama(budget=None) "
                              f"teacher-forced alongside), got {self.reference!r}")
@@ -135,58 +149,67 @@ def _record(i: int, rng: random.Random) -> str:
             f"and {rng.choice(_NOTES)}.")
 
 
-def chat_prompt(tokenize, user_head: str, body: str, user_tail: str, n_tokens: int) -> list[int]:
-    """Token ids of a chat-template prompt of exactly n_tokens: the body's
-    tokens are cut (or the body repeated) to fit. tokenize(text) -> ids,
-    special tokens parsed, no BOS added."""
-    head = tokenize(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{user_head}")
-    tail = tokenize(f"{user_tail}<|im_end|>\n<|im_start|>assistant\n")
+def vocabulary(model_path: str) -> Model:
+    """The GGUF's vocabulary and chat template without its weights
+    (Model(vocab_only=True)); close it, or use it as a context manager.
+    llama.cpp's log is silenced as ScopeLlama(verbose=False) silences it."""
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama_cpp's log callback reads this level
+    return Model(str(model_path), vocab_only=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _eog(model_path: str) -> tuple[int, ...]:
+    with vocabulary(model_path) as vocab:
+        return tuple(vocab.eog_tokens())
+
+
+def eog_tokens(model_path: str) -> np.ndarray:
+    """The model's end-of-generation token ids (the stock runs mask them:
+    same GGUF, same vocabulary)."""
+    return np.array(_eog(str(model_path)), dtype=np.int64)
+
+
+def chat_prompt(vocab: Model, user_head: str, body: str, user_tail: str, n_tokens: int, *,
+                system: str | None = SYSTEM_PROMPT) -> list[int]:
+    """Token ids of exactly n_tokens: a system message (None: none) and the
+    user message user_head + body + user_tail through the GGUF's chat
+    template, the assistant's turn opened. The body's tokens are cut (or the
+    body repeated) to fit. vocab: a Model (vocabulary() is enough)."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": user_head + _BODY_MARK + user_tail})
+    rendered = vocab.render_chat(messages)
+    if rendered.count(_BODY_MARK) != 1:
+        raise ValueError(f"the chat template did not keep the user message intact: {rendered!r}")
+    before, after = rendered.split(_BODY_MARK)
+    head = vocab.tokenize(before, add_special=True)  # BOS if the model wants one, as ScopeLlama.chat
+    tail = vocab.tokenize(after, add_special=False)
     room = n_tokens - len(head) - len(tail)
     if room < 1:
         raise ValueError(f"a prompt of {n_tokens} tokens cannot hold the template ({len(head) + len(tail)} tokens)")
-    ids = tokenize(body)
+    ids = vocab.tokenize(body, add_special=False)
+    if not ids:
+        raise ValueError("the prompt body has no tokens")
     while len(ids) < room:
         ids = ids + ids
     return head + ids[:room] + tail
 
 
-def make_tokenizer(model_path: str) -> Callable[[str], list[int]]:
-    """tokenize(text) -> ids with special tokens parsed and no BOS, from a
-    vocab-only model (no weights or context are loaded)."""
-    llama_cpp.llama_backend_init()
-    llama_cpp._logger.set_verbose(False)  # as ScopeLlama(verbose=False): no llama.cpp log
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(model_path.encode(), params)
-    if not model:
-        raise ValueError(f"llama.cpp could not read the vocabulary of {model_path}")
-    vocab = llama_cpp.llama_model_get_vocab(model)
-
-    def tokenize(text: str) -> list[int]:
-        data = text.encode("utf-8")
-        buf = (llama_cpp.llama_token * (len(data) + 8))()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
-        if n < 0:
-            raise ValueError(f"tokenizing {len(data)} bytes needs {-n} tokens")
-        return list(buf[:n])
-
-    weakref.finalize(tokenize, llama_cpp.llama_model_free, model)
-    return tokenize
-
-
-def logbook_prompt(model_path: str, n_tokens: int, seed: int = 0) -> list[int]:
+def logbook_prompt(model_path: str, n_tokens: int, seed: int = 0, *,
+                   system: str | None = SYSTEM_PROMPT) -> list[int]:
     """The benchmark prompt: a delivery logbook the model is asked to go through."""
     rng = random.Random(seed)
     n_records = max(8, n_tokens // 30)
     body = "\n".join(_record(i + 1, rng) for i in range(n_records))
-    return chat_prompt(
-        make_tokenizer(model_path),
-        "Here is a delivery logbook.\n\n",
-        body,
-        "\n\nGo through the logbook record by record. For each record write one line with the customer, "
-        "the city, the number of items and what happened.",
-        n_tokens,
-    )
+    with vocabulary(model_path) as vocab:
+        return chat_prompt(
+            vocab,
+            "Here is a delivery logbook.\n\n",
+            body,
+            "\n\nGo through the logbook record by record. For each record write one line with the customer, "
+            "the city, the number of items and what happened.",
+            n_tokens,
+            system=system,
+        )
 
 
 # -- measurements ------------------------------------------------------------
@@ -196,19 +219,13 @@ def _greedy(logits: np.ndarray, eog: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def _eog_tokens(llm: llama_cpp.Llama) -> np.ndarray:
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    return np.array([t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.int64)
-
-
 def _stock_logits(llm: llama_cpp.Llama) -> np.ndarray:
     ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
 def _open_stock(path: str, n_ctx: int, type_k: str, n_gpu_layers: int = 0) -> llama_cpp.Llama:
-    types = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
-    return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=types[type_k], type_v=llama_cpp.GGML_TYPE_F16,
+    return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=KV_TYPES[type_k], type_v=llama_cpp.GGML_TYPE_F16,
                            flash_attn=False, n_gpu_layers=n_gpu_layers, verbose=False)
 
 
@@ -235,9 +252,9 @@ def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress
     allocate more cells than the run uses (memory benchmarks). n_gpu_layers:
     offload to llama.cpp's default devices (RPC servers: rpc.register)."""
     n_ctx = max(n_ctx or 0, len(prompt) + steps)
+    eog = eog_tokens(path)
     llm = _open_stock(path, n_ctx, type_k, n_gpu_layers)
     try:
-        eog = _eog_tokens(llm)
         kept = np.empty((steps, llm.n_vocab()), dtype=np.float32) if keep_logits else None
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -428,7 +445,7 @@ def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict
     if want:
         full = None if keep_logits else open_ours(c0, path, full=True)
         comps = [open_ours(cfgs[i], path) for i in want]
-        eog = np.array(comps[0]._model.eog_tokens(), dtype=np.int64)
+        eog = np.array(comps[0].model.eog_tokens(), dtype=np.int64)
         reference = stock.logits if full is None else full.teacher_force(prompt, stock.tokens)
         try:
             res, consistency = lockstep(reference, comps, prompt, stock.tokens, eog, progress=progress)
@@ -475,9 +492,28 @@ def peak_rss_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def save_results(out: str | os.PathLike[str] | None, data: Any, *, print_json: bool = False,
+                 table: Callable[[Any], str] | None = None) -> Path | None:
+    """The benchmark scripts' ending: write data to out as indented JSON (its
+    folder created; None: no file), then print it as one JSON line
+    (print_json: the last line of stdout, for scripts that parse it) or else
+    as table(data), if given. Returns the path written."""
+    path = None
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=1))
+    if print_json:
+        print(json.dumps(data))
+    elif table is not None:
+        print(table(data))
+    return path
+
+
 # -- CLI -----------------------------------------------------------------------
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `bench` on the scope-edge command's subparsers."""
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `bench` on the scope-edge command's subparsers (what
+    ArgumentParser.add_subparsers() returned)."""
     p = subparsers.add_parser("bench", help="memory, speed and fidelity against the stock llama.cpp cache",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(p)

@@ -31,13 +31,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
+    from .runtime.sampling import RANDOM_SEED, Sampling
+
+    cli = Sampling.llama_cli()  # llama.cpp's command-line defaults, so the first run reads well
+    g = p.add_argument_group("sampling (llama.cpp's CLI defaults; --temperature 0 is greedy)")
     g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=cli.temperature)
+    g.add_argument("--top-k", type=int, default=cli.top_k, help="0 disables it")
+    g.add_argument("--top-p", type=float, default=cli.top_p, help="1 disables it")
+    g.add_argument("--min-p", type=float, default=cli.min_p, help="0 disables it")
+    g.add_argument("--repeat-penalty", type=float, default=cli.repeat_penalty, help="1 disables it")
+    g.add_argument("--repeat-last-n", type=int, default=cli.repeat_last_n)
+    g.add_argument("--presence-penalty", type=float, default=cli.presence_penalty)
+    g.add_argument("--frequency-penalty", type=float, default=cli.frequency_penalty)
+    g.add_argument("--seed", type=int, default=RANDOM_SEED, help=f"default {RANDOM_SEED}: random")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace):
+    from .runtime.sampling import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+                    presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed)
 
 
 def _budget(args: argparse.Namespace):
@@ -65,7 +81,6 @@ def _open(args: argparse.Namespace):
         prefill_selector=args.selector,
         n_ctx=args.n_ctx,
         n_threads=args.threads,
-        seed=args.seed,
         type_k=args.type_k,
         n_gpu_layers=args.n_gpu_layers,
         rpc_servers=args.rpc,
@@ -83,16 +98,12 @@ def _summary(stats) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, stop=args.stop)
     with _open(args) as llm:
         prompt = args.prompt
         if args.chat:
-            from .openai import render_chat
-
-            prompt = render_chat(llm._model.ptr, [{"role": "user", "content": args.prompt}])
+            prompt = llm.render_chat([{"role": "user", "content": args.prompt}])
         last = None
-        for last in llm.stream(prompt, **sampling):
+        for last in llm.stream(prompt, max_tokens=args.max_tokens, stop=args.stop, sampling=_sampling(args)):
             sys.stdout.write(last.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -107,6 +118,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.system:
         messages.append({"role": "system", "content": args.system})
     interactive = sys.stdin.isatty()
+    sampling = _sampling(args)
     with _open(args) as llm:
         while True:
             if interactive:
@@ -119,20 +131,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             messages.append({"role": "user", "content": line.rstrip("\n")})
             reply, last = [], None
-            for last in llm.create_chat_completion(
-                messages, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, stop=args.stop, stream=True,
-            ):
-                text = last["choices"][0]["delta"].get("content", "")
-                reply.append(text)
-                sys.stdout.write(text)
+            for last in llm.chat(messages, max_tokens=args.max_tokens, stop=args.stop, sampling=sampling):
+                reply.append(last.text)
+                sys.stdout.write(last.text)
                 sys.stdout.flush()
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply)})
-            if last is not None and "scope_edge" in last:
-                st = last["scope_edge"]
-                print(f"[turn: {st['prefilled_tokens']} new prompt tokens, {st['reused_prompt_tokens']} reused from "
-                      f"the cache | KV {st['kv_bytes_allocated'] / 2**20:.1f} MiB]", file=sys.stderr)
+            if last is not None and last.stats is not None:
+                st = last.stats
+                print(f"[turn: {st.prefilled_tokens} new prompt tokens, {st.reused_prompt_tokens} reused from "
+                      f"the cache | KV {st.kv_bytes_allocated / 2**20:.1f} MiB]", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

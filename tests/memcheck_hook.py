@@ -12,7 +12,7 @@ ScopeLlama and the Hook binding, in parts:
   strategies  begin/end, capture_arm/capture_gather and evict on one-shot
               prefills and every decode step, for four strategy x selector pairs;
   chunked     chunked prefill over several ubatches, then shift (positions
-              re-indexed past a lowered trained context);
+              re-indexed past a low position_limit);
   api         cells, visible, evict (runs, singles, refusals), a captured
               multi-token decode, truncate, shift, clear, calls out of order;
   flash       the error path of a graph without kq_soft_max (flash attention on);
@@ -68,10 +68,10 @@ def part_chunked(model: str) -> None:
     from scope_edge import ScopeLlama
 
     with ScopeLlama(model, budget=_small_budget(), prefill_chunk=64, n_threads=1) as m:
-        prompt = m._model.tokenize(LONG_TEXT)
+        prompt = m.tokenize(LONG_TEXT)
         out = m.generate(prompt, max_tokens=4)
         print(f"chunked: {len(prompt)} prompt tokens, {out.stats.evicted_cells} evicted")
-        m._model.n_ctx_train = 48
+    with ScopeLlama(model, budget=_small_budget(), prefill_chunk=64, position_limit=48, n_threads=1) as m:
         out = m.generate(CHAT, max_tokens=40, ignore_eos=True)
         print(f"re-indexed: {out.stats.position_resets} resets")
 
@@ -80,41 +80,50 @@ def part_api(model: str) -> None:
     import numpy as np
 
     from scope_edge import ScopeLlama
-    from scope_edge._native import HookError
+    from scope_edge.hook import Hook, HookError
 
     with ScopeLlama(model, n_ctx=1024, n_threads=1) as m:
-        prompt = m._model.tokenize(LONG_TEXT)[:600]  # two ubatches
+        prompt = m.tokenize(LONG_TEXT)[:600]  # two ubatches
         m.generate(prompt, max_tokens=3)
-        ctx = m._ctx
-        hook = ctx.hook
-        hook.cells(), hook.visible()
+        ctx = m.context
+        ctx.cells(), ctx.visible()
         for bad in ([-1], [10**6], [int(m.kv_positions()[-1])]):
             try:
-                hook.evict(ctx.ptr, np.array(bad, dtype=np.int32))
+                ctx.evict(np.array(bad, dtype=np.int32))
             except HookError as exc:
                 print("refused:", exc)
-        hook.evict(ctx.ptr, np.r_[np.arange(3, 40), np.arange(100, 300), [401, 403, 405]].astype(np.int32))
+        ctx.evict(np.r_[np.arange(3, 40), np.arange(100, 300), [401, 403, 405]].astype(np.int32))
         nxt = int(m.kv_positions()[-1]) + 1
-        hook.arm(nxt)
-        ctx.decode(prompt[:5], list(range(nxt, nxt + 5)), want_logits=True)
-        cap = hook.capture()
-        hook.arm(None)
+        with ctx.capturing(nxt):
+            ctx.decode(prompt[:5], list(range(nxt, nxt + 5)), want_logits=True)
+            cap = ctx.capture()
         print("captured rows:", int(cap.rows[0]), "over", len(cap.positions), "cells")
-        hook.truncate(ctx.ptr, 200)
-        hook.shift(ctx.ptr, 0, 200, 5)
-        hook.clear(ctx.ptr)
-        for call in (hook.end, lambda: hook.begin(np.array([5, 4], dtype=np.int32)), lambda: hook.arm(-3)):
-            try:
-                call()
-            except HookError as exc:
-                print("refused:", exc)
+        ctx.truncate(200)
+        ctx.shift(0, 200, 5)
+        ctx.clear()
+
+        def arm_before_0() -> None:
+            with ctx.capturing(-3):
+                pass
+
+        # out of order: the context's hook refuses a decreasing batch and a
+        # negative capture start; a fresh hook an end without begin
+        lone = Hook(n_cells=8, n_layer=m.model.n_layer, n_head=m.model.n_head)
+        try:
+            for call in (lone.end, lambda: ctx.decode(prompt[:2], [5, 4], want_logits=False), arm_before_0):
+                try:
+                    call()
+                except HookError as exc:
+                    print("refused:", exc)
+        finally:
+            lone.close()
 
 
 def part_flash(model: str) -> None:
     import llama_cpp
 
     from scope_edge import ScopeLlama
-    from scope_edge._native import HookError
+    from scope_edge.hook import HookError
 
     disabled = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
@@ -129,7 +138,7 @@ def part_flash(model: str) -> None:
 
 
 def part_hooks(model: str) -> None:
-    from scope_edge._native import Hook, HookError
+    from scope_edge.hook import Hook, HookError
 
     for n in (1, 7, 256, 4096):
         Hook(n_cells=n, n_layer=3, n_head=2).close()
@@ -151,9 +160,9 @@ PARTS: dict[str, Callable[[str], None]] = {
 
 
 def workload(model: str, parts: list[str]) -> None:
-    from scope_edge import _native
+    from scope_edge import hook
 
-    print("hook library:", _native._lib._name, flush=True)
+    print("hook library:", hook.library_path(), flush=True)
     for name in parts:
         PARTS[name](model)
         print(f"part {name} done", flush=True)
@@ -288,7 +297,7 @@ def run_asan(cmd: list[str], tmp: Path, *, pytest_mode: bool) -> int:
     pkg_root = build_asan_package(tmp / "pkg")
     log_prefix = tmp / "asan"
     env = asan_env(pkg_root, log_prefix, leaks=not pytest_mode)
-    probe = [sys.executable, "-c", "from scope_edge import _native; print(_native._lib._name)"]
+    probe = [sys.executable, "-c", "from scope_edge import hook; print(hook.library_path())"]
     loaded = subprocess.run(probe, env=asan_env(pkg_root, log_prefix, leaks=False), cwd=REPO,
                             capture_output=True, text=True).stdout
     if str(pkg_root) not in loaded:

@@ -1,16 +1,22 @@
-"""scope_edge.bench on a tiny configuration: keys, arithmetic, CLI JSON line.
+"""scope_edge.bench on a tiny configuration: keys, arithmetic, CLI JSON line,
+the prompt through the GGUF's chat template, the scripts' shared pieces.
 No timing assertions (the machine is shared)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scope_edge import ScopeLlama
-from scope_edge.bench import BenchConfig, free_running, logbook_prompt, run_bench, run_stock
+from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, chat_prompt, eog_tokens, free_running, logbook_prompt,
+                              run_bench, run_stock, save_results, vocabulary)
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 TINY = dict(prompt_tokens=300, max_tokens=64, prefill_budget=128, decode_budget=64, prefill_chunk=128, ideal_steps=16)
 
@@ -47,6 +53,67 @@ def test_stock_logits_are_the_full_cache_logits(model_path):
     with ScopeLlama(path) as llm:
         ours = np.stack(list(llm.teacher_force(prompt, stock.tokens)))
     np.testing.assert_allclose(ours, stock.logits, atol=1e-3)
+
+
+def test_logbook_prompt_is_the_chat_template_cut_to_size(model_path):
+    """Exactly n tokens: the GGUF's chat template around the body, which is
+    cut to fit; for the default model (ChatML) the same tokens as the
+    hard-coded ChatML prompt that bench/results were measured with."""
+    path = str(model_path)
+    with vocabulary(path) as vocab:
+        for n in (128, 300):
+            prompt = logbook_prompt(path, n)
+            assert len(prompt) == n
+            assert "Here is a delivery logbook.\n\nRecord 1: " in vocab.detokenize(prompt)
+            head = vocab.tokenize(f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+                                  "Here is a delivery logbook.\n\n", add_special=False)
+            tail = vocab.tokenize("\n\nGo through the logbook record by record. For each record write one line "
+                                  "with the customer, the city, the number of items and what happened."
+                                  "<|im_end|>\n<|im_start|>assistant\n", add_special=False)
+            assert prompt[:len(head)] == head and prompt[-len(tail):] == tail
+        assert logbook_prompt(path, 200, system=None) != logbook_prompt(path, 200)
+        with pytest.raises(ValueError, match="cannot hold the template"):
+            chat_prompt(vocab, "head ", "body", " tail", 10)
+        assert eog_tokens(path).tolist() == vocab.eog_tokens()
+
+
+def test_save_results(tmp_path, capsys):
+    data = {"a": 1, "rows": [1.5]}
+    out = save_results(tmp_path / "sub" / "x.json", data, print_json=True, table=lambda d: "TABLE")
+    assert json.loads(out.read_text()) == data
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == data
+    save_results(tmp_path / "x.json", data, table=lambda d: f"table of {d['a']}")
+    assert capsys.readouterr().out == "table of 1\n"
+    assert save_results(None, data, table=lambda d: "only printed") is None
+    assert capsys.readouterr().out == "only printed\n"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fidelity_variants_evict(model_path):
+    """bench/fidelity.py's scoring variants are real prefill selections: each
+    keeps the prefill budget (a SnapKV without budget= keeps every cell)."""
+    fidelity = _script("fidelity")
+    for v in fidelity.VARIANTS:
+        policy = fidelity.variant_policy(v, 96, 64)
+        assert policy.prefill_keep(300) == 96, v.name
+    upper = next(v for v in fidelity.VARIANTS if v.first_layer)
+    prompt = logbook_prompt(str(model_path), 300)
+    with fidelity.variant_llm(str(model_path), upper, 96, 64) as llm:
+        assert isinstance(llm.policy.prefill, fidelity.LayerSnapKV)
+        stats = llm.generate(prompt, max_tokens=8, ignore_eos=True).stats
+    assert stats.evicted_cells >= 300 - 96
+
+
+def test_bad_type_k():
+    with pytest.raises(ValueError, match="type_k must be one of"):
+        BenchConfig(type_k="q5_1")
 
 
 def test_free_running_scores():

@@ -20,7 +20,7 @@ def _prompt(llm: ScopeLlama) -> list[int]:
         + ", ".join(f"{w} {i * 7 % 100}" for i, w in enumerate(["violin", "cello", "flute", "oboe", "harp"] * 8))
         + ". Repeat the list.<|im_end|>\n<|im_start|>assistant\n"
     )
-    tokens = llm._model.tokenize(text)
+    tokens = llm.tokenize(text)
     assert len(tokens) > BUDGET.prefill
     return tokens
 
@@ -53,8 +53,8 @@ def check_invariants_every_step(model_path: str, strategy: str, selector: str, *
         steps = 0
         for chunk in llm.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True):
             held = llm.kv_positions()
-            visible, n_kv = llm._ctx.hook.visible()
-            cells = llm._ctx.hook.cells()
+            visible, n_kv = llm.context.visible()
+            cells = llm.context.cells()
             # llama.cpp's mask at the latest step saw every cell we hold now (and
             # the ones evicted right after it), never more than the bound
             assert set(np.flatnonzero(cells >= 0).tolist()) <= set(visible.tolist())

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from scope_edge import Budget, ScopeLlama
-from scope_edge.openai import render_chat
+from scope_edge import Budget, Sampling, ScopeLlama
+from scope_edge.openai import create_chat_completion, create_completion
 
 FIRST = [{"role": "user", "content": "Name three colours."}]
 BIG = Budget(prefill=1024, decode=512, observation_window=8, recent_window=64)
@@ -21,8 +21,8 @@ def _second(reply: dict) -> list[dict]:
 
 def test_chat_plain_and_streamed_agree(model_path):
     with ScopeLlama(model_path) as llm:
-        plain = llm.create_chat_completion(FIRST, max_tokens=40)
-        chunks = list(llm.create_chat_completion(FIRST, max_tokens=40, stream=True))
+        plain = create_chat_completion(llm, FIRST, max_tokens=40)
+        chunks = list(create_chat_completion(llm, FIRST, max_tokens=40, stream=True))
     assert plain["object"] == "chat.completion" and plain["id"].startswith("chatcmpl-")
     msg = plain["choices"][0]["message"]
     assert msg["role"] == "assistant" and msg["content"]
@@ -38,8 +38,8 @@ def test_chat_plain_and_streamed_agree(model_path):
 def test_completion_plain_and_streamed_agree(model_path):
     prompt = render_chat_text(model_path, FIRST)
     with ScopeLlama(model_path) as llm:
-        plain = llm.create_completion(prompt, max_tokens=30)
-        streamed = list(llm.create_completion(prompt, max_tokens=30, stream=True))
+        plain = create_completion(llm, prompt, max_tokens=30)
+        streamed = list(create_completion(llm, prompt, max_tokens=30, stream=True))
         direct = llm.generate(prompt, max_tokens=30)
     assert plain["object"] == "text_completion"
     assert plain["choices"][0]["text"] == direct.text
@@ -49,17 +49,17 @@ def test_completion_plain_and_streamed_agree(model_path):
 
 def render_chat_text(model_path: str, messages: list[dict]) -> str:
     with ScopeLlama(model_path) as llm:
-        return render_chat(llm._model.ptr, messages)
+        return llm.render_chat(messages)
 
 
 @pytest.mark.parametrize("budget", [None, BIG], ids=["full", "big-budget"])
 def test_second_turn_prefills_only_new_messages(model_path, budget):
     with ScopeLlama(model_path, budget=budget) as llm:
-        r1 = llm.create_chat_completion(FIRST, max_tokens=40)
+        r1 = create_chat_completion(llm, FIRST, max_tokens=40)
         u1 = r1["usage"]
-        r2 = llm.create_chat_completion(_second(r1), max_tokens=40)
+        r2 = create_chat_completion(llm, _second(r1), max_tokens=40)
         st = r2["scope_edge"]
-        history = llm._model.tokenize(render_chat(llm._model.ptr, _second(r1)))
+        history = llm.tokenize(llm.render_chat(_second(r1)))
         # the first turn's prompt and reply came from the cache
         assert st["reused_prompt_tokens"] == u1["prompt_tokens"] + u1["completion_tokens"]
         assert st["prefilled_tokens"] == len(history) - st["reused_prompt_tokens"]
@@ -68,7 +68,7 @@ def test_second_turn_prefills_only_new_messages(model_path, budget):
         n = len(history) + r2["usage"]["completion_tokens"] - (r2["choices"][0]["finish_reason"] == "length")
         np.testing.assert_array_equal(llm.kv_positions(), np.arange(n))
     with ScopeLlama(model_path) as fresh:
-        whole = fresh.create_chat_completion(_second(r1), max_tokens=40)
+        whole = create_chat_completion(fresh, _second(r1), max_tokens=40)
         assert whole["scope_edge"]["reused_prompt_tokens"] == 0
     # llama.cpp computes a batch and one-token steps with slightly different
     # rounding, so a reply can differ at a near tie; the answer must start alike
@@ -80,8 +80,8 @@ def test_large_budget_conversation_equals_full_cache_conversation(model_path):
     replies = []
     for budget in (None, BIG):
         with ScopeLlama(model_path, budget=budget) as llm:
-            r1 = llm.create_chat_completion(FIRST, max_tokens=40)
-            r2 = llm.create_chat_completion(_second(r1), max_tokens=40)
+            r1 = create_chat_completion(llm, FIRST, max_tokens=40)
+            r2 = create_chat_completion(llm, _second(r1), max_tokens=40)
             replies.append((r1["choices"][0]["message"]["content"], r2["choices"][0]["message"]["content"]))
             assert r2["scope_edge"]["evicted_cells"] == 0
     assert replies[0] == replies[1]
@@ -89,9 +89,9 @@ def test_large_budget_conversation_equals_full_cache_conversation(model_path):
 
 def test_edited_history_truncates_the_cache(model_path):
     with ScopeLlama(model_path) as llm:
-        r1 = llm.create_chat_completion(FIRST, max_tokens=40)
+        r1 = create_chat_completion(llm, FIRST, max_tokens=40)
         edited = [{"role": "user", "content": "Name three fruits."}]
-        r2 = llm.create_chat_completion(edited, max_tokens=20)
+        r2 = create_chat_completion(llm, edited, max_tokens=20)
         n_prompt = r2["usage"]["prompt_tokens"]
         assert 0 < r2["scope_edge"]["reused_prompt_tokens"] < r1["usage"]["prompt_tokens"]
         n = n_prompt + r2["usage"]["completion_tokens"] - (r2["choices"][0]["finish_reason"] == "length")
@@ -103,7 +103,7 @@ def test_multi_turn_under_a_small_budget_stays_within_it(model_path):
     with ScopeLlama(model_path, budget=b) as llm:
         messages = list(FIRST)
         for turn in range(3):
-            r = llm.create_chat_completion(messages, max_tokens=30)
+            r = create_chat_completion(llm, messages, max_tokens=30)
             st = r["scope_edge"]
             assert st["kv_cells_peak"] <= b.prefill + b.decode
             if turn:
@@ -130,12 +130,12 @@ def test_long_conversation_survives_the_context_growing(model_path):
         messages: list[dict] = []
         for turn, n_words in enumerate([40, 100, 100, 100, 100, 100, 100, 250, 30, 600]):
             messages.append({"role": "user", "content": _words(n_words, start=turn)})
-            r = llm.create_chat_completion(messages, max_tokens=16)
+            r = create_chat_completion(llm, messages, max_tokens=16)
             st = r["scope_edge"]
             assert st["kv_cells_peak"] <= b.prefill + b.decode
             assert st["prefill_cells_peak"] <= b.prefill + 512 + b.decode  # kept history + one chunk
             assert st["kv_cells_allocated"] <= 1024
-            assert r["usage"]["prompt_tokens"] == len(llm._model.tokenize(render_chat(llm._model.ptr, messages)))
+            assert r["usage"]["prompt_tokens"] == len(llm.tokenize(llm.render_chat(messages)))
             messages.append(r["choices"][0]["message"])
 
 
@@ -146,24 +146,24 @@ def test_chunked_turn_fits_on_the_last_reply(model_path):
     b = Budget(prefill=64, decode=16, observation_window=8, recent_window=8)
     with ScopeLlama(model_path, budget=b, prefill_chunk=192) as llm:
         messages = [{"role": "user", "content": _words(60)}]
-        r = llm.create_chat_completion(messages, max_tokens=16)
+        r = create_chat_completion(llm, messages, max_tokens=16)
         messages += [r["choices"][0]["message"], {"role": "user", "content": _words(250, start=1)}]
-        r = llm.create_chat_completion(messages, max_tokens=16)
+        r = create_chat_completion(llm, messages, max_tokens=16)
         st = r["scope_edge"]
         # 79 + 192 cells do not fit the first turn's 256: a bigger context, planned from the whole history
         assert (st["kv_cells_allocated"], st["reused_prompt_tokens"]) == (512, 0)
         assert st["kv_cells_peak"] <= b.prefill + b.decode
         messages += [r["choices"][0]["message"], {"role": "user", "content": _words(250, start=2)}]
-        st = llm.create_chat_completion(messages, max_tokens=16)["scope_edge"]
+        st = create_chat_completion(llm, messages, max_tokens=16)["scope_edge"]
         assert st["kv_cells_allocated"] == 512 and st["reused_prompt_tokens"] > 0  # the next such turn reuses
 
 
 def test_bad_messages(model_path):
     with ScopeLlama(model_path) as llm:
         with pytest.raises(ValueError, match="empty"):
-            llm.create_chat_completion([])
+            create_chat_completion(llm, [])
         with pytest.raises(ValueError, match=r"messages\[0\]"):
-            llm.create_chat_completion([{"role": "wizard", "content": "hi"}])
+            create_chat_completion(llm, [{"role": "wizard", "content": "hi"}])
 
 
 def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -174,11 +174,15 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 def test_cli_generate_chat_models_and_errors(model_path):
     prompt = render_chat_text(model_path, FIRST)
-    gen = _cli("generate", prompt, "--model", model_path, "--max-tokens", "12",
-               "--prefill-budget", "64", "--decode-budget", "16", "--recent-window", "8")
+    budget = ["--prefill-budget", "64", "--decode-budget", "16", "--recent-window", "8"]
+    gen = _cli("generate", prompt, "--model", model_path, "--max-tokens", "12", "--temperature", "0", *budget)
     assert gen.returncode == 0, gen.stderr
+    # the CLI samples with llama.cpp's CLI defaults: seeded, it is what the API gives with them
+    sampled = _cli("generate", prompt, "--model", model_path, "--max-tokens", "12", "--seed", "7", *budget)
+    assert sampled.returncode == 0, sampled.stderr
     with ScopeLlama(model_path, budget=Budget(prefill=64, decode=16, recent_window=8)) as llm:
         assert gen.stdout == llm.generate(prompt, max_tokens=12).text + "\n"
+        assert sampled.stdout == llm.generate(prompt, max_tokens=12, sampling=Sampling.llama_cli(seed=7)).text + "\n"
     assert "KV" in gen.stderr and "tok/s" in gen.stderr
 
     chat = _cli("chat", "--model", model_path, "--max-tokens", "20", stdin="Name three colours.\nAnd animals?\n")

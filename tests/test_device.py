@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from scope_edge import Budget, ScopeLlama, rpc
+from scope_edge.openai import create_chat_completion
+from llama_log import llama_log
 from test_budgets import check_invariants_every_step
 from test_runtime import PROMPT
 
@@ -43,17 +45,8 @@ def device(request: pytest.FixtureRequest, endpoint: str) -> dict:
 
 def _kv_buffers(run) -> list[str]:
     """llama.cpp's own log lines naming the buffers its KV cache was put in."""
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level, text, user_data):
-        lines.append(text.decode(errors="replace"))
-
-    llama_cpp.llama_log_set(collect, None)
-    try:
+    with llama_log() as lines:
         run()
-    finally:
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
     return [line for line in lines if "KV buffer size" in line]
 
 
@@ -114,25 +107,24 @@ def test_budget_invariants_with_half_the_layers_offloaded(model_path, endpoint, 
 def test_captured_rows_sum_to_one_on_the_device(model_path, device):
     with ScopeLlama(model_path, n_ctx=1024, **device) as llm:
         llm.generate(PROMPT, max_tokens=2)
-        ctx = llm._ctx
+        ctx = llm.context
         pos = int(llm.kv_positions()[-1]) + 1
-        ctx.hook.arm(pos)
-        ctx.decode([100, 200, 300], range(pos, pos + 3), want_logits=True)
-        ctx.hook.arm(None)
-        cap = ctx.hook.capture()
+        with ctx.capturing(pos):
+            ctx.decode([100, 200, 300], range(pos, pos + 3), want_logits=True)
+        cap = ctx.capture()
     np.testing.assert_allclose(cap.attn.sum(axis=-1), 3.0, rtol=1e-4)  # 3 rows, each summing to 1
     assert (cap.rows == 3).all()
 
 
 def test_reindexing_on_the_device(model_path, device):
     b = Budget(prefill=64, decode=64, observation_window=8, recent_window=16)
-    with ScopeLlama(model_path, budget=b, **device) as llm:
-        prompt = llm._model.tokenize(PROMPT * 8)
-        assert len(prompt) + 20 > b.total + 32
-        llm._model.n_ctx_train = len(prompt) + 20  # re-index early and often
+    with ScopeLlama(model_path) as tokenizer:
+        prompt = tokenizer.tokenize(PROMPT * 8)
+    assert len(prompt) + 20 > b.total + 32
+    with ScopeLlama(model_path, budget=b, position_limit=len(prompt) + 20, **device) as llm:  # re-index early and often
         got = llm.generate(prompt, max_tokens=200, ignore_eos=True)
         held = llm.kv_positions()
-        mem = llama_cpp.llama_get_memory(llm._ctx.ptr)
+        mem = llm.context.memory
         assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == held.max() < len(prompt) + 20
     assert got.stats.position_resets >= 2
     assert len(set(got.tokens[-50:])) > 3
@@ -143,7 +135,7 @@ def test_multi_turn_chat_on_the_device(model_path, endpoint):
     messages = [{"role": "user", "content": "Name three colours."}]
     with ScopeLlama(model_path, budget=b, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
         for turn in range(3):
-            r = llm.create_chat_completion(messages, max_tokens=24)
+            r = create_chat_completion(llm, messages, max_tokens=24)
             st = r["scope_edge"]
             assert st["kv_cells_peak"] <= b.total
             if turn:
@@ -203,12 +195,11 @@ def test_capturing_fewer_layers_reads_only_those(model_path, endpoint):
     for layers in (None, upper):
         with ScopeLlama(model_path, budget=b, capture_layers=layers, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
             st = llm.generate(PROMPT, max_tokens=60, ignore_eos=True).stats
-            ctx = llm._ctx
+            ctx = llm.context
             pos = int(llm.kv_positions()[-1]) + 1
-            ctx.hook.arm(pos)
-            ctx.decode([100], [pos], want_logits=True)
-            ctx.hook.arm(None)
-            runs[layers is None] = (st, ctx.hook.capture())
+            with ctx.capturing(pos):
+                ctx.decode([100], [pos], want_logits=True)
+            runs[layers is None] = (st, ctx.capture())
     (st_all, cap_all), (st_half, cap_half) = runs[True], runs[False]
     np.testing.assert_allclose(cap_half.attn[15:].sum(axis=-1), 1.0, rtol=1e-4)
     assert not cap_half.attn[:15].any() and (cap_half.rows[:15] == 0).all() and (cap_half.rows[15:] == 1).all()

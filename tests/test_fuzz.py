@@ -13,8 +13,8 @@ tests/test_budgets.py:
   - the hook's cell map and llama.cpp's memory agree.
 The default run draws a quick, deterministic handful of examples; the `slow`
 runs draw hundreds. Instances are cached per (strategy, selector, chunk) and
-get each example's budget through their public `budget` attribute, so model
-loading stays out of the loop.
+get each example's policy, built by name from its budget, through their public
+`policy` attribute, so model loading stays out of the loop.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from scope_edge import Budget, ScopeLlama
-from scope_edge.policies import COMBINATIONS
+from scope_edge import Budget, Sampling, ScopeLlama
+from scope_edge.policies import COMBINATIONS, build
 from tiny_gguf import write_tiny_gguf
 
 T = 1  # n_threads: see tests/test_reliability.py
@@ -73,14 +73,16 @@ class Instances:
         self.cache: dict[tuple, ScopeLlama] = {}
 
     def get(self, s: dict) -> ScopeLlama:
+        """The instance for s, running the policy its budget and names build
+        (ValueError if the strategy refuses the budget; checked below)."""
         key = (s["strategy"], s["selector"], s["chunk"])
         if key not in self.cache:
-            # built with a budget every strategy accepts: a drawn budget the
-            # strategy refuses must fail at the generation (checked below)
+            # built with a budget every strategy accepts
             self.cache[key] = ScopeLlama(self.path, budget=VALID, strategy=s["strategy"],
                                          prefill_selector=s["selector"], prefill_chunk=s["chunk"], n_threads=T)
         m = self.cache[key]
-        m.budget = s["budget"]
+        m.policy = None if s["budget"] is None else build(s["budget"], strategy=s["strategy"],
+                                                          prefill_selector=s["selector"])
         return m
 
     def close(self) -> None:
@@ -93,7 +95,7 @@ def real(model_path):
     inst = Instances(model_path)
     words = "the keeper counted ships and wrote their names in a blue book every night".split()
     text = "<|im_start|>user\n" + " ".join(words[i % len(words)] + str(i % 7) for i in range(700))
-    inst.text_tokens = inst.get(dict(strategy="full", selector="full", chunk=512, budget=None))._model.tokenize(text)
+    inst.text_tokens = inst.get(dict(strategy="full", selector="full", chunk=512, budget=None)).tokenize(text)
     yield inst
     inst.close()
 
@@ -127,14 +129,15 @@ def _delta(s: dict) -> int:
 
 def _llama_agrees(m: ScopeLlama) -> np.ndarray:
     held = m.kv_positions()
-    mem = llama_cpp.llama_get_memory(m._ctx.ptr)
+    mem = m.context.memory
     assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == (held.max() if len(held) else -1)
     assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == (held.min() if len(held) else -1)
     return held
 
 
 def _run(m: ScopeLlama, s: dict, prompt: list[int]):
-    return m.stream(prompt, max_tokens=s["max_tokens"], temperature=s["temperature"], ignore_eos=s["ignore_eos"])
+    return m.stream(prompt, max_tokens=s["max_tokens"], sampling=Sampling(temperature=s["temperature"]),
+                    ignore_eos=s["ignore_eos"])
 
 
 def _too_small_for_streaming(s: dict) -> bool:
@@ -143,14 +146,13 @@ def _too_small_for_streaming(s: dict) -> bool:
 
 def check_invariants(inst: Instances, s: dict) -> None:
     """One generation of scenario s, every invariant checked at every step."""
+    if _too_small_for_streaming(s):
+        _refused(inst, s)
+        return
     m = inst.get(s)
     b, strategy, selector = s["budget"], s["strategy"], s["selector"]
-    prompt = _prompt(inst, s, m._model.n_vocab)
+    prompt = _prompt(inst, s, m.model.n_vocab)
     n = len(prompt)
-    if _too_small_for_streaming(s):
-        with pytest.raises(ValueError, match=r"Streaming\.total must be >= 6"):
-            next(_run(m, s, prompt))
-        return
     keep = _prompt_keep(s, n)
     if strategy in UNIFIED:
         bound = b.total
@@ -160,8 +162,8 @@ def check_invariants(inst: Instances, s: dict) -> None:
     steps = 0
     for chunk in _run(m, s, prompt):
         held = _llama_agrees(m)
-        visible, n_kv = m._ctx.hook.visible()
-        cells = m._ctx.hook.cells()
+        visible, n_kv = m.context.visible()
+        cells = m.context.cells()
         assert set(np.flatnonzero(cells >= 0).tolist()) <= set(visible.tolist())
         assert n_kv <= m.n_ctx
         fed = np.arange(n + steps)  # every position fed so far (no re-indexing below 8192)
@@ -205,8 +207,19 @@ def check_invariants(inst: Instances, s: dict) -> None:
     assert st_.position_resets == 0
 
 
+def _refused(inst: Instances, s: dict) -> None:
+    """A budget the strategy refuses fails where the policy is built (by name
+    or through the facade's short form), and leaves the instance usable."""
+    with pytest.raises(ValueError, match=r"Streaming\.total must be >= 6"):
+        inst.get(s)
+    with pytest.raises(ValueError, match=r"Streaming\.total must be >= 6"):
+        ScopeLlama(inst.path, budget=s["budget"], strategy=s["strategy"], prefill_selector=s["selector"], n_threads=T)
+    m = inst.get({**s, "budget": VALID})
+    assert m.generate([1, 2, 3], max_tokens=2).stats.generated_tokens >= 1
+
+
 # Regression example: the first scenario of an instance refusing its budget
-# once failed at construction instead of at the generation.
+# once failed at construction of the shared instance (now: where its policy is built).
 STREAMING_TOO_SMALL = dict(strategy="streaming", selector="streaming",
                            budget=Budget(prefill=1, decode=2, observation_window=1, recent_window=1), n_prompt=1,
                            max_tokens=1, chunk=512, kind="text", temperature=0.0, ignore_eos=False, seed=0)
@@ -252,14 +265,14 @@ def tiny(tmp_path_factory):
 def check_long_run(inst: Instances, s: dict) -> None:
     """No crash; counts within the bound at every step; positions stay inside
     the trained context; the hook and llama.cpp agree."""
+    if _too_small_for_streaming(s):
+        _refused(inst, s)
+        return
     m = inst.get(s)
     b, strategy = s["budget"], s["strategy"]
-    prompt = _prompt(inst, s, m._model.n_vocab)
-    n_train = m._model.n_ctx_train
-    if _too_small_for_streaming(s):
-        with pytest.raises(ValueError, match=r"Streaming\.total must be >= 6"):
-            next(_run(m, s, prompt))
-        return
+    prompt = _prompt(inst, s, m.model.n_vocab)
+    n_train = m.model.n_ctx_train
+    assert m.position_limit == n_train  # the default: the trained context
     if s["selector"] == "full" and strategy not in UNIFIED and len(prompt) > n_train:
         # the whole prompt is kept: it cannot fit the trained context, chunked or not
         with pytest.raises(ValueError, match=rf"prompt \({len(prompt)} tokens\) passes the model's trained context of {n_train}"):
@@ -275,7 +288,7 @@ def check_long_run(inst: Instances, s: dict) -> None:
     steps = 0
     for chunk in _run(m, s, prompt):
         held = _llama_agrees(m)
-        visible, _ = m._ctx.hook.visible()
+        visible, _ = m.context.visible()
         assert len(held) <= len(visible) and held.max() < n_train
         if steps == 0:
             assert len(held) == keep

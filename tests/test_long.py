@@ -13,14 +13,14 @@ from scope_edge.memory import padded_cells
 BUDGET = Budget(prefill=1024, decode=512, observation_window=8, recent_window=256)
 
 
-def _document(llm: ScopeLlama, n_tokens: int) -> list[int]:
+def _document(tokenizer: ScopeLlama, n_tokens: int) -> list[int]:
     """A chat prompt of about n_tokens: a long log of varied records."""
     rows = [f"Day {i}: the ship {['Aurora', 'Borealis', 'Cygnus', 'Delphi'][i % 4]} carried {i * 37 % 500} crates "
             f"of {['tea', 'salt', 'iron', 'silk', 'wool'][i % 5]} to port {i % 13}." for i in range(n_tokens // 25)]
     body = "\n".join(rows)
     ask = "Write a very long, detailed story about the sailors of these ships, one voyage per chapter."
     text = f"<|im_start|>user\n{body}\n{ask}<|im_end|>\n<|im_start|>assistant\n"
-    return llm._model.tokenize(text)
+    return tokenizer.tokenize(text)
 
 
 def test_long_prompt_then_generation_past_the_trained_context(model_path):
@@ -29,20 +29,21 @@ def test_long_prompt_then_generation_past_the_trained_context(model_path):
         assert 7600 < len(prompt) < 8192 - 100
         tokens: list[int] = []
         for chunk in llm.stream(prompt, max_tokens=700, ignore_eos=True):
-            assert np.isfinite(llm._ctx.logits()).all()
+            assert np.isfinite(llm.context.logits()).all()
             if chunk.token is not None:
                 tokens.append(chunk.token)
         st = chunk.stats
         assert chunk.finish_reason == "length" and st.generated_tokens == 700
-        assert len(prompt) + 700 > llm._model.n_ctx_train  # positions would have passed 8192
+        assert llm.position_limit == llm.model.n_ctx_train == 8192  # the default limit: the trained context
+        assert len(prompt) + 700 > llm.position_limit  # positions would have passed 8192
         assert st.position_resets >= 1
         assert st.kv_cells_allocated < 2048  # chunked: independent of the prompt length
         assert st.prefill_cells_peak <= BUDGET.prefill + 512
         assert st.kv_cells_peak <= BUDGET.total
-        assert max(llm.kv_positions()) < llm._model.n_ctx_train
+        assert max(llm.kv_positions()) < llm.model.n_ctx_train
         assert len(set(tokens[-300:])) > 5  # not one repeated token
         # llama.cpp agrees: the re-indexed sequence is compact and inside the trained range
-        mem = llama_cpp.llama_get_memory(llm._ctx.ptr)
+        mem = llm.context.memory
         assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == max(llm.kv_positions())
 
 
@@ -60,22 +61,24 @@ def test_reindexing_renumbers_positions_and_keeps_decoding(model_path, monkeypat
     with ScopeLlama(model_path, budget=b) as llm:
         prompt = _document(llm, 200)
         want = llm.generate(prompt, max_tokens=40, ignore_eos=True)
-        llm._model.n_ctx_train = len(prompt) + 20  # a small trained context: re-index often
+    limit = len(prompt) + 20  # a small position limit: re-index often
+    with ScopeLlama(model_path, budget=b, position_limit=limit) as llm:
         got = llm.generate(prompt, max_tokens=400, ignore_eos=True)
         held = llm.kv_positions()
+        pmax = llama_cpp.llama_memory_seq_pos_max(llm.context.memory, 0)
     assert got.stats.position_resets >= 2  # at len(prompt) + 20, then every ~(len(prompt) + 20 - 128) steps
     assert got.tokens[:20] == want.tokens[:20]  # identical until the first re-index
-    assert held.max() < len(prompt) + 20
+    assert pmax == held.max() < limit
     assert len(set(got.tokens[-100:])) > 3
 
 
 def test_model_that_cannot_shift_stops_with_length(model_path, monkeypatch, caplog):
     b = Budget(prefill=64, decode=64, observation_window=8, recent_window=16)
     monkeypatch.setattr(llama_cpp, "llama_memory_can_shift", lambda mem: False)
-    with ScopeLlama(model_path, budget=b) as llm:
-        prompt = _document(llm, 200)
-        llm._model.n_ctx_train = len(prompt) + 50
-        with caplog.at_level(logging.WARNING, logger="scope_edge.llama"):
+    with ScopeLlama(model_path) as tokenizer:
+        prompt = _document(tokenizer, 200)
+    with ScopeLlama(model_path, budget=b, position_limit=len(prompt) + 50) as llm:
+        with caplog.at_level(logging.WARNING, logger="scope_edge"):
             out = llm.generate(prompt, max_tokens=400, ignore_eos=True)
     assert out.finish_reason == "length"
     assert out.stats.generated_tokens == 51  # positions len(prompt) .. limit - 1 were fed, one more sampled

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -234,13 +235,30 @@ def test_missing_file(tmp_path: Path) -> None:
 # The parser agrees with gguf.GGUFReader
 
 
+def _parsed_metadata(path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """What scope_edge's own GGUF parser read from path: the metadata
+    read_geometry hands to geometry_from_metadata (its public way out)."""
+    seen: list[dict[str, object]] = []
+    real = memory.geometry_from_metadata
+
+    def spy(metadata: dict[str, object], source: str = "<metadata>") -> KvGeometry:
+        seen.append(metadata)
+        return real(metadata, source)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(memory, "geometry_from_metadata", spy)
+        memory.read_geometry(path)
+    assert len(seen) == 1, f"read_geometry answered {path} from its cache: give it a fresh path"
+    return seen[0]
+
+
 def _reader_metadata(path: Path) -> dict[str, object]:
     reader = gguf.GGUFReader(path)
     return {k: f.contents() for k, f in reader.fields.items()
             if not k.startswith(("GGUF.", "tokenizer."))}
 
 
-def test_parser_matches_gguf_reader(tmp_path: Path) -> None:
+def test_parser_matches_gguf_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def everything(w: gguf.GGUFWriter) -> None:
         w.add_sliding_window(64)
         w.add_float32("llama.rope.freq_base", 1e4)
@@ -250,10 +268,15 @@ def test_parser_matches_gguf_reader(tmp_path: Path) -> None:
         w.add_token_list(["a", "b", "c"])
 
     path = write_gguf(tmp_path / "all.gguf", "llama", n_head_kv=[1, 2, 3, 4], extra=everything)
-    assert memory._read_metadata(str(path), path.stat().st_size) == _reader_metadata(path)
+    assert _parsed_metadata(path, monkeypatch) == _reader_metadata(path)
 
 
 @pytest.mark.slow
-def test_parser_matches_gguf_reader_on_the_default_model(model_path: str) -> None:
-    size = os.path.getsize(model_path)
-    assert memory._read_metadata(model_path, size) == _reader_metadata(Path(model_path))
+def test_parser_matches_gguf_reader_on_the_default_model(model_path: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "default.gguf"  # a path read_geometry has not cached
+    try:
+        os.link(model_path, copy)
+    except OSError:  # another file system
+        shutil.copyfile(model_path, copy)
+    assert _parsed_metadata(copy, monkeypatch) == _reader_metadata(copy)

@@ -201,15 +201,40 @@ def test_progress_bar_runs_without_a_tty(fake_spec: ModelSpec, index: FakeIndex,
     assert models.fetch(fake_spec, download=index, progress=True).is_file()
 
 
+class _Sha256Spy:
+    """Stands in for hashlib.sha256 (what models hashes files with): records
+    every hash made, with the bytes it was fed; forbid: making one fails."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, forbid: bool = False) -> None:
+        self.made: list[_Sha256Spy.Hash] = []
+        spy, real = self, hashlib.sha256
+
+        class Hash:
+            def __init__(self, *args: bytes) -> None:
+                if forbid:
+                    raise AssertionError("re-hashed")
+                self.inner, self.fed = real(*args), sum(map(len, args))
+                spy.made.append(self)
+
+            def update(self, data: bytes) -> None:
+                self.fed += len(data)
+                self.inner.update(data)
+
+            def hexdigest(self) -> str:
+                return self.inner.hexdigest()
+
+            def digest(self) -> bytes:
+                return self.inner.digest()
+
+        self.Hash = Hash
+        monkeypatch.setattr(hashlib, "sha256", Hash)
+
+
 def test_stamped_file_is_trusted_without_rehashing(
     fake_spec: ModelSpec, index: FakeIndex, store: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = models.fetch(fake_spec, download=index, progress=False)
-
-    def no_hashing(p: Path) -> str:
-        raise AssertionError(f"re-hashed {p}")
-
-    monkeypatch.setattr(models, "_sha256_file", no_hashing)
+    _Sha256Spy(monkeypatch, forbid=True)
     assert models.fetch(fake_spec, download=index, progress=False) == path
     assert index.downloads == 1
 
@@ -219,12 +244,11 @@ def test_unstamped_file_is_hashed_once_then_stamped(
 ) -> None:
     path = models.fetch(fake_spec, download=index, progress=False)
     path.with_name(path.name + models.STAMP_SUFFIX).unlink()
-    hashed: list[Path] = []
-    real_hash = models._sha256_file
-    monkeypatch.setattr(models, "_sha256_file", lambda p: hashed.append(p) or real_hash(p))
+    spy = _Sha256Spy(monkeypatch)
     models.fetch(fake_spec, download=index, progress=False)
     models.fetch(fake_spec, download=index, progress=False)
-    assert hashed == [path]
+    # one hash, of the whole file
+    assert [(h.fed, h.hexdigest()) for h in spy.made] == [(path.stat().st_size, fake_spec.sha256)]
     assert index.downloads == 1
     assert _stamp(path)["sha256"] == fake_spec.sha256
 

@@ -17,12 +17,18 @@ from scope_edge.policies import (
     Full,
     FullPrefill,
     H2OPrefill,
+    Policy,
+    PrefillSelector,
+    ScopeDecode,
+    ScoredDecode,
+    ScoredPrefill,
     Slide,
     SnapKV,
     StepPlan,
     Streaming,
     StreamingPrefill,
-    make_policy,
+    UnifiedDecode,
+    build,
     validate_names,
 )
 
@@ -309,7 +315,138 @@ def test_scope_strategies_capture_only_when_selecting() -> None:
                 assert plan.keep is None or 1 <= plan.keep < n_held
 
 
-# --- make_policy -----------------------------------------------------------------
+
+# --- budgets, bind and cell counts on the classes ---------------------------------
+
+
+def test_prefill_budget_and_keep() -> None:
+    assert SnapKV(budget=10, window=4).keep(25) == 10
+    assert SnapKV(budget=10, window=4).keep(7) == 7
+    assert SnapKV().keep(25) == 25  # no budget: keep everything
+    assert H2OPrefill(budget=3, recent=2).keep(9) == 3
+    assert StreamingPrefill(budget=6).keep(9) == 6
+    assert FullPrefill().keep(9) == 9
+    # no budget, nothing evicted, whatever the selector
+    assert Policy(prefill=SnapKV(), decode=Slide(decode=4, recent=2)).prefill_keep(1000) == 1000
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: SnapKV(budget=0), "SnapKV.budget must be >= 1, got 0"),
+        (lambda: SnapKV(budget=2.5), "SnapKV.budget must be an int, got 2.5"),
+        (lambda: SnapKV(budget=4, window=8), r"SnapKV.window must be in \[1, 4\], got 8"),
+        (lambda: H2OPrefill(budget=4, recent=5), r"H2OPrefill.recent must be in \[1, 4\], got 5"),
+        (lambda: StreamingPrefill(budget=True), "StreamingPrefill.budget must be an int, got True"),
+        (lambda: FullPrefill(budget=8), "FullPrefill keeps every prompt cell: budget must be None, got 8"),
+        (lambda: SnapKV(budget=4, window=2).keep(-1), "SnapKV.n_prompt must be >= 0, got -1"),
+    ],
+)
+def test_prefill_bad_budget(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_decode_cells_per_class() -> None:
+    assert Full().cells(kept=10, max_tokens=500) == 510
+    assert Full().prompt_room() is None
+    slide = Slide(decode=32, recent=8)
+    assert slide.prompt_room() is None
+    assert slide.cells(kept=64, max_tokens=500) == 64 + 32
+    assert slide.cells(kept=64, max_tokens=20) == 64 + 20
+    dis = Discontinuous(decode=32, recent=8, max_tokens=100)  # delta = 92 // 24 = 3
+    assert dis.cells(kept=64, max_tokens=100) == 64 + 32 + 3
+    for unified in (Streaming(total=96), H2O(total=96, recent=8)):
+        assert unified.prompt_room() == 95
+        assert unified.cells(kept=95, max_tokens=500) == 96
+        assert unified.cells(kept=10, max_tokens=20) == 30
+    assert isinstance(H2O(total=4, recent=1), UnifiedDecode) and isinstance(Streaming(total=8), UnifiedDecode)
+
+
+@pytest.mark.parametrize("cls", [Adaptive, Discontinuous])
+def test_scheduled_max_tokens_from_bind(cls: type) -> None:
+    unbound = cls(decode=16, recent=4)
+    assert unbound.max_tokens is None
+    with pytest.raises(ValueError, match=rf"{cls.__name__}.max_tokens is None: call bind\(max_tokens\)"):
+        unbound.plan(20, 20)
+    if cls is Discontinuous:  # its slack (delta) depends on max_tokens; adaptive's cells do not
+        with pytest.raises(ValueError, match="call bind"):
+            unbound.cells(kept=4, max_tokens=100)
+    bound = unbound.bind(100)
+    assert bound == cls(decode=16, recent=4, max_tokens=100)
+    assert unbound.max_tokens is None  # bind copies
+    assert simulate(bound, steps=120) == simulate(cls(decode=16, recent=4, max_tokens=100), steps=120)
+    # An explicit max_tokens is kept.
+    assert cls(decode=16, recent=4, max_tokens=40).bind(100).max_tokens == 40
+    with pytest.raises(ValueError, match=f"{cls.__name__}.bind.max_tokens must be >= 1, got 0"):
+        unbound.bind(0)
+
+
+def test_bind_gives_fresh_state() -> None:
+    h2o = H2O(total=4, recent=1, head_reduce="sum")
+    h2o.observe(np.arange(3, dtype=np.int32), attn_of([1, 2, 3]))
+    fresh = h2o.bind(10)
+    assert fresh == h2o and fresh is not h2o
+    np.testing.assert_allclose(fresh.accumulated(np.arange(3, dtype=np.int32)), [0, 0, 0])
+    np.testing.assert_allclose(h2o.accumulated(np.arange(3, dtype=np.int32)), [1, 2, 3])
+    slide = Slide(decode=8, recent=2)
+    assert slide.bind(5) == slide
+    assert Full().bind(5) == Full()
+
+
+def test_policy_composed() -> None:
+    policy = Policy(prefill=SnapKV(budget=1024, window=32), decode=Slide(decode=512, recent=256))
+    assert policy.prefill_keep(5000) == 1024 and policy.prefill_keep(100) == 100
+    assert policy.decode_cells(kept=1024, max_tokens=2000) == 1024 + 512
+    assert policy.for_generation(64) == policy
+    # A unified strategy caps even a selector budget at its room.
+    capped = Policy(prefill=SnapKV(budget=1024, window=32), decode=Streaming(total=200))
+    assert capped.prefill_keep(5000) == 199
+    with pytest.raises(ValueError, match="Policy.max_tokens must be >= 1, got 0"):
+        policy.for_generation(0)
+    with pytest.raises(ValueError, match="Policy.max_tokens must be an int, got 1.5"):
+        policy.for_generation(1.5)
+
+
+def test_policy_checks_its_parts() -> None:
+    with pytest.raises(ValueError, match="got prefill=Slide, decode=SnapKV"):
+        Policy(prefill=Slide(decode=4, recent=2), decode=SnapKV())
+    with pytest.raises(ValueError, match="got prefill=str, decode=Full"):
+        Policy(prefill="snapkv", decode=Full())
+
+
+def test_scored_bases() -> None:
+    assert isinstance(SnapKV(), ScoredPrefill) and isinstance(H2OPrefill(recent=1), ScoredPrefill)
+    assert isinstance(Slide(decode=4, recent=2), ScopeDecode)
+    assert isinstance(Slide(decode=4, recent=2), ScoredDecode) and isinstance(H2O(total=4, recent=1), ScoredDecode)
+    assert SnapKV(window=5).protected == 5 and H2OPrefill(recent=3).protected == 3
+    assert Slide(decode=8, recent=3).protected == 3 and H2O(total=8, recent=2).protected == 2
+
+
+def test_a_new_scored_prefill_writes_only_score() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True, kw_only=True)
+    class LastRow(ScoredPrefill):
+        name = "last-row"
+
+        def capture_from(self, n_prompt: int) -> int | None:
+            return n_prompt - 1
+
+        def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
+            return attn.sum(axis=(0, 1))
+
+    sel = LastRow(budget=3)
+    assert isinstance(sel, PrefillSelector)
+    positions = np.arange(6, dtype=np.int32)
+    # 5 is the protected last cell even though it scores lowest
+    assert ints(sel.select(positions, attn_of([0.1, 0.9, 0.2, 0.8, 0.3, 0.0]), keep=sel.keep(6))) == [0, 2, 4]
+    with pytest.raises(ValueError, match="LastRow needs attention scores"):
+        sel.select(positions, None, keep=3)
+    assert Policy(prefill=sel, decode=Full()).prefill_keep(6) == 3
+
+
+# --- the registry ------------------------------------------------------------------
 
 BUDGET = Budget(prefill=64, decode=32, observation_window=6, recent_window=8)
 
@@ -319,33 +456,45 @@ def test_combinations_cover_every_name() -> None:
     assert {p for _, p in COMBINATIONS} == set(PREFILL_SELECTORS)
     assert ("streaming", "snapkv") not in COMBINATIONS
     assert len(COMBINATIONS) == len(set(COMBINATIONS)) == 4 * 4 + 2
+    assert STRATEGIES == ("slide", "adaptive", "discontinuous", "streaming", "h2o", "full")
+    assert PREFILL_SELECTORS == ("snapkv", "h2o", "streaming", "full")
 
 
 @pytest.mark.parametrize(("strategy", "selector"), COMBINATIONS)
-def test_make_policy_every_combination(strategy: str, selector: str) -> None:
-    policy = make_policy(BUDGET, strategy=strategy, prefill_selector=selector, max_tokens=100)
+def test_build_every_combination(strategy: str, selector: str) -> None:
+    policy = build(BUDGET, strategy=strategy, prefill_selector=selector).for_generation(100)
     assert policy.decode.name == strategy
     assert policy.prefill.name == selector
     assert validate_names(strategy, selector) == selector
     assert policy.decode.unified == (strategy in ("streaming", "h2o"))
 
 
-def test_make_policy_maps_the_budget() -> None:
-    def build(strategy: str, selector: str | None = None):
-        return make_policy(BUDGET, strategy=strategy, prefill_selector=selector, max_tokens=100)
+def test_build_maps_the_budget() -> None:
+    def named(strategy: str, selector: str | None = None) -> Policy:
+        return build(BUDGET, strategy=strategy, prefill_selector=selector).for_generation(100)
 
-    assert build("slide").prefill == SnapKV(window=6)
-    assert build("full", "h2o").prefill == H2OPrefill(recent=6)
-    assert build("h2o").prefill == H2OPrefill(recent=8)  # the baseline's recent window, if longer
-    assert build("slide").decode == Slide(decode=32, recent=8)
-    assert build("adaptive").decode == Adaptive(decode=32, recent=8, max_tokens=100)
-    assert build("discontinuous").decode == Discontinuous(decode=32, recent=8, max_tokens=100)
-    assert build("streaming").decode == Streaming(total=96)
-    assert build("h2o").decode == H2O(total=96, recent=8)
-    assert build("full").decode == Full()
-    assert build("h2o").decode is not build("h2o").decode  # fresh state per generation
-    tuned = make_policy(BUDGET, strategy="slide", prefill_selector=None, max_tokens=9, head_reduce="max")
-    assert tuned.prefill.head_reduce == tuned.decode.head_reduce == "max"
+    assert named("slide").prefill == SnapKV(budget=64, window=6)
+    assert named("slide", "streaming").prefill == StreamingPrefill(budget=64)
+    assert named("full", "h2o").prefill == H2OPrefill(budget=64, recent=6)
+    assert named("full", "full").prefill == FullPrefill()
+    # The unified baselines' prompt limit is their room (total - 1), not the selector's.
+    assert named("h2o").prefill == H2OPrefill(recent=8)  # the baseline's recent window, if longer
+    assert named("streaming").prefill == StreamingPrefill()
+    assert named("slide").decode == Slide(decode=32, recent=8)
+    assert named("adaptive").decode == Adaptive(decode=32, recent=8, max_tokens=100)
+    assert named("discontinuous").decode == Discontinuous(decode=32, recent=8, max_tokens=100)
+    assert named("streaming").decode == Streaming(total=96)
+    assert named("h2o").decode == H2O(total=96, recent=8)
+    assert named("full").decode == Full()
+    assert named("h2o").decode is not named("h2o").decode  # fresh state per generation
+    # Built without a max_tokens: the schedules take the generation's.
+    assert build(BUDGET, strategy="adaptive").decode == Adaptive(decode=32, recent=8)
+    assert build(BUDGET, strategy="discontinuous").decode.max_tokens is None
+    one = build(BUDGET, strategy="h2o")
+    assert one.for_generation(5).decode is not one.for_generation(5).decode
+    tuned = build(BUDGET, strategy="slide", prefill_selector=None, head_reduce="sum").for_generation(9)
+    assert tuned.prefill.head_reduce == tuned.decode.head_reduce == "sum"
+    assert build(BUDGET).decode == Slide(decode=32, recent=8)  # slide by default
 
 
 @pytest.mark.parametrize(
@@ -355,7 +504,7 @@ def test_make_policy_maps_the_budget() -> None:
 )
 def test_natural_selector(strategy: str, natural: str) -> None:
     assert validate_names(strategy, None) == natural
-    policy = make_policy(BUDGET, strategy=strategy, prefill_selector=None, max_tokens=10)
+    policy = build(BUDGET, strategy=strategy, prefill_selector=None)
     assert policy.prefill.name == natural
 
 
@@ -372,9 +521,53 @@ def test_bad_names(strategy: str, selector: str | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         validate_names(strategy, selector)
     with pytest.raises(ValueError, match=match):
-        make_policy(BUDGET, strategy=strategy, prefill_selector=selector, max_tokens=10)
+        build(BUDGET, strategy=strategy, prefill_selector=selector)
 
 
-def test_make_policy_bad_max_tokens() -> None:
+def test_build_bad_settings() -> None:
     with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
-        make_policy(BUDGET, strategy="full", prefill_selector=None, max_tokens=0)
+        build(BUDGET, strategy="full").for_generation(0)
+    with pytest.raises(ValueError, match="build needs a Budget, got dict"):
+        build({"prefill": 64, "decode": 32}, strategy="slide")
+    with pytest.raises(ValueError, match="head_reduce must be one of"):
+        build(BUDGET, strategy="slide", head_reduce="mean")
+
+
+# The facade's cell counts before policies carried them (scope_edge/llama.py,
+# policy_prefill_keep and _decode_cells), kept here to pin the behaviour.
+def old_prefill_keep(policy: Policy, budget: Budget, *, n_prompt: int) -> int:
+    if policy.decode.unified:
+        return min(n_prompt, budget.total - 1)
+    if policy.prefill.name == "full":
+        return n_prompt
+    return min(n_prompt, budget.prefill)
+
+
+def old_decode_cells(policy: Policy, budget: Budget, *, kept: int, max_tokens: int) -> int:
+    if policy.decode.unified:
+        return min(kept + max_tokens, budget.total + policy.decode.slack)
+    if policy.decode.name == "full":
+        return kept + max_tokens
+    return kept + min(max_tokens, budget.decode + policy.decode.slack)
+
+
+@pytest.mark.parametrize(("strategy", "selector"), COMBINATIONS)
+def test_cell_counts_match_the_old_facade(strategy: str, selector: str) -> None:
+    budgets = [
+        Budget(prefill=4, decode=2),  # total 6: the least Streaming (4 sinks) accepts
+        Budget(prefill=16, decode=8),
+        Budget(prefill=10, decode=6, observation_window=3, recent_window=2),
+        Budget(prefill=64, decode=32, observation_window=6, recent_window=32),
+        Budget(prefill=1024, decode=512),
+    ]
+    for budget in budgets:
+        for head_reduce in ("max", "sum"):
+            named = build(budget, strategy=strategy, prefill_selector=selector, head_reduce=head_reduce)
+            for max_tokens in (1, 2, 7, 33, 100, 511, 512, 513, 5000):
+                policy = named.for_generation(max_tokens)
+                for n_prompt in (0, 1, 2, 5, 9, 10, 11, 63, 64, 65, 96, 97, 1000, 1535, 1536, 10_000):
+                    kept = policy.prefill_keep(n_prompt)
+                    assert kept == old_prefill_keep(policy, budget, n_prompt=n_prompt)
+                    assert policy.decode_cells(kept=kept, max_tokens=max_tokens) == old_decode_cells(
+                        policy, budget, kept=kept, max_tokens=max_tokens
+                    )

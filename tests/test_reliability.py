@@ -28,11 +28,12 @@ import llama_cpp
 import numpy as np
 import pytest
 
-import scope_edge.llama as se_llama
-from scope_edge import Budget, ScopeLlama, _native
-from scope_edge._native import HookError
-from scope_edge.llama import _TextStream
+import scope_edge.hook as se_hook
+from scope_edge import Budget, Sampling, ScopeLlama
+from scope_edge.hook import HookError
 from scope_edge.memory import read_geometry
+from scope_edge.runtime.context import Context
+from scope_edge.runtime.text import TextStream
 from tiny_gguf import write_tiny_gguf
 
 T = 1  # n_threads for every instance (see the module docstring)
@@ -147,15 +148,25 @@ BAD_INPUT: list[tuple[str, Callable[[Env], Any], type[BaseException], str]] = [
     ("max_tokens float", lambda e: e.llm.generate("hi", max_tokens=2.5), ValueError, r"max_tokens must be an int >= 1, got 2\.5"),
     ("max_tokens None", lambda e: e.llm.generate("hi", max_tokens=None), ValueError, r"max_tokens must be an int >= 1, got None"),
     ("max_tokens bool", lambda e: e.llm.generate("hi", max_tokens=True), ValueError, r"max_tokens must be an int >= 1, got True"),
-    ("temperature < 0", lambda e: e.llm.generate("hi", temperature=-0.5), ValueError, r"temperature must be a finite number >= 0, got -0\.5"),
-    ("temperature nan", lambda e: e.llm.generate("hi", temperature=math.nan), ValueError, r"temperature.*got nan"),
-    ("temperature inf", lambda e: e.llm.generate("hi", temperature=math.inf), ValueError, r"temperature.*got inf"),
-    ("temperature str", lambda e: e.llm.generate("hi", temperature="0.7"), ValueError, r"temperature.*got '0\.7'"),
-    ("top_k -1", lambda e: e.llm.generate("hi", top_k=-1), ValueError, r"top_k must be an int >= 0 \(0 disables it\), got -1"),
-    ("top_k float", lambda e: e.llm.generate("hi", top_k=1.5), ValueError, r"top_k.*got 1\.5"),
-    ("top_p 0", lambda e: e.llm.generate("hi", top_p=0.0), ValueError, r"top_p must be in \(0, 1\], got 0\.0"),
-    ("top_p 1.5", lambda e: e.llm.generate("hi", top_p=1.5), ValueError, r"top_p must be in \(0, 1\], got 1\.5"),
-    ("top_p nan", lambda e: e.llm.generate("hi", top_p=math.nan), ValueError, r"top_p.*got nan"),
+    ("temperature < 0", lambda e: e.llm.generate("hi", sampling=Sampling(temperature=-0.5)), ValueError,
+     r"temperature must be a finite number >= 0 \(0 is greedy\), got -0\.5"),
+    ("temperature nan", lambda e: e.llm.generate("hi", sampling=Sampling(temperature=math.nan)), ValueError,
+     r"temperature.*got nan"),
+    ("temperature inf", lambda e: e.llm.generate("hi", sampling=Sampling(temperature=math.inf)), ValueError,
+     r"temperature.*got inf"),
+    ("temperature str", lambda e: e.llm.generate("hi", sampling=Sampling(temperature="0.7")), ValueError,
+     r"temperature.*got '0\.7'"),
+    ("top_k -1", lambda e: e.llm.generate("hi", sampling=Sampling(top_k=-1)), ValueError,
+     r"top_k must be an int >= 0 \(0 disables it\), got -1"),
+    ("top_k float", lambda e: e.llm.generate("hi", sampling=Sampling(top_k=1.5)), ValueError, r"top_k.*got 1\.5"),
+    ("top_p 0", lambda e: e.llm.generate("hi", sampling=Sampling(top_p=0.0)), ValueError,
+     r"top_p must be in \(0, 1\] \(1 disables it\), got 0\.0"),
+    ("top_p 1.5", lambda e: e.llm.generate("hi", sampling=Sampling(top_p=1.5)), ValueError,
+     r"top_p must be in \(0, 1\] \(1 disables it\), got 1\.5"),
+    ("top_p nan", lambda e: e.llm.generate("hi", sampling=Sampling(top_p=math.nan)), ValueError, r"top_p.*got nan"),
+    ("sampling dict", lambda e: e.llm.generate("hi", sampling={"temperature": 0.5}), ValueError,
+     r"sampling must be a scope_edge\.Sampling or None \(greedy\), got dict"),
+    ("temperature= on generate", lambda e: e.llm.generate("hi", temperature=0.5), TypeError, r"temperature"),
     # -- stop strings
     ("stop ''", lambda e: e.llm.generate("hi", stop=""), ValueError, r"stop strings must be non-empty str, got \[''\]"),
     ("stop ['a', '']", lambda e: e.llm.generate("hi", stop=["a", ""]), ValueError, r"stop strings must be non-empty str"),
@@ -174,12 +185,15 @@ BAD_INPUT: list[tuple[str, Callable[[Env], Any], type[BaseException], str]] = [
     ("bytes prompt", lambda e: e.llm.generate(b"hello", max_tokens=2), TypeError, r"prompt.*bytes.*decode"),
     ("None prompt", lambda e: e.llm.generate(None, max_tokens=2), TypeError, r"prompt must be a str or a sequence of token ids"),
     ("int prompt", lambda e: e.llm.generate(5, max_tokens=2), TypeError, r"prompt must be a str or a sequence of token ids"),
-    ("temperature bool", lambda e: e.llm.generate("hi", temperature=True, max_tokens=2), ValueError, r"temperature"),
+    ("temperature bool", lambda e: e.llm.generate("hi", sampling=Sampling(temperature=True), max_tokens=2), ValueError,
+     r"temperature"),
     # settings a policy refuses fail at construction, not at the first generation
     ("streaming budget too small, at construction",
      lambda e: ScopeLlama(e.model, budget=Budget(prefill=2, decode=2, observation_window=1, recent_window=1),
                           strategy="streaming", n_threads=T), ValueError, r"(?is)streaming.*>= 6, got 4"),
-    ("seed str, at construction", lambda e: ScopeLlama(e.model, seed="x", n_threads=T), ValueError, r"seed"),
+    ("seed str", lambda e: e.llm.generate("hi", sampling=Sampling(seed="x")), ValueError,
+     r"seed must be an int in \[0, 2\*\*32 - 1\].*got 'x'"),
+    ("seed= on the facade", lambda e: ScopeLlama(e.model, seed=1, n_threads=T), TypeError, r"seed"),
     ("n_threads bool", lambda e: ScopeLlama(e.model, n_threads=True), ValueError, r"n_threads must be an int >= 1"),
 ]
 
@@ -223,11 +237,11 @@ def test_special_token_prompts_match_stock(model_path, llm):
             ids = prompt
             if isinstance(prompt, str):
                 ids = stock.tokenize(prompt.encode(), special=True)
-                assert llm._model.tokenize(prompt) == ids
+                assert llm.tokenize(prompt) == ids
             stock.reset()
             want = []
             for tok in stock.generate(ids, temp=0.0):
-                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok) or len(want) == 6:
+                if llama_cpp.llama_vocab_is_eog(llm.model.vocab, tok) or len(want) == 6:
                     break
                 want.append(tok)
             got = llm.generate(prompt, max_tokens=6)
@@ -253,12 +267,12 @@ def test_any_unicode_prompt_tokenizes_as_stock_and_decodes_consistently(model_pa
     stock = llama_cpp.Llama(model_path, n_ctx=512, n_threads=T, verbose=False, vocab_only=True)
     try:
         for text in UNICODE:
-            ids = llm._model.tokenize(text)
+            ids = llm.tokenize(text)
             assert ids == stock.tokenize(text.encode("utf-8"), special=True), text
             chunks = list(llm.stream(text, max_tokens=8))
             out = llm.generate(text, max_tokens=8)
             assert "".join(c.text for c in chunks) == out.text
-            raw = b"".join(llm._model.piece(t) for t in out.tokens)
+            raw = b"".join(llm.model.piece(t) for t in out.tokens)
             assert out.text == raw.decode("utf-8", errors="replace")
             # no chunk splits a character: every chunk but the last is whole UTF-8
             assert all("\ufffd" not in c.text for c in chunks[:-1]) or "\ufffd" in raw.decode("utf-8", "replace")
@@ -307,7 +321,7 @@ def test_unicode_stop_string(llm):
 def test_text_stream_cuts_at_the_earliest_stop_string():
     # Regression: push once cut at the first stop *in list order* found in the
     # held text, so the output could contain another stop string that occurs earlier.
-    ts = _TextStream(("e", "t"))
+    ts = TextStream(("e", "t"))
     assert ts.push(b" the") == " " and ts.stopped
 
 
@@ -323,7 +337,7 @@ def _interrupt_second_prefill_batch(monkeypatch, where: str) -> list[int]:
     end)."""
     calls = [0]
     if where == "before":
-        real = se_llama._Context.decode
+        real = Context.decode
 
         def decode(self, tokens, positions, *, want_logits):
             calls[0] += 1
@@ -331,7 +345,7 @@ def _interrupt_second_prefill_batch(monkeypatch, where: str) -> list[int]:
                 raise KeyboardInterrupt
             return real(self, tokens, positions, want_logits=want_logits)
 
-        monkeypatch.setattr(se_llama._Context, "decode", decode)
+        monkeypatch.setattr(Context, "decode", decode)
     else:
         real_c = llama_cpp.llama_decode
 
@@ -349,7 +363,7 @@ def _interrupt_second_prefill_batch(monkeypatch, where: str) -> list[int]:
 def _llama_agrees(m: ScopeLlama) -> None:
     """The hook's cell map and llama.cpp's own memory describe the same sequence."""
     held = m.kv_positions()
-    mem = llama_cpp.llama_get_memory(m._ctx.ptr)
+    mem = m.context.memory
     pmax = llama_cpp.llama_memory_seq_pos_max(mem, 0)
     assert pmax == (held.max() if len(held) else -1)
     assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == (held.min() if len(held) else -1)
@@ -385,7 +399,7 @@ def test_keyboard_interrupt_in_prefill_tiny(tiny, monkeypatch, budget, where):
 
 def test_keyboard_interrupt_in_prefill_real_model(model_path, monkeypatch):
     with ScopeLlama(model_path, n_threads=T) as m:
-        prompt = m._model.tokenize(_text_of(560))[:530]
+        prompt = m.tokenize(_text_of(560))[:530]
     assert len(prompt) > 512
     _interrupt_case(model_path, B, "after", prompt, monkeypatch)
 
@@ -395,7 +409,7 @@ def test_keyboard_interrupt_in_prefill_real_model(model_path, monkeypatch):
 @pytest.mark.parametrize("budget", [None, B], ids=["full", "budget"])
 def test_keyboard_interrupt_in_prefill_real_model_matrix(model_path, monkeypatch, budget, where):
     with ScopeLlama(model_path, n_threads=T) as m:
-        prompt = m._model.tokenize(_text_of(1200))[:1100]
+        prompt = m.tokenize(_text_of(1200))[:1100]
     _interrupt_case(model_path, budget, where, prompt, monkeypatch)
 
 
@@ -513,7 +527,7 @@ def _soak(path, n: int, prompt, budget) -> tuple[int, int]:
     """RSS and fd growth over n generations on one instance, after a warm-up."""
     with ScopeLlama(path, budget=budget, n_threads=T) as m:
         for i in range(5):
-            m.generate(prompt, max_tokens=12, ignore_eos=True, temperature=0.8 * (i % 2))
+            m.generate(prompt, max_tokens=12, ignore_eos=True, sampling=Sampling(temperature=0.8 * (i % 2)))
         rss, fds = _rss(), _n_fds()
         for i in range(n):
             if i % 3 == 0:  # also the interrupted paths
@@ -521,7 +535,7 @@ def _soak(path, n: int, prompt, budget) -> tuple[int, int]:
                     if j == 5:
                         break
             else:
-                m.generate(prompt, max_tokens=12, ignore_eos=True, temperature=0.8 * (i % 2))
+                m.generate(prompt, max_tokens=12, ignore_eos=True, sampling=Sampling(temperature=0.8 * (i % 2)))
         grown, fds_grown = _rss() - rss, _n_fds() - fds
     print(f"\n{Path(path).name}: {n} generations grew RSS by {grown / MiB:+.2f} MiB, fds by {fds_grown:+d}")
     return grown, fds_grown
@@ -676,7 +690,7 @@ CLOSE_DURING_LONG_PREFILL = """
 import threading, time
 from scope_edge import ScopeLlama
 llm = ScopeLlama({path!r}, n_threads=1)
-prompt = llm._model.tokenize({text!r})
+prompt = llm.tokenize({text!r})
 def run():
     try:
         llm.generate(prompt, max_tokens=4)
@@ -690,7 +704,7 @@ t0 = time.perf_counter()
 llm.close()
 print(f"main: closed in {{time.perf_counter() - t0:.2f}} s", flush=True)
 t.join()
-print("freed:", llm._ctx is None and llm._model.ptr is None, flush=True)
+print("freed:", llm.context is None and llm.model.closed, flush=True)
 """
 
 
@@ -701,7 +715,7 @@ def test_close_stops_a_long_prefill_mid_decode(model_path):
     # callback stops the running decode, and close() frees after it let go.
     text = _text_of(6000)
     with ScopeLlama(model_path, n_threads=T) as m:
-        n = len(m._model.tokenize(text))
+        n = len(m.tokenize(text))
     assert 5000 < n < 8000  # unchunked (full cache), inside the trained context
     script = CLOSE_DURING_LONG_PREFILL.format(path=model_path, text=text, n=n)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -712,11 +726,11 @@ def test_close_stops_a_long_prefill_mid_decode(model_path):
     assert "freed: True" in out, out
 
 
-def test_close_leaves_the_free_to_a_stream_suspended_in_another_thread(model_path, monkeypatch):
+def test_close_leaves_the_free_to_a_stream_suspended_in_another_thread(model_path):
     # close() never frees what another thread still holds: a stream suspended
     # there keeps the memory until it resumes (and raises "closed").
+    # (close() waits its fixed 10 s for the lock here: no public setting shortens it.)
     m = ScopeLlama(model_path, budget=SMALL, n_threads=T)
-    monkeypatch.setattr(se_llama, "_CLOSE_WAIT", 0.2)
     first = threading.Event()
     resume = threading.Event()
     outcome: list[str] = []
@@ -735,12 +749,13 @@ def test_close_leaves_the_free_to_a_stream_suspended_in_another_thread(model_pat
     t = threading.Thread(target=consume)
     t.start()
     assert first.wait(120)
-    m.close()  # returns after _CLOSE_WAIT: the other thread holds the lock
-    assert m._ctx is not None and m._model.ptr is not None  # not freed under the suspended stream
+    m.close()  # returns after its wait for the lock: the other thread holds it
+    assert m.closed
+    assert m.context is not None and not m.model.closed  # not freed under the suspended stream
     resume.set()
     t.join(120)
     assert outcome and "closed" in outcome[0], outcome
-    assert m._ctx is None and m._model.ptr is None  # the stream freed it as it ended
+    assert m.context is None and m.model.closed  # the stream freed it as it ended
     with pytest.raises(RuntimeError, match="closed"):
         m.generate(CHAT, max_tokens=2)
 
@@ -754,7 +769,7 @@ def test_close_leaves_the_free_to_a_stream_suspended_in_another_thread(model_pat
     (B, "slide", None), (B, "slide", "streaming"), (B, "streaming", None), (B, "full", "full"), (None, "slide", None),
 ], ids=["slide-snapkv", "slide-streaming", "streaming", "full-full", "no-budget"])
 def test_flash_attention_is_refused_at_the_first_step(model_path, monkeypatch, budget, strategy, selector):
-    monkeypatch.setattr(se_llama.llama_cpp, "LLAMA_FLASH_ATTN_TYPE_DISABLED", llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
+    monkeypatch.setattr(llama_cpp, "LLAMA_FLASH_ATTN_TYPE_DISABLED", llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)
     with ScopeLlama(model_path, budget=budget, strategy=strategy, prefill_selector=selector, n_threads=T) as m:
         for _ in range(2):  # the same clear error every time, no crash
             stream = m.stream(CHAT, max_tokens=40, ignore_eos=True)
@@ -824,9 +839,7 @@ _GGML_SIGS = {
 }
 _G = {name: ctypes.CFUNCTYPE(res, *args)((name, _GGML)) for name, (res, args) in _GGML_SIGS.items()}
 
-_EVAL = ctypes.CFUNCTYPE(ctypes.c_bool, _VP, ctypes.c_bool, _VP)(
-    ctypes.cast(_native._lib.scope_hook_eval, _VP).value
-)
+_EVAL = se_hook.EVAL_CALLBACK  # the hook's C eval callback, as llama.cpp's scheduler calls it
 
 
 class _Graph:
@@ -891,15 +904,18 @@ def _ubatch(g: _Graph, *, cells=(5, 6, 7), n_cache=8, n_kv=8, n_head=2, layer_na
     return nodes
 
 
-def _eval_decode(hook: _native.Hook, positions, nodes) -> tuple[int, str]:
+def _eval_decode(hook: se_hook.Hook, positions, nodes) -> tuple[int, str]:
     """One llama_decode as the scheduler drives the callback: ask every node,
     then report the observed ones computed. Returns scope_hook_end's code and message."""
     hook.begin(np.asarray(positions, dtype=np.int32))
     for t in nodes:
-        if _EVAL(ctypes.cast(t, _VP), True, hook._ptr):
-            _EVAL(ctypes.cast(t, _VP), False, hook._ptr)
-    rc = _native._lib.scope_hook_end(hook._ptr)
-    return rc, (_native._lib.scope_hook_last_error(hook._ptr) or b"").decode()
+        if _EVAL(ctypes.cast(t, _VP), True, hook.user_data):
+            _EVAL(ctypes.cast(t, _VP), False, hook.user_data)
+    try:
+        hook.end()
+    except HookError as exc:  # its message: "<status> (<code>): <the hook's last error>"
+        return exc.code, str(exc)
+    return 0, ""
 
 
 def _poke_nb1(nodes, factor: int = 2):
@@ -938,7 +954,7 @@ SCHED_COPIES = [
 ]
 
 
-def _check_good_decode(hook: _native.Hook, *, mask_type=F32, **names: str) -> None:
+def _check_good_decode(hook: se_hook.Hook, *, mask_type=F32, **names: str) -> None:
     g = _Graph()
     try:
         nodes = _ubatch(g, mask_type=mask_type, **names)
@@ -961,7 +977,7 @@ def _check_good_decode(hook: _native.Hook, *, mask_type=F32, **names: str) -> No
 @pytest.mark.parametrize("kwargs,code,match", [c[1:] for c in GRAPH_CASES], ids=[c[0] for c in GRAPH_CASES])
 def test_hook_checks_every_tensor_it_reads(kwargs, code, match):
     assert ctypes.sizeof(_Tensor) + 32 == _G["ggml_tensor_overhead"]()  # the struct mirrors this ggml
-    hook = _native.Hook(n_cells=8, n_layer=1, n_head=2)
+    hook = se_hook.Hook(n_cells=8, n_layer=1, n_head=2)
     g = _Graph()
     try:
         _check_good_decode(hook)
@@ -979,7 +995,7 @@ def test_hook_checks_every_tensor_it_reads(kwargs, code, match):
 
 
 def test_hook_checks_strides_layers_and_call_order():
-    hook = _native.Hook(n_cells=8, n_layer=2, n_head=2)
+    hook = se_hook.Hook(n_cells=8, n_layer=2, n_head=2)
     g = _Graph()
     try:
         strided = _poke_nb1(_ubatch(g, layer_names=("kq_soft_max-0", "kq_soft_max-1")))
@@ -1027,24 +1043,24 @@ def test_hook_checks_strides_layers_and_call_order():
 def test_hook_evict_refusals_change_nothing(tiny):
     with ScopeLlama(tiny["llama"], n_ctx=512, n_threads=T) as m:
         m.generate([1] + list(range(3, 103)), max_tokens=4)
-        ctx = m._ctx
+        ctx = m.context
         before = m.kv_positions()
         last = int(before[-1])
         for bad, match in [([-1], "not held"), ([3, 3, 10**6], "not held"), ([0, last], "last"), ([last, last], "last")]:
             with pytest.raises(HookError, match=match):
-                ctx.hook.evict(ctx.ptr, np.array(bad, dtype=np.int32))
+                ctx.evict(np.array(bad, dtype=np.int32))
             np.testing.assert_array_equal(m.kv_positions(), before)
             _llama_agrees(m)
-        assert ctx.hook.evict(ctx.ptr, np.array([7, 3, 7, 5, 4], dtype=np.int32)) == 4  # duplicates, unsorted
+        assert ctx.evict(np.array([7, 3, 7, 5, 4], dtype=np.int32)) == 4  # duplicates, unsorted
         assert set(before.tolist()) - set(m.kv_positions().tolist()) == {3, 4, 5, 7}
         _llama_agrees(m)
-        assert ctx.hook.evict(ctx.ptr, np.zeros(0, dtype=np.int32)) == 0
+        assert ctx.evict(np.zeros(0, dtype=np.int32)) == 0
 
 
 @pytest.mark.parametrize("idx_name,mask_name", SCHED_COPIES)
 def test_hook_reads_the_schedulers_copies_of_its_inputs(idx_name, mask_name):
     assert all(len(n) <= 63 for n in (idx_name, mask_name))
-    hook = _native.Hook(n_cells=8, n_layer=1, n_head=2)
+    hook = se_hook.Hook(n_cells=8, n_layer=1, n_head=2)
     try:
         _check_good_decode(hook, idx_name=idx_name, mask_name=mask_name)
     finally:
@@ -1053,14 +1069,11 @@ def test_hook_reads_the_schedulers_copies_of_its_inputs(idx_name, mask_name):
 
 def test_hook_detects_a_cache_changed_behind_its_back(model_path):
     # Regression (issue #14.4): evict/shift/truncate verify llama.cpp's view afterwards.
-    from scope_edge import ScopeLlama
-    from scope_edge._native import HookError
-
     with ScopeLlama(model_path, n_ctx=512) as llm:
         llm.generate("Tell me about the sea.", max_tokens=8)
-        ctx = llm._ctx
+        ctx = llm.context
         with pytest.raises(HookError, match=r"shift: positions up to .* would pass the int32 range"):
-            ctx.hook.shift(ctx.ptr, 0, 10, 2**31 - 5)
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx.ptr), 0, 0, 2)  # not through the hook
+            ctx.shift(0, 10, 2**31 - 5)
+        llama_cpp.llama_memory_seq_rm(ctx.memory, 0, 0, 2)  # not through the hook
         with pytest.raises(HookError, match=r"evict: llama.cpp holds positions \[2, \d+\] .* map holds \[0, "):
-            ctx.hook.evict(ctx.ptr, np.array([4], dtype=np.int32))
+            ctx.evict(np.array([4], dtype=np.int32))

@@ -9,9 +9,13 @@ import llama_cpp
 import numpy as np
 import pytest
 
-import scope_edge.llama as se_llama
+import scope_edge.runtime.cache as se_cache
 from scope_edge import Budget, ScopeLlama
-from scope_edge.llama import _Session, _TextStream
+from scope_edge.hook import HookError
+from scope_edge.runtime.cache import Session
+from scope_edge.runtime.context import Context
+from scope_edge.runtime.text import TextStream
+from llama_log import llama_log
 
 # SmolLM2 answers through its chat template; a raw prompt often ends at once.
 PROMPT = (
@@ -29,17 +33,17 @@ def _text_of(n: int) -> str:
 def _llama_view(llm: ScopeLlama) -> tuple[set[int], int, int]:
     """Cells the attention could see at the last step, and llama.cpp's own
     min/max position of sequence 0."""
-    cells, _ = llm._ctx.hook.visible()
-    mem = llama_cpp.llama_get_memory(llm._ctx.ptr)
+    cells, _ = llm.context.visible()
+    mem = llm.context.memory
     return set(cells.tolist()), llama_cpp.llama_memory_seq_pos_min(mem, 0), llama_cpp.llama_memory_seq_pos_max(mem, 0)
 
 
 def test_cell_map_matches_positions_across_ubatches_and_evictions(model_path):
     with ScopeLlama(model_path, n_ctx=2048) as llm:
-        prompt = llm._model.tokenize(_text_of(1300))
+        prompt = llm.tokenize(_text_of(1300))
         assert len(prompt) > 1024  # three ubatches of 512
         out = llm.generate(prompt, max_tokens=4)
-        held = llm._ctx.hook.cells()
+        held = llm.context.cells()
         positions = llm.kv_positions()
         n = len(prompt) + out.stats.generated_tokens - 1  # the last token is sampled, never fed
         np.testing.assert_array_equal(positions, np.arange(n))
@@ -48,13 +52,13 @@ def test_cell_map_matches_positions_across_ubatches_and_evictions(model_path):
         assert visible == set(np.flatnonzero(held >= 0).tolist())
 
         # evict runs and singles, then decode one more token through the hook
-        ctx = llm._ctx
+        ctx = llm.context
         evict = np.r_[np.arange(3, 40), np.arange(500, 777), [901, 903, 1000]].astype(np.int32)
-        freed = ctx.hook.evict(ctx.ptr, evict)
+        freed = ctx.evict(evict)
         assert freed == len(evict)
         ctx.decode([prompt[0]], [n], want_logits=True)
         assert np.isfinite(ctx.logits()).all()
-        held = ctx.hook.cells()
+        held = ctx.cells()
         expect = np.setdiff1d(np.arange(n + 1), evict)
         np.testing.assert_array_equal(np.sort(held[held >= 0]), expect)
         visible, pmin, pmax = _llama_view(llm)
@@ -67,14 +71,14 @@ def test_cell_map_and_stock_identity_across_ubatches_of_one_decode(model_path, m
     # n_batch 512 over n_ubatch 128: llama.cpp splits each decode of the
     # prompt (512 + the rest) into ubatches, each writing K through its own
     # index tensor, which the hook must read in order.
-    monkeypatch.setattr(se_llama, "_Context", functools.partial(se_llama._Context, n_ubatch=128))
+    monkeypatch.setattr(se_cache, "Context", functools.partial(Context, n_ubatch=128))
     n_ctx, max_tokens = 1024, 32
     with ScopeLlama(model_path, n_ctx=n_ctx) as llm:
-        prompt = llm._model.tokenize(PROMPT.replace("a message in a bottle", _text_of(700)))
+        prompt = llm.tokenize(PROMPT.replace("a message in a bottle", _text_of(700)))
         assert 640 < len(prompt) < 896  # a 512-token decode (4 ubatches), then 2 more ubatches
         got = llm.generate(prompt, max_tokens=max_tokens)
         n = len(prompt) + len(got.tokens) - 1
-        held = llm._ctx.hook.cells()
+        held = llm.context.cells()
         np.testing.assert_array_equal(np.sort(held[held >= 0]), np.arange(n))
         visible, pmin, pmax = _llama_view(llm)
         assert visible == set(np.flatnonzero(held >= 0).tolist()) and (pmin, pmax) == (0, n - 1)
@@ -92,8 +96,8 @@ def test_cell_map_and_stock_identity_across_ubatches_of_one_decode(model_path, m
         st = llm.generate(prompt, max_tokens=40, ignore_eos=True).stats
         assert st.evicted_cells > 0 and st.prefill_cells_peak >= 512
         nxt = int(llm.kv_positions()[-1]) + 1  # one more step, so the mask shows the cells after the last eviction
-        llm._ctx.decode([prompt[0]], [nxt], want_logits=True)
-        held = llm._ctx.hook.cells()
+        llm.context.decode([prompt[0]], [nxt], want_logits=True)
+        held = llm.context.cells()
         positions = llm.kv_positions()
         np.testing.assert_array_equal(np.sort(held[held >= 0]), positions)
         visible, pmin, pmax = _llama_view(llm)
@@ -104,15 +108,9 @@ def test_cell_map_and_stock_identity_across_ubatches_of_one_decode(model_path, m
 @pytest.mark.parametrize("type_k", ["f16", "q8_0"])
 def test_kv_bytes_allocated_is_what_llama_cpp_allocated(model_path, type_k):
     # llama.cpp's own account (its log), not our formula on both sides
-    lines: list[str] = []
-    capture = llama_cpp.llama_log_callback(lambda level, text, data: lines.append(text.decode("utf-8", "replace")))
     b = Budget(prefill=64, decode=32, observation_window=8, recent_window=8)
-    with ScopeLlama(model_path, budget=b, type_k=type_k) as llm:
-        llama_cpp.llama_log_set(capture, None)
-        try:
-            st = llm.generate(PROMPT, max_tokens=8).stats
-        finally:
-            llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    with ScopeLlama(model_path, budget=b, type_k=type_k) as llm, llama_log() as lines:
+        st = llm.generate(PROMPT, max_tokens=8).stats
     log = "".join(lines)
     mib = [float(x) for x in re.findall(r"KV buffer size =\s*([0-9.]+) MiB", log)]
     cells = [int(x) for x in re.findall(r"\(\s*(\d+) cells", log)]
@@ -122,17 +120,17 @@ def test_kv_bytes_allocated_is_what_llama_cpp_allocated(model_path, type_k):
 
 def test_evicted_cells_are_invisible_and_reused(model_path):
     with ScopeLlama(model_path, n_ctx=1024) as llm:
-        prompt = llm._model.tokenize(_text_of(300))
+        prompt = llm.tokenize(_text_of(300))
         llm.generate(prompt, max_tokens=2)
-        ctx = llm._ctx
-        before = ctx.hook.cells()
+        ctx = llm.context
+        before = ctx.cells()
         evict = np.arange(10, 60, dtype=np.int32)
         freed_cells = set(np.flatnonzero(np.isin(before, evict)).tolist())
-        ctx.hook.evict(ctx.ptr, evict)
+        ctx.evict(evict)
         nxt = int(llm.kv_positions()[-1]) + 1
         ctx.decode(prompt[:5], range(nxt, nxt + 5), want_logits=True)
         visible, _, _ = _llama_view(llm)
-        after = ctx.hook.cells()
+        after = ctx.cells()
         assert visible == set(np.flatnonzero(after >= 0).tolist())  # the mask shows exactly the cells held
         assert len(visible) == len(llm.kv_positions())
         new_cells = set(np.flatnonzero(after >= nxt).tolist())
@@ -146,7 +144,7 @@ def test_session_step_costs_follow_the_held_cells_not_the_history():
     # token ever fed. Now a step allocates in the cells held (64 here), and the
     # history costs 4 bytes a token (the ids, for matching the next prompt).
     tracemalloc.start()
-    s = _Session()
+    s = Session()
     for start in range(0, 100_000, 1000):
         s.record(range(start, start + 1000), range(start, start + 1000))
         s.forget(s.held_pos[:-64])
@@ -168,51 +166,69 @@ def test_session_step_costs_follow_the_held_cells_not_the_history():
 def test_session_matches_the_cache_over_a_long_budgeted_run(model_path):
     b = Budget(prefill=32, decode=32, observation_window=8, recent_window=8)
     with ScopeLlama(model_path, budget=b) as llm:
-        prompt = llm._model.tokenize(PROMPT)
+        prompt = llm.tokenize(PROMPT)
         out = llm.generate(prompt, max_tokens=600, ignore_eos=True)
-        s = llm._session
         fed = prompt + out.tokens[:-1]  # the last token is sampled, never fed
-        np.testing.assert_array_equal(s.held_pos, llm.kv_positions())
-        np.testing.assert_array_equal(np.asarray(s.tokens)[s.held_index], np.asarray(fed)[s.held_pos])
-        assert s.common_prefix(fed + [1]) == len(fed) and s.held_upto(len(fed)) == len(llm.kv_positions())
-        assert s.next_pos == len(fed)
+        assert llm.history() == fed  # every token fed, the evicted ones included
+        held = llm.kv_positions()
+        assert len(held) <= b.total and held[-1] == len(fed) - 1
+        # The session's record of the held cells (token index -> position) is
+        # what a resumed call reuses, truncates at and continues from: check
+        # each against the hook's map and llama.cpp's own view.
+        # (a) extending the history reuses all of it; the new token lands at the next position
+        more = llm.generate(fed + [out.tokens[-1]], max_tokens=1, resume=True)
+        assert (more.stats.reused_prompt_tokens, more.stats.prefilled_tokens) == (len(fed), 1)
+        fed.append(out.tokens[-1])
+        assert llm.history() == fed
+        after = llm.kv_positions()
+        assert after[-1] == len(fed) - 1 and set(after[:-1].tolist()) <= set(held.tolist())
+        assert len(after) == b.prefill  # the prefill selection ran over the whole history
+        _, pmin, pmax = _llama_view(llm)
+        assert (pmin, pmax) == (after[0], after[-1])
+        # (b) a history edited inside the held cells truncates at the first held
+        # cell of the edit and continues right after the last cell kept
+        k = int(after[-5])  # positions are still the token indexes (no re-indexing here)
+        other = (fed[k] + 1) % llm.model.n_vocab
+        edited = llm.generate(fed[:k] + [other], max_tokens=1, resume=True)
+        assert (edited.stats.reused_prompt_tokens, edited.stats.prefilled_tokens) == (k, 1)
+        assert llm.history() == fed[:k] + [other]
+        want = np.r_[after[:-5], after[-6] + 1]
+        np.testing.assert_array_equal(llm.kv_positions(), want)
+        visible, pmin, pmax = _llama_view(llm)
+        assert (pmin, pmax) == (want[0], want[-1]) and len(visible) == len(want)
 
 
 def test_hook_refuses_bad_evictions(model_path):
-    from scope_edge._native import HookError
-
     with ScopeLlama(model_path, n_ctx=512) as llm:
         llm.generate("Hello there", max_tokens=3)
-        ctx = llm._ctx
+        ctx = llm.context
         last = int(llm.kv_positions()[-1])
         before = llm.kv_positions()
         with pytest.raises(HookError, match="last"):
-            ctx.hook.evict(ctx.ptr, np.array([0, last], dtype=np.int32))
+            ctx.evict(np.array([0, last], dtype=np.int32))
         with pytest.raises(HookError, match="not held"):
-            ctx.hook.evict(ctx.ptr, np.array([last + 5], dtype=np.int32))
+            ctx.evict(np.array([last + 5], dtype=np.int32))
         np.testing.assert_array_equal(llm.kv_positions(), before)  # refusals change nothing
 
 
 def test_captured_rows_sum_to_one_per_head_and_layer(model_path):
     with ScopeLlama(model_path, n_ctx=1024) as llm:
-        prompt = llm._model.tokenize(_text_of(700))
+        prompt = llm.tokenize(_text_of(700))
         llm.generate(prompt, max_tokens=2)
-        ctx = llm._ctx
+        ctx = llm.context
         nxt = int(llm.kv_positions()[-1]) + 1
         # one decode row
-        ctx.hook.arm(nxt)
-        ctx.decode([prompt[1]], [nxt], want_logits=True)
-        ctx.hook.arm(None)  # disarming keeps the capture readable (policies read it after)
-        cap = ctx.hook.capture()
-        assert cap.attn.shape == (llm._model.n_layer, llm._model.n_head, nxt + 1)
+        with ctx.capturing(nxt):
+            ctx.decode([prompt[1]], [nxt], want_logits=True)
+        cap = ctx.capture()  # leaving the block disarms and keeps the capture readable (policies read it after)
+        assert cap.attn.shape == (llm.model.n_layer, llm.model.n_head, nxt + 1)
         assert (cap.rows == 1).all()
         np.testing.assert_allclose(cap.attn.sum(axis=2), 1.0, atol=1e-4)
         assert (cap.attn >= 0).all()
         # the last 8 rows of a 40-token batch
-        ctx.hook.arm(nxt + 33)
-        ctx.decode(prompt[:40], range(nxt + 1, nxt + 41), want_logits=True)
-        cap = ctx.hook.capture()
-        ctx.hook.arm(None)
+        with ctx.capturing(nxt + 33):
+            ctx.decode(prompt[:40], range(nxt + 1, nxt + 41), want_logits=True)
+            cap = ctx.capture()
         assert (cap.rows == 8).all()
         np.testing.assert_allclose(cap.attn.sum(axis=2), 8.0, atol=1e-3)
         # causal: no captured row attends to a later position
@@ -237,7 +253,7 @@ def test_stream_equals_generate_and_last_chunk_carries_stats(model_path):
     with ScopeLlama(model_path) as llm:
         chunks = list(llm.stream(PROMPT, max_tokens=40))
         full = llm.generate(PROMPT, max_tokens=40)
-        n_prompt = len(llm._model.tokenize(PROMPT))
+        n_prompt = len(llm.tokenize(PROMPT))
     with pytest.raises(RuntimeError, match="closed"):
         llm.generate(PROMPT, max_tokens=2)
     assert "".join(c.text for c in chunks) == full.text
@@ -267,12 +283,12 @@ def test_utf8_stream_never_splits_characters(model_path):
 
 
 def test_text_stream_joins_split_utf8_and_holds_stop_prefixes():
-    ts = _TextStream(("STOP",))
+    ts = TextStream(("STOP",))
     data = "héllo 日本 ST".encode()
     out = "".join(ts.push(data[i : i + 1]) for i in range(len(data)))
     assert out == "héllo 日本 "  # "ST" is held: it may start "STOP"
     assert ts.push(b"OP and more") == "" and ts.stopped
-    ts = _TextStream(("STOP",))
+    ts = TextStream(("STOP",))
     assert ts.push(b"ST") == "" and ts.flush() == "ST"
 
 

@@ -6,31 +6,26 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import StepPlan
-from .checks import require_int
-from .scope import ScopeDecode
+from .scope import ScheduledScope
 
 
 @dataclass(frozen=True, kw_only=True)
-class Adaptive(ScopeDecode):
+class Adaptive(ScheduledScope):
     """Budget at step t: t up to `recent`, then recent + (t - recent) * beta1
     / (max_tokens - recent), capped at decode (beta1 = decode - recent).
 
-    max_tokens: the generation's max new tokens (T), where the budget peaks.
+    max_tokens: the generation's max new tokens (T), where the budget peaks;
+        None: the generation's, filled in by bind().
     """
 
     name: ClassVar[str] = "adaptive"
 
-    max_tokens: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_int("Adaptive", "max_tokens", self.max_tokens, lo=1)
-
     def budget_at(self, step: int) -> int:
         """Generated cells attention may see at step `step`."""
+        horizon = self.horizon
         if step <= self.recent:
             return min(step, self.decode)
-        grown = (step - self.recent) * (self.decode - self.recent) // max(1, self.max_tokens - self.recent)
+        grown = (step - self.recent) * (self.decode - self.recent) // max(1, horizon - self.recent)
         return min(step, self.recent + grown, self.decode)
 
     def plan(self, step: int, n_held: int) -> StepPlan:

@@ -1,30 +1,55 @@
 """What a policy is: pure functions of positions and attention scores.
 
-A policy never sees llama.cpp. The facade hands it
+A policy never sees llama.cpp. The runtime hands it
   positions: int32 array, sorted ascending, of the cells it may evict from;
   attn: float32 array [n_layer, n_head, len(positions)], the attention
         probabilities of the captured query rows summed per cell (None when
         nothing was captured);
 and gets back the sorted int32 positions to evict.
 
-A generation composes one PrefillSelector (which prompt cells survive the
-prefill) with one DecodeStrategy (which cells survive each decode step).
+A Policy composes one PrefillSelector (which prompt cells survive the
+prefill, and how many) with one DecodeStrategy (which cells survive each
+decode step, and how many cells decoding needs). The runtime asks the policy
+for every number; it never looks at a policy's name.
 """
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
+from .checks import require_int
+
 EMPTY = np.zeros(0, dtype=np.int32)
 
 
+@dataclass(frozen=True, kw_only=True)
 class PrefillSelector(ABC):
-    """Chooses the prompt cells kept after prefill."""
+    """Chooses the prompt cells kept after prefill.
+
+    budget: prompt cells kept after prefill. None: no limit of its own (the
+        selector keeps everything, or the decode strategy sets the limit,
+        as the unified baselines do through prompt_room()).
+
+    Subclasses are frozen dataclasses; one that defines __post_init__ calls
+    super().__post_init__().
+    """
 
     name: ClassVar[str]
+
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            require_int(type(self).__name__, "budget", self.budget, lo=1)
+
+    def keep(self, n_prompt: int) -> int:
+        """Prompt cells this selector keeps out of n_prompt."""
+        require_int(type(self).__name__, "n_prompt", n_prompt, lo=0)
+        return n_prompt if self.budget is None else min(n_prompt, self.budget)
 
     @abstractmethod
     def capture_from(self, n_prompt: int) -> int | None:
@@ -52,15 +77,40 @@ class DecodeStrategy(ABC):
     unified=False: only generated tokens are eligible (SCOPE; the prompt cells
     chosen at prefill are never touched). unified=True: prompt and generated
     cells share one budget (the StreamingLLM and H2O baselines).
+
+    Subclasses are dataclasses (frozen or not): bind() copies them with
+    dataclasses.replace, which starts init=False state fields afresh. One that
+    defines __post_init__ calls super().__post_init__().
     """
 
     name: ClassVar[str]
     unified: ClassVar[bool] = False
 
+    def __post_init__(self) -> None:
+        """Validation hook: subclasses extend it."""
+
     @property
     def slack(self) -> int:
         """Cells the strategy may hold above its budget between selections."""
         return 0
+
+    @abstractmethod
+    def cells(self, *, kept: int, max_tokens: int) -> int:
+        """Cells the decode phase needs, the `kept` prompt cells included,
+        for a generation of at most max_tokens tokens."""
+
+    def prompt_room(self) -> int | None:
+        """The most prompt cells this strategy lets the prefill keep (None:
+        the prefill selector alone decides)."""
+        return None
+
+    def bind(self, max_tokens: int) -> DecodeStrategy:
+        """A fresh copy for one generation of at most max_tokens tokens:
+        per-generation state (accumulated scores) starts empty."""
+        require_int(f"{type(self).__name__}.bind", "max_tokens", max_tokens, lo=1)
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"{type(self).__name__} is not a dataclass: override bind() to return a fresh copy")
+        return dataclasses.replace(self)
 
     @abstractmethod
     def plan(self, step: int, n_held: int) -> StepPlan:
@@ -80,9 +130,68 @@ class DecodeStrategy(ABC):
         """Positions to evict so that `keep` of `positions` remain."""
 
 
+class UnifiedDecode(DecodeStrategy):
+    """Mixin for unified strategies: prompt and generated cells share `total`
+    cells (the subclass declares the field `total: int`).
+
+    The prefill keeps at most total - 1 prompt cells (one stays free for the
+    first decode step); each step that holds more than total - 1 cells
+    evicts down to total - 1. The default plan captures exactly on those
+    steps (right for a strategy scoring with the current step's attention).
+    """
+
+    unified: ClassVar[bool] = True
+    total: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Room for the newest cell and one free cell for the next token.
+        require_int(type(self).__name__, "total", self.total, lo=2)
+
+    def keep_at(self, n_held: int) -> int | None:
+        """total - 1 once n_held passes it, else None (nothing to evict)."""
+        return self.total - 1 if n_held > self.total - 1 else None
+
+    def plan(self, step: int, n_held: int) -> StepPlan:
+        keep = self.keep_at(n_held)
+        return StepPlan(keep=keep, capture=keep is not None)
+
+    def prompt_room(self) -> int | None:
+        return self.total - 1
+
+    def cells(self, *, kept: int, max_tokens: int) -> int:
+        return min(kept + max_tokens, self.total + self.slack)
+
+
 @dataclass(frozen=True)
 class Policy:
-    """A prefill selector and a decode strategy composed for one generation."""
+    """A prefill selector and a decode strategy composed.
+
+    One Policy can serve many generations: for_generation() gives the copy a
+    single generation uses (fresh decode state, max_tokens filled in).
+    """
 
     prefill: PrefillSelector
     decode: DecodeStrategy
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefill, PrefillSelector) or not isinstance(self.decode, DecodeStrategy):
+            raise ValueError(
+                "Policy needs prefill=PrefillSelector and decode=DecodeStrategy, got "
+                f"prefill={type(self.prefill).__name__}, decode={type(self.decode).__name__}"
+            )
+
+    def prefill_keep(self, n_prompt: int) -> int:
+        """Prompt cells the prefill selection keeps out of n_prompt."""
+        keep = self.prefill.keep(n_prompt)
+        room = self.decode.prompt_room()
+        return keep if room is None else min(keep, room)
+
+    def decode_cells(self, *, kept: int, max_tokens: int) -> int:
+        """Cells the decode phase needs, the kept prompt cells included."""
+        return self.decode.cells(kept=kept, max_tokens=max_tokens)
+
+    def for_generation(self, max_tokens: int) -> Policy:
+        """The policy one generation of at most max_tokens tokens runs."""
+        require_int("Policy", "max_tokens", max_tokens, lo=1)
+        return Policy(prefill=self.prefill, decode=self.decode.bind(max_tokens))

@@ -6,34 +6,29 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import StepPlan
-from .checks import require_int
-from .scope import ScopeDecode
+from .scope import ScheduledScope
 
 
 @dataclass(frozen=True, kw_only=True)
-class Discontinuous(ScopeDecode):
+class Discontinuous(ScheduledScope):
     """delta = (max_tokens - recent) // beta1 (beta1 = decode - recent). The
     cache grows to decode + delta, then one selection drops delta + 1 cells.
 
-    max_tokens: the generation's max new tokens (T).
+    max_tokens: the generation's max new tokens (T); None: the generation's,
+        filled in by bind().
     """
 
     name: ClassVar[str] = "discontinuous"
-
-    max_tokens: int
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require_int("Discontinuous", "max_tokens", self.max_tokens, lo=1)
 
     @property
     def delta(self) -> int:
         """Steps between selections, minus one. With no older cells to choose
         among (decode == recent) there is nothing to select: slide every step."""
+        horizon = self.horizon
         beta1 = self.decode - self.recent
         if beta1 <= 0:
             return 0
-        return max(0, (self.max_tokens - self.recent) // beta1)
+        return max(0, (horizon - self.recent) // beta1)
 
     @property
     def slack(self) -> int:

@@ -11,9 +11,13 @@ from .base import EMPTY, DecodeStrategy, PrefillSelector, StepPlan
 
 @dataclass(frozen=True)
 class FullPrefill(PrefillSelector):
-    """Keep every prompt cell; needs no scores."""
+    """Keep every prompt cell; needs no scores. budget stays None."""
 
     name: ClassVar[str] = "full"
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            raise ValueError(f"FullPrefill keeps every prompt cell: budget must be None, got {self.budget!r}")
 
     def capture_from(self, n_prompt: int) -> int | None:
         return None
@@ -28,9 +32,11 @@ class Full(DecodeStrategy):
 
     name: ClassVar[str] = "full"
 
+    def cells(self, *, kept: int, max_tokens: int) -> int:
+        return kept + max_tokens
+
     def plan(self, step: int, n_held: int) -> StepPlan:
         return StepPlan(keep=None, capture=False)
 
     def select(self, positions: np.ndarray, attn: np.ndarray | None, keep: int) -> np.ndarray:
         return EMPTY
-

@@ -7,16 +7,20 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import EMPTY, DecodeStrategy, PrefillSelector, StepPlan
+from .base import EMPTY, StepPlan, UnifiedDecode
 from .checks import require_head_reduce, require_int
 from .kernels import carry_scores
-from .scores import aggregate, evict_lowest, nothing_to_evict, require_attn
+from .scored import ScoredDecode, ScoredPrefill
+from .scores import aggregate, require_attn
 
 
 @dataclass(frozen=True, kw_only=True)
-class H2OPrefill(PrefillSelector):
+class H2OPrefill(ScoredPrefill):
     """Keep the last `recent` prompt cells plus those that every prompt query
-    together attended to most (the SCOPE reference's main prefill scoring)."""
+    together attended to most (the SCOPE reference's main prefill scoring).
+
+    budget: prompt cells kept (None: all, or the unified baseline's room).
+    """
 
     name: ClassVar[str] = "h2o"
 
@@ -24,21 +28,21 @@ class H2OPrefill(PrefillSelector):
     head_reduce: str = "max"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # recent >= 1: the last prompt cell must survive, decoding continues from it.
-        require_int("H2OPrefill", "recent", self.recent, lo=1)
+        require_int("H2OPrefill", "recent", self.recent, lo=1, hi=self.budget)
         require_head_reduce("H2OPrefill", self.head_reduce)
+
+    @property
+    def protected(self) -> int:
+        return self.recent
 
     def capture_from(self, n_prompt: int) -> int | None:
         return 0
 
     def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
         """Attention summed over all captured prompt rows, aggregated per cell."""
-        return aggregate(require_attn("H2OPrefill", positions, attn), head_reduce=self.head_reduce)
-
-    def select(self, positions: np.ndarray, attn: np.ndarray | None, *, keep: int) -> np.ndarray:
-        if nothing_to_evict(positions, keep):
-            return EMPTY
-        return evict_lowest(positions, self.score(positions, attn), keep=keep, protect=self.recent)
+        return aggregate(attn, head_reduce=self.head_reduce)
 
 
 def _empty_scores() -> np.ndarray:
@@ -50,15 +54,16 @@ def _empty_positions() -> np.ndarray:
 
 
 @dataclass(kw_only=True)
-class H2O(DecodeStrategy):
+class H2O(UnifiedDecode, ScoredDecode):
     """Unified H2O baseline: prompt and generated cells share `total` cells;
-    each cell's score is its attention accumulated over every observed step.
+    each cell's score is its attention accumulated over every observed step
+    (the prompt's rows included).
 
-    Holds per-generation state: make one per generation (make_policy does).
+    Holds per-generation state: bind() (Policy.for_generation) gives a fresh copy.
     """
 
     name: ClassVar[str] = "h2o"
-    unified: ClassVar[bool] = True
+    needs_attn: ClassVar[bool] = False  # attn is already in the sums: observe() comes first
 
     total: int
     recent: int
@@ -67,14 +72,17 @@ class H2O(DecodeStrategy):
     _scores: np.ndarray = field(default_factory=_empty_scores, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        require_int("H2O", "total", self.total, lo=2)
+        super().__post_init__()
         require_int("H2O", "recent", self.recent, lo=1, hi=self.total - 1)
         require_head_reduce("H2O", self.head_reduce)
 
+    @property
+    def protected(self) -> int:
+        return self.recent
+
     def plan(self, step: int, n_held: int) -> StepPlan:
         # Every step's row feeds the running sums, evicting or not.
-        keep = self.total - 1 if n_held > self.total - 1 else None
-        return StepPlan(keep=keep, capture=True)
+        return StepPlan(keep=self.keep_at(n_held), capture=True)
 
     def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
         positions = np.ascontiguousarray(positions, dtype=np.int32)
@@ -92,8 +100,6 @@ class H2O(DecodeStrategy):
         positions = np.ascontiguousarray(positions, dtype=np.int32)
         return carry_scores(self._positions, self._scores, positions)
 
-    def select(self, positions: np.ndarray, attn: np.ndarray | None, keep: int) -> np.ndarray:
-        # attn is already in the sums: the facade calls observe() first.
-        if nothing_to_evict(positions, keep):
-            return EMPTY
-        return evict_lowest(positions, self.accumulated(positions), keep=keep, protect=self.recent)
+    def score(self, positions: np.ndarray, attn: np.ndarray | None) -> np.ndarray:
+        """The accumulated scores (attn is already in them)."""
+        return self.accumulated(positions)

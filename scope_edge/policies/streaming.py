@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import EMPTY, DecodeStrategy, PrefillSelector, StepPlan
+from .base import EMPTY, PrefillSelector, StepPlan, UnifiedDecode
 from .checks import require_int
 from .scores import nothing_to_evict
 
@@ -24,13 +24,17 @@ def evict_middle(positions: np.ndarray, keep: int, sinks: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StreamingPrefill(PrefillSelector):
-    """Keep the first `sinks` prompt cells and the most recent rest; no scores."""
+    """Keep the first `sinks` prompt cells and the most recent rest; no scores.
+
+    budget: prompt cells kept (None: all, or the unified baseline's room).
+    """
 
     name: ClassVar[str] = "streaming"
 
     sinks: int = 4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_int("StreamingPrefill", "sinks", self.sinks, lo=0)
 
     def capture_from(self, n_prompt: int) -> int | None:
@@ -41,24 +45,23 @@ class StreamingPrefill(PrefillSelector):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Streaming(DecodeStrategy):
+class Streaming(UnifiedDecode):
     """Unified StreamingLLM baseline: `total` cells for prompt and generated
     text together; the oldest non-sink cell goes first. Never captures."""
 
     name: ClassVar[str] = "streaming"
-    unified: ClassVar[bool] = True
 
     total: int
     sinks: int = 4
 
     def __post_init__(self) -> None:
         require_int("Streaming", "sinks", self.sinks, lo=0)
+        super().__post_init__()
         # Room for the sinks, one older cell and the newest: total - 1 kept per step.
         require_int("Streaming", "total", self.total, lo=self.sinks + 2)
 
     def plan(self, step: int, n_held: int) -> StepPlan:
-        keep = self.total - 1 if n_held > self.total - 1 else None
-        return StepPlan(keep=keep, capture=False)
+        return StepPlan(keep=self.keep_at(n_held), capture=False)
 
     def select(self, positions: np.ndarray, attn: np.ndarray | None, keep: int) -> np.ndarray:
         return evict_middle(positions, keep, self.sinks)

@@ -79,6 +79,13 @@ def _load() -> ctypes.CDLL:
 
 
 _lib = _load()
+
+
+def library_path() -> str:
+    """Path of the loaded native hook library."""
+    return _lib._name
+
+
 # The C callback itself: installed in llama_context_params.cb_eval, no Python per node.
 EVAL_CALLBACK = llama_cpp.ggml_backend_sched_eval_callback(
     ctypes.cast(_lib.scope_hook_eval, ctypes.c_void_p).value

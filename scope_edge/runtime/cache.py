@@ -1,0 +1,225 @@
+"""The cache across calls: which tokens it holds, what a new prompt reuses,
+and how many cells a generation needs.
+
+Session is the bookkeeping (tokens fed, positions held); Cache owns the
+context and sizes it per generation from the policy's own cell counts.
+"""
+from __future__ import annotations
+
+import ctypes
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import memory
+from ..policies import Policy
+from .context import N_BATCH, Context
+from .model import Model
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    """How contexts are made and sized.
+
+    n_ctx: fixed KV cells; None sizes the context per generation.
+    prefill_chunk / chunked_prefill: under a policy, a prompt longer than
+        the kept prompt + prefill_chunk is prefilled in chunks of
+        prefill_chunk tokens (None: automatic; True/False force).
+    capture_layers: flags [n_layer] of the captured layers (None: all).
+    position_limit: positions stay below it under a policy (re-indexed when
+        they would pass it); None: the model's trained context.
+    """
+
+    n_ctx: int | None
+    n_threads: int
+    n_threads_batch: int
+    type_k: str
+    prefill_chunk: int = N_BATCH
+    chunked_prefill: bool | None = None
+    capture_layers: np.ndarray | None = None
+    position_limit: int | None = None
+
+
+@dataclass
+class Session:
+    """What the cache holds across calls.
+
+    tokens: every token fed, in order: the next prompt is matched against all
+    of it (4 bytes a token). held_index / held_pos: for the held tokens only,
+    in feeding order, their index in tokens and their position (both
+    ascending). So an eviction or a step costs work and memory in the cells
+    held, not in the length of the history.
+    """
+
+    tokens: array[int] = field(default_factory=lambda: array("i"))
+    held_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    held_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    next_pos: int = 0
+
+    def common_prefix(self, prompt: Sequence[int]) -> int:
+        n = min(len(prompt), len(self.tokens))
+        fed = np.frombuffer(self.tokens, dtype=np.int32, count=n)
+        differ = np.flatnonzero(np.asarray(prompt[:n], dtype=np.int32) != fed)
+        return int(differ[0]) if len(differ) else n
+
+    def held_upto(self, n: int) -> int:
+        """Held cells among the first n tokens."""
+        return int(np.searchsorted(self.held_index, n))
+
+    def record(self, tokens: Sequence[int], positions: Sequence[int]) -> None:
+        first = len(self.tokens)
+        self.tokens.extend(tokens)
+        self.held_index = np.concatenate((self.held_index, np.arange(first, len(self.tokens), dtype=np.int64)))
+        self.held_pos = np.concatenate((self.held_pos, np.asarray(positions, dtype=np.int32)))
+        self.next_pos = int(positions[-1]) + 1
+
+    def truncate(self, ctx: Context, n: int) -> None:
+        """Keep the first n tokens: drop the cells of the rest."""
+        if len(self.tokens) <= n:
+            return
+        cut = self.held_upto(n)
+        if cut < len(self.held_pos):
+            ctx.truncate(int(self.held_pos[cut]))
+        del self.tokens[n:]
+        self.held_index, self.held_pos = self.held_index[:cut], self.held_pos[:cut]
+        self.next_pos = int(self.held_pos[-1]) + 1 if cut else 0
+
+    def forget(self, evicted: np.ndarray) -> None:
+        kept = ~np.isin(self.held_pos, evicted, assume_unique=True)
+        self.held_index, self.held_pos = self.held_index[kept], self.held_pos[kept]
+
+    def renumber(self, old: np.ndarray, new: np.ndarray) -> None:
+        """Held position old[i] becomes new[i] (old: sorted; one not in it is no longer held)."""
+        kept = np.isin(self.held_pos, old, assume_unique=True)
+        self.held_index = self.held_index[kept]
+        self.held_pos = new[np.searchsorted(old, self.held_pos[kept])].astype(np.int32)
+
+
+@dataclass
+class Plan:
+    """How one generation uses the context: its policy (None: full cache),
+    prompt tokens reused from the cache, prefill chunk size (None: one shot)
+    and cells needed."""
+
+    policy: Policy | None
+    reuse: int
+    chunk: int | None
+    cells: int
+
+
+class Cache:
+    """The context (re-created bigger when a generation needs more cells)
+    and the session of tokens it holds."""
+
+    def __init__(self, model: Model, settings: CacheSettings, *, abort: ctypes.c_bool) -> None:
+        self.model, self.settings, self._abort = model, settings, abort
+        self.context: Context | None = None
+        self.session: Session | None = None
+        if settings.n_ctx is not None:
+            self._ensure_context(settings.n_ctx)
+
+    @property
+    def position_limit(self) -> int:
+        return self.settings.position_limit or self.model.n_ctx_train
+
+    def close(self) -> None:
+        self.session = None
+        if self.context is not None:
+            self.context.close()
+            self.context = None
+
+    def forget_session(self) -> None:
+        """The cache content is unknown (an interrupted step): the next call starts clean."""
+        self.session = None
+
+    # -- sizing ------------------------------------------------------------
+    def plan(self, prompt: Sequence[int], *, max_tokens: int, policy: Policy | None, resume: bool) -> Plan:
+        """Decide what to reuse, whether to chunk, and how many cells."""
+        reuse = self.session.common_prefix(prompt) if resume and self.session is not None else 0
+        plan = self._plan_from(prompt, max_tokens, policy, reuse)
+        if plan.reuse and self._grows(len(prompt), plan):
+            # A bigger context starts empty: llama.cpp moves cells between
+            # contexts only by state save/restore, which the hook's cell map
+            # would not follow. So the plan sized for the compressed history no
+            # longer applies: plan the whole prompt from its real length.
+            fresh = self._plan_from(prompt, max_tokens, policy, 0)
+            if self.settings.n_ctx is None:  # big enough for both, so later turns like this one reuse
+                fresh.cells = max(fresh.cells, plan.cells)
+            plan = fresh
+        return plan
+
+    def _plan_from(self, prompt: Sequence[int], max_tokens: int, policy: Policy | None, reuse: int) -> Plan:
+        """The plan that takes the first `reuse` prompt tokens from the cache."""
+        held_before = self.session.held_upto(reuse) if reuse and self.session is not None else 0
+        n_new = len(prompt) - reuse
+        if n_new == 0:  # the cache already holds the whole prompt: feed its last token again
+            reuse -= 1
+            held_before = self.session.held_upto(reuse) if reuse and self.session is not None else 0
+            n_new = 1
+        one_shot = held_before + n_new
+        if policy is None:
+            return Plan(policy, reuse, None, one_shot + max_tokens)
+        keep = policy.prefill_keep(one_shot)
+        chunk = self.settings.prefill_chunk
+        forced = self.settings.chunked_prefill
+        chunked = forced if forced is not None else one_shot > keep + chunk
+        decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens)
+        # The first chunk lands on every cell held before (the last turn's
+        # reply included, so possibly more than keep); later ones on keep.
+        prefill_cells = min(one_shot, max(held_before, keep) + chunk) if chunked else one_shot
+        return Plan(policy, reuse, chunk if chunked else None, max(prefill_cells, decode_cells))
+
+    def _cells_for(self, n_prompt: int, plan: Plan) -> tuple[int, int]:
+        """Cells to allocate for plan, and the most allowed: n_ctx if fixed,
+        else the trained context (or the prompt, if longer)."""
+        if self.settings.n_ctx is not None:
+            return plan.cells, self.settings.n_ctx
+        cap = max(self.model.n_ctx_train, memory.padded_cells(n_prompt + 1))
+        return min(plan.cells, cap), cap
+
+    def _grows(self, n_prompt: int, plan: Plan) -> bool:
+        """Whether plan needs a bigger context than the current one."""
+        need, _ = self._cells_for(n_prompt, plan)
+        return self.context is None or self.context.n_cells < memory.padded_cells(need)
+
+    # -- starting a generation ----------------------------------------------
+    def start(self, n_prompt: int, plan: Plan) -> tuple[Context, Session]:
+        """The context for plan, its session truncated to the reused tokens
+        (or a fresh one on an emptied cache)."""
+        ctx = self._context_for(n_prompt, plan)
+        session = self.session if plan.reuse and self.session is not None else None
+        if session is None:
+            ctx.clear()
+            session = Session()
+        else:
+            session.truncate(ctx, plan.reuse)
+        self.session = session
+        return ctx, session
+
+    def _context_for(self, n_prompt: int, plan: Plan) -> Context:
+        need, limit = self._cells_for(n_prompt, plan)
+        if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
+            raise ValueError(
+                f"prompt has {n_prompt} tokens but the context holds {memory.padded_cells(limit)} cells; "
+                "shorten the prompt, raise n_ctx, or give a budget (long prompts are then prefilled in chunks)"
+            )
+        if need > memory.padded_cells(limit):
+            raise ValueError(
+                f"this generation needs {need} KV cells but n_ctx is fixed at {memory.padded_cells(limit)}; "
+                "raise n_ctx or lower the budgets / max_tokens"
+            )
+        return self._ensure_context(need)  # a new context drops the session: plan() reuses only when none is needed
+
+    def _ensure_context(self, n_cells: int) -> Context:
+        """A context of at least n_cells; a bigger one replaces the old (and
+        its session)."""
+        n_cells = memory.padded_cells(n_cells)
+        if self.context is not None and self.context.n_cells >= n_cells:
+            return self.context
+        self.close()
+        s = self.settings
+        self.context = Context(self.model, n_cells=n_cells, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
+                               type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers)
+        return self.context

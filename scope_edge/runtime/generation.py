@@ -1,0 +1,292 @@
+"""One generation: prefill under the prefill selection, then the decode
+loop that samples, feeds and evicts under the decode strategy.
+
+mlx-lm's shape: a stream of Chunk, the last one carrying the finish reason
+and the GenerationStats.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import llama_cpp
+import numpy as np
+
+from ..policies import Policy
+from .cache import Plan, Session
+from .context import N_BATCH, Context
+from .model import Model
+from .text import TextStream
+
+log = logging.getLogger("scope_edge")
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationStats:
+    """Memory and speed of one generation. kv_cells_peak counts the cells
+    held while decoding (after the prefill selection); prefill_cells_peak the
+    cells held during prefill. hook_reads / hook_bytes_read: tensor reads the
+    hook made (cell indices, mask rows, captured attention): with offloaded
+    layers, transfers from the device."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    kv_cells_allocated: int = 0
+    kv_cells_peak: int = 0
+    prefill_cells_peak: int = 0
+    kv_bytes_allocated: int = 0
+    stock_kv_bytes: int = 0
+    evicted_cells: int = 0
+    captured_steps: int = 0
+    hook_reads: int = 0
+    hook_bytes_read: int = 0
+    position_resets: int = 0
+    prefilled_tokens: int = 0
+    reused_prompt_tokens: int = 0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed step: the text it adds and its token. The last chunk
+    carries finish_reason and stats; its token is None when the run ended on
+    an end-of-generation token (which is neither text nor in tokens)."""
+
+    text: str
+    token: int | None
+    finish_reason: FinishReason | None = None
+    stats: GenerationStats | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    stats: GenerationStats
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """When a generation ends, besides an end-of-generation token.
+
+    max_tokens: tokens generated at most. stop: strings that end the text
+    (not included). ignore_eos: generate past end-of-generation tokens
+    (benchmarks that need a fixed length)."""
+
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or s == "" for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty str, got {list(self.stop)!r}")
+
+
+class Generation:
+    """One generation on a prepared context: feeds tokens through the hook,
+    applies the policy, keeps the counts and timings.
+
+    position_limit: positions stay below it under a policy (re-indexed);
+    check_open raises once the owner is closed; kv_bytes(cells) sizes a
+    cache of that many cells, for the stock comparison in the stats."""
+
+    def __init__(self, model: Model, ctx: Context, plan: Plan, session: Session, stats: GenerationStats, *,
+                 position_limit: int, check_open: Callable[[], None], kv_bytes: Callable[[int], int]) -> None:
+        self.model, self.ctx, self.plan, self.session, self.stats = model, ctx, plan, session, stats
+        self.policy = plan.policy
+        self._check_open, self._kv_bytes = check_open, kv_bytes
+        self.n_held = len(ctx.positions())
+        self.gen_start = session.next_pos  # first position of this run's generated text
+        self.n_eligible = 0  # cells the decode strategy may evict
+        self.transfers_before = ctx.transfers()
+        # Positions past the limit are re-indexed under a policy; the full
+        # cache behaves as stock and simply runs on.
+        self.pos_limit = position_limit if plan.policy is not None else 2**31 - 1
+
+    # feeding ---------------------------------------------------------------
+    def _make_room(self, n: int) -> None:
+        """Re-index positions if the next n tokens would pass the limit."""
+        if self.session.next_pos + n > self.pos_limit:
+            self._reindex(n)
+
+    def _decode(self, tokens: Sequence[int], *, want_logits: bool) -> None:
+        self._make_room(len(tokens))
+        start = self.session.next_pos
+        positions = list(range(start, start + len(tokens)))
+        self.ctx.decode(tokens, positions, want_logits=want_logits)
+        self.session.record(tokens, positions)
+        self.n_held += len(tokens)
+
+    def _reindex(self, n_next: int) -> None:
+        """Renumber the held positions 0..n-1 (llama_memory_seq_add
+        re-rotates K) so the next tokens stay inside the limit."""
+        if self.policy is None or not self.ctx.can_shift:
+            raise PositionLimit("this model's cache cannot shift positions")
+        old = self.ctx.positions()
+        new = np.arange(len(old), dtype=np.int32)
+        if len(old) + n_next > self.pos_limit:
+            raise PositionLimit(f"the {len(old)} cells held do not fit below it once renumbered")
+        runs = np.flatnonzero(np.diff(old) != 1) + 1
+        for first, last in zip(np.r_[0, runs], np.r_[runs, len(old)]):
+            delta = int(new[first] - old[first])
+            if delta:
+                self.ctx.shift(int(old[first]), int(old[last - 1]) + 1, delta)
+        self.gen_start = int(np.searchsorted(old, self.gen_start))
+        self.session.renumber(old, new)
+        self.session.next_pos = len(old)
+        self.policy.decode.reindex(old, new)
+        self.stats.position_resets += 1
+        log.info("re-indexed %d held positions (max %d -> %d) to continue past %d",
+                 len(old), int(old[-1]), len(old) - 1, self.pos_limit)
+
+    def _evict(self, positions: np.ndarray) -> None:
+        if len(positions):
+            freed = self.ctx.evict(positions)
+            self.n_held -= freed
+            self.stats.evicted_cells += freed
+            self.session.forget(positions)
+
+    # prefill -------------------------------------------------------------
+    def prefill(self, prompt: Sequence[int]) -> None:
+        t0 = time.perf_counter()
+        new = prompt[self.plan.reuse :]
+        chunk = self.plan.chunk or len(new)
+        try:
+            for i in range(0, len(new), chunk):
+                self._prefill_chunk(new[i : i + chunk], last=i + chunk >= len(new))
+        except PositionLimit:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) passes the model's trained context of {self.pos_limit} "
+                "positions; give a budget and leave chunked_prefill on so positions can be re-indexed"
+            ) from None
+        self.ctx.synchronize()  # time the prefill, not its launch
+        self.gen_start = self.session.next_pos
+        self.n_eligible = self.n_held if self.policy is not None and self.policy.decode.unified else 0
+        self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
+        self.stats.prefilled_tokens = len(new)
+
+    def _prefill_chunk(self, tokens: Sequence[int], *, last: bool) -> None:
+        policy = self.policy
+        self._make_room(len(tokens))
+        end = self.session.next_pos + len(tokens)
+        capture_from = policy.prefill.capture_from(end) if policy else None
+        with self.ctx.capturing(capture_from) if capture_from is not None else nullcontext():
+            for i in range(0, len(tokens), N_BATCH):
+                self._check_open()  # backends that do not poll the abort callback stop here
+                self._decode(tokens[i : i + N_BATCH], want_logits=last and i + N_BATCH >= len(tokens))
+        self.stats.prefill_cells_peak = max(self.stats.prefill_cells_peak, self.n_held)
+        if policy is not None:
+            self._select_prompt(policy, captured=capture_from is not None)
+
+    def _select_prompt(self, policy: Policy, *, captured: bool) -> None:
+        if captured:
+            cap = self.ctx.capture()
+            positions, attn = cap.positions, cap.attn
+            policy.decode.observe(positions, attn)
+        else:
+            positions, attn = self.ctx.positions(), None
+        keep = policy.prefill_keep(len(positions))
+        if len(positions) > keep:
+            self._evict(policy.prefill.select(positions, attn, keep=keep))
+
+    # decode --------------------------------------------------------------
+    def feed(self, token: int, step: int) -> None:
+        """Decode the token sampled at decode step `step` (1: the first after
+        the prompt), then let the decode strategy select."""
+        self._check_open()
+        plan = self.policy.decode.plan(step, self.n_eligible + 1) if self.policy else None
+        capture = plan is not None and plan.capture
+        self._make_room(1)
+        with self.ctx.capturing(self.session.next_pos) if capture else nullcontext():
+            self._decode([token], want_logits=True)
+        if capture:
+            self.stats.captured_steps += 1
+        self.n_eligible += 1
+        self.stats.kv_cells_peak = max(self.stats.kv_cells_peak, self.n_held)
+        if plan is not None and (capture or (plan.keep is not None and self.n_eligible > plan.keep)):
+            self._select_decode(plan.keep, capture)
+
+    def _select_decode(self, keep: int | None, captured: bool) -> None:
+        assert self.policy is not None  # feed() plans only under a policy
+        decode = self.policy.decode
+        eligible = 0 if decode.unified else self.gen_start  # SCOPE: only generated cells
+        if captured:
+            cap = self.ctx.capture(min_pos=eligible)
+            positions, attn = cap.positions, cap.attn
+            decode.observe(positions, attn)
+        else:
+            positions, attn = self.ctx.positions(), None
+            positions = positions[positions >= eligible]
+        if keep is not None and len(positions) > keep:
+            before = self.n_held
+            self._evict(decode.select(positions, attn, keep))
+            self.n_eligible -= before - self.n_held
+
+    def logits_after(self, prompt: Sequence[int], forced: Sequence[int]) -> Iterator[np.ndarray]:
+        """Next-token logits after the prompt, then after each forced token but the last."""
+        self.prefill(prompt)
+        yield self.ctx.logits()
+        for step, token in enumerate(forced[:-1], start=1):
+            self.feed(token, step)
+            yield self.ctx.logits()
+
+    def stream(self, prompt: Sequence[int], limits: Limits, sampler: llama_cpp.llama_sampler_p) -> Iterator[Chunk]:
+        """Prefill, then sample until an end-of-generation token, a stop
+        string or max_tokens; the last chunk carries the finish reason."""
+        model = self.model
+        self.prefill(prompt)
+        text = TextStream(limits.stop)
+        t0 = time.perf_counter()
+        n_fed = generated = 0
+        while True:
+            token = llama_cpp.llama_sampler_sample(sampler, self.ctx.ptr, -1)
+            if model.is_eog(token):
+                yield self._final(text.flush(), None, "stop", n_fed, t0, generated)
+                return
+            generated += 1
+            piece = text.push(model.piece(token))
+            if text.stopped:
+                yield self._final(piece, token, "stop", n_fed, t0, generated)
+                return
+            if generated == limits.max_tokens or (self.policy is None and self.session.next_pos >= self.ctx.n_cells):
+                yield self._final(piece + text.flush(), token, "length", n_fed, t0, generated)
+                return
+            yield Chunk(piece, token)
+            try:
+                self.feed(token, n_fed + 1)
+            except PositionLimit as why:
+                log.warning("stopping at position %d: generation cannot pass the trained context of %d (%s)",
+                            self.session.next_pos, self.pos_limit, why)
+                yield self._final(text.flush(), None, "length", n_fed, t0, generated)
+                return
+            n_fed += 1
+
+    def _final(self, piece: str, token: int | None, reason: FinishReason, n_fed: int, t0: float,
+               generated: int) -> Chunk:
+        st = self.stats
+        st.generated_tokens = generated
+        st.decode_tokens_per_s = n_fed / max(time.perf_counter() - t0, 1e-9) if n_fed else 0.0
+        st.stock_kv_bytes = self._kv_bytes(st.prompt_tokens + generated)
+        if st.kv_cells_peak == 0:
+            st.kv_cells_peak = self.n_held
+        reads, size = self.ctx.transfers()
+        st.hook_reads, st.hook_bytes_read = reads - self.transfers_before[0], size - self.transfers_before[1]
+        return Chunk(piece, token, reason, st)
+
+
+class PositionLimit(Exception):
+    """The next token would pass the position limit and positions cannot be
+    re-indexed."""

@@ -1,0 +1,146 @@
+"""The loaded llama_model: vocabulary, tokenizer and chat template."""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Mapping, Sequence
+
+import llama_cpp
+
+from ..devices import Devices
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Model:
+    """A GGUF loaded by llama.cpp, with the devices it was offloaded to.
+
+    n_layer, n_head, n_vocab, n_ctx_train: the model's geometry. Read-only
+    facts; nothing here touches a KV cache. vocab_only loads the vocabulary
+    and template without the weights (tokenizing only). verbose shows
+    llama.cpp's log (process-wide: llama.cpp has one logger)."""
+
+    def __init__(self, path: str, *, devices: Devices | None = None, vocab_only: bool = False,
+                 verbose: bool = False) -> None:
+        llama_cpp.llama_backend_init()
+        llama_cpp._logger.set_verbose(verbose)
+        devices = devices or Devices()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = bool(vocab_only)
+        params.n_gpu_layers = devices.n_gpu_layers
+        params.main_gpu = devices.main_gpu
+        # llama.cpp reads both arrays during the load only
+        handles = devices.handles()
+        if handles is not None:
+            params.devices = ctypes.cast(handles, ctypes.c_void_p)
+        split = (ctypes.c_float * len(devices.tensor_split))(*devices.tensor_split) if devices.tensor_split else None
+        if split is not None:
+            params.tensor_split = split
+        self.path = path
+        self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not load {path}: a truncated or unsupported GGUF? "
+                             "(run with verbose=True for its log)")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_layer: int = llama_cpp.llama_model_n_layer(self.ptr)
+        # llama.cpp aborts on n_head of a vocab-only model (no layers loaded)
+        self.n_head: int = llama_cpp.llama_model_n_head(self.ptr) if self.n_layer > 0 else 0
+        self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        self._piece = ctypes.create_string_buffer(256)
+        self._eog: list[int] | None = None
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    @property
+    def closed(self) -> bool:
+        return not self.ptr
+
+    def _require_open(self) -> None:
+        if not self.ptr:
+            raise RuntimeError("this ScopeLlama is closed")
+
+    def check_supported(self) -> None:
+        """Raise ValueError for architectures whose cache cannot be evicted per token."""
+        if llama_cpp.llama_model_is_recurrent(self.ptr) or llama_cpp.llama_model_is_hybrid(self.ptr):
+            raise ValueError(
+                f"{self.path}: recurrent and hybrid models keep state that cannot be evicted per token; "
+                "scope-edge supports attention-only models (llama, qwen2, mistral, ...)"
+            )
+        if llama_cpp.llama_model_n_swa(self.ptr) > 0:
+            raise ValueError(
+                f"{self.path}: sliding-window attention (n_swa={llama_cpp.llama_model_n_swa(self.ptr)}, e.g. "
+                "Gemma 3) uses an iSWA cache this runtime does not manage yet; use a full-attention model"
+            )
+
+    # -- text <-> tokens -------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Token ids of text, special tokens (e.g. chat-template markers)
+        parsed; add_special adds the BOS token the model expects at the start
+        of a prompt (False: for pieces of one)."""
+        self._require_open()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+        if n < 0:  # buffer too small: -n tokens needed
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, True)
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes token stands for (a UTF-8 character may span tokens)."""
+        self._require_open()
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        if n < 0:
+            self._piece = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        return self._piece.raw[:n]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of tokens, as streaming them would print it."""
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        """Whether token ends a generation (end of text, end of turn, ...)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def eog_tokens(self) -> list[int]:
+        """Every end-of-generation token id."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
+        return self._eog
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
+        """The prompt text for messages through the GGUF's own chat template,
+        ending with the assistant's turn opened."""
+        self._require_open()
+        if not messages:
+            raise ValueError("messages is empty; pass at least one {'role': 'user', 'content': ...}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"messages[{i}] must be a dict with role in {ROLES} and str content, got {m!r}")
+        tmpl = llama_cpp.llama_model_chat_template(self.ptr, None)
+        if not tmpl:
+            raise ValueError("this GGUF has no chat template; pass a plain prompt instead")
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]  # alive while C reads them
+        chat = (llama_cpp.llama_chat_message * len(keep))(*[llama_cpp.llama_chat_message(r, c) for r, c in keep])
+        size = 2 * sum(len(r) + len(c) for r, c in keep) + 256
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(tmpl, chat, len(keep), True, buf, size)
+            if n < 0:
+                raise ValueError("llama.cpp does not recognise this GGUF's chat template")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n
+        raise RuntimeError("chat template output kept growing")  # unreachable: the second size fits
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
