@@ -30,6 +30,7 @@ import numpy as np
 
 from scope_edge import ScopeLlama, models
 from scope_edge.bench import save_results
+from scope_edge.runtime.context import fill_batch
 
 log = logging.getLogger("bench.hook_overhead")
 N_CTX = 8192
@@ -64,16 +65,8 @@ class BareContext:
         self.n_vocab = self.llm.n_vocab()
 
     def decode(self, tokens: Sequence[int], positions: Sequence[int], *, want_logits: bool) -> None:
-        b, n = self.batch, len(tokens)
-        for i, (tok, pos) in enumerate(zip(tokens, positions)):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 0
-        b.logits[n - 1] = want_logits
-        b.n_tokens = n
-        rc = llama_cpp.llama_decode(self.llm.ctx, b)
+        fill_batch(self.batch, tokens, positions, want_logits=want_logits)
+        rc = llama_cpp.llama_decode(self.llm.ctx, self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with {rc}")
 

@@ -46,6 +46,20 @@ def layer_flags(layers: Sequence[int] | None, n_layer: int) -> np.ndarray | None
     return flags
 
 
+def fill_batch(batch: llama_cpp.llama_batch, tokens: Sequence[int], positions: Sequence[int], *,
+               want_logits: bool) -> None:
+    """Write tokens at positions (sequence 0) into a llama_batch from
+    llama_batch_init, logits asked for the last token only if want_logits."""
+    for i, (tok, pos) in enumerate(zip(tokens, positions)):
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = 0
+        batch.logits[i] = 0
+    batch.logits[len(tokens) - 1] = want_logits
+    batch.n_tokens = len(tokens)
+
+
 class Context:
     """A llama_context of n_cells KV cells (one sequence) with our hook as
     its eval callback.
@@ -115,17 +129,9 @@ class Context:
         if not 1 <= n <= N_BATCH or len(positions) != n:
             raise ValueError(f"decode takes 1..{N_BATCH} tokens with one position each, got {n} tokens "
                              f"and {len(positions)} positions")
-        b = self._batch
-        for i, (tok, pos) in enumerate(zip(tokens, positions)):
-            b.token[i] = tok
-            b.pos[i] = pos
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 0
-        b.logits[n - 1] = want_logits
-        b.n_tokens = n
+        fill_batch(self._batch, tokens, positions, want_logits=want_logits)
         self._hook.begin(np.asarray(positions, dtype=np.int32))
-        rc = llama_cpp.llama_decode(self.ptr, b)
+        rc = llama_cpp.llama_decode(self.ptr, self._batch)
         if rc != 0:
             self._hook.abandon()
             if rc == 2 and self._abort.value:
