@@ -94,17 +94,20 @@ def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
     return ScopeLlama(path, policy=variant_policy(v, prefill, decode))
 
 
-def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]]) -> list[dict]:
+def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], strategies: list[str]) -> list[dict]:
+    """strategies: names, or "strategy/lend" for a SCOPE strategy under a lend rule."""
     rows = []
     for prefill, decode in budgets:
-        cfgs = [BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, strategy=s, prefill_budget=prefill,
+        cfgs = [BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, strategy=s.partition("/")[0],
+                            **({"lend": s.partition("/")[2]} if "/" in s else {}), prefill_budget=prefill,
                             decode_budget=decode, recent_window=max(1, decode // 2), ideal_steps=64)
-                for s in COMPRESSED]
+                for s in strategies]
         for r in run_many(cfgs):
             r["memory_ratio"] = (prefill + decode) / (prompt_tokens + max_tokens)
             rows.append(r)
             f = r["fidelity"]
-            log.info("budget %d:%d %s: top-1 %.3f, KL %.4f", prefill, decode, r["config"]["strategy"],
+            log.info("budget %d:%d %s/%s: top-1 %.3f, KL %.4f", prefill, decode, r["config"]["strategy"],
+                     r["config"]["lend"],
                      f["top1_agreement"], f["mean_kl"])
     return rows
 
@@ -131,7 +134,8 @@ def table(out: dict) -> str:
                      f"{'prefix':>6} {'ROUGE-L':>7}")
     for r in out.get("sweep", []):
         c, f = r["config"], r["fidelity"]
-        lines.append(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} {c['strategy']:14} "
+        lines.append(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} "
+                     f"{c['strategy'] + '/' + c.get('lend', 'none'):14} "
                      f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
                      f"{f['rouge_l']:7.3f}")
     for r in out.get("aggregation", []):
@@ -145,6 +149,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--budgets", nargs="+", default=["96:64", "192:128", "320:192"], help="prefill:decode pairs")
+    ap.add_argument("--strategies", nargs="+", default=COMPRESSED,
+                    help='sweep runs: names, or "strategy/lend" (e.g. slide/passed; slide/none is the paper)')
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-aggregation", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
@@ -156,7 +162,7 @@ def main() -> None:
         raise ValueError(f"--budgets takes prefill:decode pairs, got {args.budgets}")
     out: dict = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "machine": machine()}
     if not args.skip_sweep:
-        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets)  # type: ignore[arg-type]
+        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies)  # type: ignore[arg-type]
     if not args.skip_aggregation:
         mid = budgets[len(budgets) // 2]
         out["aggregation_budget"] = list(mid)

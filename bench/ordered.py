@@ -292,6 +292,15 @@ def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]
             "seconds": round(time.perf_counter() - t0, 2), "text": text}
 
 
+def variant(name: str) -> dict[str, str]:
+    """ScopeLlama's short-form arguments for a run name "strategy[+selector][/lend]",
+    e.g. "slide", "slide/none" (the paper), "slide+h2o/passed"."""
+    rest, _, lend = name.partition("/")
+    strategy, _, selector = rest.partition("+")
+    return {"strategy": strategy, **({"prefill_selector": selector} if selector else {}),
+            **({"lend": lend} if lend else {})}
+
+
 def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, decode: int,
         max_factor: float) -> dict:
     path = str(models.fetch())
@@ -318,7 +327,7 @@ def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, d
             log.info("full %dx seed %d: score %.2f, %d tokens, %s, %.0f s", t["size"], t["seed"], r["score"],
                      r["generated_tokens"], r["finish_reason"], r["seconds"])
     for strategy in strategies:
-        with ScopeLlama(path, budget=budget, strategy=strategy) as llm:
+        with ScopeLlama(path, budget=budget, **variant(strategy)) as llm:
             for t in tasks:
                 r = run_one(llm, t["task"], t["tokens"], t["keys"], t["max_tokens"])
                 r["ran_past_end"] = r["finish_reason"] == "length" and t["full"]["finish_reason"] == "stop"
@@ -440,7 +449,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=5, help="prompts (seeds) per size")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="prompt sizes, x the prefill budget")
-    ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES,
+                    help='runs, each "strategy[+selector][/lend]", e.g. slide+h2o/passed; slide/none is the paper')
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--max-factor", type=float, default=2.0, help="max_tokens = this x the ideal answer's tokens")

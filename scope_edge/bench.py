@@ -59,7 +59,7 @@ from tqdm import tqdm
 from . import memory, models
 from .budget import Budget
 from .llama import ScopeLlama
-from .policies import STRATEGIES, validate_names
+from .policies import DEFAULT_LEND, LEND_RULES, STRATEGIES, validate_lend, validate_names
 from .policies.checks import is_int
 from .runtime.context import KV_TYPES
 from .runtime.model import Model
@@ -86,6 +86,7 @@ class BenchConfig:
     max_tokens: int = 4096
     strategy: str = "slide"
     prefill_selector: str | None = None
+    lend: str = DEFAULT_LEND
     prefill_budget: int = 1024
     decode_budget: int = 512
     observation_window: int | None = None  # None: Budget's default
@@ -111,6 +112,7 @@ class BenchConfig:
         if self.decode_budget < 2:
             raise ValueError(f"decode_budget must be >= 2, got {self.decode_budget}")
         validate_names(self.strategy, self.prefill_selector)
+        validate_lend(self.lend)
         if self.type_k not in KV_TYPES:
             raise ValueError(f"type_k must be one of {sorted(KV_TYPES)}, got {self.type_k!r}")
         if self.reference not in ("stock", "full"):
@@ -300,7 +302,7 @@ def open_ours(cfg: BenchConfig, path: str, *, full: bool = False) -> ScopeLlama:
     if full:
         return ScopeLlama(path, budget=None, type_k=cfg.type_k)
     return ScopeLlama(path, budget=cfg.budget(), strategy=cfg.strategy, prefill_selector=cfg.prefill_selector,
-                      type_k=cfg.type_k, prefill_chunk=cfg.prefill_chunk)
+                      lend=cfg.lend, type_k=cfg.type_k, prefill_chunk=cfg.prefill_chunk)
 
 
 def run_ours(cfg: BenchConfig, path: str, prompt: list[int], *, progress: bool = False) -> tuple[dict, list[int]]:
@@ -527,6 +529,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="generated tokens (EOS ignored)")
     p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES)
     p.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
+    p.add_argument("--lend", default=d.lend, choices=LEND_RULES,
+                   help="which lent prompt cells go back first (none: the paper, the decode room stays empty)")
     p.add_argument("--prefill-budget", type=int, default=d.prefill_budget)
     p.add_argument("--decode-budget", type=int, default=d.decode_budget)
     p.add_argument("--observation-window", type=int, default=d.observation_window)
@@ -546,7 +550,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=args.strategy,
-        prefill_selector=args.selector, prefill_budget=args.prefill_budget, decode_budget=args.decode_budget,
+        prefill_selector=args.selector, lend=args.lend, prefill_budget=args.prefill_budget, decode_budget=args.decode_budget,
         observation_window=args.observation_window, recent_window=args.recent_window, type_k=args.type_k,
         model=args.model, ideal_steps=args.ideal_steps, prefill_chunk=args.prefill_chunk,
         fidelity=not args.no_fidelity, reference=args.reference,
@@ -558,7 +562,7 @@ def format_table(res: dict) -> str:
     c = res["config"]
     mib = 2**20
     lines = [
-        f"scope-edge bench: prompt {c['prompt_tokens']} + {c['max_tokens']} generated, strategy {c['strategy']}, "
+        f"scope-edge bench: prompt {c['prompt_tokens']} + {c['max_tokens']} generated, strategy {c['strategy']} (lend {c['lend']}), "
         f"budgets {c['prefill_budget']}/{c['decode_budget']}, K {c['type_k']}",
         f"{'':8} {'KV MiB':>8} {'cells':>6} {'prefill tok/s':>14} {'decode tok/s':>13}",
         f"{'stock':8} {s['kv_bytes'] / mib:8.1f} {s['n_ctx']:6d} {s['prefill_tokens_per_s']:14.1f} {s['decode_tokens_per_s']:13.1f}",

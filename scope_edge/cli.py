@@ -20,6 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="last generated tokens always kept (beta2; default min(256, decode budget / 2))")
     g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
     g.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
+    g.add_argument("--lend", default=None,
+                   help="which prompt cells borrowing the decode room go back first: accumulated|recent|passed, "
+                        "or none (the paper: the decode room stays empty until the output fills it)")
     g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
@@ -79,6 +82,7 @@ def _open(args: argparse.Namespace):
         budget=_budget(args),
         strategy=args.strategy,
         prefill_selector=args.selector,
+        **({} if args.lend is None else {"lend": args.lend}),
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         type_k=args.type_k,

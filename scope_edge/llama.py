@@ -21,6 +21,7 @@ from . import memory, models
 from .budget import Budget
 from .devices import Devices
 from .policies import Policy, build, validate_names
+from .policies.registry import DEFAULT_LEND, validate_lend
 from .policies.checks import is_int, require_head_reduce
 from .runtime.cache import Cache, CacheSettings
 from .runtime.context import KV_TYPES, N_BATCH, Context, layer_flags
@@ -64,6 +65,10 @@ class ScopeLlama:
 
     head_reduce: how a cell's score aggregates attention heads per layer: "max"
         (default; measured closer to the full cache, see README Results) or "sum".
+    lend: under a SCOPE strategy, the prompt borrows the decode room until
+        the output needs it, and this rule picks which borrowed cell goes back
+        first: "accumulated", "recent", "passed" (policies/lend.py) or "none"
+        (the paper: the decode room stays empty until the output fills it).
     capture_layers: the layers whose attention scores cells (None: every
         layer). Each captured layer makes llama.cpp synchronise once per
         selection step and costs one read: with offloaded layers, one
@@ -93,6 +98,7 @@ class ScopeLlama:
         strategy: str = "slide",
         prefill_selector: str | None = None,
         head_reduce: str = "max",
+        lend: str = DEFAULT_LEND,
         capture_layers: Sequence[int] | None = None,
         n_ctx: int | None = None,
         n_threads: int | None = None,
@@ -106,7 +112,7 @@ class ScopeLlama:
         position_limit: int | None = None,
         verbose: bool = False,
     ) -> None:
-        self._policy = self._policy_from(policy, budget, strategy, prefill_selector, head_reduce)
+        self._policy = self._policy_from(policy, budget, strategy, prefill_selector, head_reduce, lend)
         if n_ctx is not None and (not is_int(n_ctx) or n_ctx < 1):
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
         if n_threads is not None and (not is_int(n_threads) or n_threads < 1):
@@ -132,6 +138,7 @@ class ScopeLlama:
         self.strategy = strategy
         self.prefill_selector = prefill_selector
         self.head_reduce = head_reduce
+        self.lend = lend
         self.capture_layers = capture_layers
         self.type_k = type_k
         self._lock = threading.Lock()
@@ -166,9 +173,10 @@ class ScopeLlama:
 
     @staticmethod
     def _policy_from(policy: Policy | None, budget: Budget | None, strategy: str, prefill_selector: str | None,
-                     head_reduce: str) -> Policy | None:
+                     head_reduce: str, lend: str) -> Policy | None:
         """The policy given, or the one the short form names (None: full cache)."""
         validate_names(strategy, prefill_selector)
+        validate_lend(lend)
         require_head_reduce("ScopeLlama", head_reduce)
         if budget is not None and not isinstance(budget, Budget):
             raise ValueError(f"budget must be a scope_edge.Budget or None, got {type(budget).__name__}")
@@ -180,7 +188,8 @@ class ScopeLlama:
             return policy
         if budget is None:
             return None
-        return build(budget, strategy=strategy, prefill_selector=prefill_selector, head_reduce=head_reduce)
+        return build(budget, strategy=strategy, prefill_selector=prefill_selector, head_reduce=head_reduce,
+                     lend=lend)
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:

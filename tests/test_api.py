@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from scope_edge import Budget, Policy, Sampling, ScopeLlama
-from scope_edge.policies import H2O, Slide, SnapKV, build
+from scope_edge.policies import H2O, LendPassed, Slide, SnapKV, build
 from scope_edge.runtime.sampling import GREEDY, RANDOM_SEED
 
 T = 1  # n_threads: see tests/test_reliability.py
@@ -49,7 +49,8 @@ def _steps(m: ScopeLlama, prompt: str, max_tokens: int) -> tuple[list[int], list
 
 def test_composed_policy_equals_the_short_form(model_path):
     budget = Budget(prefill=48, decode=24, observation_window=8, recent_window=8)
-    policy = Policy(prefill=SnapKV(budget=48, window=8), decode=Slide(decode=24, recent=8))
+    policy = Policy(prefill=SnapKV(budget=48, window=8), decode=Slide(decode=24, recent=8),
+                    lend=LendPassed(protected=8))
     with ScopeLlama(model_path, budget=budget, n_threads=T) as short:
         assert short.policy == build(budget) == policy
         want = _steps(short, PROMPT, 60)

@@ -42,9 +42,11 @@ def test_budget_invariants_every_step(model_path, strategy, selector):
 
 def check_invariants_every_step(model_path: str, strategy: str, selector: str, **device: object) -> None:
     """Stream a generation under BUDGET and check, after every step, the held
-    cells against llama.cpp's mask and the strategy's rules. `device`: the
+    cells against llama.cpp's mask and the strategy's rules, as the paper
+    has them (lend="none": tests/test_lend.py checks lending). `device`: the
     ScopeLlama offload arguments (tests/test_device.py)."""
-    with ScopeLlama(model_path, budget=BUDGET, strategy=strategy, prefill_selector=selector, **device) as llm:
+    with ScopeLlama(model_path, budget=BUDGET, strategy=strategy, prefill_selector=selector, lend="none",
+                    **device) as llm:
         prompt = _prompt(llm)
         n_prompt = len(prompt)
         delta = (MAX_TOKENS - BUDGET.recent_window) // (BUDGET.decode - BUDGET.recent_window)
@@ -104,7 +106,7 @@ def test_scope_captures_only_on_selection_steps(model_path):
     b = Budget(prefill=64, decode=32, observation_window=8, recent_window=8)
     counts = {}
     for strategy in SCOPE:
-        with ScopeLlama(model_path, budget=b, strategy=strategy) as llm:
+        with ScopeLlama(model_path, budget=b, strategy=strategy, lend="none") as llm:  # a loan captures too
             st = llm.generate(_prompt(llm), max_tokens=120, ignore_eos=True).stats
             counts[strategy] = st.captured_steps
     # slide selects on every step once the decode cache is full (from step decode);

@@ -19,6 +19,7 @@ from scope_edge import Budget, ScopeLlama, rpc
 from scope_edge.openai import create_chat_completion
 from llama_log import llama_log
 from test_budgets import check_invariants_every_step
+from test_lend import check_lending_every_step
 from test_runtime import PROMPT
 
 OFFLOAD = {"all": -1, "half": 15}
@@ -102,6 +103,11 @@ def test_budget_invariants_every_step_on_the_device(model_path, endpoint, strate
 @pytest.mark.parametrize("strategy,selector", STRATEGIES[:2])
 def test_budget_invariants_with_half_the_layers_offloaded(model_path, endpoint, strategy, selector):
     check_invariants_every_step(model_path, strategy, selector, rpc_servers=[endpoint], n_gpu_layers=15)
+
+
+@pytest.mark.parametrize("lend", ["passed", "accumulated"])
+def test_lending_every_step_on_the_device(model_path, endpoint, lend):
+    check_lending_every_step(model_path, "slide", lend, rpc_servers=[endpoint], n_gpu_layers=-1)
 
 
 def test_captured_rows_sum_to_one_on_the_device(model_path, device):

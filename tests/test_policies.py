@@ -565,9 +565,12 @@ def test_cell_counts_match_the_old_facade(strategy: str, selector: str) -> None:
             named = build(budget, strategy=strategy, prefill_selector=selector, head_reduce=head_reduce)
             for max_tokens in (1, 2, 7, 33, 100, 511, 512, 513, 5000):
                 policy = named.for_generation(max_tokens)
+                room = 0 if policy.lend is None else policy.lend.room
                 for n_prompt in (0, 1, 2, 5, 9, 10, 11, 63, 64, 65, 96, 97, 1000, 1535, 1536, 10_000):
-                    kept = policy.prefill_keep(n_prompt)
-                    assert kept == old_prefill_keep(policy, budget, n_prompt=n_prompt)
-                    assert policy.decode_cells(kept=kept, max_tokens=max_tokens) == old_decode_cells(
-                        policy, budget, kept=kept, max_tokens=max_tokens
+                    # the floor and the allocation are the old ones; lending adds room - 1 at most
+                    floor = policy.prompt_floor(n_prompt)
+                    assert floor == old_prefill_keep(policy, budget, n_prompt=n_prompt)
+                    assert policy.decode_cells(kept=floor, max_tokens=max_tokens) == old_decode_cells(
+                        policy, budget, kept=floor, max_tokens=max_tokens
                     )
+                    assert policy.prefill_keep(n_prompt) == min(n_prompt, floor + max(room - 1, 0))

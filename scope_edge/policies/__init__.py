@@ -1,7 +1,9 @@
 """Eviction policies: which prompt cells survive prefill, which generated
 cells survive decoding. Pure functions of positions and scores.
 
-A policy is a prefill selector composed with a decode strategy:
+A policy is a prefill selector composed with a decode strategy, and
+optionally a Lend that lends the decode room to the prompt until the output
+needs it:
 
     from scope_edge.policies import Policy, SnapKV, Slide
     policy = Policy(prefill=SnapKV(budget=1024, window=32), decode=Slide(decode=512, recent=256))
@@ -24,7 +26,8 @@ from .base import EMPTY, DecodeStrategy, Policy, PrefillSelector, StepPlan, Unif
 from .discontinuous import Discontinuous
 from .full import Full, FullPrefill
 from .h2o import H2O, H2OPrefill
-from .registry import COMBINATIONS, PREFILL_SELECTORS, STRATEGIES, build, validate_names
+from .lend import LENDERS, Lend, LendAccumulated, LendPassed, LendRecent
+from .registry import COMBINATIONS, DEFAULT_LEND, LEND_RULES, PREFILL_SELECTORS, STRATEGIES, build, validate_lend, validate_names
 from .scope import ScheduledScope, ScopeDecode
 from .scored import ScoredDecode, ScoredPrefill
 from .scores import aggregate, evict_lowest
@@ -53,6 +56,14 @@ __all__ = [
     "Streaming",
     "H2O",
     "Full",
+    "Lend",
+    "LendAccumulated",
+    "LendRecent",
+    "LendPassed",
+    "LENDERS",
+    "LEND_RULES",
+    "DEFAULT_LEND",
+    "validate_lend",
     "PREFILL_SELECTORS",
     "STRATEGIES",
     "COMBINATIONS",

@@ -17,11 +17,14 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from .checks import require_int
+
+if TYPE_CHECKING:
+    from .lend import Lend
 
 EMPTY = np.zeros(0, dtype=np.int32)
 
@@ -165,33 +168,55 @@ class UnifiedDecode(DecodeStrategy):
 
 @dataclass(frozen=True)
 class Policy:
-    """A prefill selector and a decode strategy composed.
+    """A prefill selector and a decode strategy composed, and optionally a
+    Lend (policies/lend.py) that lends the decode room to the prompt until
+    the output needs it (None: the paper's behaviour, the decode room stands
+    empty until generated cells fill it).
 
     One Policy can serve many generations: for_generation() gives the copy a
-    single generation uses (fresh decode state, max_tokens filled in).
+    single generation uses (fresh decode and lend state, max_tokens filled in).
     """
 
     prefill: PrefillSelector
     decode: DecodeStrategy
+    lend: Lend | None = None
 
     def __post_init__(self) -> None:
+        from .lend import Lend  # lend.py builds on this module
+
         if not isinstance(self.prefill, PrefillSelector) or not isinstance(self.decode, DecodeStrategy):
             raise ValueError(
                 "Policy needs prefill=PrefillSelector and decode=DecodeStrategy, got "
                 f"prefill={type(self.prefill).__name__}, decode={type(self.decode).__name__}"
             )
+        if self.lend is not None and not isinstance(self.lend, Lend):
+            raise ValueError(f"Policy.lend must be a Lend or None, got {type(self.lend).__name__}")
+        if self.lend is not None and self.decode.unified:
+            raise ValueError(
+                f"{type(self.decode).__name__} is a unified baseline: prompt and output already share its cells, "
+                "so there is no decode room to lend; pass lend=None"
+            )
 
-    def prefill_keep(self, n_prompt: int) -> int:
-        """Prompt cells the prefill selection keeps out of n_prompt."""
+    def prompt_floor(self, n_prompt: int) -> int:
+        """Prompt cells kept out of n_prompt once the output needs all its room."""
         keep = self.prefill.keep(n_prompt)
         room = self.decode.prompt_room()
         return keep if room is None else min(keep, room)
 
+    def prefill_keep(self, n_prompt: int) -> int:
+        """Prompt cells the prefill selection keeps out of n_prompt: the
+        floor, plus the cells on loan."""
+        floor = self.prompt_floor(n_prompt)
+        return floor if self.lend is None else floor + self.lend.lent(floor=floor, n_prompt=n_prompt)
+
     def decode_cells(self, *, kept: int, max_tokens: int) -> int:
-        """Cells the decode phase needs, the kept prompt cells included."""
+        """Cells the decode phase needs, `kept` (the prompt floor) included.
+        Cells on loan come out of the decode room, so they add nothing."""
         return self.decode.cells(kept=kept, max_tokens=max_tokens)
 
     def for_generation(self, max_tokens: int) -> Policy:
         """The policy one generation of at most max_tokens tokens runs."""
         require_int("Policy", "max_tokens", max_tokens, lo=1)
-        return Policy(prefill=self.prefill, decode=self.decode.bind(max_tokens))
+        decode = self.decode.bind(max_tokens)
+        lend = None if self.lend is None else self.lend.bind(decode.cells(kept=0, max_tokens=max_tokens))
+        return Policy(prefill=self.prefill, decode=decode, lend=lend)

@@ -18,6 +18,7 @@ from .base import DecodeStrategy, Policy, PrefillSelector
 from .discontinuous import Discontinuous
 from .full import Full, FullPrefill
 from .h2o import H2O, H2OPrefill
+from .lend import LENDERS
 from .slide import Slide
 from .snapkv import SnapKV
 from .streaming import Streaming, StreamingPrefill
@@ -61,6 +62,10 @@ _STRATEGIES: dict[str, Callable[[Budget, str], DecodeStrategy]] = {
 }
 
 PREFILL_SELECTORS: tuple[str, ...] = tuple(_SELECTORS)
+# How a SCOPE strategy lends its decode room to the prompt (policies/lend.py);
+# "none" is the paper's behaviour.
+LEND_RULES: tuple[str, ...] = (*LENDERS, "none")
+DEFAULT_LEND = "passed"  # measured best on bench/ordered.py (README); "none" is the paper
 STRATEGIES: tuple[str, ...] = tuple(_STRATEGIES)
 # Unified-budget baselines: each runs only with its own prefill selector.
 _BASELINES = ("streaming", "h2o")
@@ -101,14 +106,27 @@ def build(
     strategy: str = "slide",
     prefill_selector: str | None = None,
     head_reduce: str = "max",
+    lend: str = DEFAULT_LEND,
 ) -> Policy:
     """The policy the names choose, sized by budget. head_reduce: how scoring
     policies aggregate heads. Call for_generation(max_tokens) on it for each
-    generation (fresh H2O state, the schedules' max_tokens)."""
+    generation (fresh H2O state, the schedules' max_tokens). lend: which
+    prompt cells a SCOPE strategy gives back first once the output needs the
+    decode room they borrowed ("none": the decode room stays empty until the
+    output fills it, as in the paper); the unified baselines ignore it."""
     if not isinstance(budget, Budget):
         raise ValueError(f"build needs a Budget, got {type(budget).__name__}")
     selector = validate_names(strategy, prefill_selector)
+    validate_lend(lend)
+    unified = strategy in _BASELINES  # they share one budget: nothing to lend
     return Policy(
-        prefill=_SELECTORS[selector](budget, head_reduce, strategy in _BASELINES),
+        prefill=_SELECTORS[selector](budget, head_reduce, unified),
         decode=_STRATEGIES[strategy](budget, head_reduce),
+        lend=None if unified or lend == "none" else LENDERS[lend](
+            protected=budget.observation_window, head_reduce=head_reduce),
     )
+
+
+def validate_lend(lend: str) -> None:
+    if lend not in LEND_RULES:
+        raise ValueError(f"unknown lend rule {lend!r}; valid: {', '.join(map(repr, LEND_RULES))}")

@@ -161,7 +161,7 @@ class Cache:
         one_shot = held_before + n_new
         if policy is None:
             return Plan(policy, reuse, None, one_shot + max_tokens)
-        keep = policy.prefill_keep(one_shot)
+        keep = policy.prompt_floor(one_shot)  # cells on loan (Policy.lend) come out of the decode room
         chunk = self.settings.prefill_chunk
         forced = self.settings.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk

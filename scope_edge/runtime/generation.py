@@ -111,6 +111,8 @@ class Generation:
         self.n_held = len(ctx.positions())
         self.gen_start = session.next_pos  # first position of this run's generated text
         self.n_eligible = 0  # cells the decode strategy may evict
+        self.prompt_floor = 0  # prompt cells kept once the output needs its whole room
+        self.n_lent = 0  # prompt cells held above prompt_floor (Policy.lend)
         self.transfers_before = ctx.transfers()
         # Positions past the limit are re-indexed under a policy; the full
         # cache behaves as stock and simply runs on.
@@ -148,6 +150,8 @@ class Generation:
         self.session.renumber(old, new)
         self.session.next_pos = len(old)
         self.policy.decode.reindex(old, new)
+        if self.policy.lend is not None:
+            self.policy.lend.reindex(old, new)
         self.stats.position_resets += 1
         log.info("re-indexed %d held positions (max %d -> %d) to continue past %d",
                  len(old), int(old[-1]), len(old) - 1, self.pos_limit)
@@ -164,9 +168,13 @@ class Generation:
         t0 = time.perf_counter()
         new = prompt[self.plan.reuse :]
         chunk = self.plan.chunk or len(new)
+        # Cells are lent only at the last selection, from what is held then:
+        # under a lend the short chunk comes first, so the last one is whole.
+        first = len(new) % chunk if self.policy is not None and self.policy.lend is not None else 0
+        bounds = [0, *range(first or chunk, len(new), chunk), len(new)]
         try:
-            for i in range(0, len(new), chunk):
-                self._prefill_chunk(new[i : i + chunk], last=i + chunk >= len(new))
+            for lo, hi in zip(bounds, bounds[1:]):
+                self._prefill_chunk(new[lo:hi], last=hi == len(new))
         except PositionLimit:
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) passes the model's trained context of {self.pos_limit} "
@@ -175,6 +183,7 @@ class Generation:
         self.ctx.synchronize()  # time the prefill, not its launch
         self.gen_start = self.session.next_pos
         self.n_eligible = self.n_held if self.policy is not None and self.policy.decode.unified else 0
+        self.n_lent = max(0, self.n_held - self.prompt_floor) if self.policy is not None and self.policy.lend else 0
         self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
         self.stats.prefilled_tokens = len(new)
 
@@ -189,16 +198,19 @@ class Generation:
                 self._decode(tokens[i : i + N_BATCH], want_logits=last and i + N_BATCH >= len(tokens))
         self.stats.prefill_cells_peak = max(self.stats.prefill_cells_peak, self.n_held)
         if policy is not None:
-            self._select_prompt(policy, captured=capture_from is not None)
+            self._select_prompt(policy, captured=capture_from is not None, last=last)
 
-    def _select_prompt(self, policy: Policy, *, captured: bool) -> None:
+    def _select_prompt(self, policy: Policy, *, captured: bool, last: bool) -> None:
+        """Select the prompt cells; earlier chunks keep the floor, the last
+        selection lends the decode room too (so the chunked peak does not grow)."""
         if captured:
             cap = self.ctx.capture()
             positions, attn = cap.positions, cap.attn
             policy.decode.observe(positions, attn)
         else:
             positions, attn = self.ctx.positions(), None
-        keep = policy.prefill_keep(len(positions))
+        self.prompt_floor = policy.prompt_floor(len(positions))
+        keep = policy.prefill_keep(len(positions)) if last else self.prompt_floor
         if len(positions) > keep:
             self._evict(policy.prefill.select(positions, attn, keep=keep))
 
@@ -208,7 +220,8 @@ class Generation:
         the prompt), then let the decode strategy select."""
         self._check_open()
         plan = self.policy.decode.plan(step, self.n_eligible + 1) if self.policy else None
-        capture = plan is not None and plan.capture
+        # While prompt cells are on loan, every step's row scores them.
+        capture = plan is not None and (plan.capture or self.n_lent > 0)
         self._make_room(1)
         with self.ctx.capturing(self.session.next_pos) if capture else nullcontext():
             self._decode([token], want_logits=True)
@@ -224,16 +237,32 @@ class Generation:
         decode = self.policy.decode
         eligible = 0 if decode.unified else self.gen_start  # SCOPE: only generated cells
         if captured:
-            cap = self.ctx.capture(min_pos=eligible)
+            cap = self.ctx.capture(min_pos=0 if self.n_lent else eligible)
             positions, attn = cap.positions, cap.attn
-            decode.observe(positions, attn)
         else:
             positions, attn = self.ctx.positions(), None
-            positions = positions[positions >= eligible]
+        split = int(np.searchsorted(positions, eligible))
+        prompt, prompt_attn = positions[:split], None if attn is None else attn[:, :, :split]
+        positions, attn = positions[split:], None if attn is None else attn[:, :, split:]
+        if captured:
+            decode.observe(positions, attn)
         if keep is not None and len(positions) > keep:
             before = self.n_held
             self._evict(decode.select(positions, attn, keep))
             self.n_eligible -= before - self.n_held
+        if self.n_lent:
+            self._repay(prompt, prompt_attn)
+
+    def _repay(self, prompt: np.ndarray, attn: np.ndarray) -> None:
+        """Give back the prompt cells on loan that the output now needs, so
+        the next step still has a free cell in the allocation."""
+        lend = self.policy.lend
+        lend.observe(prompt, attn)
+        due = min(self.n_lent, self.n_held - (self.prompt_floor + lend.room - 1))
+        if due > 0:
+            before = self.n_held
+            self._evict(lend.select(prompt, attn, len(prompt) - due))
+            self.n_lent -= before - self.n_held
 
     def logits_after(self, prompt: Sequence[int], forced: Sequence[int]) -> Iterator[np.ndarray]:
         """Next-token logits after the prompt, then after each forced token but the last."""
