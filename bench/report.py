@@ -46,15 +46,22 @@ def headline(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _run_name(config: dict) -> str:
+    """strategy, or strategy/lend for runs made with a lend rule (older JSON has none: the paper)."""
+    lend = config.get("lend")
+    return config["strategy"] if lend is None or config["strategy"] in ("streaming", "h2o") else \
+        f"{config['strategy']}/{lend}"
+
+
 def fidelity(d: dict) -> str:
     out = [f"prompt {d['prompt_tokens']} + {d['max_tokens']} generated (teacher-forced top-1 / mean KL; "
            f"free-running identical prefix / ROUGE-L)", ""]
-    strategies = list(dict.fromkeys(r["config"]["strategy"] for r in d.get("sweep", [])))
+    strategies = list(dict.fromkeys(_run_name(r["config"]) for r in d.get("sweep", [])))
     budgets = list(dict.fromkeys((r["config"]["prefill_budget"], r["config"]["decode_budget"])
                                  for r in d.get("sweep", [])))
     body = []
     for p, dec in budgets:
-        rows = {r["config"]["strategy"]: r for r in d["sweep"]
+        rows = {_run_name(r["config"]): r for r in d["sweep"]
                 if (r["config"]["prefill_budget"], r["config"]["decode_budget"]) == (p, dec)}
         ratio = next(iter(rows.values()))["memory_ratio"]
         cells = [f"{rows[s]['fidelity']['top1_agreement']:.1%} / {rows[s]['fidelity']['mean_kl']:.2f} "
@@ -160,7 +167,7 @@ def long_run(d: dict) -> str:
 
 REPORTS: dict[str, Callable] = {
     "headline.json": headline, "headline_2048.json": headline, "fidelity.json": fidelity,
-    "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
+    "fidelity_lend.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "long_run.json": long_run,
 }

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from scope_edge import Budget, Sampling, ScopeLlama
-from scope_edge.policies import COMBINATIONS, build
+from scope_edge.policies import COMBINATIONS, LEND_RULES, build
 from tiny_gguf import write_tiny_gguf
 
 T = 1  # n_threads: see tests/test_reliability.py
@@ -42,6 +42,7 @@ LONG = settings(max_examples=300, **_COMMON)
 def scenarios(draw, *, max_prefill=96, max_decode=48, max_prompt=300, max_new=80, chunks=(512, 48), big=False):
     """big: half the budgets are drawn large (above 256 cells, llama.cpp's smallest context)."""
     strategy, selector = draw(st.sampled_from(COMBINATIONS))
+    lend = draw(st.sampled_from(LEND_RULES))
     large = big and draw(st.booleans())
     prefill = draw(st.integers(1, max_prefill) if not large else st.integers(max_prefill // 2, max_prefill * 6))
     decode = draw(st.integers(2, max_decode) if not large else st.integers(max_decode // 2, max_decode * 6))
@@ -54,6 +55,7 @@ def scenarios(draw, *, max_prefill=96, max_decode=48, max_prompt=300, max_new=80
     return dict(
         strategy=strategy,
         selector=selector,
+        lend=lend,
         budget=budget,
         n_prompt=draw(st.integers(1, max_prompt)),
         max_tokens=draw(st.integers(1, max_new)),
@@ -82,7 +84,8 @@ class Instances:
                                          prefill_selector=s["selector"], prefill_chunk=s["chunk"], n_threads=T)
         m = self.cache[key]
         m.policy = None if s["budget"] is None else build(s["budget"], strategy=s["strategy"],
-                                                          prefill_selector=s["selector"])
+                                                          prefill_selector=s["selector"],
+                                                          lend=s.get("lend", "none"))
         return m
 
     def close(self) -> None:
@@ -158,6 +161,10 @@ def check_invariants(inst: Instances, s: dict) -> None:
         bound = b.total
     elif strategy != "full":
         bound = keep + b.decode + (_delta(s) if strategy == "discontinuous" else 0)
+    # Under a lend rule the prompt also holds up to room - 1 cells on loan
+    # (tests/test_lend.py); keep is then the floor the loan goes back to.
+    bound_policy = m.policy.for_generation(s["max_tokens"])
+    room = bound_policy.lend.room if bound_policy.lend is not None else 0
     kept_prompt = None
     steps = 0
     for chunk in _run(m, s, prompt):
@@ -172,7 +179,12 @@ def check_invariants(inst: Instances, s: dict) -> None:
                 assert len(visible) == n
             else:  # chunked: what earlier chunks kept, plus the last chunk
                 assert len(visible) <= keep + s["chunk"]
-            assert len(held) == keep
+            if not room:
+                assert len(held) == keep
+            elif n <= keep + s["chunk"]:  # one shot: the whole loan
+                assert len(held) == min(n, keep + room - 1)
+            else:  # chunked: the loan comes from the last chunk
+                assert keep <= len(held) <= min(n, keep + room - 1)
             kept_prompt = held.copy()
             if strategy == "streaming" or (strategy not in UNIFIED and selector == "streaming"):
                 protected = _streaming_recent(keep)
@@ -184,15 +196,20 @@ def check_invariants(inst: Instances, s: dict) -> None:
                 protected = min(n, b.observation_window)
             assert set(fed[n - protected :].tolist()) <= set(held.tolist()), (protected, held[-protected:])
         else:
-            limit = bound if strategy != "full" else len(kept_prompt) + steps
+            limit = keep + room if room else bound if strategy != "full" else len(kept_prompt) + steps
             assert len(visible) <= limit, (steps, len(visible), limit)
             if strategy in UNIFIED:
                 assert len(held) <= b.total - 1
                 recent = b.recent_window if strategy == "h2o" else _streaming_recent(b.total - 1)
                 assert set(fed[-recent:].tolist()) <= set(held.tolist())
             else:
-                np.testing.assert_array_equal(held[held < n], kept_prompt)  # never touched while decoding
-                gen = held[held >= n]
+                prompt_held, gen = held[held < n], held[held >= n]
+                if room:  # lent cells go back exactly as generated cells need the room, none come back
+                    assert set(prompt_held.tolist()) <= set(kept_prompt.tolist())
+                    assert len(prompt_held) == max(keep, min(len(kept_prompt), keep + room - 1 - len(gen)))
+                    kept_prompt = prompt_held
+                else:
+                    np.testing.assert_array_equal(prompt_held, kept_prompt)  # never touched while decoding
                 recent = steps if strategy == "full" else min(steps, b.recent_window, b.decode - 1)
                 assert set(fed[len(fed) - recent :].tolist()) <= set(gen.tolist())
         if chunk.token is not None and chunk.finish_reason is None:
@@ -202,7 +219,8 @@ def check_invariants(inst: Instances, s: dict) -> None:
     assert st_.generated_tokens <= s["max_tokens"]
     if s["ignore_eos"]:
         assert chunk.finish_reason == "length" and st_.generated_tokens == s["max_tokens"]
-    assert st_.kv_cells_peak <= (bound if strategy != "full" else len(kept_prompt) + s["max_tokens"])
+    assert st_.kv_cells_peak <= (keep + room if room else bound if strategy != "full"
+                                 else len(kept_prompt) + s["max_tokens"])
     assert st_.kv_cells_allocated >= st_.kv_cells_peak
     assert st_.position_resets == 0
 
@@ -285,13 +303,15 @@ def check_long_run(inst: Instances, s: dict) -> None:
         bound = keep + s["max_tokens"]
     else:
         bound = keep + b.decode + (_delta(s) if strategy == "discontinuous" else 0)
+    bound_policy = m.policy.for_generation(s["max_tokens"])
+    room = bound_policy.lend.room if bound_policy.lend is not None else 0  # cells on loan (lend)
     steps = 0
     for chunk in _run(m, s, prompt):
         held = _llama_agrees(m)
         visible, _ = m.context.visible()
         assert len(held) <= len(visible) and held.max() < n_train
         if steps == 0:
-            assert len(held) == keep
+            assert keep <= len(held) <= min(len(prompt), keep + max(room - 1, 0))
         else:
             assert len(visible) <= bound, (steps, len(visible), bound)
         if chunk.token is not None and chunk.finish_reason is None:

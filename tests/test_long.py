@@ -60,7 +60,7 @@ def test_reindexing_renumbers_positions_and_keeps_decoding(model_path, monkeypat
     b = Budget(prefill=64, decode=64, observation_window=8, recent_window=16)
     with ScopeLlama(model_path, budget=b) as llm:
         prompt = _document(llm, 200)
-        want = llm.generate(prompt, max_tokens=40, ignore_eos=True)
+        want = llm.generate(prompt, max_tokens=b.decode, ignore_eos=True)  # the same decode room (lend)
     limit = len(prompt) + 20  # a small position limit: re-index often
     with ScopeLlama(model_path, budget=b, position_limit=limit) as llm:
         got = llm.generate(prompt, max_tokens=400, ignore_eos=True)
