@@ -430,8 +430,8 @@ int32_t scope_hook_begin_seqs(scope_hook * h, const int32_t * positions, const i
             return fail(h, SCOPE_HOOK_E_ARG, "begin: token %d has sequence %d, outside [0, %d)", i, s, h->n_seq);
         }
         if (positions[i] < 0 || positions[i] <= h->seq_last[s]) {
-            return fail(h, SCOPE_HOOK_E_ARG, "begin: positions must be >= 0 and increasing within a sequence; "
-                        "token %d (sequence %d) has %d after %d", i, s, positions[i], h->seq_last[s]);
+            return fail(h, SCOPE_HOOK_E_ARG, "begin: positions must be >= 0 and increasing; token %d has %d after "
+                        "%d (within sequence %d)", i, positions[i], h->seq_last[s], s);
         }
         h->seq_last[s] = positions[i];
     }
@@ -456,9 +456,9 @@ static int32_t check_rows(scope_hook * h, int32_t s) {
     const int32_t want = rows[h->first_layer];
     for (int32_t il = 0; il < h->n_layer; il++) {
         if (h->capture_layer[il] && (rows[il] == 0 || rows[il] != want)) {
-            return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows of sequence %d (layer %d: %d): "
+            return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer %d: %d) of sequence %d: "
                         "attention capture needs flash attention off and the standard attention graph",
-                        il, rows[il], s, h->first_layer, want);
+                        il, rows[il], h->first_layer, want, s);
         }
     }
     return SCOPE_HOOK_OK;

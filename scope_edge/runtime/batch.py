@@ -93,6 +93,14 @@ class BatchSettings:
                              capture_layers=self.capture_layers, position_limit=self.position_limit)
 
 
+def slot_cells_for(policy: Policy, *, max_tokens: int, prefill_chunk: int = N_BATCH) -> int:
+    """KV cells one slot needs for any prompt under policy: the kept prompt
+    plus a prefill chunk, or the decode phase, whichever is more (padded)."""
+    keep = policy.prefill_keep(2**30)
+    decode = policy.for_generation(max_tokens).decode_cells(kept=keep, max_tokens=max_tokens)
+    return memory.padded_cells(max(keep + prefill_chunk, decode))
+
+
 @dataclass
 class _Piece:
     tokens: Sequence[int]
@@ -319,8 +327,9 @@ class BatchRunner:
         req = runner.start(tokens, policy=policy, limits=Limits(max_tokens=64), sampling=Sampling())
         for chunk in req: ...
 
-    start() picks the free slot whose cache the prompt extends (else the
-    least recently used) and continues its cache; it raises NoFreeSlot when
+    start() picks the free slot whose cache holds the longest beginning of
+    the prompt, if more than half of it (a continued conversation), else the
+    least recently used one, and continues its cache; it raises NoFreeSlot when
     every slot is busy and ValueError when the request cannot fit a slot."""
 
     def __init__(self, model: Model, settings: BatchSettings) -> None:
@@ -387,7 +396,8 @@ class BatchRunner:
             free = [s for s in self.slots if not s.busy]
             if not free:
                 raise NoFreeSlot(f"all {len(self.slots)} slots are busy")
-            extending = [s for s in free if 2 * s.reuse(prompt) > len(s.history())]
+            # as llama.cpp's server: a slot holding more than half of the prompt's beginning
+            extending = [s for s in free if 2 * s.reuse(prompt) > len(prompt)]
             slot = max(extending, key=lambda s: s.reuse(prompt)) if extending else min(free, key=lambda s: s.last_used)
             slot.busy = True
             return slot
@@ -426,18 +436,24 @@ class BatchRunner:
     def _run(self, slot: Slot, gen: Generation, prompt: list[int], limits: Limits, sampling: Sampling,
              req: Request) -> None:
         sampler = make_sampler(sampling, self.model, ignore_eos=limits.ignore_eos, history=prompt)
+        last: Item | None = None  # handed over once the slot is free, so a client's next turn finds it free
         try:
             for chunk in gen.stream(prompt, limits, sampler):
-                req.put(chunk)
+                if chunk.finish_reason is not None:
+                    last = chunk
+                else:
+                    req.put(chunk)
         except BaseException as why:  # the consumer sees it; the slot starts clean next time
             slot.cache.forget_session()
             if not isinstance(why, Cancelled) and not self._closing.value:
                 log.exception("generation on slot %d failed", slot.seq)
-            req.put(why)
+            last = why
         finally:
             llama_cpp.llama_sampler_free(sampler)
             self.batcher.leave(slot.seq)
             self._release(slot)
+            if last is not None:
+                req.put(last)
 
     def cancel_all(self) -> None:
         """Cancel every running request (each stops at its next step)."""
