@@ -43,7 +43,7 @@ from .budget import Budget
 from .openai import ChatChunk, ChatResponse, CompletionResponse, Usage
 from .policies import Policy, build, validate_names
 from .policies.checks import is_int
-from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, slot_cells_for
+from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
 from .runtime.generation import Chunk, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.sampling import RANDOM_SEED, Sampling
@@ -302,10 +302,10 @@ class Engine:
         if self._loop is not None and self._freed is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._freed.set)
 
-    async def start(self, job: Job) -> tuple[int, asyncio.Queue[Item], Any]:
-        """(slot, the queue of the job's items, its runtime Request) once a slot is free."""
+    async def start(self, job: Job) -> tuple[int, asyncio.Queue[Item], Run]:
+        """(slot, the queue of the job's items, its run) once a slot is free."""
         assert self._loop is not None and self._freed is not None  # bind() ran at startup
-        loop, items = self._loop, asyncio.Queue()
+        loop, items = self._loop, asyncio.Queue[Item]()
 
         def sink(item: Item) -> None:
             loop.call_soon_threadsafe(items.put_nowait, item)
@@ -357,24 +357,26 @@ def _check_key(request: Request, settings: ServerSettings) -> None:
         raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
 
 
-async def _whole(request: Request, answer: Answer, items: asyncio.Queue[Item], req: Any) -> JSONResponse:
+async def _whole(request: Request, answer: Answer, items: asyncio.Queue[Item], req: Run) -> JSONResponse:
     parts: list[str] = []
-    while True:
-        try:
-            item = await asyncio.wait_for(items.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                req.cancel()  # the client left: free the slot at the next step
-                raise APIError(499, "client disconnected") from None
-            continue
-        if isinstance(item, BaseException):
-            raise _failure(item)
-        parts.append(item.text)
-        if item.finish_reason is not None:
-            return JSONResponse(answer.whole("".join(parts), item))
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(items.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected") from None
+                continue
+            if isinstance(item, BaseException):
+                raise _failure(item)
+            parts.append(item.text)
+            if item.finish_reason is not None:
+                return JSONResponse(answer.whole("".join(parts), item))
+    finally:
+        req.cancel()  # a client that left frees its slot at the next step (no-op once finished)
 
 
-async def _streamed(answer: Answer, items: asyncio.Queue[Item], req: Any) -> AsyncIterator[bytes]:
+async def _streamed(answer: Answer, items: asyncio.Queue[Item], req: Run) -> AsyncIterator[bytes]:
     try:
         first = answer.first()
         if first is not None:
