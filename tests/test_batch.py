@@ -219,3 +219,24 @@ def test_bad_requests_and_busy_slots(llm, model):
         BatchSettings(slots=0, slot_cells=512)
     with pytest.raises(ValueError, match="step_tokens"):
         BatchSettings(slots=4, slot_cells=512, step_tokens=200)
+
+
+def test_token_pieces_are_right_when_generations_ask_from_several_threads(model):
+    # Each slot's generation turns its tokens into text in its own thread
+    # (a shared piece buffer once gave one conversation another's text).
+    tokens = list(range(1000, 1400))
+    want = {t: model.piece(t) for t in tokens}
+    wrong: list[int] = []
+
+    def work(offset: int) -> None:
+        for _ in range(20):
+            for t in tokens[offset::4]:
+                if model.piece(t) != want[t]:
+                    wrong.append(t)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
