@@ -5,7 +5,8 @@
 Runs, in order: headline.py (2048 + 4096, every strategy; and 2048 + 2048
 without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
-device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), plots.py. --quick uses small sizes to check the pipeline end to end.
+device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
+(1, 2, 4 conversations served together), plots.py. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
                        "--steady-steps", "8", "--steady-size", "96"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
+    ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2"]),
     ("plots.py", [], []),
 ]
 

@@ -18,19 +18,23 @@ struct scope_hook {
     int32_t n_cells;
     int32_t n_layer;
     int32_t n_head;
+    int32_t n_seq;           /* sequences: ids in [0, n_seq) */
 
     int32_t * cell_pos;      /* [n_cells] position held by each cell, -1 empty */
+    int32_t * cell_seq;      /* [n_cells] sequence of each cell, -1 empty */
 
     /* the decode in progress (between begin and end) */
     bool      in_decode;
     int32_t * batch_pos;     /* positions of the batch tokens */
+    int32_t * batch_seq;     /* sequence of each batch token */
     int32_t   batch_cap;
     int32_t   batch_n;
     int32_t   written;       /* tokens whose cell was read so far */
 
-    /* visibility of the last query row of the latest ubatch */
-    uint8_t * visible;       /* [n_cells] */
-    int32_t   n_visible;
+    /* visibility: per sequence, of its last query row in the latest ubatch holding it */
+    int32_t * vis_seq;       /* [n_cells] sequence whose last row sees the cell, -1 none */
+    int32_t * n_visible;     /* [n_seq] */
+    int32_t * seq_last;      /* [n_seq] scratch: last row of each sequence in the ubatch */
     int32_t   n_kv;
 
     int32_t   ub_start;      /* batch index of the current ubatch's first token */
@@ -39,11 +43,12 @@ struct scope_hook {
     int32_t   n_mask;        /* layer-0 attention masks read in this decode */
 
     /* attention capture */
-    int32_t   capture_from;  /* capture query rows at positions >= this; -1 off */
+    int32_t * capture_from;  /* [n_seq] capture that sequence's query rows at positions >= this; -1 off */
+    int32_t   n_armed;       /* sequences whose capture is on */
     uint8_t * capture_layer; /* [n_layer] 1: layer il is captured */
     int32_t   first_layer;   /* lowest captured layer */
-    float   * acc;           /* [n_layer][n_head][n_cells] */
-    int32_t * rows;          /* [n_layer] query rows summed */
+    float   * acc;           /* [n_layer][n_head][n_cells]; a cell's sums are its sequence's */
+    int32_t * rows;          /* [n_seq][n_layer] query rows summed */
     float   * scratch;
     size_t    scratch_cap;   /* floats */
 
@@ -75,7 +80,11 @@ static bool fail_cb(scope_hook * h, int32_t code, const char * fmt, ...) {
 }
 
 scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head) {
-    if (n_cells <= 0 || n_layer <= 0 || n_head <= 0) {
+    return scope_hook_new_seqs(n_cells, n_layer, n_head, 1);
+}
+
+scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_head, int32_t n_seq) {
+    if (n_cells <= 0 || n_layer <= 0 || n_head <= 0 || n_seq <= 0 || n_seq > SCOPE_HOOK_MAX_SEQ) {
         return NULL;
     }
     scope_hook * h = calloc(1, sizeof(*h));
@@ -85,18 +94,28 @@ scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head) {
     h->n_cells = n_cells;
     h->n_layer = n_layer;
     h->n_head  = n_head;
-    h->capture_from = SCOPE_HOOK_CAPTURE_OFF;
+    h->n_seq   = n_seq;
     h->cell_pos = malloc(sizeof(int32_t) * (size_t) n_cells);
-    h->visible  = calloc((size_t) n_cells, 1);
+    h->cell_seq = malloc(sizeof(int32_t) * (size_t) n_cells);
+    h->vis_seq  = malloc(sizeof(int32_t) * (size_t) n_cells);
+    h->n_visible = calloc((size_t) n_seq, sizeof(int32_t));
+    h->seq_last = malloc(sizeof(int32_t) * (size_t) n_seq);
+    h->capture_from = malloc(sizeof(int32_t) * (size_t) n_seq);
     h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
-    h->rows     = calloc((size_t) n_layer, sizeof(int32_t));
+    h->rows     = calloc((size_t) n_seq * n_layer, sizeof(int32_t));
     h->capture_layer = malloc((size_t) n_layer);
-    if (!h->cell_pos || !h->visible || !h->acc || !h->rows || !h->capture_layer) {
+    if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->capture_from ||
+        !h->acc || !h->rows || !h->capture_layer) {
         scope_hook_free(h);
         return NULL;
     }
     for (int32_t i = 0; i < n_cells; i++) {
         h->cell_pos[i] = -1;
+        h->cell_seq[i] = -1;
+        h->vis_seq[i] = -1;
+    }
+    for (int32_t s = 0; s < n_seq; s++) {
+        h->capture_from[s] = SCOPE_HOOK_CAPTURE_OFF;
     }
     memset(h->capture_layer, 1, (size_t) n_layer);
     return h;
@@ -107,8 +126,13 @@ void scope_hook_free(scope_hook * h) {
         return;
     }
     free(h->cell_pos);
+    free(h->cell_seq);
     free(h->batch_pos);
-    free(h->visible);
+    free(h->batch_seq);
+    free(h->vis_seq);
+    free(h->n_visible);
+    free(h->seq_last);
+    free(h->capture_from);
     free(h->acc);
     free(h->rows);
     free(h->capture_layer);
@@ -198,7 +222,12 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
         }
     }
     for (int64_t i = 0; i < n; i++) {
-        h->cell_pos[cells[i]] = h->batch_pos[h->written + i];
+        const int64_t c = cells[i];
+        h->cell_pos[c] = h->batch_pos[h->written + i];
+        h->cell_seq[c] = h->batch_seq[h->written + i];
+        for (int32_t lh = 0; lh < h->n_layer * h->n_head; lh++) { /* a new token's cell starts unscored */
+            h->acc[(size_t) lh * h->n_cells + c] = 0.0f;
+        }
     }
     h->ub_start = h->written;
     h->ub_n = (int32_t) n;
@@ -207,7 +236,7 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
     return false;
 }
 
-/* Attention mask of layer 0: which cells the ubatch's last query row sees. */
+/* Attention mask of layer 0: which cells each sequence's last query row in the ubatch sees. */
 static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
     if (h->n_mask != h->n_ubatch - 1) {
         return false; /* this ubatch's K write failed or was not seen: scope_hook_end reports that */
@@ -229,19 +258,31 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
     if (!ensure_scratch(h, (size_t) n_kv)) {
         return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the mask");
     }
-    const size_t row = (size_t) (n_rows - 1) * m->nb[1];
-    const size_t esz = ggml_type_size(m->type);
-    read_tensor(h, m, h->scratch, row, (size_t) n_kv * esz);
-    memset(h->visible, 0, (size_t) h->n_cells);
-    int32_t count = 0;
-    for (int64_t j = 0; j < n_kv; j++) {
-        float v = m->type == GGML_TYPE_F32 ? h->scratch[j] : ggml_fp16_to_fp32(((ggml_fp16_t *) h->scratch)[j]);
-        if (v != -INFINITY) {
-            h->visible[j] = 1;
-            count++;
-        }
+    for (int32_t s = 0; s < h->n_seq; s++) {
+        h->seq_last[s] = -1;
     }
-    h->n_visible = count;
+    for (int32_t r = 0; r < h->ub_n; r++) {
+        h->seq_last[h->batch_seq[h->ub_start + r]] = r;
+    }
+    const size_t esz = ggml_type_size(m->type);
+    for (int32_t s = 0; s < h->n_seq; s++) {
+        if (h->seq_last[s] < 0) {
+            continue; /* not in this ubatch: its visibility stays as its latest row saw it */
+        }
+        read_tensor(h, m, h->scratch, (size_t) h->seq_last[s] * m->nb[1], (size_t) n_kv * esz);
+        for (int32_t j = 0; j < h->n_cells; j++) {
+            h->vis_seq[j] = h->vis_seq[j] == s ? -1 : h->vis_seq[j];
+        }
+        int32_t count = 0;
+        for (int64_t j = 0; j < n_kv; j++) {
+            float v = m->type == GGML_TYPE_F32 ? h->scratch[j] : ggml_fp16_to_fp32(((ggml_fp16_t *) h->scratch)[j]);
+            if (v != -INFINITY) {
+                h->vis_seq[j] = s; /* the mask hides other sequences' cells: a cell is seen by one sequence */
+                count++;
+            }
+        }
+        h->n_visible[s] = count;
+    }
     h->n_kv = (int32_t) n_kv;
     h->n_mask++;
     return false;
@@ -254,6 +295,40 @@ static void add_rows(float * dst, const float * rows, int64_t n_rows, int64_t n_
             dst[j] += src[j];
         }
     }
+}
+
+/* Whether batch row i is captured: its sequence is armed from a position <= its own. */
+static bool captured_row(const scope_hook * h, int32_t i) {
+    const int32_t from = h->capture_from[h->batch_seq[i]];
+    return from >= 0 && h->batch_pos[i] >= from;
+}
+
+/* Add query rows [first, first + n) of kq_soft_max-<il> into the sums. Each
+ * read is a transfer (a round trip on RPC, a copy over PCIe): when the run is
+ * the whole ubatch (decode steps) the heads are contiguous and one read takes
+ * the layer; otherwise the run is read head by head. A row's masked cells
+ * (other sequences', empty ones) are exactly 0, so adding the whole row only
+ * feeds its own sequence's cells. */
+static bool add_run(scope_hook * h, const struct ggml_tensor * t, int il, int64_t first, int64_t n_rows, bool whole) {
+    const int64_t n_kv = t->ne[0], n_head = t->ne[2];
+    const size_t n_read = (size_t) (whole ? n_head : 1) * (size_t) (n_rows * n_kv);
+    if (!ensure_scratch(h, n_read)) {
+        return false;
+    }
+    if (whole) {
+        read_tensor(h, t, h->scratch, 0, n_read * sizeof(float));
+    }
+    for (int64_t hd = 0; hd < n_head; hd++) {
+        const float * rows = h->scratch + (whole ? hd * n_rows * n_kv : 0);
+        if (!whole) {
+            read_tensor(h, t, h->scratch, hd * t->nb[2] + first * t->nb[1], n_read * sizeof(float));
+        }
+        add_rows(h->acc + ((size_t) il * h->n_head + hd) * h->n_cells, rows, n_rows, n_kv);
+    }
+    for (int64_t r = first; r < first + n_rows; r++) {
+        h->rows[(size_t) h->batch_seq[h->ub_start + r] * h->n_layer + il]++;
+    }
+    return true;
 }
 
 /* Computed kq_soft_max-<il>: add the chosen rows' probabilities per cell. */
@@ -274,36 +349,22 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
                 il, (long long) n_tok, h->ub_n);
         return true;
     }
-    /* batch positions increase (checked by begin): the captured rows are a suffix */
-    const int32_t * pos = h->batch_pos + h->ub_start;
-    int64_t first = 0;
-    while (first < n_tok && pos[first] < h->capture_from) {
-        first++;
-    }
-    const int64_t n_rows = n_tok - first;
-    if (n_rows == 0) {
-        return true;
-    }
-    /* Each read is a transfer (a round trip on RPC, a copy over PCIe): when
-     * every row is captured (decode steps) the heads are contiguous and one
-     * read takes the layer; a prefill window reads its rows head by head. */
-    const bool whole = first == 0;
-    const size_t n_read = (size_t) (whole ? n_head : 1) * (size_t) (n_rows * n_kv);
-    if (!ensure_scratch(h, n_read)) {
-        fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading kq_soft_max-%d", il);
-        return true;
-    }
-    if (whole) {
-        read_tensor(h, t, h->scratch, 0, n_read * sizeof(float));
-    }
-    for (int64_t hd = 0; hd < n_head; hd++) {
-        const float * rows = h->scratch + (whole ? hd * n_rows * n_kv : 0);
-        if (!whole) {
-            read_tensor(h, t, h->scratch, hd * t->nb[2] + first * t->nb[1], n_read * sizeof(float));
+    /* rows of armed sequences at positions >= their capture_from, read run by run */
+    for (int64_t r = 0; r < n_tok;) {
+        if (!captured_row(h, h->ub_start + (int32_t) r)) {
+            r++;
+            continue;
         }
-        add_rows(h->acc + ((size_t) il * h->n_head + hd) * h->n_cells, rows, n_rows, n_kv);
+        int64_t end = r + 1;
+        while (end < n_tok && captured_row(h, h->ub_start + (int32_t) end)) {
+            end++;
+        }
+        if (!add_run(h, t, il, r, end - r, n_tok == end - r)) {
+            fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading kq_soft_max-%d", il);
+            return true;
+        }
+        r = end;
     }
-    h->rows[il] += (int32_t) n_rows;
     return true;
 }
 
@@ -333,28 +394,51 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     if (il == 0) {
         on_mask(h, t);
     }
-    return h->capture_from >= 0 && h->capture_layer[il];
+    return h->n_armed > 0 && h->capture_layer[il];
+}
+
+static bool bad_seq(const scope_hook * h, int32_t seq) {
+    return seq < 0 || seq >= h->n_seq;
 }
 
 int32_t scope_hook_begin(scope_hook * h, const int32_t * positions, int32_t n_tokens) {
+    return scope_hook_begin_seqs(h, positions, NULL, n_tokens);
+}
+
+int32_t scope_hook_begin_seqs(scope_hook * h, const int32_t * positions, const int32_t * seq_ids, int32_t n_tokens) {
     if (!h || !positions || n_tokens <= 0) {
         return h ? fail(h, SCOPE_HOOK_E_ARG, "begin: need a non-empty batch, got %d tokens", n_tokens) : SCOPE_HOOK_E_ARG;
     }
     if (n_tokens > h->batch_cap) {
         int32_t * p = realloc(h->batch_pos, sizeof(int32_t) * (size_t) n_tokens);
-        if (!p) {
+        if (p) {
+            h->batch_pos = p;
+        }
+        int32_t * q = p ? realloc(h->batch_seq, sizeof(int32_t) * (size_t) n_tokens) : NULL;
+        if (!q) {
             return fail(h, SCOPE_HOOK_E_NOMEM, "begin: out of memory for %d positions", n_tokens);
         }
-        h->batch_pos = p;
+        h->batch_seq = q;
         h->batch_cap = n_tokens;
     }
+    for (int32_t s = 0; s < h->n_seq; s++) {
+        h->seq_last[s] = -1; /* last position seen per sequence */
+    }
     for (int32_t i = 0; i < n_tokens; i++) {
-        if (positions[i] < 0 || (i > 0 && positions[i] <= positions[i - 1])) {
-            return fail(h, SCOPE_HOOK_E_ARG, "begin: positions must be >= 0 and increasing; token %d has %d "
-                        "after %d", i, positions[i], i > 0 ? positions[i - 1] : -1);
+        const int32_t s = seq_ids ? seq_ids[i] : 0;
+        if (bad_seq(h, s)) {
+            return fail(h, SCOPE_HOOK_E_ARG, "begin: token %d has sequence %d, outside [0, %d)", i, s, h->n_seq);
         }
+        if (positions[i] < 0 || positions[i] <= h->seq_last[s]) {
+            return fail(h, SCOPE_HOOK_E_ARG, "begin: positions must be >= 0 and increasing; token %d has %d after "
+                        "%d (within sequence %d)", i, positions[i], h->seq_last[s], s);
+        }
+        h->seq_last[s] = positions[i];
     }
     memcpy(h->batch_pos, positions, sizeof(int32_t) * (size_t) n_tokens);
+    for (int32_t i = 0; i < n_tokens; i++) {
+        h->batch_seq[i] = seq_ids ? seq_ids[i] : 0;
+    }
     h->batch_n = n_tokens;
     h->written = 0;
     h->ub_n = 0;
@@ -363,6 +447,20 @@ int32_t scope_hook_begin(scope_hook * h, const int32_t * positions, int32_t n_to
     h->in_decode = true;
     h->err = SCOPE_HOOK_OK;
     h->msg[0] = '\0';
+    return SCOPE_HOOK_OK;
+}
+
+/* Every captured layer of sequence s summed the same number of rows, and some. */
+static int32_t check_rows(scope_hook * h, int32_t s) {
+    const int32_t * rows = h->rows + (size_t) s * h->n_layer;
+    const int32_t want = rows[h->first_layer];
+    for (int32_t il = 0; il < h->n_layer; il++) {
+        if (h->capture_layer[il] && (rows[il] == 0 || rows[il] != want)) {
+            return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer %d: %d) of sequence %d: "
+                        "attention capture needs flash attention off and the standard attention graph",
+                        il, rows[il], h->first_layer, want, s);
+        }
+    }
     return SCOPE_HOOK_OK;
 }
 
@@ -390,14 +488,11 @@ int32_t scope_hook_end(scope_hook * h) {
                     "attention is on, or llama.cpp renamed its attention nodes; the hook needs the standard "
                     "attention graph with flash attention off", SOFTMAX_PREFIX, MASK_NAME, h->n_mask, h->n_ubatch);
     }
-    if (h->capture_from >= 0 && h->batch_pos[h->batch_n - 1] >= h->capture_from) {
-        const int32_t want = h->rows[h->first_layer];
-        for (int32_t il = 0; il < h->n_layer; il++) {
-            if (h->capture_layer[il] && (h->rows[il] == 0 || h->rows[il] != want)) {
-                return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer %d: %d): attention "
-                            "capture needs flash attention off and the standard attention graph",
-                            il, h->rows[il], h->first_layer, want);
-            }
+    for (int32_t i = 0; i < h->batch_n; i++) {
+        const bool last_of_seq = i == h->batch_n - 1 || h->batch_seq[i + 1] != h->batch_seq[i];
+        const int32_t rc = last_of_seq && captured_row(h, i) ? check_rows(h, h->batch_seq[i]) : SCOPE_HOOK_OK;
+        if (rc != SCOPE_HOOK_OK) {
+            return rc;
         }
     }
     return SCOPE_HOOK_OK;
@@ -423,25 +518,43 @@ int32_t scope_hook_capture_layers(scope_hook * h, const uint8_t * layers, int32_
 }
 
 int32_t scope_hook_capture_arm(scope_hook * h, int32_t from_pos) {
-    if (!h || from_pos < SCOPE_HOOK_CAPTURE_OFF) {
-        return h ? fail(h, SCOPE_HOOK_E_ARG, "capture_arm: from_pos %d < -1", from_pos) : SCOPE_HOOK_E_ARG;
+    return scope_hook_capture_arm_seq(h, 0, from_pos);
+}
+
+int32_t scope_hook_capture_arm_seq(scope_hook * h, int32_t seq, int32_t from_pos) {
+    if (!h || from_pos < SCOPE_HOOK_CAPTURE_OFF || bad_seq(h, seq)) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "capture_arm: sequence %d (of %d), from_pos %d (>= -1)", seq, h->n_seq,
+                        from_pos) : SCOPE_HOOK_E_ARG;
     }
-    h->capture_from = from_pos;
+    h->n_armed += (from_pos >= 0) - (h->capture_from[seq] >= 0);
+    h->capture_from[seq] = from_pos;
     if (from_pos == SCOPE_HOOK_CAPTURE_OFF) {
         return SCOPE_HOOK_OK; /* keep what was captured readable */
     }
-    memset(h->acc, 0, sizeof(float) * (size_t) h->n_layer * h->n_head * h->n_cells);
-    memset(h->rows, 0, sizeof(int32_t) * (size_t) h->n_layer);
+    for (int32_t c = 0; c < h->n_cells; c++) {
+        if (h->cell_seq[c] == seq) {
+            for (int32_t lh = 0; lh < h->n_layer * h->n_head; lh++) {
+                h->acc[(size_t) lh * h->n_cells + c] = 0.0f;
+            }
+        }
+    }
+    memset(h->rows + (size_t) seq * h->n_layer, 0, sizeof(int32_t) * (size_t) h->n_layer);
     return SCOPE_HOOK_OK;
 }
 
 int32_t scope_hook_capture_gather(const scope_hook * h, const int32_t * cells, int32_t n, float * out,
                                   int64_t capacity, int32_t * rows_out) {
-    if (!h || n < 0 || (n > 0 && (!cells || !out)) || capacity < (int64_t) h->n_layer * h->n_head * n) {
+    return scope_hook_capture_gather_seq(h, 0, cells, n, out, capacity, rows_out);
+}
+
+int32_t scope_hook_capture_gather_seq(const scope_hook * h, int32_t seq, const int32_t * cells, int32_t n,
+                                      float * out, int64_t capacity, int32_t * rows_out) {
+    if (!h || bad_seq(h, seq) || n < 0 || (n > 0 && (!cells || !out)) ||
+        capacity < (int64_t) h->n_layer * h->n_head * n) {
         return SCOPE_HOOK_E_ARG;
     }
     for (int32_t i = 0; i < n; i++) {
-        if (cells[i] < 0 || cells[i] >= h->n_cells) {
+        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_seq[cells[i]] != seq) {
             return SCOPE_HOOK_E_ARG;
         }
     }
@@ -453,7 +566,7 @@ int32_t scope_hook_capture_gather(const scope_hook * h, const int32_t * cells, i
         }
     }
     if (rows_out) {
-        memcpy(rows_out, h->rows, sizeof(int32_t) * (size_t) h->n_layer);
+        memcpy(rows_out, h->rows + (size_t) seq * h->n_layer, sizeof(int32_t) * (size_t) h->n_layer);
     }
     return SCOPE_HOOK_OK;
 }
@@ -466,14 +579,26 @@ int32_t scope_hook_cells(const scope_hook * h, int32_t * out, int32_t n_cells) {
     return SCOPE_HOOK_OK;
 }
 
+int32_t scope_hook_cell_seqs(const scope_hook * h, int32_t * out, int32_t n_cells) {
+    if (!h || !out || n_cells != h->n_cells) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    memcpy(out, h->cell_seq, sizeof(int32_t) * (size_t) n_cells);
+    return SCOPE_HOOK_OK;
+}
+
 int32_t scope_hook_visible(const scope_hook * h, int32_t * out, int32_t capacity, int32_t * n_kv) {
-    if (!h || capacity < 0) {
+    return scope_hook_visible_seq(h, 0, out, capacity, n_kv);
+}
+
+int32_t scope_hook_visible_seq(const scope_hook * h, int32_t seq, int32_t * out, int32_t capacity, int32_t * n_kv) {
+    if (!h || capacity < 0 || bad_seq(h, seq)) {
         return SCOPE_HOOK_E_ARG;
     }
     if (out) {
         int32_t k = 0;
-        for (int32_t j = 0; j < h->n_kv && k < capacity; j++) {
-            if (h->visible[j]) {
+        for (int32_t j = 0; j < h->n_cells && k < capacity; j++) {
+            if (h->vis_seq[j] == seq) {
                 out[k++] = j;
             }
         }
@@ -481,25 +606,26 @@ int32_t scope_hook_visible(const scope_hook * h, int32_t * out, int32_t capacity
     if (n_kv) {
         *n_kv = h->n_kv;
     }
-    return h->n_visible;
+    return h->n_visible[seq];
 }
 
 /* After a memory operation: llama.cpp's lowest and highest position of
- * sequence 0 must be the map's, or the map no longer describes the cache. */
-static int32_t verify(scope_hook * h, struct llama_context * ctx, const char * op) {
+ * sequence seq must be the map's, or the map no longer describes the cache. */
+static int32_t verify(scope_hook * h, struct llama_context * ctx, int32_t seq, const char * op) {
     int32_t lo = -1, hi = -1;
     for (int32_t i = 0; i < h->n_cells; i++) {
         int32_t p = h->cell_pos[i];
-        if (p >= 0) {
+        if (p >= 0 && h->cell_seq[i] == seq) {
             lo = lo < 0 || p < lo ? p : lo;
             hi = p > hi ? p : hi;
         }
     }
     llama_memory_t mem = llama_get_memory(ctx);
-    const llama_pos got_lo = llama_memory_seq_pos_min(mem, 0), got_hi = llama_memory_seq_pos_max(mem, 0);
+    const llama_pos got_lo = llama_memory_seq_pos_min(mem, seq), got_hi = llama_memory_seq_pos_max(mem, seq);
     if (got_lo != lo || got_hi != hi) {
-        return fail(h, SCOPE_HOOK_E_LLAMA, "%s: llama.cpp holds positions [%d, %d] of sequence 0 but the map "
-                    "holds [%d, %d]; the cell map no longer matches the cache (clear it)", op, got_lo, got_hi, lo, hi);
+        return fail(h, SCOPE_HOOK_E_LLAMA, "%s: llama.cpp holds positions [%d, %d] of sequence %d but the map "
+                    "holds [%d, %d]; the cell map no longer matches the cache (clear it)", op, got_lo, got_hi, seq,
+                    lo, hi);
     }
     return SCOPE_HOOK_OK;
 }
@@ -509,10 +635,21 @@ static int cmp_i32(const void * a, const void * b) {
     return (x > y) - (x < y);
 }
 
+/* The held position of cell i if it belongs to seq, else -1. */
+static int32_t pos_in(const scope_hook * h, int32_t i, int32_t seq) {
+    return h->cell_seq[i] == seq ? h->cell_pos[i] : -1;
+}
+
 int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32_t * positions, int32_t n,
                          int32_t * n_freed) {
-    if (!h || !ctx || n < 0 || (n > 0 && !positions)) {
-        return h ? fail(h, SCOPE_HOOK_E_ARG, "evict: bad arguments (n=%d)", n) : SCOPE_HOOK_E_ARG;
+    return scope_hook_evict_seq(h, ctx, 0, positions, n, n_freed);
+}
+
+int32_t scope_hook_evict_seq(scope_hook * h, struct llama_context * ctx, int32_t seq, const int32_t * positions,
+                             int32_t n, int32_t * n_freed) {
+    if (!h || !ctx || n < 0 || (n > 0 && !positions) || bad_seq(h, seq)) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "evict: bad arguments (sequence %d of %d, n=%d)", seq, h->n_seq, n)
+                 : SCOPE_HOOK_E_ARG;
     }
     if (n_freed) {
         *n_freed = 0;
@@ -527,15 +664,15 @@ int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32
     memcpy(sorted, positions, sizeof(int32_t) * (size_t) n);
     qsort(sorted, (size_t) n, sizeof(int32_t), cmp_i32);
 
-    /* every position must be held; the highest held one must stay */
+    /* every position must be held by the sequence; its highest held one must stay */
     int32_t pos_max = -1, held = 0;
     for (int32_t i = 0; i < h->n_cells; i++) {
-        if (h->cell_pos[i] > pos_max) {
-            pos_max = h->cell_pos[i];
+        if (pos_in(h, i, seq) > pos_max) {
+            pos_max = pos_in(h, i, seq);
         }
     }
     for (int32_t i = 0; i < h->n_cells; i++) {
-        int32_t p = h->cell_pos[i];
+        int32_t p = pos_in(h, i, seq);
         if (p >= 0 && bsearch(&p, sorted, (size_t) n, sizeof(int32_t), cmp_i32)) {
             held++;
         }
@@ -546,11 +683,11 @@ int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32
     }
     int32_t rc = SCOPE_HOOK_OK;
     if (sorted[n - 1] == pos_max) {
-        rc = fail(h, SCOPE_HOOK_E_LAST_POS, "evict: refusing to evict position %d, the last of the sequence "
-                  "(the next token must follow it)", pos_max);
+        rc = fail(h, SCOPE_HOOK_E_LAST_POS, "evict: refusing to evict position %d, the last of sequence %d "
+                  "(the next token must follow it)", pos_max, seq);
     } else if (held != n_unique) {
-        rc = fail(h, SCOPE_HOOK_E_NOT_HELD, "evict: %d of the %d positions asked for are not held by any cell",
-                  n_unique - held, n_unique);
+        rc = fail(h, SCOPE_HOOK_E_NOT_HELD, "evict: %d of the %d positions asked for are not held by any cell of "
+                  "sequence %d", n_unique - held, n_unique, seq);
     }
     llama_memory_t mem = llama_get_memory(ctx);
     int32_t n_done = 0; /* sorted[0..n_done) are gone from llama.cpp */
@@ -559,9 +696,9 @@ int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32
         while (j + 1 < n && sorted[j + 1] <= sorted[j] + 1) {
             j++;
         }
-        if (!llama_memory_seq_rm(mem, 0, sorted[i], sorted[j] + 1)) {
-            rc = fail(h, SCOPE_HOOK_E_LLAMA, "evict: llama_memory_seq_rm(0, %d, %d) failed after %d of %d "
-                      "positions were removed (the map follows what was)", sorted[i], sorted[j] + 1, n_done, n);
+        if (!llama_memory_seq_rm(mem, seq, sorted[i], sorted[j] + 1)) {
+            rc = fail(h, SCOPE_HOOK_E_LLAMA, "evict: llama_memory_seq_rm(%d, %d, %d) failed after %d of %d "
+                      "positions were removed (the map follows what was)", seq, sorted[i], sorted[j] + 1, n_done, n);
         } else {
             n_done = j + 1;
         }
@@ -570,9 +707,10 @@ int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32
     /* the map drops what llama.cpp dropped, even when a later run failed */
     int32_t freed = 0;
     for (int32_t i = 0; n_done > 0 && i < h->n_cells; i++) {
-        int32_t p = h->cell_pos[i];
+        int32_t p = pos_in(h, i, seq);
         if (p >= 0 && bsearch(&p, sorted, (size_t) n_done, sizeof(int32_t), cmp_i32)) {
             h->cell_pos[i] = -1;
+            h->cell_seq[i] = -1;
             freed++;
         }
     }
@@ -580,15 +718,21 @@ int32_t scope_hook_evict(scope_hook * h, struct llama_context * ctx, const int32
         *n_freed = freed;
     }
     if (n_done > 0 && rc == SCOPE_HOOK_OK) {
-        rc = verify(h, ctx, "evict");
+        rc = verify(h, ctx, seq, "evict");
     }
     free(sorted);
     return rc;
 }
 
 int32_t scope_hook_shift(scope_hook * h, struct llama_context * ctx, int32_t p0, int32_t p1, int32_t delta) {
-    if (!h || !ctx || p0 < 0 || p1 < p0) {
-        return h ? fail(h, SCOPE_HOOK_E_ARG, "shift: bad range [%d, %d)", p0, p1) : SCOPE_HOOK_E_ARG;
+    return scope_hook_shift_seq(h, ctx, 0, p0, p1, delta);
+}
+
+int32_t scope_hook_shift_seq(scope_hook * h, struct llama_context * ctx, int32_t seq, int32_t p0, int32_t p1,
+                             int32_t delta) {
+    if (!h || !ctx || p0 < 0 || p1 < p0 || bad_seq(h, seq)) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "shift: bad range [%d, %d) or sequence %d (of %d)", p0, p1, seq,
+                        h->n_seq) : SCOPE_HOOK_E_ARG;
     }
     if ((int64_t) p1 - 1 + delta > INT32_MAX - 1) {
         return fail(h, SCOPE_HOOK_E_ARG, "shift: positions up to %d + %d would pass the int32 range", p1 - 1, delta);
@@ -597,41 +741,59 @@ int32_t scope_hook_shift(scope_hook * h, struct llama_context * ctx, int32_t p0,
     if (!llama_memory_can_shift(mem)) {
         return fail(h, SCOPE_HOOK_E_LLAMA, "shift: this model's memory cannot shift positions");
     }
-    llama_memory_seq_add(mem, 0, p0, p1, delta);
+    llama_memory_seq_add(mem, seq, p0, p1, delta);
     for (int32_t i = 0; i < h->n_cells; i++) {
-        int32_t p = h->cell_pos[i];
+        int32_t p = pos_in(h, i, seq);
         if (p >= p0 && p < p1) {
-            h->cell_pos[i] = (int64_t) p + delta < 0 ? -1 : p + delta;
+            const bool gone = (int64_t) p + delta < 0;
+            h->cell_pos[i] = gone ? -1 : p + delta;
+            h->cell_seq[i] = gone ? -1 : seq;
         }
     }
-    return verify(h, ctx, "shift");
+    return verify(h, ctx, seq, "shift");
 }
 
 int32_t scope_hook_truncate(scope_hook * h, struct llama_context * ctx, int32_t p0) {
-    if (!h || !ctx || p0 < 0) {
-        return h ? fail(h, SCOPE_HOOK_E_ARG, "truncate: bad position %d", p0) : SCOPE_HOOK_E_ARG;
+    return scope_hook_truncate_seq(h, ctx, 0, p0);
+}
+
+int32_t scope_hook_truncate_seq(scope_hook * h, struct llama_context * ctx, int32_t seq, int32_t p0) {
+    if (!h || !ctx || p0 < 0 || bad_seq(h, seq)) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "truncate: bad position %d or sequence %d (of %d)", p0, seq, h->n_seq)
+                 : SCOPE_HOOK_E_ARG;
     }
-    if (!llama_memory_seq_rm(llama_get_memory(ctx), 0, p0, -1)) {
-        return fail(h, SCOPE_HOOK_E_LLAMA, "truncate: llama_memory_seq_rm(0, %d, -1) failed", p0);
+    if (!llama_memory_seq_rm(llama_get_memory(ctx), seq, p0, -1)) {
+        return fail(h, SCOPE_HOOK_E_LLAMA, "truncate: llama_memory_seq_rm(%d, %d, -1) failed", seq, p0);
     }
     for (int32_t i = 0; i < h->n_cells; i++) {
-        if (h->cell_pos[i] >= p0) {
+        if (pos_in(h, i, seq) >= p0) {
             h->cell_pos[i] = -1;
+            h->cell_seq[i] = -1;
         }
     }
-    return verify(h, ctx, "truncate");
+    return verify(h, ctx, seq, "truncate");
 }
 
 int32_t scope_hook_clear(scope_hook * h, struct llama_context * ctx) {
-    if (!h || !ctx) {
+    return scope_hook_clear_seq(h, ctx, 0);
+}
+
+int32_t scope_hook_clear_seq(scope_hook * h, struct llama_context * ctx, int32_t seq) {
+    if (!h || !ctx || bad_seq(h, seq)) {
         return SCOPE_HOOK_E_ARG;
     }
-    llama_memory_seq_rm(llama_get_memory(ctx), 0, -1, -1);
+    llama_memory_seq_rm(llama_get_memory(ctx), seq, -1, -1);
     for (int32_t i = 0; i < h->n_cells; i++) {
-        h->cell_pos[i] = -1;
+        if (h->cell_seq[i] == seq) {
+            h->cell_pos[i] = -1;
+            h->cell_seq[i] = -1;
+        }
+        h->vis_seq[i] = h->vis_seq[i] == seq ? -1 : h->vis_seq[i];
     }
-    h->n_visible = 0;
-    h->n_kv = 0;
+    h->n_visible[seq] = 0;
+    if (h->n_seq == 1) {
+        h->n_kv = 0;
+    }
     return SCOPE_HOOK_OK;
 }
 

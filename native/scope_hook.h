@@ -1,15 +1,27 @@
 /*
- * scope_hook: observe and evict llama.cpp KV-cache cells of sequence 0.
+ * scope_hook: observe and evict llama.cpp KV-cache cells, per sequence.
  *
  * The hook is installed as llama_context_params.cb_eval (with the hook as
  * cb_eval_user_data). While the graph runs it
- *   - maps every KV cell written to the position of its token, reading the
- *     K-cache write indices (input `attn_inp_k_idxs` of the layer-0 SET_ROWS);
- *   - records which cells the attention of the ubatch's last token can see,
- *     reading the attention mask (`attn_inp_kq_mask`, src[1] of kq_soft_max-0);
- *   - when armed, accumulates attention probabilities of chosen query rows
- *     from every layer's `kq_soft_max-<il>` node into per (layer, head, cell)
- *     sums.
+ *   - maps every KV cell written to the (sequence, position) of its token,
+ *     reading the K-cache write indices (input `attn_inp_k_idxs` of the
+ *     layer-0 SET_ROWS);
+ *   - records which cells the attention of each sequence's last token in the
+ *     ubatch can see, reading the attention mask (`attn_inp_kq_mask`, src[1]
+ *     of kq_soft_max-0);
+ *   - when armed for a sequence, accumulates attention probabilities of its
+ *     chosen query rows from every layer's `kq_soft_max-<il>` node into per
+ *     (layer, head, cell) sums.
+ *
+ * Sequences: a hook made by scope_hook_new_seqs(..., n_seq) follows sequence
+ * ids [0, n_seq) of a context created with n_seq_max = n_seq and one unified
+ * KV buffer (llama_context_params.kv_unified = true, so kq_soft_max has one
+ * stream and cell indices are global). A cell belongs to one sequence; the
+ * mask of a query row hides every other sequence's cells, so a row's
+ * probabilities feed only its own sequence's sums. The functions without a
+ * _seq / _seqs suffix act on sequence 0 (a hook from scope_hook_new has only
+ * that one).
+ *
  * It knows nothing of eviction policies: callers read scores and cell
  * positions, decide, and call scope_hook_evict.
  *
@@ -42,6 +54,9 @@ extern "C" {
 
 typedef struct scope_hook scope_hook;
 
+/* Most sequences one hook follows. */
+#define SCOPE_HOOK_MAX_SEQ 256
+
 enum scope_hook_status {
     SCOPE_HOOK_OK         =  0,
     SCOPE_HOOK_E_ARG      = -1, /* invalid argument (null, out of range) */
@@ -58,25 +73,39 @@ enum scope_hook_status {
 #define SCOPE_HOOK_CAPTURE_OFF (-1)
 
 /* Create a hook for a context of n_cells KV cells, n_layer layers and n_head
- * query heads. Returns NULL on bad arguments or out of memory. */
+ * query heads, following sequence 0 only. Returns NULL on bad arguments or
+ * out of memory. */
 scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head);
+/* The same for sequences [0, n_seq), n_seq in [1, SCOPE_HOOK_MAX_SEQ]. */
+scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_head, int32_t n_seq);
 void scope_hook_free(scope_hook * hook);
 
 /* The ggml_backend_sched_eval_callback; user_data must be the hook. */
 bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data);
 
 /* Bracket one llama_decode. positions[i] is the position of batch token i
- * (copied; must increase). end checks that every token was written, that every ubatch
+ * (copied; must increase), all in sequence 0. begin_seqs: seq_ids[i] (in
+ * [0, n_seq); NULL: all 0) is the sequence of token i, as in the llama_batch
+ * (one sequence per token); positions must increase within each sequence, and
+ * the tokens of one sequence must be contiguous in the batch for the capture
+ * check below. end checks that every token was written, that every ubatch
  * showed kq_soft_max-0 with its mask (SCOPE_HOOK_E_GRAPH otherwise: flash attention on, or
  * renamed nodes) and, when armed, that every layer was captured; it returns the first error
- * the callback met. */
+ * the callback met. SCOPE_HOOK_E_ARG: empty batch, a
+ * sequence id out of range, positions not increasing within a sequence. */
 int32_t scope_hook_begin(scope_hook * hook, const int32_t * positions, int32_t n_tokens);
+int32_t scope_hook_begin_seqs(scope_hook * hook, const int32_t * positions, const int32_t * seq_ids,
+                              int32_t n_tokens);
 int32_t scope_hook_end(scope_hook * hook);
 
-/* Capture, in the following decodes, the attention rows of the query tokens
- * at positions >= from_pos (0: every row), and zero the accumulators.
- * SCOPE_HOOK_CAPTURE_OFF stops capturing and keeps the sums readable. */
+/* Capture, in the following decodes, the attention rows of sequence seq's
+ * query tokens at positions >= from_pos (0: every row), and zero the sums of
+ * that sequence's cells and its row counts. SCOPE_HOOK_CAPTURE_OFF stops
+ * capturing it and keeps its sums readable. Sequences are armed
+ * independently. A cell's sums start at 0 whenever a token is written into
+ * it. SCOPE_HOOK_E_ARG: from_pos < -1, seq outside [0, n_seq). */
 int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
+int32_t scope_hook_capture_arm_seq(scope_hook * hook, int32_t seq, int32_t from_pos);
 
 /* Capture only the layers whose flag is non-zero (layers[n_layer]; NULL:
  * every layer, the default). The sums of the other layers stay 0. Each
@@ -84,46 +113,63 @@ int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
  * step, so fewer layers are cheaper, most of all on a device. */
 int32_t scope_hook_capture_layers(scope_hook * hook, const uint8_t * layers, int32_t n_layer);
 
-/* Gather the accumulated sums of cells[0..n) (each in [0, n_cells)), laid out
- * [n_layer][n_head][n], into out (capacity in floats). rows_out (n_layer
- * entries, may be NULL) receives the number of query rows summed per layer. */
+/* Gather the accumulated sums of cells[0..n) (each in [0, n_cells) and held
+ * by sequence seq; SCOPE_HOOK_E_ARG otherwise), laid out [n_layer][n_head][n],
+ * into out (capacity in floats). rows_out (n_layer entries, may be NULL)
+ * receives the number of the sequence's query rows summed per layer. */
 int32_t scope_hook_capture_gather(const scope_hook * hook, const int32_t * cells, int32_t n, float * out,
                                   int64_t capacity, int32_t * rows_out);
+int32_t scope_hook_capture_gather_seq(const scope_hook * hook, int32_t seq, const int32_t * cells, int32_t n,
+                                      float * out, int64_t capacity, int32_t * rows_out);
 
 /* Copy the position held by each cell (-1: empty) into out[n_cells]. */
 int32_t scope_hook_cells(const scope_hook * hook, int32_t * out, int32_t n_cells);
+/* Copy the sequence of each cell (-1: empty) into out[n_cells]. */
+int32_t scope_hook_cell_seqs(const scope_hook * hook, int32_t * out, int32_t n_cells);
 
-/* Cells visible to the last query row of the latest ubatch, per llama.cpp's
- * attention mask. Writes up to capacity cell indices to out (may be NULL),
- * the attention width to *n_kv (may be NULL); returns the count (>= 0) or an
- * error. */
+/* Cells visible to sequence seq's last query row in the latest ubatch that
+ * held the sequence, per llama.cpp's attention mask. Writes up to capacity
+ * cell indices (ascending) to out (may be NULL), the attention width of the
+ * latest ubatch to *n_kv (may be NULL); returns the count (>= 0) or
+ * SCOPE_HOOK_E_ARG (capacity < 0, seq outside [0, n_seq)). */
 int32_t scope_hook_visible(const scope_hook * hook, int32_t * out, int32_t capacity, int32_t * n_kv);
+int32_t scope_hook_visible_seq(const scope_hook * hook, int32_t seq, int32_t * out, int32_t capacity,
+                               int32_t * n_kv);
 
-/* Evict positions[0..n) of sequence 0 with llama_memory_seq_rm, coalesced
+/* Evict positions[0..n) of sequence 0 (evict_seq: of seq) with llama_memory_seq_rm, coalesced
  * into runs. Refuses (changing nothing) if any position is not held or is the
  * highest held position. *n_freed receives the number of cells freed. If
  * llama.cpp refuses a run partway (SCOPE_HOOK_E_LLAMA), the map drops the runs
  * already removed, so it still describes the cache.
  *
  * evict, shift and truncate check afterwards that llama.cpp's lowest and
- * highest position of sequence 0 (llama_memory_seq_pos_min/max) are the
+ * highest position of the sequence (llama_memory_seq_pos_min/max) are the
  * map's, and return SCOPE_HOOK_E_LLAMA if not: the cache was changed behind
- * the hook's back and the map must be cleared. */
+ * the hook's back and the map must be cleared. The _seq variants return
+ * SCOPE_HOOK_E_ARG for seq outside [0, n_seq); other sequences' cells are
+ * never touched. */
 int32_t scope_hook_evict(scope_hook * hook, struct llama_context * ctx,
                          const int32_t * positions, int32_t n, int32_t * n_freed);
+int32_t scope_hook_evict_seq(scope_hook * hook, struct llama_context * ctx, int32_t seq,
+                             const int32_t * positions, int32_t n, int32_t * n_freed);
 
-/* Shift positions [p0, p1) of sequence 0 by delta (llama_memory_seq_add,
+/* Shift positions [p0, p1) of sequence 0 (shift_seq: seq) by delta (llama_memory_seq_add,
  * which re-rotates K). Positions shifted below 0 are removed by llama.cpp;
  * the map follows. SCOPE_HOOK_E_ARG if p1 - 1 + delta passes INT32_MAX - 1. */
 int32_t scope_hook_shift(scope_hook * hook, struct llama_context * ctx,
                          int32_t p0, int32_t p1, int32_t delta);
+int32_t scope_hook_shift_seq(scope_hook * hook, struct llama_context * ctx, int32_t seq,
+                             int32_t p0, int32_t p1, int32_t delta);
 
-/* Remove every position >= p0 of sequence 0 (the last one included), as
+/* Remove every position >= p0 of sequence 0 (truncate_seq: seq; the last one included), as
  * when a continued conversation diverges from what the cache holds. */
 int32_t scope_hook_truncate(scope_hook * hook, struct llama_context * ctx, int32_t p0);
+int32_t scope_hook_truncate_seq(scope_hook * hook, struct llama_context * ctx, int32_t seq, int32_t p0);
 
-/* Clear sequence 0's cells and the map. */
+/* Clear sequence 0's (clear_seq: seq's) cells, in llama.cpp and in the map,
+ * and its visibility. SCOPE_HOOK_E_ARG for seq outside [0, n_seq). */
 int32_t scope_hook_clear(scope_hook * hook, struct llama_context * ctx);
+int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int32_t seq);
 
 /* Tensor reads the callback made since the hook was created, and their
  * bytes: on a device each read is a transfer to the host. */

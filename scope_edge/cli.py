@@ -1,8 +1,9 @@
-"""The scope-edge command: generate, chat, bench, models, rpc-server."""
+"""The scope-edge command: generate, chat, serve, bench, models, rpc-server."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -158,6 +159,54 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible server (scope_edge.server); needs the [server] extra."""
+    try:
+        from . import server
+    except ImportError as e:
+        raise RuntimeError(f"serve needs FastAPI and uvicorn ({e}); install them with: "
+                           "pip install 'scope-edge[server]'") from None
+    from . import models
+    from .budget import Budget
+
+    path = str(models.resolve_model_path(args.model))
+    budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget,
+                    observation_window=args.observation_window, recent_window=args.recent_window)
+    settings = server.ServerSettings(
+        model_path=path, model_name=args.model_name or server.model_name_of(path), budget=budget,
+        strategy=args.strategy, slots=args.slots, slot_cells=args.slot_cells, step_tokens=args.step_tokens,
+        max_tokens=args.max_tokens, queue_size=args.queue_size, n_threads=args.threads, type_k=args.type_k,
+        api_key=args.api_key or None, host=args.host, port=args.port)
+    logging.getLogger("scope_edge").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    server.serve(settings)
+    return 0
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and cache")
+    g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
+    g.add_argument("--model-name", default=None, help="the id clients ask for (default: the file name without .gguf)")
+    g.add_argument("--prefill-budget", type=int, default=1024, help="prompt cells kept per conversation (default 1024)")
+    g.add_argument("--decode-budget", type=int, default=512, help="generated-token cells kept (default 512)")
+    g.add_argument("--observation-window", type=int, default=None)
+    g.add_argument("--recent-window", type=int, default=None)
+    g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
+    g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
+    g.add_argument("--threads", type=int, default=None)
+    s = p.add_argument_group("serving")
+    s.add_argument("--slots", type=int, default=4, help="conversations decoded together (default 4)")
+    s.add_argument("--slot-cells", type=int, default=None,
+                   help="KV cells per slot, a multiple of 256 (default: what the default budget needs)")
+    s.add_argument("--step-tokens", type=int, default=None,
+                   help="prompt tokens a new request adds per step (default 512 // slots)")
+    s.add_argument("--max-tokens", type=int, default=512, help="when a request gives no max_tokens")
+    s.add_argument("--queue-size", type=int, default=16, help="requests that may wait for a slot; more get 429")
+    s.add_argument("--host", default="127.0.0.1", help="where to listen (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("SCOPE_EDGE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $SCOPE_EDGE_API_KEY, else none)")
+
+
 def cmd_rpc_server(args: argparse.Namespace) -> int:
     from . import rpc
 
@@ -186,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server; conversations decoded together, each "
+                        "inside its budgets (needs the [server] extra)")
+    _add_serve_args(sv)
+    sv.set_defaults(func=cmd_serve)
 
     try:
         from . import bench

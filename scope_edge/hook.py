@@ -51,23 +51,24 @@ def _load() -> ctypes.CDLL:
         )
     lib = ctypes.CDLL(spec.origin)
     sig = {
-        "scope_hook_new": (ctypes.c_void_p, [ctypes.c_int32] * 3),
+        "scope_hook_new_seqs": (ctypes.c_void_p, [ctypes.c_int32] * 4),
         "scope_hook_free": (None, [ctypes.c_void_p]),
-        "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
+        "scope_hook_begin_seqs": (ctypes.c_int32, [ctypes.c_void_p, _i32p, _i32p, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
-        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
+        "scope_hook_capture_arm_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_capture_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
-        "scope_hook_capture_gather": (
-            ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
+        "scope_hook_capture_gather_seq": (
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
         "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
-        "scope_hook_visible": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32, _i32p]),
-        "scope_hook_evict": (
+        "scope_hook_cell_seqs": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
+        "scope_hook_visible_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _i32p]),
+        "scope_hook_evict_seq": (
             ctypes.c_int32,
-            [ctypes.c_void_p, ctypes.c_void_p, _i32p, ctypes.c_int32, _i32p],
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _i32p],
         ),
-        "scope_hook_shift": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 3),
-        "scope_hook_truncate": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
-        "scope_hook_clear": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p]),
+        "scope_hook_shift_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 4),
+        "scope_hook_truncate_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
+        "scope_hook_clear_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_transfers": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int64)] * 2),
         "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
     }
@@ -112,13 +113,14 @@ class Capture:
 
 
 class Hook:
-    """Owner of one native scope_hook (sequence 0 of one llama context)."""
+    """Owner of one native scope_hook: sequences [0, n_seq) of one llama
+    context. Methods act on sequence `seq` (default 0)."""
 
-    def __init__(self, *, n_cells: int, n_layer: int, n_head: int) -> None:
-        self.n_cells, self.n_layer, self.n_head = n_cells, n_layer, n_head
-        self._ptr = _lib.scope_hook_new(n_cells, n_layer, n_head)
+    def __init__(self, *, n_cells: int, n_layer: int, n_head: int, n_seq: int = 1) -> None:
+        self.n_cells, self.n_layer, self.n_head, self.n_seq = n_cells, n_layer, n_head, n_seq
+        self._ptr = _lib.scope_hook_new_seqs(n_cells, n_layer, n_head, n_seq)
         if not self._ptr:
-            raise MemoryError(f"scope_hook_new({n_cells}, {n_layer}, {n_head}) failed")
+            raise MemoryError(f"scope_hook_new_seqs({n_cells}, {n_layer}, {n_head}, {n_seq}) failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
 
@@ -137,9 +139,13 @@ class Hook:
             raise HookError(rc, msg.decode("utf-8", "replace"))
         return rc
 
-    def begin(self, positions: np.ndarray) -> None:
+    def begin(self, positions: np.ndarray, seq_ids: np.ndarray | None = None) -> None:
+        """Before a decode: each batch token's position and sequence (None: all 0)."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)
-        self._check(_lib.scope_hook_begin(self._ptr, _i32(pos), len(pos)))
+        seqs = None if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
+        if seqs is not None and len(seqs) != len(pos):
+            raise ValueError(f"begin: {len(pos)} positions but {len(seqs)} sequence ids")
+        self._check(_lib.scope_hook_begin_seqs(self._ptr, _i32(pos), None if seqs is None else _i32(seqs), len(pos)))
 
     def end(self) -> None:
         self._check(_lib.scope_hook_end(self._ptr))
@@ -148,11 +154,11 @@ class Hook:
         """Close a begin whose decode failed; its error is the decode's."""
         _lib.scope_hook_end(self._ptr)
 
-    def arm(self, from_pos: int | None) -> None:
-        """Capture the rows of query positions >= from_pos in the following
-        decodes, from zeroed accumulators. None stops capturing; what was
-        captured stays readable through capture() until the next arm."""
-        self._check(_lib.scope_hook_capture_arm(self._ptr, -1 if from_pos is None else from_pos))
+    def arm(self, from_pos: int | None, *, seq: int = 0) -> None:
+        """Capture the rows of seq's query positions >= from_pos in the
+        following decodes, from zeroed accumulators. None stops capturing;
+        what was captured stays readable through capture() until the next arm."""
+        self._check(_lib.scope_hook_capture_arm_seq(self._ptr, seq, -1 if from_pos is None else from_pos))
 
     def capture_layers(self, layers: np.ndarray | None) -> None:
         """Capture only the layers flagged in layers (bool [n_layer]); None: every layer."""
@@ -164,42 +170,55 @@ class Hook:
         self._check(_lib.scope_hook_cells(self._ptr, _i32(self._cells), self.n_cells))
         return self._cells.copy()
 
-    def positions(self) -> np.ndarray:
+    def cell_seqs(self) -> np.ndarray:
+        """Sequence of each cell, -1 for empty cells (a copy)."""
+        out = np.zeros(self.n_cells, dtype=np.int32)
+        self._check(_lib.scope_hook_cell_seqs(self._ptr, _i32(out), self.n_cells))
+        return out
+
+    def seq_cells(self, seq: int) -> np.ndarray:
+        """Position held by each cell for seq, -1 for cells not of seq."""
         cells = self.cells()
+        if self.n_seq > 1:
+            cells[self.cell_seqs() != seq] = -1
+        return cells
+
+    def positions(self, *, seq: int = 0) -> np.ndarray:
+        cells = self.seq_cells(seq)
         return np.sort(cells[cells >= 0])
 
-    def capture(self, min_pos: int = 0) -> Capture:
-        """What was captured since the last arm, for the held positions >=
-        min_pos, in position order."""
-        cells = self.cells()
+    def capture(self, min_pos: int = 0, *, seq: int = 0) -> Capture:
+        """What was captured for seq since its last arm, for its held
+        positions >= min_pos, in position order."""
+        cells = self.seq_cells(seq)
         held = np.flatnonzero(cells >= min_pos)
         order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
         attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
-        self._check(_lib.scope_hook_capture_gather(
-            self._ptr, _i32(order), len(order), attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows)))
+        self._check(_lib.scope_hook_capture_gather_seq(
+            self._ptr, seq, _i32(order), len(order), attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows)))
         return Capture(cells[order], attn, self._rows.copy())
 
-    def visible(self) -> tuple[np.ndarray, int]:
-        """(cells the latest query row could see, attention width n_kv), from
-        llama.cpp's attention mask."""
+    def visible(self, *, seq: int = 0) -> tuple[np.ndarray, int]:
+        """(cells seq's latest query row could see, attention width n_kv),
+        from llama.cpp's attention mask."""
         out = np.zeros(self.n_cells, dtype=np.int32)
         n_kv = ctypes.c_int32(0)
-        n = self._check(_lib.scope_hook_visible(self._ptr, _i32(out), self.n_cells, ctypes.byref(n_kv)))
+        n = self._check(_lib.scope_hook_visible_seq(self._ptr, seq, _i32(out), self.n_cells, ctypes.byref(n_kv)))
         return out[:n], n_kv.value
 
-    def evict(self, ctx: llama_cpp.llama_context_p, positions: np.ndarray) -> int:
-        """Free the cells of `positions`; returns the number of cells freed."""
+    def evict(self, ctx: llama_cpp.llama_context_p, positions: np.ndarray, *, seq: int = 0) -> int:
+        """Free the cells of seq's `positions`; returns the number of cells freed."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)
         freed = ctypes.c_int32(0)
-        self._check(_lib.scope_hook_evict(self._ptr, ctx, _i32(pos), len(pos), ctypes.byref(freed)))
+        self._check(_lib.scope_hook_evict_seq(self._ptr, ctx, seq, _i32(pos), len(pos), ctypes.byref(freed)))
         return freed.value
 
-    def shift(self, ctx: llama_cpp.llama_context_p, p0: int, p1: int, delta: int) -> None:
-        self._check(_lib.scope_hook_shift(self._ptr, ctx, p0, p1, delta))
+    def shift(self, ctx: llama_cpp.llama_context_p, p0: int, p1: int, delta: int, *, seq: int = 0) -> None:
+        self._check(_lib.scope_hook_shift_seq(self._ptr, ctx, seq, p0, p1, delta))
 
-    def truncate(self, ctx: llama_cpp.llama_context_p, p0: int) -> None:
-        """Remove every position >= p0, the last one included."""
-        self._check(_lib.scope_hook_truncate(self._ptr, ctx, p0))
+    def truncate(self, ctx: llama_cpp.llama_context_p, p0: int, *, seq: int = 0) -> None:
+        """Remove every position >= p0 of seq, the last one included."""
+        self._check(_lib.scope_hook_truncate_seq(self._ptr, ctx, seq, p0))
 
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) since the hook was created; on a device
@@ -208,5 +227,5 @@ class Hook:
         self._check(_lib.scope_hook_transfers(self._ptr, ctypes.byref(n), ctypes.byref(size)))
         return n.value, size.value
 
-    def clear(self, ctx: llama_cpp.llama_context_p) -> None:
-        self._check(_lib.scope_hook_clear(self._ptr, ctx))
+    def clear(self, ctx: llama_cpp.llama_context_p, *, seq: int = 0) -> None:
+        self._check(_lib.scope_hook_clear_seq(self._ptr, ctx, seq))

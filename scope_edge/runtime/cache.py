@@ -10,6 +10,7 @@ import ctypes
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -17,6 +18,9 @@ from .. import memory
 from ..policies import Policy
 from .context import N_BATCH, Context
 from .model import Model
+
+if TYPE_CHECKING:
+    from .batch import SeqView
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +79,7 @@ class Session:
         self.held_pos = np.concatenate((self.held_pos, np.asarray(positions, dtype=np.int32)))
         self.next_pos = int(positions[-1]) + 1
 
-    def truncate(self, ctx: Context, n: int) -> None:
+    def truncate(self, ctx: Context | SeqView, n: int) -> None:
         """Keep the first n tokens: drop the cells of the rest."""
         if len(self.tokens) <= n:
             return
@@ -111,13 +115,20 @@ class Plan:
 
 class Cache:
     """The context (re-created bigger when a generation needs more cells)
-    and the session of tokens it holds."""
+    and the session of tokens it holds.
 
-    def __init__(self, model: Model, settings: CacheSettings, *, abort: ctypes.c_bool) -> None:
+    context: a given one (one sequence of a shared context, batch.SeqView)
+    instead of one made here; settings.n_ctx must then be its cell count, so
+    it is never replaced."""
+
+    def __init__(self, model: Model, settings: CacheSettings, *, abort: ctypes.c_bool,
+                 context: SeqView | None = None) -> None:
         self.model, self.settings, self._abort = model, settings, abort
-        self.context: Context | None = None
+        self.context: Context | SeqView | None = context
         self.session: Session | None = None
-        if settings.n_ctx is not None:
+        if context is not None and settings.n_ctx != context.n_cells:
+            raise ValueError(f"a given context needs n_ctx = its {context.n_cells} cells, got {settings.n_ctx}")
+        if context is None and settings.n_ctx is not None:
             self._ensure_context(settings.n_ctx)
 
     @property
@@ -185,7 +196,7 @@ class Cache:
         return self.context is None or self.context.n_cells < memory.padded_cells(need)
 
     # -- starting a generation ----------------------------------------------
-    def start(self, n_prompt: int, plan: Plan) -> tuple[Context, Session]:
+    def start(self, n_prompt: int, plan: Plan) -> tuple[Context | SeqView, Session]:
         """The context for plan, its session truncated to the reused tokens
         (or a fresh one on an emptied cache)."""
         ctx = self._context_for(n_prompt, plan)
@@ -198,7 +209,7 @@ class Cache:
         self.session = session
         return ctx, session
 
-    def _context_for(self, n_prompt: int, plan: Plan) -> Context:
+    def _context_for(self, n_prompt: int, plan: Plan) -> Context | SeqView:
         need, limit = self._cells_for(n_prompt, plan)
         if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
             raise ValueError(
@@ -212,7 +223,7 @@ class Cache:
             )
         return self._ensure_context(need)  # a new context drops the session: plan() reuses only when none is needed
 
-    def _ensure_context(self, n_cells: int) -> Context:
+    def _ensure_context(self, n_cells: int) -> Context | SeqView:
         """A context of at least n_cells; a bigger one replaces the old (and
         its session)."""
         n_cells = memory.padded_cells(n_cells)

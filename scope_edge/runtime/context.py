@@ -60,9 +60,25 @@ def fill_batch(batch: llama_cpp.llama_batch, tokens: Sequence[int], positions: S
     batch.n_tokens = len(tokens)
 
 
+def fill_batch_seqs(batch: llama_cpp.llama_batch, tokens: Sequence[int], positions: Sequence[int],
+                    seq_ids: Sequence[int], logits: Sequence[bool]) -> None:
+    """Write tokens at positions of sequences seq_ids into a llama_batch from
+    llama_batch_init, logits asked where logits[i]."""
+    for i, (tok, pos, seq, want) in enumerate(zip(tokens, positions, seq_ids, logits)):
+        batch.token[i] = tok
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq
+        batch.logits[i] = want
+    batch.n_tokens = len(tokens)
+
+
 class Context:
-    """A llama_context of n_cells KV cells (one sequence) with our hook as
-    its eval callback.
+    """A llama_context of n_cells KV cells with our hook as its eval callback.
+
+    n_seq > 1: sequences [0, n_seq) share the cells (llama.cpp's unified KV
+    buffer); methods with a seq keyword act on that sequence (default 0), and
+    decode_seqs decodes tokens of several sequences in one llama_decode.
 
     A decode stops at its next graph node once `abort` is set (close()).
     n_ubatch < N_BATCH makes llama.cpp split one decode into several ubatches
@@ -71,17 +87,22 @@ class Context:
     (None: every layer)."""
 
     def __init__(self, model: Model, *, n_cells: int, n_threads: int, n_threads_batch: int, type_k: str,
-                 abort: ctypes.c_bool, capture_layers: np.ndarray | None = None, n_ubatch: int = N_BATCH) -> None:
+                 abort: ctypes.c_bool, capture_layers: np.ndarray | None = None, n_ubatch: int = N_BATCH,
+                 n_seq: int = 1) -> None:
         if not is_int(n_ubatch) or not 1 <= n_ubatch <= N_BATCH:
             raise ValueError(f"n_ubatch must be an int in [1, {N_BATCH}] (the batch size), got {n_ubatch!r}")
         if type_k not in KV_TYPES:
             raise ValueError(f"type_k must be one of {sorted(KV_TYPES)}, got {type_k!r}")
-        self._hook = Hook(n_cells=n_cells, n_layer=model.n_layer, n_head=model.n_head)
+        if not is_int(n_seq) or not 1 <= n_seq <= N_BATCH:
+            raise ValueError(f"n_seq must be an int in [1, {N_BATCH}], got {n_seq!r}")
+        self.n_seq = n_seq
+        self._hook = Hook(n_cells=n_cells, n_layer=model.n_layer, n_head=model.n_head, n_seq=n_seq)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_cells
         params.n_batch = N_BATCH
         params.n_ubatch = n_ubatch
-        params.n_seq_max = 1
+        params.n_seq_max = n_seq
+        params.kv_unified = True  # one cell space for every sequence: the hook's cell indices are global
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch
         # kq_soft_max only exists without flash attention; the hook reads it.
@@ -101,6 +122,8 @@ class Context:
             self.close()
             raise RuntimeError(f"asked llama.cpp for {n_cells} cells, got {self.n_cells}")
         self._hook.capture_layers(capture_layers)
+        self._threads = (n_threads, n_threads_batch)
+        self._threads_batch_now = n_threads_batch
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._n_vocab = model.n_vocab
 
@@ -140,31 +163,68 @@ class Context:
             raise RuntimeError(f"llama_decode failed with {rc}: {reason}")
         self._hook.end()
 
+    def decode_seqs(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
+                    logits: Sequence[bool]) -> None:
+        """Decode up to N_BATCH tokens of several sequences in one llama_decode
+        (token i at positions[i] of sequence seq_ids[i]; its logits kept if
+        logits[i], read with sample(index=i))."""
+        n = len(tokens)
+        if not 1 <= n <= N_BATCH or not len(positions) == len(seq_ids) == len(logits) == n:
+            raise ValueError(f"decode_seqs takes 1..{N_BATCH} tokens with one position, sequence and logits flag "
+                             f"each, got {n} tokens, {len(positions)} positions, {len(seq_ids)} sequences and "
+                             f"{len(logits)} flags")
+        bad = [s for s in seq_ids if not 0 <= s < self.n_seq]
+        if bad:
+            raise ValueError(f"sequence ids must be in [0, {self.n_seq}), got {bad[:3]}")
+        fill_batch_seqs(self._batch, tokens, positions, seq_ids, logits)
+        self._threads_for(one_token_each=len(set(seq_ids)) == n)
+        self._hook.begin(np.asarray(positions, dtype=np.int32), np.asarray(seq_ids, dtype=np.int32))
+        rc = llama_cpp.llama_decode(self.ptr, self._batch)
+        if rc != 0:
+            self._hook.abandon()
+            reason = {1: "no free KV cell (the cache is full)", 2: "aborted"}.get(rc, "error")
+            raise RuntimeError(f"llama_decode failed with {rc}: {reason}")
+        self._hook.end()
+
+    def _threads_for(self, *, one_token_each: bool) -> None:
+        """llama.cpp computes any batch of more than one token with
+        n_threads_batch; a step of one token per sequence is decode work, so it
+        gets the decode threads, as one sequence's step does (on 2 cores the
+        batch threads measured 1.4x slower there: 51 vs 36 ms for 2 tokens)."""
+        want = self._threads[0] if one_token_each else self._threads[1]
+        if want != self._threads_batch_now:
+            llama_cpp.llama_set_n_threads(self.ptr, self._threads[0], want)
+            self._threads_batch_now = want
+
+    def sample(self, sampler: llama_cpp.llama_sampler_p, index: int = -1) -> int:
+        """Draw a token with sampler from the logits of batch token index (-1: the last with logits)."""
+        return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
+
     def synchronize(self) -> None:
         """Wait for the device to finish the decodes queued so far (llama_decode
         may return before an offloaded graph has run)."""
         llama_cpp.llama_synchronize(self.ptr)
 
-    def logits(self) -> np.ndarray:
-        """float32 [n_vocab] logits of the last decoded token that asked for them (a copy)."""
-        ptr = llama_cpp.llama_get_logits_ith(self.ptr, -1)
+    def logits(self, index: int = -1) -> np.ndarray:
+        """float32 [n_vocab] logits of batch token index (-1: the last that asked for them), a copy."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, index)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
 
     # -- attention capture ----------------------------------------------
     @contextmanager
-    def capturing(self, from_pos: int) -> Iterator[None]:
-        """Capture the attention rows of query positions >= from_pos decoded
-        inside the block (accumulators zeroed on entry). Always disarmed on
-        exit; read the result with capture()."""
-        self._hook.arm(from_pos)
+    def capturing(self, from_pos: int, *, seq: int = 0) -> Iterator[None]:
+        """Capture the attention rows of seq's query positions >= from_pos
+        decoded inside the block (its accumulators zeroed on entry). Always
+        disarmed on exit; read the result with capture()."""
+        self._hook.arm(from_pos, seq=seq)
         try:
             yield
         finally:
-            self._hook.arm(None)
+            self._hook.arm(None, seq=seq)
 
-    def capture(self, min_pos: int = 0) -> Capture:
-        """What the last capturing() block captured, for held positions >= min_pos."""
-        return self._hook.capture(min_pos)
+    def capture(self, min_pos: int = 0, *, seq: int = 0) -> Capture:
+        """What the last capturing() block of seq captured, for its held positions >= min_pos."""
+        return self._hook.capture(min_pos, seq=seq)
 
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) by the hook so far; on a device, transfers to the host."""
@@ -175,27 +235,31 @@ class Context:
         """Position held by each cell, -1 for empty cells (a copy)."""
         return self._hook.cells()
 
-    def positions(self) -> np.ndarray:
-        """Sorted positions held."""
-        return self._hook.positions()
+    def cell_seqs(self) -> np.ndarray:
+        """Sequence of each cell, -1 for empty cells (a copy)."""
+        return self._hook.cell_seqs()
 
-    def visible(self) -> tuple[np.ndarray, int]:
-        """(cells the latest query row could see, attention width n_kv), read
-        from llama.cpp's attention mask."""
-        return self._hook.visible()
+    def positions(self, *, seq: int = 0) -> np.ndarray:
+        """Sorted positions held by seq."""
+        return self._hook.positions(seq=seq)
 
-    def evict(self, positions: np.ndarray) -> int:
-        """Free the cells of positions (sorted, held); returns cells freed."""
-        return self._hook.evict(self.ptr, positions)
+    def visible(self, *, seq: int = 0) -> tuple[np.ndarray, int]:
+        """(cells seq's latest query row could see, attention width n_kv),
+        read from llama.cpp's attention mask."""
+        return self._hook.visible(seq=seq)
 
-    def shift(self, p0: int, p1: int, delta: int) -> None:
-        """Add delta to positions in [p0, p1) (llama.cpp re-rotates their K)."""
-        self._hook.shift(self.ptr, p0, p1, delta)
+    def evict(self, positions: np.ndarray, *, seq: int = 0) -> int:
+        """Free the cells of seq's positions (sorted, held); returns cells freed."""
+        return self._hook.evict(self.ptr, positions, seq=seq)
 
-    def truncate(self, p0: int) -> None:
-        """Remove every position >= p0."""
-        self._hook.truncate(self.ptr, p0)
+    def shift(self, p0: int, p1: int, delta: int, *, seq: int = 0) -> None:
+        """Add delta to seq's positions in [p0, p1) (llama.cpp re-rotates their K)."""
+        self._hook.shift(self.ptr, p0, p1, delta, seq=seq)
 
-    def clear(self) -> None:
-        """Empty the cache."""
-        self._hook.clear(self.ptr)
+    def truncate(self, p0: int, *, seq: int = 0) -> None:
+        """Remove every position >= p0 of seq."""
+        self._hook.truncate(self.ptr, p0, seq=seq)
+
+    def clear(self, *, seq: int = 0) -> None:
+        """Empty seq's cells."""
+        self._hook.clear(self.ptr, seq=seq)

@@ -281,7 +281,7 @@ class Generation:
         t0 = time.perf_counter()
         n_fed = generated = 0
         while True:
-            token = llama_cpp.llama_sampler_sample(sampler, self.ctx.ptr, -1)
+            token = self.ctx.sample(sampler)
             if model.is_eog(token):
                 yield self._final(text.flush(), None, "stop", n_fed, t0, generated)
                 return

@@ -46,7 +46,6 @@ class Model:
         # llama.cpp aborts on n_head of a vocab-only model (no layers loaded)
         self.n_head: int = llama_cpp.llama_model_n_head(self.ptr) if self.n_layer > 0 else 0
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self.ptr)
-        self._piece = ctypes.create_string_buffer(256)
         self._eog: list[int] | None = None
 
     def close(self) -> None:
@@ -92,13 +91,16 @@ class Model:
         return list(buf[:n])
 
     def piece(self, token: int) -> bytes:
-        """The bytes token stands for (a UTF-8 character may span tokens)."""
+        """The bytes token stands for (a UTF-8 character may span tokens).
+        Thread-safe: the generations of a BatchRunner call it from their own
+        threads, so each call writes its own buffer."""
         self._require_open()
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
-            self._piece = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, False)
-        return self._piece.raw[:n]
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of tokens, as streaming them would print it."""

@@ -1,0 +1,144 @@
+"""Serving several long conversations at once: aggregate decode tok/s and KV
+bytes of the server's runtime (conversations decoded together, each inside its
+budgets) against stock llama-cpp-python serving the same requests one at a
+time, in the same run.
+
+    python bench/server.py [--prompt 1024] [--tokens 1024] [--conversations 1 2 4] \
+        [--prefill-budget 512] [--decode-budget 256] [--prefill-chunk 256] [--json]
+
+Each conversation is a different logbook prompt of --prompt tokens followed by
+--tokens greedy tokens (end-of-text ignored). Stock: one llama_cpp.Llama per
+request of n_ctx = prompt + tokens (flash attention off, as ours), the
+requests in turn; its KV bytes for N conversations are N full contexts (what
+keeping N conversations' caches takes). Ours: the BatchRunner that
+`scope-edge serve` runs, N slots of one context; all N requests start at once.
+Aggregate decode tok/s: generated tokens after each request's first, over
+the time from the first request's first token to the last request's end
+(stock: over the sum of its decode times). End-to-end tok/s counts the
+prefill too. Writes bench/results/server.json and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from pathlib import Path
+
+from scope_edge import Budget, memory, models
+from scope_edge.bench import logbook_prompt, machine, run_stock, save_results
+from scope_edge.policies import build
+from scope_edge.runtime.batch import BatchRunner, BatchSettings, slot_cells_for
+from scope_edge.runtime.generation import Limits
+from scope_edge.runtime.model import Model
+from scope_edge.runtime.sampling import Sampling
+
+log = logging.getLogger("bench.server")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_stock_in_turn(path: str, prompts: list[list[int]], tokens: int) -> list[dict]:
+    """Each prompt through stock llama-cpp-python, one after the other."""
+    runs = []
+    for i, prompt in enumerate(prompts):
+        run = run_stock(path, prompt, tokens, "f16", label=f"stock {i}")
+        runs.append({"n_ctx": run.n_ctx, "kv_bytes": run.kv_bytes, "prefill_s": len(prompt) / run.prefill_tokens_per_s,
+                     "decode_s": (tokens - 1) / run.decode_tokens_per_s, "decode_tokens_per_s": run.decode_tokens_per_s})
+        log.info("stock %d: decode %.1f tok/s", i, run.decode_tokens_per_s)
+    return runs
+
+
+def run_ours_together(model: Model, prompts: list[list[int]], *, tokens: int, budget: Budget,
+                      prefill_chunk: int) -> dict:
+    """All prompts at once on len(prompts) slots of one context."""
+    policy = build(budget, strategy="slide")
+    cells = slot_cells_for(policy, max_tokens=tokens, prefill_chunk=prefill_chunk)
+    runner = BatchRunner(model, BatchSettings(slots=len(prompts), slot_cells=cells, prefill_chunk=prefill_chunk))
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    peaks: dict[int, int] = {}
+    done = threading.Barrier(len(prompts) + 1)
+
+    def sink_for(i: int):
+        def sink(item) -> None:
+            now = time.perf_counter()
+            first.setdefault(i, now)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                last[i] = now
+                peaks[i] = item.stats.kv_cells_peak if not isinstance(item, BaseException) else -1
+                done.wait()
+        return sink
+
+    try:
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            runner.start(prompt, policy=policy, limits=Limits(max_tokens=tokens, ignore_eos=True),
+                         sampling=Sampling(), sink=sink_for(i))
+        done.wait()
+        end = max(last.values())
+        if min(peaks.values()) < 0:
+            raise RuntimeError("a generation failed (see the log)")
+        return {"slot_cells": cells, "cells": runner.context.n_cells,
+                "kv_bytes": runner.kv_bytes(runner.context.n_cells), "kv_cells_peak": max(peaks.values()),
+                "steps": runner.batcher.steps, "first_token_s": max(first.values()) - t0,
+                "decode_tokens_per_s": len(prompts) * (tokens - 1) / (end - min(first.values())),
+                "end_to_end_tokens_per_s": len(prompts) * tokens / (end - t0)}
+    finally:
+        runner.close()
+
+
+def table(res: dict) -> str:
+    rows = ["| conversations | stock decode tok/s (in turn) | ours decode tok/s (together) | ours / stock | "
+            "stock end-to-end tok/s | ours end-to-end tok/s | stock KV MiB | ours KV MiB | KV ours / stock |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        rows.append(f"| {r['conversations']} | {r['stock_decode_tokens_per_s']:.1f} | {r['ours']['decode_tokens_per_s']:.1f} "
+                    f"| {r['decode_speedup']:.2f}x | {r['stock_end_to_end_tokens_per_s']:.1f} | "
+                    f"{r['ours']['end_to_end_tokens_per_s']:.1f} | {r['stock_kv_bytes'] / 2**20:.1f} | "
+                    f"{r['ours']['kv_bytes'] / 2**20:.1f} | {r['kv_ratio']:.1%} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompt", type=int, default=1024)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--conversations", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--prefill-budget", type=int, default=512)
+    ap.add_argument("--decode-budget", type=int, default=256)
+    ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--out", default=str(RESULTS / "server.json"))
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    path = str(models.fetch())
+    budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget)
+    n_max = max(args.conversations)
+    prompts = [logbook_prompt(path, args.prompt, seed=i) for i in range(n_max)]
+    started = machine()
+    stock = run_stock_in_turn(path, prompts, args.tokens)
+    runs = []
+    with Model(path) as model:
+        for n in args.conversations:
+            ours = run_ours_together(model, prompts[:n], tokens=args.tokens, budget=budget,
+                                     prefill_chunk=args.prefill_chunk)
+            mine = stock[:n]
+            decode_s = sum(s["decode_s"] for s in mine)
+            stock_rate = n * (args.tokens - 1) / decode_s
+            stock_kv = sum(s["kv_bytes"] for s in mine)
+            runs.append({"conversations": n, "ours": ours, "stock_decode_tokens_per_s": stock_rate,
+                         "stock_end_to_end_tokens_per_s": n * args.tokens / sum(s["prefill_s"] + s["decode_s"]
+                                                                                 for s in mine),
+                         "stock_kv_bytes": stock_kv, "decode_speedup": ours["decode_tokens_per_s"] / stock_rate,
+                         "kv_ratio": ours["kv_bytes"] / stock_kv})
+            log.info("%d conversations: ours %.1f tok/s vs stock %.1f (%.2fx); KV %.1f%%", n,
+                     ours["decode_tokens_per_s"], stock_rate, runs[-1]["decode_speedup"], 100 * runs[-1]["kv_ratio"])
+    res = {"prompt": args.prompt, "tokens": args.tokens, "budget": [budget.prefill, budget.decode],
+           "prefill_chunk": args.prefill_chunk, "stock": stock, "runs": runs, "machine_at_start": started,
+           "bytes_per_cell": memory.kv_bytes(memory.read_geometry(path), 1, "f16", "f16")}
+    save_results(args.out, res, print_json=args.json, table=table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

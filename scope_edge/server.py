@@ -1,0 +1,496 @@
+"""`scope-edge serve`: an OpenAI-compatible HTTP server whose conversations
+share one llama.cpp context, decoded together, each inside its own budgets.
+
+    POST /v1/chat/completions, POST /v1/completions (plain, or SSE with "stream": true)
+    GET  /v1/models, GET /health
+
+Request fields as OpenAI's (max_tokens / max_completion_tokens, temperature,
+top_p, stop, seed, stream, presence_penalty, frequency_penalty) plus an
+optional "scope" object: {"prefill_budget", "decode_budget", "strategy",
+"observation_window", "recent_window"}. Every response carries "usage" and
+"scope_edge" (the cache stats of the generation and its slot), so eviction is
+never silent. Errors have OpenAI's shape, {"error": {"message", "type",
+"param", "code"}}, and a 4xx status.
+
+A request runs on the free slot whose cache its prompt extends (a continued
+conversation prefills only its new turn), else on the least recently used
+one; with every slot busy it waits in a queue of queue_size, and is refused
+with 429 beyond it. A client that disconnects frees its slot at the next step.
+SIGTERM cancels running requests and exits cleanly.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from .budget import Budget
+from .openai import ChatChunk, ChatResponse, CompletionResponse, Usage
+from .policies import Policy, build, validate_names
+from .policies.checks import is_int
+from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
+from .runtime.generation import Chunk, GenerationStats, Limits
+from .runtime.model import Model
+from .runtime.sampling import RANDOM_SEED, Sampling
+
+log = logging.getLogger("scope_edge")
+
+SCOPE_KEYS = {"prefill_budget", "decode_budget", "strategy", "observation_window", "recent_window"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    """Everything `scope-edge serve` is configured with.
+
+    budget / strategy: the default policy; a request's "scope" may change them.
+    slots: conversations decoded together. slot_cells: KV cells per slot
+    (None: what the default budget needs, slot_cells_for()). max_tokens: when a
+    request gives none. queue_size: requests that may wait for a slot.
+    api_key: required as "Authorization: Bearer <key>" on /v1 when set."""
+
+    model_path: str
+    model_name: str
+    budget: Budget
+    strategy: str = "slide"
+    slots: int = 4
+    slot_cells: int | None = None
+    step_tokens: int | None = None
+    max_tokens: int = 512
+    queue_size: int = 16
+    n_threads: int | None = None
+    type_k: str = "f16"
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        validate_names(self.strategy, None)
+        for name in ("max_tokens", "port"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name == "port" else 1):
+                raise ValueError(f"{name} must be an int >= {0 if name == 'port' else 1}, got {getattr(self, name)!r}")
+        if not is_int(self.queue_size) or self.queue_size < 0:
+            raise ValueError(f"queue_size must be an int >= 0, got {self.queue_size!r}")
+
+    def policy(self) -> Policy:
+        return build(self.budget, strategy=self.strategy)
+
+    def batch_settings(self) -> BatchSettings:
+        cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens)
+        return BatchSettings(slots=self.slots, slot_cells=cells, n_threads=self.n_threads, type_k=self.type_k,
+                             step_tokens=self.step_tokens)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One parsed request: the prompt, how to generate, how to answer."""
+
+    chat: bool
+    prompt: list[int]
+    policy: Policy
+    limits: Limits
+    sampling: Sampling
+    stream: bool
+
+
+# -- parsing --------------------------------------------------------------------
+def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and kind is not bool:
+        raise APIError(400, f"'{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}", param=name)
+    if not isinstance(value, kind):
+        raise APIError(400, f"'{name}' must be {getattr(kind, '__name__', kind)}, got {value!r}", param=name)
+    return value
+
+
+def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
+    scope = body.get("scope")
+    if scope is None:
+        return settings.policy()
+    if not isinstance(scope, dict) or not set(scope) <= SCOPE_KEYS:
+        raise APIError(400, f"'scope' must be an object with keys among {sorted(SCOPE_KEYS)}, got {scope!r}",
+                       param="scope")
+    b = settings.budget
+    try:
+        budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
+                        observation_window=scope.get("observation_window"), recent_window=scope.get("recent_window"))
+        return build(budget, strategy=scope.get("strategy", settings.strategy))
+    except ValueError as why:
+        raise APIError(400, f"bad 'scope': {why}", param="scope", code="invalid_budget") from None
+
+
+def _sampling(body: Mapping[str, Any]) -> Sampling:
+    cli = Sampling.llama_cli()
+    try:
+        return Sampling(temperature=float(_field(body, "temperature", (int, float), cli.temperature)),
+                        top_k=cli.top_k, top_p=float(_field(body, "top_p", (int, float), cli.top_p)),
+                        min_p=cli.min_p, seed=_field(body, "seed", int, RANDOM_SEED) % 2**32,
+                        presence_penalty=float(_field(body, "presence_penalty", (int, float), 0.0)),
+                        frequency_penalty=float(_field(body, "frequency_penalty", (int, float), 0.0)))
+    except ValueError as why:
+        raise APIError(400, str(why)) from None
+
+
+def _limits(body: Mapping[str, Any], settings: ServerSettings) -> Limits:
+    max_tokens = _field(body, "max_completion_tokens", int, None) or _field(body, "max_tokens", int, settings.max_tokens)
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else stop
+    if stops is not None and (not isinstance(stops, list) or len(stops) > 4 or
+                              any(not isinstance(s, str) or not s for s in stops)):
+        raise APIError(400, f"'stop' must be a non-empty string or a list of up to 4 of them, got {stop!r}",
+                       param="stop")
+    try:
+        return Limits(max_tokens=max_tokens, stop=tuple(stops or ()))
+    except ValueError as why:
+        raise APIError(400, str(why), param="max_tokens") from None
+
+
+def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: only text is understood
+            if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
+                   for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise APIError(400, f"messages[{i}] must be an object with a string 'role' and 'content', got {m!r}",
+                           param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> Job:
+    """A Job from a request body, or APIError naming what is wrong."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    name = body.get("model")
+    if name != settings.model_name:
+        raise APIError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r} "
+                       "(GET /v1/models)", param="model", code="model_not_found")
+    stream = _field(body, "stream", bool, False)
+    if _field(body, "n", int, 1) != 1:
+        raise APIError(400, "only n = 1 is supported", param="n")
+    try:
+        if chat:
+            text = model.render_chat(_messages(body))
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str) or not text:
+                raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", param="prompt")
+        prompt = model.tokenize(text)
+    except ValueError as why:
+        raise APIError(400, str(why), param="messages" if chat else "prompt") from None
+    return Job(chat, prompt, _policy(body, settings), _limits(body, settings), _sampling(body), stream)
+
+
+# -- responses --------------------------------------------------------------------
+def _usage(stats: GenerationStats) -> Usage:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+
+
+def _stats(stats: GenerationStats, slot: int) -> dict[str, float | int]:
+    return {**stats.as_dict(), "slot": slot}
+
+
+class Answer:
+    """OpenAI-shaped bodies for one job's chunks."""
+
+    def __init__(self, job: Job, *, model_name: str, slot: int) -> None:
+        self.job, self.slot = job, slot
+        self.base = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                     "model": model_name}
+
+    def whole(self, text: str, last: Chunk) -> ChatResponse | CompletionResponse:
+        assert last.stats is not None  # the last chunk carries them
+        extra = {"usage": _usage(last.stats), "scope_edge": _stats(last.stats, self.slot)}
+        if self.job.chat:
+            return {**self.base, "object": "chat.completion", **extra, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": last.finish_reason}]}
+        return {**self.base, "object": "text_completion", **extra, "choices": [
+            {"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason}]}
+
+    def first(self) -> ChatChunk | None:
+        if not self.job.chat:
+            return None
+        return {**self.base, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
+
+    def part(self, chunk: Chunk) -> ChatChunk | CompletionResponse:
+        out: Any
+        if self.job.chat:
+            out = {**self.base, "object": "chat.completion.chunk", "choices": [
+                {"index": 0, "delta": {"content": chunk.text} if chunk.text else {}, "logprobs": None,
+                 "finish_reason": chunk.finish_reason}]}
+        else:
+            out = {**self.base, "object": "text_completion", "choices": [
+                {"text": chunk.text, "index": 0, "logprobs": None, "finish_reason": chunk.finish_reason}]}
+        if chunk.stats is not None:
+            out["usage"], out["scope_edge"] = _usage(chunk.stats), _stats(chunk.stats, self.slot)
+        return out
+
+
+def _sse(data: Mapping[str, Any] | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+def _failure(item: BaseException) -> APIError:
+    if isinstance(item, Cancelled):
+        return APIError(503, "the request was cancelled (the server is shutting down)", kind="server_error",
+                        code="cancelled")
+    return APIError(500, f"generation failed: {item}", kind="server_error")
+
+
+# -- the engine ---------------------------------------------------------------------
+class Engine:
+    """The BatchRunner behind the HTTP layer: admission (a queue of
+    queue_size, then 429) and the bridge from worker threads to asyncio."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.model = Model(settings.model_path)
+        try:
+            self.model.check_supported()
+            self.runner = BatchRunner(self.model, settings.batch_settings())
+        except BaseException:
+            self.model.close()
+            raise
+        self.runner.on_free = self._slot_freed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._freed: asyncio.Event | None = None
+        self.waiting = 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on loop (at startup)."""
+        self._loop, self._freed = loop, asyncio.Event()
+
+    def _slot_freed(self) -> None:
+        if self._loop is not None and self._freed is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._freed.set)
+
+    async def start(self, job: Job) -> tuple[int, asyncio.Queue[Item], Run]:
+        """(slot, the queue of the job's items, its run) once a slot is free."""
+        assert self._loop is not None and self._freed is not None  # bind() ran at startup
+        loop, items = self._loop, asyncio.Queue[Item]()
+
+        def sink(item: Item) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, item)
+
+        while True:
+            self._freed.clear()
+            try:
+                req = await asyncio.to_thread(self.runner.start, job.prompt, policy=job.policy, limits=job.limits,
+                                              sampling=job.sampling, sink=sink)
+                return req.slot, items, req
+            except NoFreeSlot:
+                if self.waiting >= self.settings.queue_size:
+                    raise APIError(429, f"all {self.settings.slots} slots are busy and {self.waiting} requests "
+                                   "wait; retry later", kind="rate_limit_error", code="queue_full") from None
+            except ValueError as why:
+                raise APIError(400, f"{why}; raise --slot-cells or ask for smaller budgets", param="scope",
+                               code="invalid_budget") from None
+            self.waiting += 1
+            try:
+                await self._freed.wait()
+            finally:
+                self.waiting -= 1
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.settings.model_name, "slots": self.settings.slots,
+                "free_slots": self.runner.free_slots(), "queued": self.waiting,
+                "slot_cells": self.runner.settings.slot_cells}
+
+    def cancel_all(self) -> None:
+        self.runner.cancel_all()
+
+    def close(self) -> None:
+        self.runner.close()
+        self.model.close()
+
+
+# -- the app --------------------------------------------------------------------------
+async def _body(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as why:
+        raise APIError(400, f"the request body is not valid JSON: {why}") from None
+
+
+def _check_key(request: Request, settings: ServerSettings) -> None:
+    if settings.api_key is None:
+        return
+    if request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+        raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+
+async def _whole(request: Request, answer: Answer, items: asyncio.Queue[Item], req: Run) -> JSONResponse:
+    parts: list[str] = []
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(items.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise APIError(499, "client disconnected") from None
+                continue
+            if isinstance(item, BaseException):
+                raise _failure(item)
+            parts.append(item.text)
+            if item.finish_reason is not None:
+                return JSONResponse(answer.whole("".join(parts), item))
+    finally:
+        req.cancel()  # a client that left frees its slot at the next step (no-op once finished)
+
+
+async def _streamed(answer: Answer, items: asyncio.Queue[Item], req: Run) -> AsyncIterator[bytes]:
+    try:
+        first = answer.first()
+        if first is not None:
+            yield _sse(first)
+        while True:
+            item = await items.get()
+            if isinstance(item, BaseException):
+                yield _sse(_failure(item).body())
+                return
+            yield _sse(answer.part(item))
+            if item.finish_reason is not None:
+                yield _sse("[DONE]")
+                return
+    finally:
+        req.cancel()  # a client that left mid-stream frees its slot at the next step (no-op once finished)
+
+
+def create_app(engine: Engine) -> FastAPI:
+    settings = engine.settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.bind(asyncio.get_running_loop())
+        yield
+        engine.close()
+
+    app = FastAPI(title="scope-edge", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(exc)).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s", request.url.path)
+        return JSONResponse(APIError(500, f"internal error: {exc}", kind="server_error").body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return engine.health()
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _check_key(request, settings)
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "scope-edge"}]}
+
+    async def complete(request: Request, *, chat: bool) -> Any:
+        _check_key(request, settings)
+        job = parse(await _body(request), chat=chat, model=engine.model, settings=settings)
+        slot, items, req = await engine.start(job)
+        answer = Answer(job, model_name=settings.model_name, slot=slot)
+        if job.stream:
+            return StreamingResponse(_streamed(answer, items, req), media_type="text/event-stream")
+        return await _whole(request, answer, items, req)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await complete(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await complete(request, chat=False)
+
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGTERM / SIGINT first cancelling the running generations
+    (each stops at its next step), so open streams end and the exit is prompt."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.engine.cancel_all()
+        super().handle_exit(sig, frame)
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, without raising the signal again after the shutdown: a
+        requested shutdown that went well exits with status 0."""
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Load the model and serve until SIGTERM / SIGINT."""
+    engine = Engine(settings)
+    bs = engine.runner.settings
+    log.warning("serving %s on http://%s:%d/v1: %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s",
+                settings.model_name, settings.host, settings.port, bs.slots, bs.slot_cells,
+                engine.runner.kv_bytes(bs.slots * bs.slot_cells) / 2**20, settings.budget.prefill,
+                settings.budget.decode, settings.strategy)
+    config = uvicorn.Config(create_app(engine), host=settings.host, port=settings.port, log_level="warning",
+                            timeout_graceful_shutdown=10, lifespan="on")
+    _Server(config, engine).run()
+
+
+def model_name_of(path: str) -> str:
+    """The id a model is served under: its file name without .gguf."""
+    name = os.path.basename(path)
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
