@@ -6,7 +6,7 @@ share one llama.cpp context, decoded together, each inside its own budgets.
 
 Request fields as OpenAI's (max_tokens / max_completion_tokens, temperature,
 top_p, stop, seed, stream, presence_penalty, frequency_penalty) plus an
-optional "scope" object: {"prefill_budget", "decode_budget", "strategy",
+optional "scope" object: {"prefill_budget", "decode_budget", "strategy", "lend",
 "observation_window", "recent_window"}. Every response carries "usage" and
 "scope_edge" (the cache stats of the generation and its slot), so eviction is
 never silent. Errors have OpenAI's shape, {"error": {"message", "type",
@@ -50,7 +50,7 @@ from .runtime.sampling import RANDOM_SEED, Sampling
 
 log = logging.getLogger("scope_edge")
 
-SCOPE_KEYS = {"prefill_budget", "decode_budget", "strategy", "observation_window", "recent_window"}
+SCOPE_KEYS = {"prefill_budget", "decode_budget", "strategy", "lend", "observation_window", "recent_window"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,7 +142,8 @@ def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
     try:
         budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
                         observation_window=scope.get("observation_window"), recent_window=scope.get("recent_window"))
-        return build(budget, strategy=scope.get("strategy", settings.strategy))
+        return build(budget, strategy=scope.get("strategy", settings.strategy),
+                     **({"lend": scope["lend"]} if "lend" in scope else {}))
     except ValueError as why:
         raise APIError(400, f"bad 'scope': {why}", param="scope", code="invalid_budget") from None
 

@@ -237,6 +237,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
     assert "--slot-cells" in err["message"]  # more than a slot holds: says what to change
     err = _error(httpx.post(url, json={**good, "scope": {"strategy": "bogus"}}, timeout=30), 400)
     assert "bogus" in err["message"]
+    err = _error(httpx.post(url, json={**good, "scope": {"lend": "oldest"}}, timeout=30), 400)
+    assert "unknown lend rule 'oldest'" in err["message"]
     err = _error(httpx.post(url, json={**good, "scope": {"budget": 3}}, timeout=30), 400)
     assert "prefill_budget" in err["message"]
     _error(httpx.post(url, json={**good, "messages": []}, timeout=30), 400)
