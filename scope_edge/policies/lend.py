@@ -120,7 +120,11 @@ class LendAccumulated(Lend):
 
     def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
         positions = np.ascontiguousarray(positions, dtype=np.int32)
-        step = aggregate(require_attn(type(self).__name__, positions, attn), head_reduce=self.head_reduce)
+        self._add(positions, aggregate(require_attn(type(self).__name__, positions, attn),
+                                       head_reduce=self.head_reduce))
+
+    def _add(self, positions: np.ndarray, step: np.ndarray) -> None:
+        """Add one step's per-cell scores; cells no longer held drop out."""
         self._scores = carry_scores(self._positions, self._scores, positions) + step
         self._positions = positions.copy()
 
@@ -148,8 +152,9 @@ class LendPassed(LendAccumulated):
     _frontier: int = field(default=-1, init=False, repr=False, compare=False)
 
     def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
-        super().observe(positions, attn)
-        step = aggregate(np.asarray(attn), head_reduce=self.head_reduce)
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        step = aggregate(require_attn(type(self).__name__, positions, attn), head_reduce=self.head_reduce)
+        self._add(positions, step)
         # The instruction tail and the sinks draw attention at every step: skip them.
         body = slice(min(self.sinks, len(positions)), max(len(positions) - self.protected, 0))
         if body.stop > body.start:

@@ -183,7 +183,8 @@ class Generation:
         self.ctx.synchronize()  # time the prefill, not its launch
         self.gen_start = self.session.next_pos
         self.n_eligible = self.n_held if self.policy is not None and self.policy.decode.unified else 0
-        self.n_lent = max(0, self.n_held - self.prompt_floor) if self.policy is not None and self.policy.lend else 0
+        lends = self.policy is not None and self.policy.lend is not None
+        self.n_lent = max(0, self.n_held - self.prompt_floor) if lends else 0
         self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
         self.stats.prefilled_tokens = len(new)
 
