@@ -50,14 +50,8 @@ def fill_batch(batch: llama_cpp.llama_batch, tokens: Sequence[int], positions: S
                want_logits: bool) -> None:
     """Write tokens at positions (sequence 0) into a llama_batch from
     llama_batch_init, logits asked for the last token only if want_logits."""
-    for i, (tok, pos) in enumerate(zip(tokens, positions)):
-        batch.token[i] = tok
-        batch.pos[i] = pos
-        batch.n_seq_id[i] = 1
-        batch.seq_id[i][0] = 0
-        batch.logits[i] = 0
-    batch.logits[len(tokens) - 1] = want_logits
-    batch.n_tokens = len(tokens)
+    n = len(tokens)
+    fill_batch_seqs(batch, tokens, positions, [0] * n, [False] * (n - 1) + [want_logits])
 
 
 def fill_batch_seqs(batch: llama_cpp.llama_batch, tokens: Sequence[int], positions: Sequence[int],
@@ -153,7 +147,13 @@ class Context:
             raise ValueError(f"decode takes 1..{N_BATCH} tokens with one position each, got {n} tokens "
                              f"and {len(positions)} positions")
         fill_batch(self._batch, tokens, positions, want_logits=want_logits)
-        self._hook.begin(np.asarray(positions, dtype=np.int32))
+        self._decode_filled(positions)
+
+    def _decode_filled(self, positions: Sequence[int], seq_ids: Sequence[int] | None = None) -> None:
+        """llama_decode the filled batch between the hook's begin and end
+        (seq_ids None: every token of sequence 0)."""
+        self._hook.begin(np.asarray(positions, dtype=np.int32),
+                         None if seq_ids is None else np.asarray(seq_ids, dtype=np.int32))
         rc = llama_cpp.llama_decode(self.ptr, self._batch)
         if rc != 0:
             self._hook.abandon()
@@ -178,13 +178,7 @@ class Context:
             raise ValueError(f"sequence ids must be in [0, {self.n_seq}), got {bad[:3]}")
         fill_batch_seqs(self._batch, tokens, positions, seq_ids, logits)
         self._threads_for(one_token_each=len(set(seq_ids)) == n)
-        self._hook.begin(np.asarray(positions, dtype=np.int32), np.asarray(seq_ids, dtype=np.int32))
-        rc = llama_cpp.llama_decode(self.ptr, self._batch)
-        if rc != 0:
-            self._hook.abandon()
-            reason = {1: "no free KV cell (the cache is full)", 2: "aborted"}.get(rc, "error")
-            raise RuntimeError(f"llama_decode failed with {rc}: {reason}")
-        self._hook.end()
+        self._decode_filled(positions, seq_ids)
 
     def _threads_for(self, *, one_token_each: bool) -> None:
         """llama.cpp computes any batch of more than one token with
