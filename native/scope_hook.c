@@ -13,6 +13,7 @@
 #define K_IDXS_NAME    "attn_inp_k_idxs"
 #define K_CACHE_PREFIX "cache_k_l"
 #define MASK_NAME      "attn_inp_kq_mask"
+#define KQ_PREFIX      "kq-"
 
 struct scope_hook {
     int32_t n_cells;
@@ -51,6 +52,21 @@ struct scope_hook {
     int32_t * rows;          /* [n_seq][n_layer] query rows summed */
     float   * scratch;
     size_t    scratch_cap;   /* floats */
+
+    /* key sketches (scope_hook_sketch_set); sk_rank 0: scores are attention probabilities */
+    int32_t   sk_rank;
+    int32_t   n_head_kv;
+    int32_t   head_dim;
+    float     sk_scale;      /* the attention's softmax scale, checked against the graph's */
+    float   * sk_basis;      /* [n_layer][n_head_kv][sk_rank][head_dim] */
+    float   * sk;            /* [n_layer][n_head_kv][n_cells][sk_rank] */
+    uint8_t * sk_valid;      /* [n_layer][n_cells] 1: the sketch is of the key the cell holds now */
+    struct ggml_tensor ** k_cache; /* [n_layer] cache_k_l<il>, seen in the graph (NULL until then) */
+    float   * kbuf;          /* dequantized keys / query rows / logits */
+    size_t    kbuf_cap;      /* floats */
+    uint8_t * raw;           /* K rows as stored */
+    size_t    raw_cap;       /* bytes */
+    int32_t * vis;           /* [n_cells] cells one query row sees */
 
     int64_t   n_reads;       /* tensor reads (transfers on a device) since creation */
     int64_t   bytes_read;
@@ -104,8 +120,10 @@ scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_hea
     h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
     h->rows     = calloc((size_t) n_seq * n_layer, sizeof(int32_t));
     h->capture_layer = malloc((size_t) n_layer);
+    h->k_cache  = calloc((size_t) n_layer, sizeof(struct ggml_tensor *));
+    h->vis      = malloc(sizeof(int32_t) * (size_t) n_cells);
     if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->capture_from ||
-        !h->acc || !h->rows || !h->capture_layer) {
+        !h->acc || !h->rows || !h->capture_layer || !h->k_cache || !h->vis) {
         scope_hook_free(h);
         return NULL;
     }
@@ -137,6 +155,13 @@ void scope_hook_free(scope_hook * h) {
     free(h->rows);
     free(h->capture_layer);
     free(h->scratch);
+    free(h->sk_basis);
+    free(h->sk);
+    free(h->sk_valid);
+    free(h->k_cache);
+    free(h->kbuf);
+    free(h->raw);
+    free(h->vis);
     free(h);
 }
 
@@ -184,6 +209,19 @@ static void read_tensor(scope_hook * h, const struct ggml_tensor * t, void * dst
     h->bytes_read += (int64_t) size;
 }
 
+static bool grow(void ** buf, size_t * cap, size_t n, size_t elem) {
+    if (n <= *cap) {
+        return true;
+    }
+    void * p = realloc(*buf, n * elem);
+    if (!p) {
+        return false;
+    }
+    *buf = p;
+    *cap = n;
+    return true;
+}
+
 static bool ensure_scratch(scope_hook * h, size_t n_floats) {
     if (n_floats <= h->scratch_cap) {
         return true;
@@ -228,6 +266,9 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
         for (int32_t lh = 0; lh < h->n_layer * h->n_head; lh++) { /* a new token's cell starts unscored */
             h->acc[(size_t) lh * h->n_cells + c] = 0.0f;
         }
+        for (int32_t il = 0; h->sk_valid && il < h->n_layer; il++) { /* ... and unsketched */
+            h->sk_valid[(size_t) il * h->n_cells + c] = 0;
+        }
     }
     h->ub_start = h->written;
     h->ub_n = (int32_t) n;
@@ -236,14 +277,14 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
     return false;
 }
 
-/* Attention mask of layer 0: which cells each sequence's last query row in the ubatch sees. */
-static bool on_mask(scope_hook * h, const struct ggml_tensor * sm) {
+/* Attention mask of layer 0 (m: an operand of its softmax or flash-attention
+ * node): which cells each sequence's last query row in the ubatch sees. */
+static bool on_mask(scope_hook * h, const struct ggml_tensor * m) {
     if (h->n_mask != h->n_ubatch - 1) {
         return false; /* this ubatch's K write failed or was not seen: scope_hook_end reports that */
     }
-    const struct ggml_tensor * m = sm->src[1];
     if (!is_input(m, MASK_NAME) || !m->buffer) {
-        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-0 has no '%s' operand", MASK_NAME);
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer 0's attention has no '%s' operand", MASK_NAME);
     }
     const int64_t n_kv = m->ne[0];
     const int64_t n_rows = m->ne[1];
@@ -368,33 +409,251 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
     return true;
 }
 
+/* ---- key sketches ------------------------------------------------------ */
+
+/* Layer of a K-cache tensor or a view of one ("cache_k_l<il>"), or -1. */
+static int k_cache_layer(const struct ggml_tensor * t) {
+    if (!t) {
+        return -1;
+    }
+    const struct ggml_tensor * root = t->view_src ? t->view_src : t;
+    return parse_layer(ggml_get_name(root), K_CACHE_PREFIX);
+}
+
+/* Bring layer il's sketches of every held cell up to date: read the K rows
+ * of cells written (or shifted) since, as stored (any type the cache uses),
+ * in runs of consecutive cells, and project each KV head's key on the basis.
+ * Reads the cache tensor directly, so it works inside the callback (after
+ * the layer's K write) and between decodes alike. */
+static bool sketch_layer(scope_hook * h, int il) {
+    const struct ggml_tensor * kc = h->k_cache[il];
+    const int64_t n_embd = (int64_t) h->n_head_kv * h->head_dim;
+    if (!kc) {
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "no K write into '%s%d' was seen yet: decode before sketching",
+                       K_CACHE_PREFIX, il);
+    }
+    const struct ggml_type_traits * tr = ggml_get_type_traits(kc->type);
+    if (kc->ne[0] != n_embd || kc->ne[1] != h->n_cells || kc->ne[2] != 1 || kc->ne[3] != 1 ||
+        (kc->type != GGML_TYPE_F32 && !tr->to_float)) {
+        return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s%d: type %s ne=[%lld,%lld,%lld,%lld], expected [%lld, %d, 1, 1] "
+                       "of a type ggml can convert to float", K_CACHE_PREFIX, il, ggml_type_name(kc->type),
+                       (long long) kc->ne[0], (long long) kc->ne[1], (long long) kc->ne[2], (long long) kc->ne[3],
+                       (long long) n_embd, h->n_cells);
+    }
+    const size_t row = kc->nb[1];
+    uint8_t * valid = h->sk_valid + (size_t) il * h->n_cells;
+    for (int32_t c0 = 0; c0 < h->n_cells;) {
+        if (h->cell_pos[c0] < 0 || valid[c0]) {
+            c0++;
+            continue;
+        }
+        int32_t c1 = c0 + 1;
+        while (c1 < h->n_cells && h->cell_pos[c1] >= 0 && !valid[c1]) {
+            c1++;
+        }
+        const size_t n = (size_t) (c1 - c0);
+        if (!grow((void **) &h->raw, &h->raw_cap, n * row, 1) ||
+            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) n_embd, sizeof(float))) {
+            return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading %zu K rows", n);
+        }
+        read_tensor(h, kc, h->raw, (size_t) c0 * row, n * row);
+        for (int32_t c = c0; c < c1; c++) {
+            const void * src = h->raw + (size_t) (c - c0) * row;
+            if (kc->type == GGML_TYPE_F32) {
+                memcpy(h->kbuf, src, (size_t) n_embd * sizeof(float));
+            } else {
+                tr->to_float(src, h->kbuf, n_embd);
+            }
+            for (int32_t g = 0; g < h->n_head_kv; g++) {
+                const float * key = h->kbuf + (size_t) g * h->head_dim;
+                const size_t lg = (size_t) il * h->n_head_kv + g;
+                const float * basis = h->sk_basis + lg * h->sk_rank * h->head_dim;
+                float * out = h->sk + (lg * h->n_cells + c) * h->sk_rank;
+                for (int32_t k = 0; k < h->sk_rank; k++) {
+                    float dot = 0.0f;
+                    for (int32_t d = 0; d < h->head_dim; d++) {
+                        dot += basis[(size_t) k * h->head_dim + d] * key[d];
+                    }
+                    out[k] = dot;
+                }
+            }
+            valid[c] = 1;
+        }
+        c0 = c1;
+    }
+    return true;
+}
+
+/* Approximate attention of one query row (q: [n_head][head_dim], of batch
+ * token b) over the cells it sees, from the sketches; add it to the sums.
+ * A row sees its own sequence's cells at positions up to its own: the causal
+ * mask llama.cpp builds for these models. */
+static void sketch_row(scope_hook * h, int il, const float * q, int32_t b) {
+    const int32_t seq = h->batch_seq[b], pos = h->batch_pos[b], rank = h->sk_rank;
+    int32_t n_vis = 0;
+    for (int32_t c = 0; c < h->n_cells; c++) {
+        if (h->cell_seq[c] == seq && h->cell_pos[c] >= 0 && h->cell_pos[c] <= pos) {
+            h->vis[n_vis++] = c;
+        }
+    }
+    float * qp = h->kbuf;               /* [rank] */
+    float * logit = h->kbuf + rank;     /* [n_vis] */
+    const int32_t group = h->n_head / h->n_head_kv;
+    for (int32_t hq = 0; hq < h->n_head; hq++) {
+        const size_t lg = (size_t) il * h->n_head_kv + hq / group;
+        const float * basis = h->sk_basis + lg * rank * h->head_dim;
+        const float * qh = q + (size_t) hq * h->head_dim;
+        for (int32_t k = 0; k < rank; k++) {
+            float dot = 0.0f;
+            for (int32_t d = 0; d < h->head_dim; d++) {
+                dot += basis[(size_t) k * h->head_dim + d] * qh[d];
+            }
+            qp[k] = dot * h->sk_scale;
+        }
+        const float * sk = h->sk + lg * h->n_cells * rank;
+        float top = -INFINITY;
+        for (int32_t j = 0; j < n_vis; j++) {
+            const float * s = sk + (size_t) h->vis[j] * rank;
+            float dot = 0.0f;
+            for (int32_t k = 0; k < rank; k++) {
+                dot += qp[k] * s[k];
+            }
+            logit[j] = dot;
+            top = dot > top ? dot : top;
+        }
+        float sum = 0.0f;
+        for (int32_t j = 0; j < n_vis; j++) {
+            logit[j] = expf(logit[j] - top);
+            sum += logit[j];
+        }
+        float * acc = h->acc + ((size_t) il * h->n_head + hq) * h->n_cells;
+        for (int32_t j = 0; j < n_vis; j++) {
+            acc[h->vis[j]] += logit[j] / sum;
+        }
+    }
+}
+
+/* Computed attention of layer il (flash attention, or kq-<il> without it),
+ * sketch mode: score the captured rows of the ubatch from their queries. */
+static bool on_sketch_attn(scope_hook * h, const struct ggml_tensor * t, int il) {
+    /* with flash attention off, layer 0's mask is read after kq-0 (at kq_soft_max-0) */
+    if (h->n_ubatch == 0 || h->n_mask < h->n_ubatch - 1) {
+        return true; /* no K write or mask for this ubatch: scope_hook_end reports that */
+    }
+    const struct ggml_tensor * q = t->op == GGML_OP_FLASH_ATTN_EXT ? t->src[0] : t->src[1];
+    const size_t head = (size_t) h->head_dim * sizeof(float);
+    /* a permuted view [head_dim, n_tokens, n_head] of a contiguous [head_dim, n_head, n_tokens] */
+    if (q->type != GGML_TYPE_F32 || q->ne[0] != h->head_dim || q->ne[1] != h->ub_n || q->ne[2] != h->n_head ||
+        q->ne[3] != 1 || q->nb[0] != sizeof(float) || q->nb[2] != head || q->nb[1] != head * h->n_head ||
+        !q->buffer) {
+        fail_cb(h, SCOPE_HOOK_E_SHAPE, "query of layer %d: type %s ne=[%lld,%lld,%lld,%lld] nb=[%zu,%zu,%zu], "
+                "expected F32 [%d, %d, %d, 1] with the heads of a token contiguous", il, ggml_type_name(q->type),
+                (long long) q->ne[0], (long long) q->ne[1], (long long) q->ne[2], (long long) q->ne[3], q->nb[0],
+                q->nb[1], q->nb[2], h->head_dim, h->ub_n, h->n_head);
+        return true;
+    }
+    if (!sketch_layer(h, il)) {
+        return true;
+    }
+    const size_t n_row = (size_t) h->n_head * h->head_dim;
+    for (int32_t r = 0; r < h->ub_n;) {
+        if (!captured_row(h, h->ub_start + r)) {
+            r++;
+            continue;
+        }
+        int32_t end = r + 1;
+        while (end < h->ub_n && captured_row(h, h->ub_start + end)) {
+            end++;
+        }
+        const size_t n = (size_t) (end - r) * n_row;
+        if (!ensure_scratch(h, n) ||
+            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) h->sk_rank + h->n_cells, sizeof(float))) {
+            fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the queries of layer %d", il);
+            return true;
+        }
+        read_tensor(h, q, h->scratch, (size_t) r * q->nb[1], n * sizeof(float));
+        for (int32_t i = r; i < end; i++) {
+            sketch_row(h, il, h->scratch + (size_t) (i - r) * n_row, h->ub_start + i);
+            h->rows[(size_t) h->batch_seq[h->ub_start + i] * h->n_layer + il]++;
+        }
+        r = end;
+    }
+    return true;
+}
+
+/* Whether the softmax scale a node applies (op_params[0]) is the sketches',
+ * with no ALiBi or soft-cap; records the error if not. */
+static bool check_scale(scope_hook * h, const struct ggml_tensor * t, int il) {
+    float params[3] = {0};
+    memcpy(params, t->op_params, t->op == GGML_OP_FLASH_ATTN_EXT ? 3 * sizeof(float) : 2 * sizeof(float));
+    if (params[1] != 0.0f || params[2] != 0.0f) {
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer %d's attention uses ALiBi or a logit soft-cap (max_bias %g, "
+                       "softcap %g): key sketches do not model those", il, params[1], params[2]);
+    }
+    if (fabsf(params[0] - h->sk_scale) > 1e-6f * fabsf(h->sk_scale)) {
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer %d's attention scale is %g but the sketches were set with %g",
+                       il, params[0], h->sk_scale);
+    }
+    return true;
+}
+
+/* ---- the callback -------------------------------------------------------- */
+
+/* Layer of an attention node: flash attention (its K operand is a view of
+ * cache_k_l<il>) or, with it off, kq-<il>; -1 for any other node. */
+static int attn_layer(const struct ggml_tensor * t) {
+    if (t->op == GGML_OP_FLASH_ATTN_EXT) {
+        return k_cache_layer(t->src[1]);
+    }
+    return t->op == GGML_OP_MUL_MAT ? parse_layer(ggml_get_name(t), KQ_PREFIX) : -1;
+}
+
+static bool wants_layer(const scope_hook * h, int il) {
+    return h->n_armed > 0 && h->capture_layer[il];
+}
+
 bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     scope_hook * h = user_data;
     if (!h || !t) {
         return false;
     }
     if (!ask) {
+        if (h->sk_rank > 0) {
+            int il = attn_layer(t);
+            return il >= 0 && il < h->n_layer ? on_sketch_attn(h, t, il) : true;
+        }
         int il = parse_layer(ggml_get_name(t), SOFTMAX_PREFIX);
         return il >= 0 && il < h->n_layer ? on_softmax(h, t, il) : true;
     }
-    if (t->op == GGML_OP_SET_ROWS && is_input(t->src[1], K_IDXS_NAME) && t->src[2] &&
-        parse_layer(ggml_get_name(t->src[2]), K_CACHE_PREFIX) == 0) {
-        return on_k_write(h, t);
+    if (t->op == GGML_OP_SET_ROWS) {
+        const int il = t->src[2] ? parse_layer(ggml_get_name(t->src[2]), K_CACHE_PREFIX) : -1;
+        if (il >= 0 && il < h->n_layer) {
+            h->k_cache[il] = t->src[2]; /* the cache tensor itself: it outlives the graph */
+        }
+        return il == 0 && is_input(t->src[1], K_IDXS_NAME) ? on_k_write(h, t) : false;
     }
-    if (t->op != GGML_OP_SOFT_MAX) {
+    const bool fattn = t->op == GGML_OP_FLASH_ATTN_EXT;
+    const bool softmax = t->op == GGML_OP_SOFT_MAX;
+    if (!fattn && !softmax && !(h->sk_rank > 0 && t->op == GGML_OP_MUL_MAT)) {
         return false;
     }
-    int il = parse_layer(ggml_get_name(t), SOFTMAX_PREFIX);
+    int il = softmax ? parse_layer(ggml_get_name(t), SOFTMAX_PREFIX) : attn_layer(t);
     if (il < 0) {
         return false;
     }
     if (il >= h->n_layer) {
-        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d but the model has %d layers", il, h->n_layer);
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "attention of layer %d but the model has %d layers", il, h->n_layer);
     }
-    if (il == 0) {
-        on_mask(h, t);
+    if (il == 0 && (fattn || softmax)) {
+        on_mask(h, t->src[fattn ? 3 : 1]);
     }
-    return h->n_armed > 0 && h->capture_layer[il];
+    if (h->sk_rank > 0) {
+        if ((fattn || softmax) && !check_scale(h, t, il)) {
+            return false;
+        }
+        return !softmax && wants_layer(h, il);
+    }
+    return softmax && wants_layer(h, il);
 }
 
 static bool bad_seq(const scope_hook * h, int32_t seq) {
@@ -456,9 +715,11 @@ static int32_t check_rows(scope_hook * h, int32_t s) {
     const int32_t want = rows[h->first_layer];
     for (int32_t il = 0; il < h->n_layer; il++) {
         if (h->capture_layer[il] && (rows[il] == 0 || rows[il] != want)) {
-            return fail(h, SCOPE_HOOK_E_GRAPH, "kq_soft_max-%d gave %d captured rows (layer %d: %d) of sequence %d: "
-                        "attention capture needs flash attention off and the standard attention graph",
-                        il, rows[il], h->first_layer, want, s);
+            return fail(h, SCOPE_HOOK_E_GRAPH, "layer %d gave %d captured rows (layer %d: %d) of sequence %d: %s",
+                        il, rows[il], h->first_layer, want, s, h->sk_rank > 0
+                        ? "key sketches need the standard attention graph (flash attention's node or kq-<il>)"
+                        : "exact attention capture reads kq_soft_max, which flash attention never computes: turn "
+                          "flash attention off or score with key sketches");
         }
     }
     return SCOPE_HOOK_OK;
@@ -484,9 +745,9 @@ int32_t scope_hook_end(scope_hook * h) {
                     h->written, h->batch_n);
     }
     if (h->n_mask != h->n_ubatch) {
-        return fail(h, SCOPE_HOOK_E_GRAPH, "%s0 with its '%s' operand was seen in %d of %d ubatches: flash "
-                    "attention is on, or llama.cpp renamed its attention nodes; the hook needs the standard "
-                    "attention graph with flash attention off", SOFTMAX_PREFIX, MASK_NAME, h->n_mask, h->n_ubatch);
+        return fail(h, SCOPE_HOOK_E_GRAPH, "layer 0's attention with its '%s' operand was seen in %d of %d "
+                    "ubatches: llama.cpp renamed its attention nodes; the hook needs the standard attention graph",
+                    MASK_NAME, h->n_mask, h->n_ubatch);
     }
     for (int32_t i = 0; i < h->batch_n; i++) {
         const bool last_of_seq = i == h->batch_n - 1 || h->batch_seq[i + 1] != h->batch_seq[i];
@@ -748,6 +1009,9 @@ int32_t scope_hook_shift_seq(scope_hook * h, struct llama_context * ctx, int32_t
             const bool gone = (int64_t) p + delta < 0;
             h->cell_pos[i] = gone ? -1 : p + delta;
             h->cell_seq[i] = gone ? -1 : seq;
+            for (int32_t il = 0; h->sk_valid && il < h->n_layer; il++) { /* K was re-rotated */
+                h->sk_valid[(size_t) il * h->n_cells + i] = 0;
+            }
         }
     }
     return verify(h, ctx, seq, "shift");
@@ -793,6 +1057,127 @@ int32_t scope_hook_clear_seq(scope_hook * h, struct llama_context * ctx, int32_t
     h->n_visible[seq] = 0;
     if (h->n_seq == 1) {
         h->n_kv = 0;
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_dim, int32_t rank,
+                              const float * basis, float scale) {
+    if (!h) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    if (rank == 0) {
+        h->sk_rank = 0;
+        return SCOPE_HOOK_OK;
+    }
+    if (n_head_kv <= 0 || h->n_head % n_head_kv != 0 || head_dim <= 0 || rank < 0 || rank > head_dim || !basis ||
+        !(scale > 0.0f) || !isfinite(scale)) {
+        return fail(h, SCOPE_HOOK_E_ARG, "sketch_set: need n_head_kv dividing %d (got %d), head_dim > 0 (got %d), "
+                    "rank in [0, head_dim] (got %d), a basis, and a finite scale > 0 (got %g)", h->n_head, n_head_kv,
+                    head_dim, rank, scale);
+    }
+    const size_t n_basis = (size_t) h->n_layer * n_head_kv * rank * head_dim;
+    const size_t n_sk = (size_t) h->n_layer * n_head_kv * h->n_cells * rank;
+    float * b = malloc(n_basis * sizeof(float));
+    float * sk = malloc(n_sk * sizeof(float));
+    uint8_t * valid = calloc((size_t) h->n_layer * h->n_cells, 1);
+    if (!b || !sk || !valid) {
+        free(b);
+        free(sk);
+        free(valid);
+        return fail(h, SCOPE_HOOK_E_NOMEM, "sketch_set: out of memory for %zu sketch floats", n_sk);
+    }
+    memcpy(b, basis, n_basis * sizeof(float));
+    free(h->sk_basis);
+    free(h->sk);
+    free(h->sk_valid);
+    h->sk_basis = b;
+    h->sk = sk;
+    h->sk_valid = valid;
+    h->n_head_kv = n_head_kv;
+    h->head_dim = head_dim;
+    h->sk_rank = rank;
+    h->sk_scale = scale;
+    return SCOPE_HOOK_OK;
+}
+
+/* Outside the callback, an error of sketch_layer is the call's. */
+static int32_t take_error(scope_hook * h) {
+    const int32_t rc = h->err;
+    h->err = SCOPE_HOOK_OK;
+    return rc;
+}
+
+int32_t scope_hook_sketch_gather_seq(scope_hook * h, int32_t seq, const int32_t * cells, int32_t n, float * out,
+                                     int64_t capacity) {
+    if (!h || bad_seq(h, seq) || n < 0 || (n > 0 && (!cells || !out)) || h->sk_rank == 0 || h->in_decode ||
+        capacity < (int64_t) h->n_layer * h->n_head_kv * n * h->sk_rank) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "sketch_gather: sketches not set, inside a decode, or bad arguments "
+                        "(sequence %d, n=%d, capacity %lld)", seq, n, (long long) capacity) : SCOPE_HOOK_E_ARG;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_seq[cells[i]] != seq) {
+            return fail(h, SCOPE_HOOK_E_ARG, "sketch_gather: cell %d is not held by sequence %d", cells[i], seq);
+        }
+    }
+    h->err = SCOPE_HOOK_OK;
+    for (int32_t il = 0; il < h->n_layer; il++) {
+        if (!sketch_layer(h, il)) {
+            return take_error(h);
+        }
+    }
+    const int32_t rank = h->sk_rank;
+    for (int32_t lg = 0; lg < h->n_layer * h->n_head_kv; lg++) {
+        for (int32_t i = 0; i < n; i++) {
+            memcpy(out + ((size_t) lg * n + i) * rank, h->sk + ((size_t) lg * h->n_cells + cells[i]) * rank,
+                   (size_t) rank * sizeof(float));
+        }
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_keys(scope_hook * h, int32_t il, const int32_t * cells, int32_t n, float * out,
+                        int64_t capacity) {
+    if (!h || il < 0 || il >= h->n_layer || n < 0 || (n > 0 && (!cells || !out)) || h->in_decode) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "keys: layer %d (of %d), n=%d, or inside a decode", il, h->n_layer, n)
+                 : SCOPE_HOOK_E_ARG;
+    }
+    const struct ggml_tensor * kc = h->k_cache[il];
+    if (!kc) {
+        return fail(h, SCOPE_HOOK_E_STATE, "keys: no K write into '%s%d' was seen yet: decode first",
+                    K_CACHE_PREFIX, il);
+    }
+    const int64_t n_embd = kc->ne[0];
+    const struct ggml_type_traits * tr = ggml_get_type_traits(kc->type);
+    if (capacity < n_embd * n || kc->ne[1] != h->n_cells || (kc->type != GGML_TYPE_F32 && !tr->to_float)) {
+        return fail(h, SCOPE_HOOK_E_ARG, "keys: capacity %lld for %d rows of %lld, or a K cache of %lld cells "
+                    "(hook: %d) and type %s", (long long) capacity, n, (long long) n_embd, (long long) kc->ne[1],
+                    h->n_cells, ggml_type_name(kc->type));
+    }
+    const size_t row = kc->nb[1];
+    for (int32_t i = 0; i < n; i++) {
+        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_pos[cells[i]] < 0) {
+            return fail(h, SCOPE_HOOK_E_ARG, "keys: cell %d is not held", cells[i]);
+        }
+    }
+    for (int32_t i = 0; i < n;) { /* one read per run of consecutive cells */
+        int32_t j = i + 1;
+        while (j < n && cells[j] == cells[j - 1] + 1) {
+            j++;
+        }
+        if (!grow((void **) &h->raw, &h->raw_cap, (size_t) (j - i) * row, 1)) {
+            return fail(h, SCOPE_HOOK_E_NOMEM, "keys: out of memory for %d rows", j - i);
+        }
+        read_tensor(h, kc, h->raw, (size_t) cells[i] * row, (size_t) (j - i) * row);
+        for (int32_t r = i; r < j; r++) {
+            const uint8_t * src = h->raw + (size_t) (r - i) * row;
+            if (kc->type == GGML_TYPE_F32) {
+                memcpy(out + (size_t) r * n_embd, src, (size_t) n_embd * sizeof(float));
+            } else {
+                tr->to_float(src, out + (size_t) r * n_embd, n_embd);
+            }
+        }
+        i = j;
     }
     return SCOPE_HOOK_OK;
 }

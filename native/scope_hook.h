@@ -11,7 +11,11 @@
  *     of kq_soft_max-0);
  *   - when armed for a sequence, accumulates attention probabilities of its
  *     chosen query rows from every layer's `kq_soft_max-<il>` node into per
- *     (layer, head, cell) sums.
+ *     (layer, head, cell) sums; or, with key sketches set
+ *     (scope_hook_sketch_set), approximates those probabilities from the
+ *     rows' queries and a low-rank sketch of every held cell's key, which
+ *     works with flash attention on (no probabilities are ever computed
+ *     there) as well as off.
  *
  * Sequences: a hook made by scope_hook_new_seqs(..., n_seq) follows sequence
  * ids [0, n_seq) of a context created with n_seq_max = n_seq and one unified
@@ -61,7 +65,8 @@ enum scope_hook_status {
     SCOPE_HOOK_OK         =  0,
     SCOPE_HOOK_E_ARG      = -1, /* invalid argument (null, out of range) */
     SCOPE_HOOK_E_NOMEM    = -2, /* allocation failed */
-    SCOPE_HOOK_E_GRAPH    = -3, /* graph is not what the hook expects (flash attention on, renamed nodes) */
+    SCOPE_HOOK_E_GRAPH    = -3, /* graph is not what the hook expects (exact capture with flash attention on,
+                                   renamed nodes, a scale the sketches were not set with) */
     SCOPE_HOOK_E_SHAPE    = -4, /* a tensor had an unexpected type or shape */
     SCOPE_HOOK_E_LAST_POS = -5, /* refused to evict the last position of the sequence */
     SCOPE_HOOK_E_NOT_HELD = -6, /* asked to evict a position no cell holds */
@@ -89,8 +94,9 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data);
  * (one sequence per token); positions must increase within each sequence, and
  * the tokens of one sequence must be contiguous in the batch for the capture
  * check below. end checks that every token was written, that every ubatch
- * showed kq_soft_max-0 with its mask (SCOPE_HOOK_E_GRAPH otherwise: flash attention on, or
- * renamed nodes) and, when armed, that every layer was captured; it returns the first error
+ * showed layer 0's attention (kq_soft_max-0, or flash attention's node) with its mask
+ * (SCOPE_HOOK_E_GRAPH otherwise: renamed nodes) and, when armed, that every captured layer
+ * gave the same rows (SCOPE_HOOK_E_GRAPH for exact capture with flash attention on); it returns the first error
  * the callback met. SCOPE_HOOK_E_ARG: empty batch, a
  * sequence id out of range, positions not increasing within a sequence. */
 int32_t scope_hook_begin(scope_hook * hook, const int32_t * positions, int32_t n_tokens);
@@ -170,6 +176,43 @@ int32_t scope_hook_truncate_seq(scope_hook * hook, struct llama_context * ctx, i
  * and its visibility. SCOPE_HOOK_E_ARG for seq outside [0, n_seq). */
 int32_t scope_hook_clear(scope_hook * hook, struct llama_context * ctx);
 int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int32_t seq);
+
+/* Key sketches: score cells without attention probabilities.
+ *
+ * basis: [n_layer][n_head_kv][rank][head_dim] floats (copied), rows of a
+ * projection per layer and KV head (e.g. the top principal directions of the
+ * model's keys as the cache stores them); rank in [1, head_dim]; n_head_kv
+ * divides n_head (grouped-query heads share their KV head's sketches).
+ * scale: the attention's softmax scale (usually 1/sqrt(head_dim)); the graph's
+ * own (flash attention's or the softmax's op parameter) must equal it, and
+ * ALiBi or a logit soft-cap is refused (SCOPE_HOOK_E_GRAPH at end).
+ * rank 0 (basis ignored) returns to exact attention probabilities.
+ *
+ * Once set, a capture observes each captured layer's attention node
+ * (flash attention's, or kq-<il> with it off) instead of kq_soft_max; there it
+ * sketches every held cell not sketched yet (reading its stored K row:
+ * a cell is read once while it holds a token, and again after a shift
+ * re-rotates it) and adds, per query head, softmax(scale * (B q) . (B k_c))
+ * over the cells the row sees (its sequence's, at positions up to its own)
+ * into the same sums scope_hook_capture_gather reads. With rank = head_dim
+ * and an orthonormal basis this is the exact attention, up to rounding.
+ * Sketches take n_layer * n_head_kv * rank floats per cell. Resets every
+ * sketch. SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_NOMEM. */
+int32_t scope_hook_sketch_set(scope_hook * hook, int32_t n_head_kv, int32_t head_dim, int32_t rank,
+                              const float * basis, float scale);
+
+/* The sketches of cells[0..n) (held by seq), brought up to date first,
+ * laid out [n_layer][n_head_kv][n][rank] in out (capacity in floats).
+ * Between decodes only. SCOPE_HOOK_E_ARG (no sketches set, a cell not of seq,
+ * capacity), or the error of reading K (SCOPE_HOOK_E_GRAPH before any decode). */
+int32_t scope_hook_sketch_gather_seq(scope_hook * hook, int32_t seq, const int32_t * cells, int32_t n, float * out,
+                                     int64_t capacity);
+
+/* Layer il's keys of held cells[0..n) as the attention reads them (stored,
+ * converted to float; after RoPE), [n][n_head_kv * head_dim] in out. Between
+ * decodes only, once a decode has shown the hook the K cache. */
+int32_t scope_hook_keys(scope_hook * hook, int32_t il, const int32_t * cells, int32_t n, float * out,
+                        int64_t capacity);
 
 /* Tensor reads the callback made since the hook was created, and their
  * bytes: on a device each read is a transfer to the host. */

@@ -12,13 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ScopeLlama", "Budget", "Policy", "Sampling", "Completion", "Chunk", "GenerationStats"]
+__all__ = ["ScopeLlama", "Budget", "Policy", "Sampling", "Sketch", "Completion", "Chunk", "GenerationStats"]
 
 if TYPE_CHECKING:
     from .budget import Budget
     from .llama import Chunk, Completion, GenerationStats, ScopeLlama
     from .policies import Policy
     from .runtime.sampling import Sampling
+    from .runtime.sketch import Sketch
 
 
 def __getattr__(name: str) -> Any:
@@ -31,6 +32,10 @@ def __getattr__(name: str) -> Any:
         from .policies import Policy
 
         return Policy
+    if name == "Sketch":
+        from .runtime.sketch import Sketch
+
+        return Sketch
     if name in ("ScopeLlama", "Completion", "Chunk", "GenerationStats", "Sampling"):
         from . import llama
 

@@ -69,6 +69,12 @@ def _load() -> ctypes.CDLL:
         "scope_hook_shift_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 4),
         "scope_hook_truncate_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_clear_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
+        "scope_hook_sketch_set": (
+            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_f32p, ctypes.c_float]),
+        "scope_hook_sketch_gather_seq": (
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64]),
+        "scope_hook_keys": (
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64]),
         "scope_hook_transfers": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int64)] * 2),
         "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
     }
@@ -123,6 +129,7 @@ class Hook:
             raise MemoryError(f"scope_hook_new_seqs({n_cells}, {n_layer}, {n_head}, {n_seq}) failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
+        self._sketch_shape = (0, 0)
 
     @property
     def user_data(self) -> ctypes.c_void_p:
@@ -219,6 +226,45 @@ class Hook:
     def truncate(self, ctx: llama_cpp.llama_context_p, p0: int, *, seq: int = 0) -> None:
         """Remove every position >= p0 of seq, the last one included."""
         self._check(_lib.scope_hook_truncate_seq(self._ptr, ctx, seq, p0))
+
+    def sketch(self, basis: np.ndarray | None, scale: float = 1.0) -> None:
+        """Score captures from key sketches: basis float32 [n_layer, n_head_kv,
+        rank, head_dim], scale the attention's softmax scale. None: exact
+        attention probabilities again."""
+        if basis is None:
+            self._check(_lib.scope_hook_sketch_set(self._ptr, 0, 0, 0, None, 0.0))
+            return
+        b = np.ascontiguousarray(basis, dtype=np.float32)
+        if b.ndim != 4 or b.shape[0] != self.n_layer:
+            raise ValueError(f"sketch basis must be [n_layer={self.n_layer}, n_head_kv, rank, head_dim], "
+                             f"got shape {b.shape}")
+        n_head_kv, rank, head_dim = b.shape[1:]
+        self._check(_lib.scope_hook_sketch_set(self._ptr, n_head_kv, head_dim, rank, b.ctypes.data_as(_f32p),
+                                               float(scale)))
+        self._sketch_shape = (n_head_kv, rank)
+
+    def sketches(self, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted held positions of seq, their sketches float32 [n_layer,
+        n_head_kv, n, rank]), brought up to date. Between decodes."""
+        cells = self.seq_cells(seq)
+        held = np.flatnonzero(cells >= 0)
+        order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+        n_head_kv, rank = self._sketch_shape
+        out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
+        self._check(_lib.scope_hook_sketch_gather_seq(
+            self._ptr, seq, _i32(order), len(order), out.ctypes.data_as(_f32p), out.size))
+        return cells[order], out
+
+    def keys(self, layer: int, n_embd: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted held positions of seq, layer's keys of those cells float32
+        [n, n_embd] as the attention reads them). Between decodes."""
+        cells = self.seq_cells(seq)
+        held = np.flatnonzero(cells >= 0)
+        order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+        out = np.empty((len(order), n_embd), dtype=np.float32)
+        self._check(_lib.scope_hook_keys(self._ptr, layer, _i32(order), len(order), out.ctypes.data_as(_f32p),
+                                         out.size))
+        return cells[order], out
 
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) since the hook was created; on a device

@@ -24,12 +24,13 @@ from .policies import Policy, build, validate_names
 from .policies.registry import DEFAULT_LEND, validate_lend
 from .policies.checks import is_int, require_head_reduce
 from .runtime.cache import Cache, CacheSettings
-from .runtime.context import KV_TYPES, N_BATCH, Context, layer_flags
+from .runtime.context import N_BATCH, Context, check_kv_types, layer_flags
 from .runtime.generation import Chunk, Completion, FinishReason, Generation, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.sampling import GREEDY, Sampling, make_sampler
+from .runtime.sketch import Sketch, SketchBasis, basis_for
 
-__all__ = ["ScopeLlama", "Chunk", "Completion", "FinishReason", "GenerationStats", "Sampling", "Limits"]
+__all__ = ["ScopeLlama", "Chunk", "Completion", "FinishReason", "GenerationStats", "Sampling", "Sketch", "Limits"]
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,15 @@ class ScopeLlama:
         llama.cpp RPC servers, probed before use).
     n_ctx: fixed KV cells; None sizes the context per generation to what the
         policy needs (the full cache: prompt + max_tokens).
-    type_k: K cache type, "f16", "q8_0" or "q4_0". V stays f16: a quantized V
-        cache needs flash attention, which hides the attention the policies read.
+    type_k, type_v: K and V cache types, "f16", "q8_0" or "q4_0". A quantized
+        V cache needs flash_attn=True.
+    flash_attn: llama.cpp's fused attention (off by default). It never computes
+        the attention probabilities the policies score with, so a policy that
+        reads scores then needs scoring=Sketch(...).
+    scoring: None scores cells with the exact attention probabilities (flash
+        attention off); Sketch(rank=..., basis=...) approximates them from
+        low-rank key sketches, with flash attention on or off
+        (scope_edge.runtime.sketch). The policies run unchanged on either.
     prefill_chunk, chunked_prefill: under a policy, a prompt longer than the
         kept prompt + prefill_chunk is prefilled in chunks of prefill_chunk
         tokens, trimming back to the prefill budget after each, so the cells
@@ -107,6 +115,9 @@ class ScopeLlama:
         tensor_split: Sequence[float] | None = None,
         rpc_servers: Sequence[str] | None = None,
         type_k: str = "f16",
+        type_v: str = "f16",
+        flash_attn: bool = False,
+        scoring: Sketch | None = None,
         prefill_chunk: int = N_BATCH,
         chunked_prefill: bool | None = None,
         position_limit: int | None = None,
@@ -125,8 +136,11 @@ class ScopeLlama:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         if chunked_prefill not in (None, True, False):
             raise ValueError(f"chunked_prefill must be None (auto), True or False, got {chunked_prefill!r}")
-        if type_k not in KV_TYPES:
-            raise ValueError(f"type_k must be one of {sorted(KV_TYPES)}, got {type_k!r}")
+        check_kv_types(type_k, type_v, flash_attn)
+        if scoring is not None and not isinstance(scoring, Sketch):
+            raise ValueError(f"scoring must be None (exact attention) or a scope_edge.Sketch, got {scoring!r}")
+        self.flash_attn, self.scoring = flash_attn, scoring
+        self._check_scoring(self._policy)
         if position_limit is not None and (not is_int(position_limit) or position_limit < 2):
             raise ValueError(f"position_limit must be an int >= 2 or None (the trained context), "
                              f"got {position_limit!r}")
@@ -141,21 +155,25 @@ class ScopeLlama:
         self.lend = lend
         self.capture_layers = capture_layers
         self.type_k = type_k
+        self.type_v = type_v
         self._lock = threading.Lock()
         self._active: tuple[weakref.ref[Iterator[Chunk]], int] | None = None
         self._closing = ctypes.c_bool(False)  # also read by llama.cpp's abort callback
         self.model = Model(self.model_path, devices=devices, verbose=verbose)
+        cpus = os.cpu_count() or 1
         try:
             self.model.check_supported()
             flags = layer_flags(capture_layers, self.model.n_layer)
+            self.sketch: SketchBasis | None = None if scoring is None else basis_for(
+                self.model, scoring, type_k=type_k, flash_attn=flash_attn, n_threads=n_threads or cpus)
         except ValueError:
             self.model.close()
             raise
-        cpus = os.cpu_count() or 1
         # llama-cpp-python's thread defaults, so stock and ours compare like for like
         settings = CacheSettings(n_ctx=n_ctx, n_threads=n_threads or max(cpus // 2, 1),
                                  n_threads_batch=n_threads or cpus, type_k=type_k, prefill_chunk=prefill_chunk,
-                                 chunked_prefill=chunked_prefill, capture_layers=flags, position_limit=position_limit)
+                                 chunked_prefill=chunked_prefill, capture_layers=flags, position_limit=position_limit,
+                                 type_v=type_v, flash_attn=flash_attn, sketch=self.sketch)
         self._cache = Cache(self.model, settings, abort=self._closing)
 
     @property
@@ -169,7 +187,17 @@ class ScopeLlama:
     def policy(self, policy: Policy | None) -> None:
         if policy is not None and not isinstance(policy, Policy):
             raise ValueError(f"policy must be a scope_edge.policies.Policy or None, got {type(policy).__name__}")
+        self._check_scoring(policy)
         self._policy = policy
+
+    def _check_scoring(self, policy: Policy | None) -> None:
+        """A policy that reads scores cannot have exact ones under flash attention."""
+        if self.flash_attn and self.scoring is None and policy is not None and policy.scored:
+            raise ValueError(
+                f"policy {type(policy.prefill).__name__}+{type(policy.decode).__name__} scores cells by attention "
+                "probabilities, which flash attention never computes: pass scoring=Sketch() (scores from key "
+                "sketches), or flash_attn=False"
+            )
 
     @staticmethod
     def _policy_from(policy: Policy | None, budget: Budget | None, strategy: str, prefill_selector: str | None,
@@ -378,7 +406,7 @@ class ScopeLlama:
 
     def _kv_bytes(self, n_cells: int, *, padded: bool = True) -> int:
         cells = memory.padded_cells(n_cells) if padded else n_cells
-        return memory.kv_bytes(self.geometry, cells, self.type_k, "f16")
+        return memory.kv_bytes(self.geometry, cells, self.type_k, self.type_v)
 
     def _guard(self, gen: Iterator) -> Iterator:
         """One generation at a time (other threads wait for the lock); an

@@ -42,6 +42,7 @@ class PrefillSelector(ABC):
     """
 
     name: ClassVar[str]
+    scored: ClassVar[bool] = True  # whether select() reads captured scores
 
     budget: int | None = None
 
@@ -88,6 +89,7 @@ class DecodeStrategy(ABC):
 
     name: ClassVar[str]
     unified: ClassVar[bool] = False
+    scored: ClassVar[bool] = True  # whether any step captures scores
 
     def __post_init__(self) -> None:
         """Validation hook: subclasses extend it."""
@@ -196,6 +198,11 @@ class Policy:
                 f"{type(self.decode).__name__} is a unified baseline: prompt and output already share its cells, "
                 "so there is no decode room to lend; pass lend=None"
             )
+
+    @property
+    def scored(self) -> bool:
+        """Whether this policy ever reads captured attention scores."""
+        return self.prefill.scored or self.decode.scored or self.lend is not None
 
     def prompt_floor(self, n_prompt: int) -> int:
         """Prompt cells kept out of n_prompt once the output needs all its room."""

@@ -14,6 +14,7 @@ class FullPrefill(PrefillSelector):
     """Keep every prompt cell; needs no scores. budget stays None."""
 
     name: ClassVar[str] = "full"
+    scored: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -31,6 +32,7 @@ class Full(DecodeStrategy):
     """Keep every generated cell; never captures."""
 
     name: ClassVar[str] = "full"
+    scored: ClassVar[bool] = False
 
     def cells(self, *, kept: int, max_tokens: int) -> int:
         return kept + max_tokens

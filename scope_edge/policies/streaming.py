@@ -30,6 +30,7 @@ class StreamingPrefill(PrefillSelector):
     """
 
     name: ClassVar[str] = "streaming"
+    scored: ClassVar[bool] = False
 
     sinks: int = 4
 
@@ -50,6 +51,7 @@ class Streaming(UnifiedDecode):
     text together; the oldest non-sink cell goes first. Never captures."""
 
     name: ClassVar[str] = "streaming"
+    scored: ClassVar[bool] = False
 
     total: int
     sinks: int = 4

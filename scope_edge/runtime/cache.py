@@ -18,6 +18,7 @@ from .. import memory
 from ..policies import Policy
 from .context import N_BATCH, Context
 from .model import Model
+from .sketch import SketchBasis
 
 if TYPE_CHECKING:
     from .batch import SeqView
@@ -34,6 +35,8 @@ class CacheSettings:
     capture_layers: flags [n_layer] of the captured layers (None: all).
     position_limit: positions stay below it under a policy (re-indexed when
         they would pass it); None: the model's trained context.
+    type_v, flash_attn, sketch: as Context takes them (sketch: captures score
+        from key sketches on this basis; None: exact attention).
     """
 
     n_ctx: int | None
@@ -44,6 +47,9 @@ class CacheSettings:
     chunked_prefill: bool | None = None
     capture_layers: np.ndarray | None = None
     position_limit: int | None = None
+    type_v: str = "f16"
+    flash_attn: bool = False
+    sketch: SketchBasis | None = None
 
 
 @dataclass
@@ -232,5 +238,6 @@ class Cache:
         self.close()
         s = self.settings
         self.context = Context(self.model, n_cells=n_cells, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                               type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers)
+                               type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers,
+                               type_v=s.type_v, flash_attn=s.flash_attn, sketch=s.sketch)
         return self.context

@@ -16,6 +16,7 @@ from numba import carray, cfunc, types
 from ..hook import EVAL_CALLBACK, Capture, Hook
 from ..policies.checks import is_int
 from .model import Model
+from .sketch import SketchBasis
 
 N_BATCH = 512  # llama-cpp-python's default, so prefill matches stock ubatch for ubatch
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
@@ -31,6 +32,18 @@ def _aborted(flag: int) -> bool:
 
 # Module-level, so the function pointer outlives every context that polls it.
 _ABORT_CALLBACK = llama_cpp.ggml_abort_callback(_aborted.address)
+
+
+def check_kv_types(type_k: str, type_v: str, flash_attn: bool) -> None:
+    """ValueError for cache types llama.cpp would refuse."""
+    for name, value in (("type_k", type_k), ("type_v", type_v)):
+        if value not in KV_TYPES:
+            raise ValueError(f"{name} must be one of {sorted(KV_TYPES)}, got {value!r}")
+    if flash_attn not in (True, False):
+        raise ValueError(f"flash_attn must be True or False, got {flash_attn!r}")
+    if type_v != "f16" and not flash_attn:
+        raise ValueError(f"type_v={type_v!r}: llama.cpp quantizes the V cache only with flash attention; "
+                         "pass flash_attn=True (policies then score with key sketches: scoring=Sketch())")
 
 
 def layer_flags(layers: Sequence[int] | None, n_layer: int) -> np.ndarray | None:
@@ -78,15 +91,20 @@ class Context:
     n_ubatch < N_BATCH makes llama.cpp split one decode into several ubatches
     (the tests use it; the facade keeps one ubatch per decode, as stock).
     capture_layers: flags [n_layer] of the layers whose attention is captured
-    (None: every layer)."""
+    (None: every layer).
+    flash_attn: llama.cpp's fused attention. It never computes the attention
+    probabilities, so captures then need `sketch` (scores from key sketches);
+    a quantized type_v needs it.
+    sketch: capture scores from key sketches on this basis (None: exact
+    attention probabilities, flash attention off)."""
 
     def __init__(self, model: Model, *, n_cells: int, n_threads: int, n_threads_batch: int, type_k: str,
                  abort: ctypes.c_bool, capture_layers: np.ndarray | None = None, n_ubatch: int = N_BATCH,
-                 n_seq: int = 1) -> None:
+                 n_seq: int = 1, type_v: str = "f16", flash_attn: bool = False,
+                 sketch: SketchBasis | None = None) -> None:
         if not is_int(n_ubatch) or not 1 <= n_ubatch <= N_BATCH:
             raise ValueError(f"n_ubatch must be an int in [1, {N_BATCH}] (the batch size), got {n_ubatch!r}")
-        if type_k not in KV_TYPES:
-            raise ValueError(f"type_k must be one of {sorted(KV_TYPES)}, got {type_k!r}")
+        check_kv_types(type_k, type_v, flash_attn)
         if not is_int(n_seq) or not 1 <= n_seq <= N_BATCH:
             raise ValueError(f"n_seq must be an int in [1, {N_BATCH}], got {n_seq!r}")
         self.n_seq = n_seq
@@ -99,10 +117,11 @@ class Context:
         params.kv_unified = True  # one cell space for every sequence: the hook's cell indices are global
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch
-        # kq_soft_max only exists without flash attention; the hook reads it.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Never AUTO: whether kq_soft_max exists must be known, and it exists only with flash attention off.
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         params.type_k = KV_TYPES[type_k]
-        params.type_v = llama_cpp.GGML_TYPE_F16
+        params.type_v = KV_TYPES[type_v]
         params.cb_eval = EVAL_CALLBACK
         params.cb_eval_user_data = self._hook.user_data
         self.ptr = llama_cpp.llama_init_from_model(model.ptr, params)
@@ -116,10 +135,15 @@ class Context:
             self.close()
             raise RuntimeError(f"asked llama.cpp for {n_cells} cells, got {self.n_cells}")
         self._hook.capture_layers(capture_layers)
+        self.flash_attn = flash_attn
+        self.sketch = sketch
+        if sketch is not None:
+            self._hook.sketch(sketch.basis, sketch.scale)
         self._threads = (n_threads, n_threads_batch)
         self._threads_batch_now = n_threads_batch
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._n_vocab = model.n_vocab
+        self._n_embd_k = model.n_embd_k
 
     def close(self) -> None:
         if self.ptr:
@@ -223,6 +247,20 @@ class Context:
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) by the hook so far; on a device, transfers to the host."""
         return self._hook.transfers()
+
+    def sketches(self, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(seq's held positions, their key sketches [n_layer, n_head_kv, n,
+        rank]) on this context's basis, brought up to date."""
+        if self.sketch is None:
+            raise ValueError("this context scores with exact attention: it keeps no key sketches")
+        return self._hook.sketches(seq=seq)
+
+    def keys(self, layer: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(seq's held positions, layer's keys of them, float32 [n, n_head_kv
+        * head_dim], as stored: after RoPE, rotated when K is quantized)."""
+        if not is_int(layer) or not 0 <= layer < self._hook.n_layer:
+            raise ValueError(f"layer must be in [0, {self._hook.n_layer}), got {layer!r}")
+        return self._hook.keys(layer, self._n_embd_k, seq=seq)
 
     # -- the cache, as llama.cpp holds it -------------------------------
     def cells(self) -> np.ndarray:

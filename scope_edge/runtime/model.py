@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import llama_cpp
 
+from .. import memory
 from ..devices import Devices
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -47,6 +48,12 @@ class Model:
         self.n_head: int = llama_cpp.llama_model_n_head(self.ptr) if self.n_layer > 0 else 0
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self.ptr)
         self._eog: list[int] | None = None
+
+    @property
+    def n_embd_k(self) -> int:
+        """Width of one cell's K row: KV heads x key length, from the GGUF."""
+        geometry = memory.read_geometry(self.path)
+        return geometry.n_head_kv * geometry.head_dim_k
 
     def close(self) -> None:
         if self.ptr:

@@ -1,0 +1,194 @@
+"""Key sketches: score cells without attention probabilities (flash attention on).
+
+With flash attention the attention probabilities are never materialised, so
+the hook cannot read them. Instead it keeps, for every held cell, each KV
+head's key projected on a small basis (the sketch), and on a selection step
+approximates each captured query's attention from the query's projection and
+the sketches: softmax(scale * (B q) . (B k)). The policies get these scores in
+place of the exact ones and run unchanged.
+
+The basis per layer and KV head is either the top principal directions of the
+model's own keys, as the cache stores them, on a calibration text ("pca": the
+low-rank keys of Loki, Singhania et al. 2024), or a random orthonormal
+projection ("random", no calibration). Calibrated bases are cached on disk.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import memory
+from ..policies.checks import require_int
+from .model import Model
+
+log = logging.getLogger(__name__)
+
+BASES = ("pca", "random")
+
+# Varied text for the calibration: prose, a list, numbers, dialogue. The keys
+# of these tokens, placed at several distances into the context, span the
+# directions the basis keeps.
+CALIBRATION_TEXT = """\
+The harbour town woke slowly. Fishing boats came in with the tide, and the market stalls opened one \
+by one: bread, oranges, nets, rope, and a man who sold nothing but brass bells. Mara walked past them \
+with her list. She needed twelve candles, a spool of blue thread, three pounds of flour and a map of \
+the northern coast, which nobody in the town seemed to have.
+"A map?" said the baker. "Ask the lighthouse keeper. He draws them himself, though he charges too much."
+The lighthouse stood at the end of a long stone pier. Its keeper, an old man called Ennis, kept \
+notebooks full of soundings: depths in fathoms, the bearing of every rock, the hour of each tide for \
+the past forty years. He agreed to copy a map for her in exchange for help painting the lamp room.
+Inventory of the lamp room, checked on the first of the month:
+- paint, white: 14 tins
+- brushes, wide: 6
+- wicks, spare: 120
+- oil, lamp grade: 38 litres
+- glass panes: 9 (two cracked)
+- logbooks: 52
+Question 1: If the lamp burns 1.5 litres of oil a night, how many nights do 38 litres last? Answer: 25 \
+nights, with half a litre left over.
+Question 2: How many panes are whole? Answer: 7.
+In the evening they worked by lantern light. Ennis talked about storms: the winter of the long ice, \
+when the bay froze from shore to shore; the night a cargo ship lost its rudder and drifted onto the \
+shoal; the summer the light failed for an hour because a gull had nested in the vent. Mara listened \
+and painted, and wrote down the names of rocks and channels as he said them.
+def tide_height(hour, amplitude=2.4, period=12.42):
+    return amplitude * math.cos(2 * math.pi * hour / period)
+By the end of the week the lamp room was white again and the map was finished: forty-one named \
+rocks, the safe channel marked in red, the depths in small neat figures. She thanked him, packed the \
+map between two boards, and set out along the coast road at dawn, north, towards the cliffs.
+Dear Ennis, the map was right about everything except the second ford, which the spring floods have \
+moved about a hundred yards upstream. I have marked it in pencil. The weather has been kind. Yours, Mara.
+"""
+CALIBRATION_OFFSETS = 4  # the text is keyed at this many offsets spread over the trained context
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sketch:
+    """Score cells from key sketches instead of attention probabilities.
+
+    rank: directions kept per layer and KV head, in [1, head_dim]; the
+        sketches take n_layer * n_head_kv * rank floats per cell.
+    basis: "pca" (the model's own keys on a calibration text, cached on
+        disk) or "random" (a random orthonormal projection; no calibration).
+    seed: the random basis' seed.
+    """
+
+    rank: int = 16
+    basis: str = "pca"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_int("Sketch", "rank", self.rank, lo=1)
+        if self.basis not in BASES:
+            raise ValueError(f"Sketch.basis must be one of {BASES}, got {self.basis!r}")
+        require_int("Sketch", "seed", self.seed, lo=0)
+
+
+@dataclass(frozen=True, eq=False)
+class SketchBasis:
+    """A basis ready for the hook: float32 [n_layer, n_head_kv, rank,
+    head_dim] and the attention's softmax scale."""
+
+    basis: np.ndarray
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.basis.shape[2])
+
+    @property
+    def bytes_per_cell(self) -> int:
+        """Host memory the sketches take per held cell (float32)."""
+        n_layer, n_head_kv, rank, _ = self.basis.shape
+        return 4 * n_layer * n_head_kv * rank
+
+
+def basis_for(model: Model, sketch: Sketch, *, type_k: str, flash_attn: bool, n_threads: int) -> SketchBasis:
+    """The basis `sketch` asks for, for contexts of this model with this K
+    type and flash attention setting (quantized K is stored rotated, so a
+    calibrated basis is per setting)."""
+    geometry = memory.read_geometry(model.path)
+    if sketch.rank > geometry.head_dim_k:
+        raise ValueError(f"Sketch.rank must be at most the head dimension {geometry.head_dim_k}, got {sketch.rank}")
+    scale = 1.0 / math.sqrt(geometry.head_dim_k)
+    shape = (geometry.n_layer, geometry.n_head_kv, sketch.rank, geometry.head_dim_k)
+    if sketch.basis == "random":
+        return SketchBasis(random_basis(shape, seed=sketch.seed), scale)
+    path = _cache_path(model.path, type_k=type_k, flash_attn=flash_attn, rank=sketch.rank)
+    if path.exists():
+        basis = np.load(path)
+        if basis.shape == shape:
+            return SketchBasis(basis.astype(np.float32), scale)
+    keys = calibration_keys(model, type_k=type_k, flash_attn=flash_attn, n_threads=n_threads,
+                            n_head_kv=geometry.n_head_kv)
+    basis = pca_basis(keys, sketch.rank)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, basis)
+    except OSError as exc:  # a read-only home: calibrate again next time
+        log.warning("could not cache the sketch basis at %s: %s", path, exc)
+    return SketchBasis(basis, scale)
+
+
+def random_basis(shape: tuple[int, int, int, int], *, seed: int) -> np.ndarray:
+    """Orthonormal rows [n_layer, n_head_kv, rank, head_dim] from a seeded Gaussian."""
+    n_layer, n_head_kv, rank, head_dim = shape
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.standard_normal((n_layer, n_head_kv, head_dim, rank)))
+    return np.ascontiguousarray(np.swapaxes(q, 2, 3), dtype=np.float32)
+
+
+def pca_basis(keys: np.ndarray, rank: int) -> np.ndarray:
+    """Top `rank` principal directions of keys [n_layer, n_head_kv, n,
+    head_dim], as [n_layer, n_head_kv, rank, head_dim]. Centred: a query's
+    dot product with the keys' mean is the same for every cell, so it cancels
+    in the softmax; what the basis must keep is how keys differ."""
+    centred = keys.astype(np.float64) - keys.mean(axis=2, keepdims=True)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return np.ascontiguousarray(vt[:, :, :rank, :], dtype=np.float32)
+
+
+def calibration_keys(model: Model, *, type_k: str, flash_attn: bool, n_threads: int,
+                     n_head_kv: int) -> np.ndarray:
+    """Every layer's keys of the calibration text, as a context of this
+    setting stores them, keyed at CALIBRATION_OFFSETS distances spread over
+    the trained context (RoPE turns a key with its position, so the basis
+    must see far positions too): [n_layer, n_head_kv, n, head_dim]."""
+    from .context import N_BATCH, Context  # context.py imports this module
+
+    tokens = model.tokenize(CALIBRATION_TEXT)[:N_BATCH]
+    n = len(tokens)
+    span = max(model.n_ctx_train - n, 0)
+    offsets = [span * i // CALIBRATION_OFFSETS for i in range(CALIBRATION_OFFSETS)]
+    log.info("calibrating key sketches on %d tokens at offsets %s", n, offsets)
+    ctx = Context(model, n_cells=max(n, 256), n_threads=n_threads, n_threads_batch=n_threads, type_k=type_k,
+                  type_v="f16", flash_attn=flash_attn, abort=ctypes.c_bool(False))
+    per_offset = []
+    try:
+        for offset in offsets:
+            ctx.clear()
+            ctx.decode(tokens, list(range(n)), want_logits=False)
+            if offset:
+                ctx.shift(0, n, offset)
+            per_offset.append(np.stack([ctx.keys(il)[1] for il in range(model.n_layer)]))
+    finally:
+        ctx.close()
+    keys = np.concatenate(per_offset, axis=1)  # [n_layer, cells, n_head_kv * head_dim]
+    n_layer, n_cells, n_embd = keys.shape
+    return keys.reshape(n_layer, n_cells, n_head_kv, n_embd // n_head_kv).transpose(0, 2, 1, 3)
+
+
+def _cache_path(model_path: str, *, type_k: str, flash_attn: bool, rank: int) -> Path:
+    """Where the calibrated basis of this model file and setting is kept."""
+    stat = os.stat(model_path)
+    key = f"{os.path.abspath(model_path)}|{stat.st_size}|{stat.st_mtime_ns}|{CALIBRATION_TEXT}|{CALIBRATION_OFFSETS}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scope-edge" / "sketch"
+    return root / f"{digest}-{type_k}-fa{int(flash_attn)}-r{rank}.npy"
