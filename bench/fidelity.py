@@ -31,6 +31,7 @@ import numpy as np
 from scope_edge import Budget, ScopeLlama
 from scope_edge.bench import BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock, save_results
 from scope_edge.policies import Policy, SnapKV, build
+from scope_edge.runtime.sketch import BASES
 
 log = logging.getLogger("bench.fidelity")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,21 +95,43 @@ def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
     return ScopeLlama(path, policy=variant_policy(v, prefill, decode))
 
 
-def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], strategies: list[str]) -> list[dict]:
-    """strategies: names, or "strategy/lend" for a SCOPE strategy under a lend rule."""
+def scoring_fields(scoring: str) -> dict:
+    """BenchConfig fields of a --scoring name: "exact", or a sketch basis and
+    its rank ("qk16", "pca16", "random16"), with "+fa" for flash attention on."""
+    name, _, fa = scoring.partition("+")
+    kind = name.rstrip("0123456789")
+    if fa not in ("", "fa") or not (name == "exact" or (kind in BASES and name != kind)):
+        raise ValueError(f"--scoring takes exact or <basis><rank> with basis in {BASES}, optionally +fa; "
+                         f"got {scoring!r}")
+    fields: dict = {"flash_attn": fa == "fa"}
+    if name != "exact":
+        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis=kind)
+    return fields
+
+
+def scoring_name(config: dict) -> str:
+    rank = config.get("sketch_rank", 0)
+    name = f"{config['sketch_basis']}{rank}" if rank else "exact"
+    return name + ("+fa" if config.get("flash_attn") else "")
+
+
+def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], strategies: list[str],
+          scorings: list[str]) -> list[dict]:
+    """strategies: names, or "strategy/lend" for a SCOPE strategy under a
+    lend rule; each runs under every scoring of scorings (scoring_fields)."""
     rows = []
     for prefill, decode in budgets:
         cfgs = [BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, strategy=s.partition("/")[0],
                             **({"lend": s.partition("/")[2]} if "/" in s else {}), prefill_budget=prefill,
-                            decode_budget=decode, recent_window=max(1, decode // 2), ideal_steps=64)
-                for s in strategies]
+                            decode_budget=decode, recent_window=max(1, decode // 2), ideal_steps=64,
+                            **scoring_fields(sc))
+                for s in strategies for sc in scorings]
         for r in run_many(cfgs):
             r["memory_ratio"] = (prefill + decode) / (prompt_tokens + max_tokens)
             rows.append(r)
             f = r["fidelity"]
-            log.info("budget %d:%d %s/%s: top-1 %.3f, KL %.4f", prefill, decode, r["config"]["strategy"],
-                     r["config"]["lend"],
-                     f["top1_agreement"], f["mean_kl"])
+            log.info("budget %d:%d %s/%s %s: top-1 %.3f, KL %.4f", prefill, decode, r["config"]["strategy"],
+                     r["config"]["lend"], scoring_name(r["config"]), f["top1_agreement"], f["mean_kl"])
     return rows
 
 
@@ -130,12 +153,12 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
 def table(out: dict) -> str:
     lines = []
     if out.get("sweep"):
-        lines.append(f"{'budget':>8} {'mem':>5} {'strategy':14} {'top-1':>6} {'mean KL':>8} {'max KL':>7} "
-                     f"{'prefix':>6} {'ROUGE-L':>7}")
+        lines.append(f"{'budget':>8} {'mem':>5} {'strategy':18} {'scoring':12} {'top-1':>6} {'mean KL':>8} "
+                     f"{'max KL':>7} {'prefix':>6} {'ROUGE-L':>7}")
     for r in out.get("sweep", []):
         c, f = r["config"], r["fidelity"]
         lines.append(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} "
-                     f"{c['strategy'] + '/' + c.get('lend', 'none'):14} "
+                     f"{c['strategy'] + '/' + c.get('lend', 'none'):18} {scoring_name(c):12} "
                      f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
                      f"{f['rouge_l']:7.3f}")
     for r in out.get("aggregation", []):
@@ -151,6 +174,9 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=["96:64", "192:128", "320:192"], help="prefill:decode pairs")
     ap.add_argument("--strategies", nargs="+", default=COMPRESSED,
                     help='sweep runs: names, or "strategy/lend" (e.g. slide/passed; slide/none is the paper)')
+    ap.add_argument("--scoring", nargs="+", default=["exact"],
+                    help="how cells are scored: exact, or a sketch basis and rank (qk16, pca16, random16); "
+                         "+fa: flash attention on")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-aggregation", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
@@ -162,7 +188,8 @@ def main() -> None:
         raise ValueError(f"--budgets takes prefill:decode pairs, got {args.budgets}")
     out: dict = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "machine": machine()}
     if not args.skip_sweep:
-        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies)  # type: ignore[arg-type]
+        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies,  # type: ignore[arg-type]
+                             args.scoring)
     if not args.skip_aggregation:
         mid = budgets[len(budgets) // 2]
         out["aggregation_budget"] = list(mid)

@@ -58,8 +58,11 @@ struct scope_hook {
     int32_t   n_head_kv;
     int32_t   head_dim;
     float     sk_scale;      /* the attention's softmax scale, checked against the graph's */
-    float   * sk_basis;      /* [n_layer][n_head_kv][sk_rank][head_dim] */
-    float   * sk;            /* [n_layer][n_head_kv][n_cells][sk_rank] */
+    float   * sk_basis;      /* [n_layer][n_head_kv][sk_rank][head_dim], keys */
+    float   * sk_basis_q;    /* the same shape, queries (the keys' basis unless given) */
+    double  * q_moments;     /* [n_layer][n_head_kv][head_dim][head_dim] sum of q q^T, when tracked */
+    int64_t * q_count;       /* [n_layer][n_head_kv] query rows summed */
+    ggml_fp16_t * sk;        /* [n_layer][n_head_kv][n_cells][sk_rank], half precision: host memory per cell */
     uint8_t * sk_valid;      /* [n_layer][n_cells] 1: the sketch is of the key the cell holds now */
     struct ggml_tensor ** k_cache; /* [n_layer] cache_k_l<il>, seen in the graph (NULL until then) */
     float   * kbuf;          /* dequantized keys / query rows / logits */
@@ -156,6 +159,9 @@ void scope_hook_free(scope_hook * h) {
     free(h->capture_layer);
     free(h->scratch);
     free(h->sk_basis);
+    free(h->sk_basis_q);
+    free(h->q_moments);
+    free(h->q_count);
     free(h->sk);
     free(h->sk_valid);
     free(h->k_cache);
@@ -411,6 +417,22 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
 
 /* ---- key sketches ------------------------------------------------------ */
 
+/* Half to float by table: sketches are read once per held cell per query head
+ * on every scored step, and the extension is built for baseline x86-64
+ * (no F16C). Filled on the first scope_hook_sketch_set (same values on every
+ * fill, so a race is benign). */
+static float fp16_table[1 << 16];
+static bool fp16_ready;
+
+static void fp16_table_fill(void) {
+    if (!fp16_ready) {
+        for (uint32_t i = 0; i < (1u << 16); i++) {
+            fp16_table[i] = ggml_fp16_to_fp32((ggml_fp16_t) i);
+        }
+        fp16_ready = true;
+    }
+}
+
 /* Layer of a K-cache tensor or a view of one ("cache_k_l<il>"), or -1. */
 static int k_cache_layer(const struct ggml_tensor * t) {
     if (!t) {
@@ -468,13 +490,13 @@ static bool sketch_layer(scope_hook * h, int il) {
                 const float * key = h->kbuf + (size_t) g * h->head_dim;
                 const size_t lg = (size_t) il * h->n_head_kv + g;
                 const float * basis = h->sk_basis + lg * h->sk_rank * h->head_dim;
-                float * out = h->sk + (lg * h->n_cells + c) * h->sk_rank;
+                ggml_fp16_t * out = h->sk + (lg * h->n_cells + c) * h->sk_rank;
                 for (int32_t k = 0; k < h->sk_rank; k++) {
                     float dot = 0.0f;
                     for (int32_t d = 0; d < h->head_dim; d++) {
                         dot += basis[(size_t) k * h->head_dim + d] * key[d];
                     }
-                    out[k] = dot;
+                    out[k] = ggml_fp32_to_fp16(dot);
                 }
             }
             valid[c] = 1;
@@ -482,6 +504,18 @@ static bool sketch_layer(scope_hook * h, int il) {
         c0 = c1;
     }
     return true;
+}
+
+/* Add q q^T to the query moments of (layer, KV head) lg. */
+static void track_query(scope_hook * h, size_t lg, const float * q) {
+    const int32_t d = h->head_dim;
+    double * m = h->q_moments + lg * d * d;
+    for (int32_t i = 0; i < d; i++) {
+        for (int32_t j = 0; j < d; j++) {
+            m[(size_t) i * d + j] += (double) q[i] * q[j];
+        }
+    }
+    h->q_count[lg]++;
 }
 
 /* Approximate attention of one query row (q: [n_head][head_dim], of batch
@@ -501,8 +535,11 @@ static void sketch_row(scope_hook * h, int il, const float * q, int32_t b) {
     const int32_t group = h->n_head / h->n_head_kv;
     for (int32_t hq = 0; hq < h->n_head; hq++) {
         const size_t lg = (size_t) il * h->n_head_kv + hq / group;
-        const float * basis = h->sk_basis + lg * rank * h->head_dim;
+        const float * basis = h->sk_basis_q + lg * rank * h->head_dim;
         const float * qh = q + (size_t) hq * h->head_dim;
+        if (h->q_moments) {
+            track_query(h, lg, qh);
+        }
         for (int32_t k = 0; k < rank; k++) {
             float dot = 0.0f;
             for (int32_t d = 0; d < h->head_dim; d++) {
@@ -510,13 +547,13 @@ static void sketch_row(scope_hook * h, int il, const float * q, int32_t b) {
             }
             qp[k] = dot * h->sk_scale;
         }
-        const float * sk = h->sk + lg * h->n_cells * rank;
+        const ggml_fp16_t * sk = h->sk + lg * h->n_cells * rank;
         float top = -INFINITY;
         for (int32_t j = 0; j < n_vis; j++) {
-            const float * s = sk + (size_t) h->vis[j] * rank;
+            const ggml_fp16_t * s = sk + (size_t) h->vis[j] * rank;
             float dot = 0.0f;
             for (int32_t k = 0; k < rank; k++) {
-                dot += qp[k] * s[k];
+                dot += qp[k] * fp16_table[s[k]];
             }
             logit[j] = dot;
             top = dot > top ? dot : top;
@@ -1062,7 +1099,7 @@ int32_t scope_hook_clear_seq(scope_hook * h, struct llama_context * ctx, int32_t
 }
 
 int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_dim, int32_t rank,
-                              const float * basis, float scale) {
+                              const float * basis, const float * basis_q, float scale) {
     if (!h) {
         return SCOPE_HOOK_E_ARG;
     }
@@ -1078,26 +1115,63 @@ int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_di
     }
     const size_t n_basis = (size_t) h->n_layer * n_head_kv * rank * head_dim;
     const size_t n_sk = (size_t) h->n_layer * n_head_kv * h->n_cells * rank;
+    fp16_table_fill();
     float * b = malloc(n_basis * sizeof(float));
-    float * sk = malloc(n_sk * sizeof(float));
+    float * bq = malloc(n_basis * sizeof(float));
+    ggml_fp16_t * sk = malloc(n_sk * sizeof(ggml_fp16_t));
     uint8_t * valid = calloc((size_t) h->n_layer * h->n_cells, 1);
-    if (!b || !sk || !valid) {
+    if (!b || !bq || !sk || !valid) {
         free(b);
+        free(bq);
         free(sk);
         free(valid);
         return fail(h, SCOPE_HOOK_E_NOMEM, "sketch_set: out of memory for %zu sketch floats", n_sk);
     }
     memcpy(b, basis, n_basis * sizeof(float));
+    memcpy(bq, basis_q ? basis_q : basis, n_basis * sizeof(float));
     free(h->sk_basis);
+    free(h->sk_basis_q);
     free(h->sk);
     free(h->sk_valid);
     h->sk_basis = b;
+    h->sk_basis_q = bq;
     h->sk = sk;
     h->sk_valid = valid;
     h->n_head_kv = n_head_kv;
     h->head_dim = head_dim;
     h->sk_rank = rank;
     h->sk_scale = scale;
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_sketch_track_queries(scope_hook * h, int32_t on) {
+    if (!h || (on && h->sk_rank == 0)) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "sketch_track_queries: set sketches first") : SCOPE_HOOK_E_ARG;
+    }
+    free(h->q_moments);
+    free(h->q_count);
+    h->q_moments = NULL;
+    h->q_count = NULL;
+    if (!on) {
+        return SCOPE_HOOK_OK;
+    }
+    const size_t n_lg = (size_t) h->n_layer * h->n_head_kv;
+    h->q_moments = calloc(n_lg * h->head_dim * h->head_dim, sizeof(double));
+    h->q_count = calloc(n_lg, sizeof(int64_t));
+    if (!h->q_moments || !h->q_count) {
+        scope_hook_sketch_track_queries(h, 0);
+        return fail(h, SCOPE_HOOK_E_NOMEM, "sketch_track_queries: out of memory");
+    }
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_sketch_query_moments(const scope_hook * h, double * out, int64_t capacity, int64_t * counts) {
+    const size_t n_lg = h ? (size_t) h->n_layer * h->n_head_kv : 0;
+    if (!h || !h->q_moments || !out || !counts || capacity < (int64_t) (n_lg * h->head_dim * h->head_dim)) {
+        return SCOPE_HOOK_E_ARG;
+    }
+    memcpy(out, h->q_moments, n_lg * h->head_dim * h->head_dim * sizeof(double));
+    memcpy(counts, h->q_count, n_lg * sizeof(int64_t));
     return SCOPE_HOOK_OK;
 }
 
@@ -1129,8 +1203,10 @@ int32_t scope_hook_sketch_gather_seq(scope_hook * h, int32_t seq, const int32_t 
     const int32_t rank = h->sk_rank;
     for (int32_t lg = 0; lg < h->n_layer * h->n_head_kv; lg++) {
         for (int32_t i = 0; i < n; i++) {
-            memcpy(out + ((size_t) lg * n + i) * rank, h->sk + ((size_t) lg * h->n_cells + cells[i]) * rank,
-                   (size_t) rank * sizeof(float));
+            const ggml_fp16_t * src = h->sk + ((size_t) lg * h->n_cells + cells[i]) * rank;
+            for (int32_t k = 0; k < rank; k++) {
+                out[((size_t) lg * n + i) * rank + k] = fp16_table[src[k]];
+            }
         }
     }
     return SCOPE_HOOK_OK;

@@ -180,8 +180,10 @@ int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int3
 /* Key sketches: score cells without attention probabilities.
  *
  * basis: [n_layer][n_head_kv][rank][head_dim] floats (copied), rows of a
- * projection per layer and KV head (e.g. the top principal directions of the
- * model's keys as the cache stores them); rank in [1, head_dim]; n_head_kv
+ * projection of the keys per layer and KV head (e.g. the top principal
+ * directions of the model's keys as the cache stores them); basis_q: the same
+ * shape, the queries' projection (NULL: basis), so that (Bq q) . (B k)
+ * approximates q . k; rank in [1, head_dim]; n_head_kv
  * divides n_head (grouped-query heads share their KV head's sketches).
  * scale: the attention's softmax scale (usually 1/sqrt(head_dim)); the graph's
  * own (flash attention's or the softmax's op parameter) must equal it, and
@@ -192,17 +194,28 @@ int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int3
  * (flash attention's, or kq-<il> with it off) instead of kq_soft_max; there it
  * sketches every held cell not sketched yet (reading its stored K row:
  * a cell is read once while it holds a token, and again after a shift
- * re-rotates it) and adds, per query head, softmax(scale * (B q) . (B k_c))
+ * re-rotates it) and adds, per query head, softmax(scale * (Bq q) . (B k_c))
  * over the cells the row sees (its sequence's, at positions up to its own)
  * into the same sums scope_hook_capture_gather reads. With rank = head_dim
  * and an orthonormal basis this is the exact attention, up to rounding.
- * Sketches take n_layer * n_head_kv * rank floats per cell. Resets every
+ * Sketches are kept in half precision: n_layer * n_head_kv * rank * 2 bytes
+ * per cell. Resets every
  * sketch. SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_NOMEM. */
 int32_t scope_hook_sketch_set(scope_hook * hook, int32_t n_head_kv, int32_t head_dim, int32_t rank,
-                              const float * basis, float scale);
+                              const float * basis, const float * basis_q, float scale);
+
+/* Track the second moments of the captured queries (sum of q q^T per layer and
+ * KV head, over its query heads), from zero (on != 0), or stop (0). Needs
+ * sketches set: calibration runs a capture with an identity basis to learn a
+ * query-aware one. SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_NOMEM. */
+int32_t scope_hook_sketch_track_queries(scope_hook * hook, int32_t on);
+/* The tracked moments, [n_layer][n_head_kv][head_dim][head_dim] doubles into
+ * out (capacity in doubles), and the rows summed into counts[n_layer][n_head_kv].
+ * SCOPE_HOOK_E_ARG when not tracking. */
+int32_t scope_hook_sketch_query_moments(const scope_hook * hook, double * out, int64_t capacity, int64_t * counts);
 
 /* The sketches of cells[0..n) (held by seq), brought up to date first,
- * laid out [n_layer][n_head_kv][n][rank] in out (capacity in floats).
+ * laid out [n_layer][n_head_kv][n][rank] in out (as floats; capacity in floats).
  * Between decodes only. SCOPE_HOOK_E_ARG (no sketches set, a cell not of seq,
  * capacity), or the error of reading K (SCOPE_HOOK_E_GRAPH before any decode). */
 int32_t scope_hook_sketch_gather_seq(scope_hook * hook, int32_t seq, const int32_t * cells, int32_t n, float * out,

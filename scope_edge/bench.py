@@ -61,7 +61,8 @@ from .budget import Budget
 from .llama import ScopeLlama
 from .policies import DEFAULT_LEND, LEND_RULES, STRATEGIES, validate_lend, validate_names
 from .policies.checks import is_int
-from .runtime.context import KV_TYPES
+from .runtime.context import KV_TYPES, check_kv_types
+from .runtime.sketch import Sketch
 from .runtime.model import Model
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,10 @@ class BenchConfig:
     observation_window: int | None = None  # None: Budget's default
     recent_window: int | None = None
     type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    sketch_rank: int = 0  # 0: exact attention scores; else Sketch(rank=sketch_rank, basis=sketch_basis)
+    sketch_basis: str = "pca"
     model: str | None = None
     ideal_steps: int = 256
     prefill_chunk: int = 512
@@ -113,12 +118,17 @@ class BenchConfig:
             raise ValueError(f"decode_budget must be >= 2, got {self.decode_budget}")
         validate_names(self.strategy, self.prefill_selector)
         validate_lend(self.lend)
-        if self.type_k not in KV_TYPES:
-            raise ValueError(f"type_k must be one of {sorted(KV_TYPES)}, got {self.type_k!r}")
+        check_kv_types(self.type_k, self.type_v, self.flash_attn)
+        self.scoring()  # raises ValueError for a bad rank or basis
         if self.reference not in ("stock", "full"):
             raise ValueError(f"reference must be 'stock' (kept stock logits) or 'full' (ScopeLlama(budget=None) "
                              f"teacher-forced alongside), got {self.reference!r}")
         self.budget()  # raises ValueError with the numbers
+
+    def scoring(self) -> Sketch | None:
+        if not is_int(self.sketch_rank) or self.sketch_rank < 0:
+            raise ValueError(f"sketch_rank must be an int >= 0 (0: exact attention), got {self.sketch_rank!r}")
+        return Sketch(rank=self.sketch_rank, basis=self.sketch_basis) if self.sketch_rank else None
 
     def budget(self) -> Budget:
         return Budget(
@@ -302,7 +312,8 @@ def open_ours(cfg: BenchConfig, path: str, *, full: bool = False) -> ScopeLlama:
     if full:
         return ScopeLlama(path, budget=None, type_k=cfg.type_k)
     return ScopeLlama(path, budget=cfg.budget(), strategy=cfg.strategy, prefill_selector=cfg.prefill_selector,
-                      lend=cfg.lend, type_k=cfg.type_k, prefill_chunk=cfg.prefill_chunk)
+                      lend=cfg.lend, type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn,
+                      scoring=cfg.scoring(), prefill_chunk=cfg.prefill_chunk)
 
 
 def run_ours(cfg: BenchConfig, path: str, prompt: list[int], *, progress: bool = False) -> tuple[dict, list[int]]:

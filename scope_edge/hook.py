@@ -70,7 +70,11 @@ def _load() -> ctypes.CDLL:
         "scope_hook_truncate_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_clear_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_sketch_set": (
-            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_f32p, ctypes.c_float]),
+            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_f32p, _f32p, ctypes.c_float]),
+        "scope_hook_sketch_track_queries": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
+        "scope_hook_sketch_query_moments": (
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int64,
+                             ctypes.POINTER(ctypes.c_int64)]),
         "scope_hook_sketch_gather_seq": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64]),
         "scope_hook_keys": (
@@ -129,7 +133,7 @@ class Hook:
             raise MemoryError(f"scope_hook_new_seqs({n_cells}, {n_layer}, {n_head}, {n_seq}) failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
-        self._sketch_shape = (0, 0)
+        self._sketch_shape = (0, 0, 0)  # n_head_kv, rank, head_dim
 
     @property
     def user_data(self) -> ctypes.c_void_p:
@@ -227,21 +231,37 @@ class Hook:
         """Remove every position >= p0 of seq, the last one included."""
         self._check(_lib.scope_hook_truncate_seq(self._ptr, ctx, seq, p0))
 
-    def sketch(self, basis: np.ndarray | None, scale: float = 1.0) -> None:
-        """Score captures from key sketches: basis float32 [n_layer, n_head_kv,
-        rank, head_dim], scale the attention's softmax scale. None: exact
-        attention probabilities again."""
+    def sketch(self, basis: np.ndarray | None, basis_q: np.ndarray | None = None, scale: float = 1.0) -> None:
+        """Score captures from key sketches: basis (keys) and basis_q (queries;
+        None: basis) float32 [n_layer, n_head_kv, rank, head_dim], scale the
+        attention's softmax scale. basis None: exact attention probabilities again."""
         if basis is None:
-            self._check(_lib.scope_hook_sketch_set(self._ptr, 0, 0, 0, None, 0.0))
+            self._check(_lib.scope_hook_sketch_set(self._ptr, 0, 0, 0, None, None, 0.0))
+            self._sketch_shape = (0, 0, 0)
             return
         b = np.ascontiguousarray(basis, dtype=np.float32)
-        if b.ndim != 4 or b.shape[0] != self.n_layer:
-            raise ValueError(f"sketch basis must be [n_layer={self.n_layer}, n_head_kv, rank, head_dim], "
-                             f"got shape {b.shape}")
+        bq = b if basis_q is None else np.ascontiguousarray(basis_q, dtype=np.float32)
+        if b.ndim != 4 or b.shape[0] != self.n_layer or bq.shape != b.shape:
+            raise ValueError(f"sketch bases must be [n_layer={self.n_layer}, n_head_kv, rank, head_dim], both the "
+                             f"same shape; got {b.shape} and {bq.shape}")
         n_head_kv, rank, head_dim = b.shape[1:]
         self._check(_lib.scope_hook_sketch_set(self._ptr, n_head_kv, head_dim, rank, b.ctypes.data_as(_f32p),
-                                               float(scale)))
-        self._sketch_shape = (n_head_kv, rank)
+                                               bq.ctypes.data_as(_f32p), float(scale)))
+        self._sketch_shape = (n_head_kv, rank, head_dim)
+
+    def track_queries(self, on: bool) -> None:
+        """Start (from zero) or stop summing q q^T of the captured queries per layer and KV head."""
+        self._check(_lib.scope_hook_sketch_track_queries(self._ptr, int(bool(on))))
+
+    def query_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sum of q q^T float64 [n_layer, n_head_kv, head_dim, head_dim], rows summed [n_layer, n_head_kv])."""
+        n_head_kv, _, head_dim = self._sketch_shape
+        out = np.zeros((self.n_layer, n_head_kv, head_dim, head_dim), dtype=np.float64)
+        counts = np.zeros((self.n_layer, n_head_kv), dtype=np.int64)
+        self._check(_lib.scope_hook_sketch_query_moments(
+            self._ptr, out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), out.size,
+            counts.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))))
+        return out, counts
 
     def sketches(self, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(sorted held positions of seq, their sketches float32 [n_layer,
@@ -249,7 +269,7 @@ class Hook:
         cells = self.seq_cells(seq)
         held = np.flatnonzero(cells >= 0)
         order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
-        n_head_kv, rank = self._sketch_shape
+        n_head_kv, rank, _ = self._sketch_shape
         out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
         self._check(_lib.scope_hook_sketch_gather_seq(
             self._ptr, seq, _i32(order), len(order), out.ctypes.data_as(_f32p), out.size))

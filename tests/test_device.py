@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from scope_edge import Budget, ScopeLlama, rpc
+from scope_edge import Budget, ScopeLlama, Sketch, rpc
 from scope_edge.openai import create_chat_completion
 from llama_log import llama_log
 from test_budgets import check_invariants_every_step
@@ -108,6 +108,28 @@ def test_budget_invariants_with_half_the_layers_offloaded(model_path, endpoint, 
 @pytest.mark.parametrize("lend", ["passed", "accumulated"])
 def test_lending_every_step_on_the_device(model_path, endpoint, lend):
     check_lending_every_step(model_path, "slide", lend, rpc_servers=[endpoint], n_gpu_layers=-1)
+
+
+@pytest.mark.parametrize("strategy,selector", [("slide", "snapkv"), ("h2o", "h2o")])
+def test_sketch_invariants_every_step_on_the_device(model_path, device, strategy, selector):
+    """Flash attention on, K and V q8_0, scores from key sketches: the hook
+    finds flash attention's node in the device split and reads the queries
+    and the stored keys from the device."""
+    check_invariants_every_step(model_path, strategy, selector, flash_attn=True, type_k="q8_0", type_v="q8_0",
+                                scoring=Sketch(rank=8), **device)
+
+
+def test_sketch_agrees_with_the_cpu_on_the_device(model_path, endpoint):
+    """The same sketch-scored generation on the device and on the CPU: the
+    same cells evicted, so the same text for a good while."""
+    kw = dict(budget=Budget(prefill=64, decode=32, observation_window=8, recent_window=8), flash_attn=True,
+              scoring=Sketch(rank=8))
+    with ScopeLlama(model_path, **kw) as cpu:
+        want = cpu.generate(PROMPT, max_tokens=60, ignore_eos=True)
+    with ScopeLlama(model_path, rpc_servers=[endpoint], n_gpu_layers=-1, **kw) as dev:
+        got = dev.generate(PROMPT, max_tokens=60, ignore_eos=True)
+    assert got.stats.evicted_cells == want.stats.evicted_cells > 0
+    assert got.tokens[:30] == want.tokens[:30]
 
 
 def test_captured_rows_sum_to_one_on_the_device(model_path, device):

@@ -138,7 +138,7 @@ class Context:
         self.flash_attn = flash_attn
         self.sketch = sketch
         if sketch is not None:
-            self._hook.sketch(sketch.basis, sketch.scale)
+            self._hook.sketch(sketch.basis, sketch.basis_q, sketch.scale)
         self._threads = (n_threads, n_threads_batch)
         self._threads_batch_now = n_threads_batch
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
@@ -254,6 +254,18 @@ class Context:
         if self.sketch is None:
             raise ValueError("this context scores with exact attention: it keeps no key sketches")
         return self._hook.sketches(seq=seq)
+
+    def track_queries(self, on: bool) -> None:
+        """Sum q q^T of the queries captured from now on (per layer and KV
+        head; a sketch context only), or stop: what calibration learns from."""
+        if self.sketch is None:
+            raise ValueError("query moments are tracked by the sketch path: create the context with sketch=")
+        self._hook.track_queries(on)
+
+    def query_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sum of q q^T [n_layer, n_head_kv, head_dim, head_dim], query rows
+        summed [n_layer, n_head_kv]) since track_queries(True)."""
+        return self._hook.query_moments()
 
     def keys(self, layer: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(seq's held positions, layer's keys of them, float32 [n, n_head_kv

@@ -7,10 +7,15 @@ approximates each captured query's attention from the query's projection and
 the sketches: softmax(scale * (B q) . (B k)). The policies get these scores in
 place of the exact ones and run unchanged.
 
-The basis per layer and KV head is either the top principal directions of the
-model's own keys, as the cache stores them, on a calibration text ("pca": the
-low-rank keys of Loki, Singhania et al. 2024), or a random orthonormal
-projection ("random", no calibration). Calibrated bases are cached on disk.
+The basis per layer and KV head is learned from the model's own keys and
+queries on a calibration text, as the cache stores them:
+  "qk": the rank-r projection that best keeps q . k over the calibration's
+        queries (PCA of the keys in the metric of the queries' second moment;
+        the query gets its own matching projection);
+  "pca": the keys' top principal directions (the low-rank keys of Loki,
+        Singhania et al. 2024), used for queries too;
+  "random": a random orthonormal projection, no calibration.
+Calibrated bases are cached on disk.
 """
 from __future__ import annotations
 
@@ -30,11 +35,8 @@ from .model import Model
 
 log = logging.getLogger(__name__)
 
-BASES = ("pca", "random")
+BASES = ("qk", "pca", "random")
 
-# Varied text for the calibration: prose, a list, numbers, dialogue. The keys
-# of these tokens, placed at several distances into the context, span the
-# directions the basis keeps.
 CALIBRATION_TEXT = """\
 The harbour town woke slowly. Fishing boats came in with the tide, and the market stalls opened one \
 by one: bread, oranges, nets, rope, and a man who sold nothing but brass bells. Mara walked past them \
@@ -66,7 +68,8 @@ map between two boards, and set out along the coast road at dawn, north, towards
 Dear Ennis, the map was right about everything except the second ford, which the spring floods have \
 moved about a hundred yards upstream. I have marked it in pencil. The weather has been kind. Yours, Mara.
 """
-CALIBRATION_OFFSETS = 4  # the text is keyed at this many offsets spread over the trained context
+CALIBRATION_OFFSETS = 4  # the text is decoded at this many offsets spread over the trained context
+QUERY_ROWS = 128  # the last rows of each decode whose queries are tracked
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,14 +77,13 @@ class Sketch:
     """Score cells from key sketches instead of attention probabilities.
 
     rank: directions kept per layer and KV head, in [1, head_dim]; the
-        sketches take n_layer * n_head_kv * rank floats per cell.
-    basis: "pca" (the model's own keys on a calibration text, cached on
-        disk) or "random" (a random orthonormal projection; no calibration).
+        sketches take n_layer * n_head_kv * rank half floats per cell.
+    basis: "qk", "pca" or "random" (module docstring).
     seed: the random basis' seed.
     """
 
     rank: int = 16
-    basis: str = "pca"
+    basis: str = "qk"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,11 +95,13 @@ class Sketch:
 
 @dataclass(frozen=True, eq=False)
 class SketchBasis:
-    """A basis ready for the hook: float32 [n_layer, n_head_kv, rank,
-    head_dim] and the attention's softmax scale."""
+    """Bases ready for the hook: float32 [n_layer, n_head_kv, rank, head_dim]
+    for keys and for queries (None: the keys'), and the attention's softmax
+    scale."""
 
     basis: np.ndarray
     scale: float
+    basis_q: np.ndarray | None = None
 
     @property
     def rank(self) -> int:
@@ -105,9 +109,9 @@ class SketchBasis:
 
     @property
     def bytes_per_cell(self) -> int:
-        """Host memory the sketches take per held cell (float32)."""
+        """Host memory the hook's sketches take per cell (half precision)."""
         n_layer, n_head_kv, rank, _ = self.basis.shape
-        return 4 * n_layer * n_head_kv * rank
+        return 2 * n_layer * n_head_kv * rank
 
 
 def basis_for(model: Model, sketch: Sketch, *, type_k: str, flash_attn: bool, n_threads: int) -> SketchBasis:
@@ -121,20 +125,22 @@ def basis_for(model: Model, sketch: Sketch, *, type_k: str, flash_attn: bool, n_
     shape = (geometry.n_layer, geometry.n_head_kv, sketch.rank, geometry.head_dim_k)
     if sketch.basis == "random":
         return SketchBasis(random_basis(shape, seed=sketch.seed), scale)
-    path = _cache_path(model.path, type_k=type_k, flash_attn=flash_attn, rank=sketch.rank)
+    path = _cache_path(model.path, type_k=type_k, flash_attn=flash_attn)
     if path.exists():
-        basis = np.load(path)
-        if basis.shape == shape:
-            return SketchBasis(basis.astype(np.float32), scale)
-    keys = calibration_keys(model, type_k=type_k, flash_attn=flash_attn, n_threads=n_threads,
-                            n_head_kv=geometry.n_head_kv)
-    basis = pca_basis(keys, sketch.rank)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, basis)
-    except OSError as exc:  # a read-only home: calibrate again next time
-        log.warning("could not cache the sketch basis at %s: %s", path, exc)
-    return SketchBasis(basis, scale)
+        with np.load(path) as f:
+            keys, moments = f["keys"], f["moments"]
+    else:
+        keys, moments = calibration_data(model, type_k=type_k, flash_attn=flash_attn, n_threads=n_threads,
+                                         scale=scale)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, keys=keys, moments=moments)
+        except OSError as exc:  # a read-only home: calibrate again next time
+            log.warning("could not cache the sketch calibration at %s: %s", path, exc)
+    if sketch.basis == "pca":
+        return SketchBasis(pca_basis(keys, sketch.rank), scale)
+    bk, bq = qk_basis(keys, moments, sketch.rank)
+    return SketchBasis(bk, scale, bq)
 
 
 def random_basis(shape: tuple[int, int, int, int], *, seed: int) -> np.ndarray:
@@ -155,40 +161,66 @@ def pca_basis(keys: np.ndarray, rank: int) -> np.ndarray:
     return np.ascontiguousarray(vt[:, :, :rank, :], dtype=np.float32)
 
 
-def calibration_keys(model: Model, *, type_k: str, flash_attn: bool, n_threads: int,
-                     n_head_kv: int) -> np.ndarray:
-    """Every layer's keys of the calibration text, as a context of this
-    setting stores them, keyed at CALIBRATION_OFFSETS distances spread over
-    the trained context (RoPE turns a key with its position, so the basis
-    must see far positions too): [n_layer, n_head_kv, n, head_dim]."""
+def qk_basis(keys: np.ndarray, moments: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Key and query projections [n_layer, n_head_kv, rank, head_dim] whose
+    sketches' dot product best keeps q . k: with the queries' second moment
+    S = L L^T, the error E[(q . (k - k_r))^2] is the keys' residual in the
+    metric S, so take the PCA of L^T k and map back: Bk = U^T L^T, Bq = U^T L^-1
+    (then Bq q . Bk k = q^T L^-T U U^T L^T k, which is q . k at full rank)."""
+    d = keys.shape[-1]
+    ridge = 1e-6 * np.trace(moments, axis1=2, axis2=3)[..., None, None] / d
+    chol = np.linalg.cholesky(moments + ridge * np.eye(d))  # [n_layer, n_head_kv, d, d], lower
+    centred = keys.astype(np.float64) - keys.mean(axis=2, keepdims=True)
+    _, _, vt = np.linalg.svd(centred @ chol, full_matrices=False)  # rows of (L^T k)^T = k^T L
+    u_t = vt[:, :, :rank, :]
+    bk = u_t @ np.swapaxes(chol, 2, 3)
+    bq = u_t @ np.linalg.inv(chol)
+    return np.ascontiguousarray(bk, dtype=np.float32), np.ascontiguousarray(bq, dtype=np.float32)
+
+
+def calibration_data(model: Model, *, type_k: str, flash_attn: bool, n_threads: int,
+                     scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The calibration text's keys [n_layer, n_head_kv, n, head_dim] as a
+    context of this setting stores them, and the second moment of its
+    queries [n_layer, n_head_kv, head_dim, head_dim] (mean of q q^T over the
+    KV head's query heads and the last QUERY_ROWS rows). The text is decoded
+    at CALIBRATION_OFFSETS starting positions spread over the trained
+    context: RoPE turns keys and queries with their position, so the basis
+    must see far positions too."""
     from .context import N_BATCH, Context  # context.py imports this module
 
+    geometry = memory.read_geometry(model.path)
+    n_head_kv, d = geometry.n_head_kv, geometry.head_dim_k
     tokens = model.tokenize(CALIBRATION_TEXT)[:N_BATCH]
     n = len(tokens)
     span = max(model.n_ctx_train - n, 0)
     offsets = [span * i // CALIBRATION_OFFSETS for i in range(CALIBRATION_OFFSETS)]
     log.info("calibrating key sketches on %d tokens at offsets %s", n, offsets)
+    identity = np.broadcast_to(np.eye(d, dtype=np.float32), (model.n_layer, n_head_kv, d, d))
     ctx = Context(model, n_cells=max(n, 256), n_threads=n_threads, n_threads_batch=n_threads, type_k=type_k,
-                  type_v="f16", flash_attn=flash_attn, abort=ctypes.c_bool(False))
-    per_offset = []
+                  type_v="f16", flash_attn=flash_attn, abort=ctypes.c_bool(False),
+                  sketch=SketchBasis(np.ascontiguousarray(identity), scale))
+    keys = []
     try:
+        ctx.track_queries(True)
         for offset in offsets:
             ctx.clear()
-            ctx.decode(tokens, list(range(n)), want_logits=False)
-            if offset:
-                ctx.shift(0, n, offset)
-            per_offset.append(np.stack([ctx.keys(il)[1] for il in range(model.n_layer)]))
+            with ctx.capturing(offset + n - QUERY_ROWS):
+                ctx.decode(tokens, list(range(offset, offset + n)), want_logits=False)
+            keys.append(np.stack([ctx.keys(il)[1] for il in range(model.n_layer)]))
+        moments, counts = ctx.query_moments()
     finally:
         ctx.close()
-    keys = np.concatenate(per_offset, axis=1)  # [n_layer, cells, n_head_kv * head_dim]
-    n_layer, n_cells, n_embd = keys.shape
-    return keys.reshape(n_layer, n_cells, n_head_kv, n_embd // n_head_kv).transpose(0, 2, 1, 3)
+    k = np.concatenate(keys, axis=1)  # [n_layer, cells, n_head_kv * d]
+    k = k.reshape(model.n_layer, k.shape[1], n_head_kv, d).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(k), moments / np.maximum(counts, 1)[..., None, None]
 
 
-def _cache_path(model_path: str, *, type_k: str, flash_attn: bool, rank: int) -> Path:
-    """Where the calibrated basis of this model file and setting is kept."""
+def _cache_path(model_path: str, *, type_k: str, flash_attn: bool) -> Path:
+    """Where the calibration data of this model file and setting is kept."""
     stat = os.stat(model_path)
-    key = f"{os.path.abspath(model_path)}|{stat.st_size}|{stat.st_mtime_ns}|{CALIBRATION_TEXT}|{CALIBRATION_OFFSETS}"
+    key = (f"{os.path.abspath(model_path)}|{stat.st_size}|{stat.st_mtime_ns}|{CALIBRATION_TEXT}|"
+           f"{CALIBRATION_OFFSETS}|{QUERY_ROWS}")
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scope-edge" / "sketch"
-    return root / f"{digest}-{type_k}-fa{int(flash_attn)}-r{rank}.npy"
+    return root / f"{digest}-{type_k}-fa{int(flash_attn)}.npz"
