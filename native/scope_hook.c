@@ -58,6 +58,7 @@ struct scope_hook {
     int32_t   n_head_kv;
     int32_t   head_dim;
     float     sk_scale;      /* the attention's softmax scale, checked against the graph's */
+    int32_t   sk_mode;       /* enum scope_hook_score */
     float   * sk_basis;      /* [n_layer][n_head_kv][sk_rank][head_dim], keys */
     float   * sk_basis_q;    /* the same shape, queries (the keys' basis unless given) */
     double  * q_moments;     /* [n_layer][n_head_kv][head_dim][head_dim] sum of q q^T, when tracked */
@@ -518,55 +519,131 @@ static void track_query(scope_hook * h, size_t lg, const float * q) {
     h->q_count[lg]++;
 }
 
-/* Approximate attention of one query row (q: [n_head][head_dim], of batch
- * token b) over the cells it sees, from the sketches; add it to the sums.
- * A row sees its own sequence's cells at positions up to its own: the causal
- * mask llama.cpp builds for these models. */
-static void sketch_row(scope_hook * h, int il, const float * q, int32_t b) {
-    const int32_t seq = h->batch_seq[b], pos = h->batch_pos[b], rank = h->sk_rank;
+/* Cells batch token b's query sees: its sequence's, at positions up to its
+ * own (the causal mask llama.cpp builds for these models), into h->vis. */
+static int32_t visible_cells(scope_hook * h, int32_t b) {
+    const int32_t seq = h->batch_seq[b], pos = h->batch_pos[b];
     int32_t n_vis = 0;
     for (int32_t c = 0; c < h->n_cells; c++) {
         if (h->cell_seq[c] == seq && h->cell_pos[c] >= 0 && h->cell_pos[c] <= pos) {
             h->vis[n_vis++] = c;
         }
     }
-    float * qp = h->kbuf;               /* [rank] */
-    float * logit = h->kbuf + rank;     /* [n_vis] */
-    const int32_t group = h->n_head / h->n_head_kv;
-    for (int32_t hq = 0; hq < h->n_head; hq++) {
-        const size_t lg = (size_t) il * h->n_head_kv + hq / group;
+    return n_vis;
+}
+
+/* Approximate attention of query row q ([n_head][head_dim]) over the
+ * n_vis visible cells, from the sketches, added to layer il's sums. The
+ * query heads of one KV head share its sketches: one pass over the cells
+ * serves the whole group. */
+static void sketch_attention(scope_hook * h, int il, const float * q, int32_t n_vis) {
+    const int32_t rank = h->sk_rank, group = h->n_head / h->n_head_kv;
+    float * qp = h->kbuf;                             /* [group][rank] */
+    float * logit = h->kbuf + (size_t) group * rank;  /* [group][n_vis] */
+    for (int32_t g = 0; g < h->n_head_kv; g++) {
+        const size_t lg = (size_t) il * h->n_head_kv + g;
         const float * basis = h->sk_basis_q + lg * rank * h->head_dim;
-        const float * qh = q + (size_t) hq * h->head_dim;
-        if (h->q_moments) {
-            track_query(h, lg, qh);
-        }
-        for (int32_t k = 0; k < rank; k++) {
-            float dot = 0.0f;
-            for (int32_t d = 0; d < h->head_dim; d++) {
-                dot += basis[(size_t) k * h->head_dim + d] * qh[d];
+        for (int32_t i = 0; i < group; i++) {
+            const float * qh = q + (size_t) (g * group + i) * h->head_dim;
+            if (h->q_moments) {
+                track_query(h, lg, qh);
             }
-            qp[k] = dot * h->sk_scale;
+            for (int32_t k = 0; k < rank; k++) {
+                float dot = 0.0f;
+                for (int32_t d = 0; d < h->head_dim; d++) {
+                    dot += basis[(size_t) k * h->head_dim + d] * qh[d];
+                }
+                qp[i * rank + k] = dot * h->sk_scale;
+            }
         }
         const ggml_fp16_t * sk = h->sk + lg * h->n_cells * rank;
-        float top = -INFINITY;
         for (int32_t j = 0; j < n_vis; j++) {
             const ggml_fp16_t * s = sk + (size_t) h->vis[j] * rank;
-            float dot = 0.0f;
+            float key[SCOPE_HOOK_MAX_RANK];
             for (int32_t k = 0; k < rank; k++) {
-                dot += qp[k] * fp16_table[s[k]];
+                key[k] = fp16_table[s[k]];
             }
-            logit[j] = dot;
-            top = dot > top ? dot : top;
+            for (int32_t i = 0; i < group; i++) {
+                float dot = 0.0f;
+                for (int32_t k = 0; k < rank; k++) {
+                    dot += qp[i * rank + k] * key[k];
+                }
+                logit[(size_t) i * n_vis + j] = dot;
+            }
         }
-        float sum = 0.0f;
+        for (int32_t i = 0; i < group; i++) {
+            float * row = logit + (size_t) i * n_vis;
+            float top = -INFINITY, sum = 0.0f;
+            for (int32_t j = 0; j < n_vis; j++) {
+                top = row[j] > top ? row[j] : top;
+            }
+            for (int32_t j = 0; j < n_vis; j++) {
+                row[j] = expf(row[j] - top);
+                sum += row[j];
+            }
+            float * acc = h->acc + ((size_t) il * h->n_head + g * group + i) * h->n_cells;
+            for (int32_t j = 0; j < n_vis; j++) {
+                acc[h->vis[j]] += row[j] / sum;
+            }
+        }
+    }
+}
+
+/* Key-only scores of the n_vis visible cells, per KV head, added to layer
+ * il's sums for each of its query heads (no query is read):
+ *   KEYDIFF: 1 - cos(sketch, mean sketch of the visible cells): distinct
+ *            keys score high (KeyDiff, Park et al. 2025);
+ *   KNORM:   max norm - norm: low-norm keys score high (Devoto et al. 2024).
+ * Each captured row adds them once, like a row of attention. */
+static void sketch_key_scores(scope_hook * h, int il, int32_t n_vis) {
+    const int32_t rank = h->sk_rank, group = h->n_head / h->n_head_kv;
+    float * score = h->kbuf + rank;  /* [n_vis] */
+    for (int32_t g = 0; g < h->n_head_kv; g++) {
+        const size_t lg = (size_t) il * h->n_head_kv + g;
+        const ggml_fp16_t * sk = h->sk + lg * h->n_cells * rank;
+        float * mean = h->kbuf;  /* [rank] */
+        for (int32_t k = 0; k < rank; k++) {
+            mean[k] = 0.0f;
+        }
         for (int32_t j = 0; j < n_vis; j++) {
-            logit[j] = expf(logit[j] - top);
-            sum += logit[j];
+            for (int32_t k = 0; k < rank; k++) {
+                mean[k] += fp16_table[sk[(size_t) h->vis[j] * rank + k]] / (float) n_vis;
+            }
         }
-        float * acc = h->acc + ((size_t) il * h->n_head + hq) * h->n_cells;
+        float mean_norm = 0.0f, top = 0.0f;
+        for (int32_t k = 0; k < rank; k++) {
+            mean_norm += mean[k] * mean[k];
+        }
+        mean_norm = sqrtf(mean_norm);
         for (int32_t j = 0; j < n_vis; j++) {
-            acc[h->vis[j]] += logit[j] / sum;
+            const ggml_fp16_t * s = sk + (size_t) h->vis[j] * rank;
+            float norm = 0.0f, dot = 0.0f;
+            for (int32_t k = 0; k < rank; k++) {
+                const float v = fp16_table[s[k]];
+                norm += v * v;
+                dot += v * mean[k];
+            }
+            norm = sqrtf(norm);
+            score[j] = h->sk_mode == SCOPE_HOOK_SCORE_KEYDIFF
+                ? 1.0f - dot / fmaxf(norm * mean_norm, 1e-20f) : norm;
+            top = norm > top ? norm : top;
         }
+        for (int32_t i = 0; i < group; i++) {
+            float * acc = h->acc + ((size_t) il * h->n_head + g * group + i) * h->n_cells;
+            for (int32_t j = 0; j < n_vis; j++) {
+                acc[h->vis[j]] += h->sk_mode == SCOPE_HOOK_SCORE_KNORM ? top - score[j] : score[j];
+            }
+        }
+    }
+}
+
+/* Score captured batch row b of layer il (q: its query, [n_head][head_dim]). */
+static void sketch_row(scope_hook * h, int il, const float * q, int32_t b) {
+    const int32_t n_vis = visible_cells(h, b);
+    if (h->sk_mode == SCOPE_HOOK_SCORE_ATTENTION) {
+        sketch_attention(h, il, q, n_vis);
+    } else {
+        sketch_key_scores(h, il, n_vis);
     }
 }
 
@@ -604,7 +681,7 @@ static bool on_sketch_attn(scope_hook * h, const struct ggml_tensor * t, int il)
         }
         const size_t n = (size_t) (end - r) * n_row;
         if (!ensure_scratch(h, n) ||
-            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) h->sk_rank + h->n_cells, sizeof(float))) {
+            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) h->n_head * (h->sk_rank + h->n_cells), sizeof(float))) {
             fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the queries of layer %d", il);
             return true;
         }
@@ -1099,7 +1176,7 @@ int32_t scope_hook_clear_seq(scope_hook * h, struct llama_context * ctx, int32_t
 }
 
 int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_dim, int32_t rank,
-                              const float * basis, const float * basis_q, float scale) {
+                              const float * basis, const float * basis_q, float scale, int32_t mode) {
     if (!h) {
         return SCOPE_HOOK_E_ARG;
     }
@@ -1107,11 +1184,12 @@ int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_di
         h->sk_rank = 0;
         return SCOPE_HOOK_OK;
     }
-    if (n_head_kv <= 0 || h->n_head % n_head_kv != 0 || head_dim <= 0 || rank < 0 || rank > head_dim || !basis ||
-        !(scale > 0.0f) || !isfinite(scale)) {
+    if (n_head_kv <= 0 || h->n_head % n_head_kv != 0 || head_dim <= 0 || rank < 0 || rank > head_dim ||
+        rank > SCOPE_HOOK_MAX_RANK || !basis || !(scale > 0.0f) || !isfinite(scale) ||
+        mode < SCOPE_HOOK_SCORE_ATTENTION || mode > SCOPE_HOOK_SCORE_KNORM) {
         return fail(h, SCOPE_HOOK_E_ARG, "sketch_set: need n_head_kv dividing %d (got %d), head_dim > 0 (got %d), "
-                    "rank in [0, head_dim] (got %d), a basis, and a finite scale > 0 (got %g)", h->n_head, n_head_kv,
-                    head_dim, rank, scale);
+                    "rank in [0, min(head_dim, %d)] (got %d), a basis, a finite scale > 0 (got %g) and a score mode "
+                    "(got %d)", h->n_head, n_head_kv, head_dim, SCOPE_HOOK_MAX_RANK, rank, scale, mode);
     }
     const size_t n_basis = (size_t) h->n_layer * n_head_kv * rank * head_dim;
     const size_t n_sk = (size_t) h->n_layer * n_head_kv * h->n_cells * rank;
@@ -1141,6 +1219,7 @@ int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_di
     h->head_dim = head_dim;
     h->sk_rank = rank;
     h->sk_scale = scale;
+    h->sk_mode = mode;
     return SCOPE_HOOK_OK;
 }
 

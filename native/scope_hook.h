@@ -74,6 +74,16 @@ enum scope_hook_status {
     SCOPE_HOOK_E_STATE    = -8, /* call out of order (end without begin, ...) */
 };
 
+/* What a sketch-scored capture adds per cell (scope_hook_sketch_set). */
+enum scope_hook_score {
+    SCOPE_HOOK_SCORE_ATTENTION = 0, /* softmax(scale * (Bq q) . (B k)): approximate attention */
+    SCOPE_HOOK_SCORE_KEYDIFF   = 1, /* 1 - cos(B k, mean over the visible cells): no query needed */
+    SCOPE_HOOK_SCORE_KNORM     = 2, /* max |B k| - |B k| over the visible cells: low-norm keys high */
+};
+
+/* Largest sketch rank. */
+#define SCOPE_HOOK_MAX_RANK 256
+
 /* scope_hook_capture_arm's from_pos that stops capturing. */
 #define SCOPE_HOOK_CAPTURE_OFF (-1)
 
@@ -184,7 +194,8 @@ int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int3
  * directions of the model's keys as the cache stores them); basis_q: the same
  * shape, the queries' projection (NULL: basis), so that (Bq q) . (B k)
  * approximates q . k; rank in [1, head_dim]; n_head_kv
- * divides n_head (grouped-query heads share their KV head's sketches).
+ * divides n_head (grouped-query heads share their KV head's sketches); rank
+ * at most SCOPE_HOOK_MAX_RANK.
  * scale: the attention's softmax scale (usually 1/sqrt(head_dim)); the graph's
  * own (flash attention's or the softmax's op parameter) must equal it, and
  * ALiBi or a logit soft-cap is refused (SCOPE_HOOK_E_GRAPH at end).
@@ -196,13 +207,15 @@ int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int3
  * a cell is read once while it holds a token, and again after a shift
  * re-rotates it) and adds, per query head, softmax(scale * (Bq q) . (B k_c))
  * over the cells the row sees (its sequence's, at positions up to its own)
- * into the same sums scope_hook_capture_gather reads. With rank = head_dim
+ * into the same sums scope_hook_capture_gather reads (mode
+ * SCOPE_HOOK_SCORE_ATTENTION; the key-only modes add their per-cell key score
+ * instead, enum scope_hook_score). With rank = head_dim
  * and an orthonormal basis this is the exact attention, up to rounding.
  * Sketches are kept in half precision: n_layer * n_head_kv * rank * 2 bytes
  * per cell. Resets every
  * sketch. SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_NOMEM. */
 int32_t scope_hook_sketch_set(scope_hook * hook, int32_t n_head_kv, int32_t head_dim, int32_t rank,
-                              const float * basis, const float * basis_q, float scale);
+                              const float * basis, const float * basis_q, float scale, int32_t mode);
 
 /* Track the second moments of the captured queries (sum of q q^T per layer and
  * KV head, over its query heads), from zero (on != 0), or stop (0). Needs

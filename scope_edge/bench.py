@@ -95,8 +95,9 @@ class BenchConfig:
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = False
-    sketch_rank: int = 0  # 0: exact attention scores; else Sketch(rank=sketch_rank, basis=sketch_basis)
-    sketch_basis: str = "pca"
+    sketch_rank: int = 0  # 0: exact attention scores; else Sketch(rank, basis, scores) from the sketch_ fields
+    sketch_basis: str = "qk"
+    sketch_scores: str = "attention"
     model: str | None = None
     ideal_steps: int = 256
     prefill_chunk: int = 512
@@ -128,7 +129,9 @@ class BenchConfig:
     def scoring(self) -> Sketch | None:
         if not is_int(self.sketch_rank) or self.sketch_rank < 0:
             raise ValueError(f"sketch_rank must be an int >= 0 (0: exact attention), got {self.sketch_rank!r}")
-        return Sketch(rank=self.sketch_rank, basis=self.sketch_basis) if self.sketch_rank else None
+        if not self.sketch_rank:
+            return None
+        return Sketch(rank=self.sketch_rank, basis=self.sketch_basis, scores=self.sketch_scores)
 
     def budget(self) -> Budget:
         return Budget(

@@ -70,7 +70,7 @@ def _load() -> ctypes.CDLL:
         "scope_hook_truncate_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_clear_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_sketch_set": (
-            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_f32p, _f32p, ctypes.c_float]),
+            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_f32p, _f32p, ctypes.c_float, ctypes.c_int32]),
         "scope_hook_sketch_track_queries": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_sketch_query_moments": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int64,
@@ -101,6 +101,10 @@ def library_path() -> str:
 EVAL_CALLBACK = llama_cpp.ggml_backend_sched_eval_callback(
     ctypes.cast(_lib.scope_hook_eval, ctypes.c_void_p).value
 )
+
+
+# enum scope_hook_score: what a sketch-scored capture adds per cell
+SKETCH_SCORES = {"attention": 0, "keydiff": 1, "knorm": 2}
 
 
 def _i32(a: np.ndarray) -> ctypes._Pointer:
@@ -231,12 +235,14 @@ class Hook:
         """Remove every position >= p0 of seq, the last one included."""
         self._check(_lib.scope_hook_truncate_seq(self._ptr, ctx, seq, p0))
 
-    def sketch(self, basis: np.ndarray | None, basis_q: np.ndarray | None = None, scale: float = 1.0) -> None:
+    def sketch(self, basis: np.ndarray | None, basis_q: np.ndarray | None = None, scale: float = 1.0,
+               scores: str = "attention") -> None:
         """Score captures from key sketches: basis (keys) and basis_q (queries;
         None: basis) float32 [n_layer, n_head_kv, rank, head_dim], scale the
-        attention's softmax scale. basis None: exact attention probabilities again."""
+        attention's softmax scale, scores one of SKETCH_SCORES. basis None:
+        exact attention probabilities again."""
         if basis is None:
-            self._check(_lib.scope_hook_sketch_set(self._ptr, 0, 0, 0, None, None, 0.0))
+            self._check(_lib.scope_hook_sketch_set(self._ptr, 0, 0, 0, None, None, 0.0, 0))
             self._sketch_shape = (0, 0, 0)
             return
         b = np.ascontiguousarray(basis, dtype=np.float32)
@@ -245,8 +251,10 @@ class Hook:
             raise ValueError(f"sketch bases must be [n_layer={self.n_layer}, n_head_kv, rank, head_dim], both the "
                              f"same shape; got {b.shape} and {bq.shape}")
         n_head_kv, rank, head_dim = b.shape[1:]
+        if scores not in SKETCH_SCORES:
+            raise ValueError(f"scores must be one of {tuple(SKETCH_SCORES)}, got {scores!r}")
         self._check(_lib.scope_hook_sketch_set(self._ptr, n_head_kv, head_dim, rank, b.ctypes.data_as(_f32p),
-                                               bq.ctypes.data_as(_f32p), float(scale)))
+                                               bq.ctypes.data_as(_f32p), float(scale), SKETCH_SCORES[scores]))
         self._sketch_shape = (n_head_kv, rank, head_dim)
 
     def track_queries(self, on: bool) -> None:

@@ -57,7 +57,7 @@ def test_pca_and_random_bases_are_orthonormal():
         np.testing.assert_allclose(basis[1, 2] @ basis[1, 2].T, np.eye(4), atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": 2.5}, {"basis": "svd"}, {"seed": -1}])
+@pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": 2.5}, {"basis": "svd"}, {"seed": -1}, {"scores": "l2"}])
 def test_sketch_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         Sketch(**bad)
@@ -153,6 +153,34 @@ def test_sketches_are_the_basis_times_the_stored_keys(model):
         ctx.close()
 
 
+@pytest.mark.parametrize("scores", ["keydiff", "knorm"])
+def test_key_only_scores_are_computed_from_the_sketches(model, scores):
+    """A key-only capture scores each held cell from its sketch alone:
+    checked against the same formula on the sketches read back."""
+    basis = basis_for(model, Sketch(rank=8, basis="pca", scores=scores), type_k="f16", flash_attn=True,
+                      n_threads=2)
+    ctx = Context(model, n_cells=256, n_threads=2, n_threads_batch=2, type_k="f16", flash_attn=True, sketch=basis,
+                  abort=ctypes.c_bool(False))
+    try:
+        tokens = _tokens(model)
+        n = len(tokens)
+        ctx.decode(tokens, list(range(n)), want_logits=False)
+        with ctx.capturing(n):
+            ctx.decode([tokens[0]], [n], want_logits=True)
+        cap = ctx.capture()
+        _, sk = ctx.sketches()
+    finally:
+        ctx.close()
+    norm = np.linalg.norm(sk, axis=-1)  # [n_layer, n_head_kv, cells]
+    if scores == "keydiff":
+        mean = sk.mean(axis=2, keepdims=True)
+        want = 1 - (sk * mean).sum(-1) / (norm * np.linalg.norm(mean, axis=-1))
+    else:
+        want = norm.max(axis=2, keepdims=True) - norm
+    np.testing.assert_allclose(cap.attn, np.repeat(want, 3, axis=1), rtol=1e-3, atol=1e-4)  # 3 query heads per KV head
+    assert (cap.rows == 1).all()
+
+
 def test_calibration_is_cached_and_reused(model, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     first = basis_for(model, Sketch(rank=8), type_k="f16", flash_attn=True, n_threads=2)
@@ -173,6 +201,11 @@ SKETCHED = {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0", "scoring": S
 @pytest.mark.parametrize("strategy,selector", [("slide", "snapkv"), ("discontinuous", "h2o"), ("h2o", None)])
 def test_budget_invariants_every_step_with_sketches(model_path, strategy, selector):
     check_invariants_every_step(model_path, strategy, selector, **SKETCHED)
+
+
+def test_key_only_scores_keep_the_budget_every_step(model_path):
+    check_invariants_every_step(model_path, "slide", "snapkv", flash_attn=True,
+                                scoring=Sketch(rank=8, basis="pca", scores="keydiff"))
 
 
 def test_lending_every_step_with_sketches(model_path):

@@ -138,7 +138,7 @@ class Context:
         self.flash_attn = flash_attn
         self.sketch = sketch
         if sketch is not None:
-            self._hook.sketch(sketch.basis, sketch.basis_q, sketch.scale)
+            self._hook.sketch(sketch.basis, sketch.basis_q, sketch.scale, sketch.scores)
         self._threads = (n_threads, n_threads_batch)
         self._threads_batch_now = n_threads_batch
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)

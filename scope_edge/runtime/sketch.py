@@ -16,6 +16,10 @@ queries on a calibration text, as the cache stores them:
         Singhania et al. 2024), used for queries too;
   "random": a random orthonormal projection, no calibration.
 Calibrated bases are cached on disk.
+
+Key-only scores need no query at all: "keydiff" scores a cell by how far its
+sketch points from the mean of the cells held (KeyDiff, Park et al. 2025),
+"knorm" by how small its norm is (Devoto et al. 2024).
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ from .model import Model
 log = logging.getLogger(__name__)
 
 BASES = ("qk", "pca", "random")
+SCORES = ("attention", "keydiff", "knorm")
 
 CALIBRATION_TEXT = """\
 The harbour town woke slowly. Fishing boats came in with the tide, and the market stalls opened one \
@@ -79,29 +84,35 @@ class Sketch:
     rank: directions kept per layer and KV head, in [1, head_dim]; the
         sketches take n_layer * n_head_kv * rank half floats per cell.
     basis: "qk", "pca" or "random" (module docstring).
+    scores: "attention" (each captured query's approximate attention), or
+        the key-only "keydiff" or "knorm" (module docstring).
     seed: the random basis' seed.
     """
 
     rank: int = 16
     basis: str = "qk"
+    scores: str = "attention"
     seed: int = 0
 
     def __post_init__(self) -> None:
         require_int("Sketch", "rank", self.rank, lo=1)
         if self.basis not in BASES:
             raise ValueError(f"Sketch.basis must be one of {BASES}, got {self.basis!r}")
+        if self.scores not in SCORES:
+            raise ValueError(f"Sketch.scores must be one of {SCORES}, got {self.scores!r}")
         require_int("Sketch", "seed", self.seed, lo=0)
 
 
 @dataclass(frozen=True, eq=False)
 class SketchBasis:
     """Bases ready for the hook: float32 [n_layer, n_head_kv, rank, head_dim]
-    for keys and for queries (None: the keys'), and the attention's softmax
-    scale."""
+    for keys and for queries (None: the keys'), the attention's softmax
+    scale, and what a capture scores (Sketch.scores)."""
 
     basis: np.ndarray
     scale: float
     basis_q: np.ndarray | None = None
+    scores: str = "attention"
 
     @property
     def rank(self) -> int:
@@ -124,7 +135,7 @@ def basis_for(model: Model, sketch: Sketch, *, type_k: str, flash_attn: bool, n_
     scale = 1.0 / math.sqrt(geometry.head_dim_k)
     shape = (geometry.n_layer, geometry.n_head_kv, sketch.rank, geometry.head_dim_k)
     if sketch.basis == "random":
-        return SketchBasis(random_basis(shape, seed=sketch.seed), scale)
+        return SketchBasis(random_basis(shape, seed=sketch.seed), scale, scores=sketch.scores)
     path = _cache_path(model.path, type_k=type_k, flash_attn=flash_attn)
     if path.exists():
         with np.load(path) as f:
@@ -138,9 +149,9 @@ def basis_for(model: Model, sketch: Sketch, *, type_k: str, flash_attn: bool, n_
         except OSError as exc:  # a read-only home: calibrate again next time
             log.warning("could not cache the sketch calibration at %s: %s", path, exc)
     if sketch.basis == "pca":
-        return SketchBasis(pca_basis(keys, sketch.rank), scale)
+        return SketchBasis(pca_basis(keys, sketch.rank), scale, scores=sketch.scores)
     bk, bq = qk_basis(keys, moments, sketch.rank)
-    return SketchBasis(bk, scale, bq)
+    return SketchBasis(bk, scale, bq, scores=sketch.scores)
 
 
 def random_basis(shape: tuple[int, int, int, int], *, seed: int) -> np.ndarray:
