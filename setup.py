@@ -54,7 +54,7 @@ setup(
             libraries=["llama", "ggml-base"],
             runtime_library_dirs=None if sys.platform == "darwin" else rpath,
             extra_link_args=[f"-Wl,-rpath,{r}" for r in rpath] if sys.platform == "darwin" else [],
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
     ],
 )

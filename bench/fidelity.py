@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama
-from scope_edge.bench import BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock, save_results
+from scope_edge.bench import (BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock, save_results,
+                               scoring_fields, scoring_name)
 from scope_edge.policies import Policy, SnapKV, build
-from scope_edge.runtime.sketch import BASES, SCORES
 
 log = logging.getLogger("bench.fidelity")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,33 +93,6 @@ def variant_policy(v: Variant, prefill: int, decode: int) -> Policy:
 
 def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
     return ScopeLlama(path, policy=variant_policy(v, prefill, decode))
-
-
-KEY_ONLY = tuple(s for s in SCORES if s != "attention")
-
-
-def scoring_fields(scoring: str) -> dict:
-    """BenchConfig fields of a --scoring name: "exact", a sketch basis and its
-    rank ("qk16", "pca16", "random16"), or a key-only score and its rank on
-    the PCA basis ("keydiff16", "knorm16"); "+fa": flash attention on."""
-    name, _, fa = scoring.partition("+")
-    kind = name.rstrip("0123456789")
-    if fa not in ("", "fa") or not (name == "exact" or (kind in BASES + KEY_ONLY and name != kind)):
-        raise ValueError(f"--scoring takes exact or <kind><rank> with kind in {BASES + KEY_ONLY}, optionally +fa; "
-                         f"got {scoring!r}")
-    fields: dict = {"flash_attn": fa == "fa"}
-    if kind in KEY_ONLY:
-        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis="pca", sketch_scores=kind)
-    elif name != "exact":
-        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis=kind)
-    return fields
-
-
-def scoring_name(config: dict) -> str:
-    rank = config.get("sketch_rank", 0)
-    scores = config.get("sketch_scores", "attention")
-    name = "exact" if not rank else f"{config['sketch_basis'] if scores == 'attention' else scores}{rank}"
-    return name + ("+fa" if config.get("flash_attn") else "")
 
 
 def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], strategies: list[str],

@@ -77,8 +77,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import SYSTEM_PROMPT, machine, save_results
+from scope_edge import Budget, ScopeLlama, Sketch, models
+from scope_edge.bench import SYSTEM_PROMPT, machine, save_results, scoring_fields
 
 log = logging.getLogger("bench.ordered")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -292,13 +292,23 @@ def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]
             "seconds": round(time.perf_counter() - t0, 2), "text": text}
 
 
-def variant(name: str) -> dict[str, str]:
-    """ScopeLlama's short-form arguments for a run name "strategy[+selector][/lend]",
-    e.g. "slide", "slide/none" (the paper), "slide+h2o/passed"."""
+def variant(name: str) -> dict[str, object]:
+    """ScopeLlama's short-form arguments for a run name
+    "strategy[+selector][/lend][@scoring]", e.g. "slide", "slide/none" (the
+    paper), "slide+h2o/passed", "slide@qk16+fa" (scoring as bench/fidelity.py's
+    --scoring: key sketches of rank 16, flash attention on)."""
+    name, _, scoring = name.partition("@")
     rest, _, lend = name.partition("/")
     strategy, _, selector = rest.partition("+")
-    return {"strategy": strategy, **({"prefill_selector": selector} if selector else {}),
-            **({"lend": lend} if lend else {})}
+    options: dict[str, object] = {"strategy": strategy, **({"prefill_selector": selector} if selector else {}),
+                                  **({"lend": lend} if lend else {})}
+    if scoring:
+        fields = scoring_fields(scoring)
+        options["flash_attn"] = fields["flash_attn"]
+        if fields.get("sketch_rank"):
+            options["scoring"] = Sketch(rank=fields["sketch_rank"], basis=fields["sketch_basis"],
+                                        scores=fields.get("sketch_scores", "attention"))
+    return options
 
 
 def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, decode: int,
@@ -450,7 +460,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5, help="prompts (seeds) per size")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="prompt sizes, x the prefill budget")
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES,
-                    help='runs, each "strategy[+selector][/lend]", e.g. slide+h2o/passed; slide/none is the paper')
+                    help='runs, each "strategy[+selector][/lend][@scoring]", e.g. slide+h2o/passed; slide/none is '
+                         'the paper; slide@qk16+fa scores with key sketches under flash attention')
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--max-factor", type=float, default=2.0, help="max_tokens = this x the ideal answer's tokens")

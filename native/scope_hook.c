@@ -63,14 +63,15 @@ struct scope_hook {
     float   * sk_basis_q;    /* the same shape, queries (the keys' basis unless given) */
     double  * q_moments;     /* [n_layer][n_head_kv][head_dim][head_dim] sum of q q^T, when tracked */
     int64_t * q_count;       /* [n_layer][n_head_kv] query rows summed */
-    ggml_fp16_t * sk;        /* [n_layer][n_head_kv][n_cells][sk_rank], half precision: host memory per cell */
+    ggml_fp16_t * sk;        /* [n_layer][n_head_kv][sk_rank][n_cells], half precision (host memory per cell);
+                                cell-minor, so a query's logits over the cells are axpy sweeps */
     uint8_t * sk_valid;      /* [n_layer][n_cells] 1: the sketch is of the key the cell holds now */
     struct ggml_tensor ** k_cache; /* [n_layer] cache_k_l<il>, seen in the graph (NULL until then) */
     float   * kbuf;          /* dequantized keys / query rows / logits */
     size_t    kbuf_cap;      /* floats */
     uint8_t * raw;           /* K rows as stored */
     size_t    raw_cap;       /* bytes */
-    int32_t * vis;           /* [n_cells] cells one query row sees */
+    float   * vis;           /* [n_cells] 1: the query row being scored sees the cell, else 0 */
 
     int64_t   n_reads;       /* tensor reads (transfers on a device) since creation */
     int64_t   bytes_read;
@@ -125,7 +126,7 @@ scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_hea
     h->rows     = calloc((size_t) n_seq * n_layer, sizeof(int32_t));
     h->capture_layer = malloc((size_t) n_layer);
     h->k_cache  = calloc((size_t) n_layer, sizeof(struct ggml_tensor *));
-    h->vis      = malloc(sizeof(int32_t) * (size_t) n_cells);
+    h->vis      = malloc(sizeof(float) * (size_t) n_cells);
     if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->capture_from ||
         !h->acc || !h->rows || !h->capture_layer || !h->k_cache || !h->vis) {
         scope_hook_free(h);
@@ -425,13 +426,58 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
 static float fp16_table[1 << 16];
 static bool fp16_ready;
 
+/* y[0..n) += a * x[0..n), x in half precision. */
+static void axpy_f16_table(float * y, float a, const ggml_fp16_t * x, int32_t n) {
+    for (int32_t c = 0; c < n; c++) {
+        y[c] += a * fp16_table[x[c]];
+    }
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+/* The same with F16C conversion and FMA, 8 cells at a time (chosen at run time). */
+__attribute__((target("avx2,fma,f16c")))
+static void axpy_f16_avx2(float * y, float a, const ggml_fp16_t * x, int32_t n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int32_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 vx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (x + c)));
+        _mm256_storeu_ps(y + c, _mm256_fmadd_ps(va, vx, _mm256_loadu_ps(y + c)));
+    }
+    for (; c < n; c++) {
+        y[c] += a * fp16_table[x[c]];
+    }
+}
+#endif
+
+static void (*axpy_f16)(float * y, float a, const ggml_fp16_t * x, int32_t n) = axpy_f16_table;
+
 static void fp16_table_fill(void) {
     if (!fp16_ready) {
         for (uint32_t i = 0; i < (1u << 16); i++) {
             fp16_table[i] = ggml_fp16_to_fp32((ggml_fp16_t) i);
         }
+#if defined(__GNUC__) && defined(__x86_64__)
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+            axpy_f16 = axpy_f16_avx2;
+        }
+#endif
         fp16_ready = true;
     }
+}
+
+/* e^x for x <= 0, to about 1e-6 relative: 2^(x log2 e) split into an integer
+ * power (exponent bits) and a polynomial on [0, 1). Branch-free, so the
+ * softmax loops vectorise; scores need nowhere near libm's last ulp. */
+static inline float exp_nonpos(float x) {
+    float t = (x < -87.0f ? -87.0f : x) * 1.44269504f;
+    int32_t i = (int32_t) t;
+    i -= (float) i > t;                  /* floor for negative t */
+    const float f = t - (float) i;       /* [0, 1) */
+    const float p = 1.0f + f * (0.69314718f + f * (0.24022652f + f * (0.05550411f + f * (0.00961813f +
+                    f * 0.00133336f))));
+    union { int32_t i; float f; } bits = { (i + 127) << 23 };
+    return p * bits.f;
 }
 
 /* Layer of a K-cache tensor or a view of one ("cache_k_l<il>"), or -1. */
@@ -491,13 +537,13 @@ static bool sketch_layer(scope_hook * h, int il) {
                 const float * key = h->kbuf + (size_t) g * h->head_dim;
                 const size_t lg = (size_t) il * h->n_head_kv + g;
                 const float * basis = h->sk_basis + lg * h->sk_rank * h->head_dim;
-                ggml_fp16_t * out = h->sk + (lg * h->n_cells + c) * h->sk_rank;
+                ggml_fp16_t * out = h->sk + lg * h->sk_rank * h->n_cells + c;
                 for (int32_t k = 0; k < h->sk_rank; k++) {
                     float dot = 0.0f;
                     for (int32_t d = 0; d < h->head_dim; d++) {
                         dot += basis[(size_t) k * h->head_dim + d] * key[d];
                     }
-                    out[k] = ggml_fp32_to_fp16(dot);
+                    out[(size_t) k * h->n_cells] = ggml_fp32_to_fp16(dot);
                 }
             }
             valid[c] = 1;
@@ -519,119 +565,115 @@ static void track_query(scope_hook * h, size_t lg, const float * q) {
     h->q_count[lg]++;
 }
 
-/* Cells batch token b's query sees: its sequence's, at positions up to its
- * own (the causal mask llama.cpp builds for these models), into h->vis. */
+/* Which cells batch token b's query sees: its sequence's, at positions up
+ * to its own (the causal mask llama.cpp builds for these models), as 1/0 in
+ * h->vis. Returns one past the highest such cell (0: none). */
 static int32_t visible_cells(scope_hook * h, int32_t b) {
     const int32_t seq = h->batch_seq[b], pos = h->batch_pos[b];
-    int32_t n_vis = 0;
+    int32_t end = 0;
     for (int32_t c = 0; c < h->n_cells; c++) {
-        if (h->cell_seq[c] == seq && h->cell_pos[c] >= 0 && h->cell_pos[c] <= pos) {
-            h->vis[n_vis++] = c;
-        }
+        const bool seen = h->cell_seq[c] == seq && h->cell_pos[c] >= 0 && h->cell_pos[c] <= pos;
+        h->vis[c] = seen ? 1.0f : 0.0f;
+        end = seen ? c + 1 : end;
     }
-    return n_vis;
+    return end;
 }
 
-/* Approximate attention of query row q ([n_head][head_dim]) over the
- * n_vis visible cells, from the sketches, added to layer il's sums. The
- * query heads of one KV head share its sketches: one pass over the cells
- * serves the whole group. */
-static void sketch_attention(scope_hook * h, int il, const float * q, int32_t n_vis) {
+/* acc[c] += softmax(row)[c] over the cells with vis[c] = 1, c < n. */
+static void softmax_add(float * acc, float * row, const float * vis, int32_t n) {
+    float top = -INFINITY;
+    for (int32_t c = 0; c < n; c++) {
+        const float v = vis[c] > 0.0f ? row[c] : -INFINITY;
+        top = v > top ? v : top;
+    }
+    float sum = 0.0f;
+    for (int32_t c = 0; c < n; c++) {
+        const float x = row[c] - top;
+        row[c] = vis[c] * exp_nonpos(x < 0.0f ? x : 0.0f);  /* a hidden cell's logit may pass top: clamp, then 0 */
+        sum += row[c];
+    }
+    const float inv = 1.0f / sum;
+    for (int32_t c = 0; c < n; c++) {
+        acc[c] += row[c] * inv;
+    }
+}
+
+/* Approximate attention of query row q ([n_head][head_dim]) over the cells
+ * [0, n) it sees (h->vis), from the sketches, added to layer il's sums. */
+static void sketch_attention(scope_hook * h, int il, const float * q, int32_t n) {
     const int32_t rank = h->sk_rank, group = h->n_head / h->n_head_kv;
-    float * qp = h->kbuf;                             /* [group][rank] */
-    float * logit = h->kbuf + (size_t) group * rank;  /* [group][n_vis] */
-    for (int32_t g = 0; g < h->n_head_kv; g++) {
-        const size_t lg = (size_t) il * h->n_head_kv + g;
+    float * qp = h->kbuf;           /* [rank] */
+    float * logit = h->kbuf + rank; /* [n] */
+    for (int32_t hq = 0; hq < h->n_head; hq++) {
+        const size_t lg = (size_t) il * h->n_head_kv + hq / group;
         const float * basis = h->sk_basis_q + lg * rank * h->head_dim;
-        for (int32_t i = 0; i < group; i++) {
-            const float * qh = q + (size_t) (g * group + i) * h->head_dim;
-            if (h->q_moments) {
-                track_query(h, lg, qh);
-            }
-            for (int32_t k = 0; k < rank; k++) {
-                float dot = 0.0f;
-                for (int32_t d = 0; d < h->head_dim; d++) {
-                    dot += basis[(size_t) k * h->head_dim + d] * qh[d];
-                }
-                qp[i * rank + k] = dot * h->sk_scale;
-            }
+        const float * qh = q + (size_t) hq * h->head_dim;
+        if (h->q_moments) {
+            track_query(h, lg, qh);
         }
-        const ggml_fp16_t * sk = h->sk + lg * h->n_cells * rank;
-        for (int32_t j = 0; j < n_vis; j++) {
-            const ggml_fp16_t * s = sk + (size_t) h->vis[j] * rank;
-            float key[SCOPE_HOOK_MAX_RANK];
-            for (int32_t k = 0; k < rank; k++) {
-                key[k] = fp16_table[s[k]];
+        for (int32_t k = 0; k < rank; k++) {
+            float dot = 0.0f;
+            for (int32_t d = 0; d < h->head_dim; d++) {
+                dot += basis[(size_t) k * h->head_dim + d] * qh[d];
             }
-            for (int32_t i = 0; i < group; i++) {
-                float dot = 0.0f;
-                for (int32_t k = 0; k < rank; k++) {
-                    dot += qp[i * rank + k] * key[k];
-                }
-                logit[(size_t) i * n_vis + j] = dot;
-            }
+            qp[k] = dot * h->sk_scale;
         }
-        for (int32_t i = 0; i < group; i++) {
-            float * row = logit + (size_t) i * n_vis;
-            float top = -INFINITY, sum = 0.0f;
-            for (int32_t j = 0; j < n_vis; j++) {
-                top = row[j] > top ? row[j] : top;
-            }
-            for (int32_t j = 0; j < n_vis; j++) {
-                row[j] = expf(row[j] - top);
-                sum += row[j];
-            }
-            float * acc = h->acc + ((size_t) il * h->n_head + g * group + i) * h->n_cells;
-            for (int32_t j = 0; j < n_vis; j++) {
-                acc[h->vis[j]] += row[j] / sum;
-            }
+        memset(logit, 0, sizeof(float) * (size_t) n);
+        const ggml_fp16_t * sk = h->sk + lg * rank * h->n_cells;
+        for (int32_t k = 0; k < rank; k++) {
+            axpy_f16(logit, qp[k], sk + (size_t) k * h->n_cells, n);
         }
+        softmax_add(h->acc + ((size_t) il * h->n_head + hq) * h->n_cells, logit, h->vis, n);
     }
 }
 
-/* Key-only scores of the n_vis visible cells, per KV head, added to layer
- * il's sums for each of its query heads (no query is read):
+/* Key-only scores of the cells [0, n) the row sees (h->vis), per KV head,
+ * added to layer il's sums for each of its query heads (no query is read):
  *   KEYDIFF: 1 - cos(sketch, mean sketch of the visible cells): distinct
  *            keys score high (KeyDiff, Park et al. 2025);
  *   KNORM:   max norm - norm: low-norm keys score high (Devoto et al. 2024).
  * Each captured row adds them once, like a row of attention. */
-static void sketch_key_scores(scope_hook * h, int il, int32_t n_vis) {
+static void sketch_key_scores(scope_hook * h, int il, int32_t n) {
     const int32_t rank = h->sk_rank, group = h->n_head / h->n_head_kv;
-    float * score = h->kbuf + rank;  /* [n_vis] */
+    float * mean = h->kbuf;                /* [rank] */
+    float * norm = h->kbuf + rank;         /* [n] */
+    float * dot = h->kbuf + rank + n;      /* [n] */
+    float n_vis = 0.0f;
+    for (int32_t c = 0; c < n; c++) {
+        n_vis += h->vis[c];
+    }
     for (int32_t g = 0; g < h->n_head_kv; g++) {
         const size_t lg = (size_t) il * h->n_head_kv + g;
-        const ggml_fp16_t * sk = h->sk + lg * h->n_cells * rank;
-        float * mean = h->kbuf;  /* [rank] */
+        const ggml_fp16_t * sk = h->sk + lg * rank * h->n_cells;
+        memset(norm, 0, sizeof(float) * (size_t) n);
+        memset(dot, 0, sizeof(float) * (size_t) n);
+        float mean_norm = 0.0f;
         for (int32_t k = 0; k < rank; k++) {
-            mean[k] = 0.0f;
-        }
-        for (int32_t j = 0; j < n_vis; j++) {
-            for (int32_t k = 0; k < rank; k++) {
-                mean[k] += fp16_table[sk[(size_t) h->vis[j] * rank + k]] / (float) n_vis;
+            const ggml_fp16_t * col = sk + (size_t) k * h->n_cells;
+            float m = 0.0f;
+            for (int32_t c = 0; c < n; c++) {
+                m += h->vis[c] * fp16_table[col[c]];
             }
-        }
-        float mean_norm = 0.0f, top = 0.0f;
-        for (int32_t k = 0; k < rank; k++) {
+            mean[k] = m / n_vis;
             mean_norm += mean[k] * mean[k];
+            for (int32_t c = 0; c < n; c++) {
+                const float v = fp16_table[col[c]];
+                norm[c] += v * v;
+                dot[c] += v * mean[k];
+            }
         }
         mean_norm = sqrtf(mean_norm);
-        for (int32_t j = 0; j < n_vis; j++) {
-            const ggml_fp16_t * s = sk + (size_t) h->vis[j] * rank;
-            float norm = 0.0f, dot = 0.0f;
-            for (int32_t k = 0; k < rank; k++) {
-                const float v = fp16_table[s[k]];
-                norm += v * v;
-                dot += v * mean[k];
-            }
-            norm = sqrtf(norm);
-            score[j] = h->sk_mode == SCOPE_HOOK_SCORE_KEYDIFF
-                ? 1.0f - dot / fmaxf(norm * mean_norm, 1e-20f) : norm;
-            top = norm > top ? norm : top;
+        float top = 0.0f;
+        for (int32_t c = 0; c < n; c++) {
+            norm[c] = sqrtf(norm[c]);
+            top = h->vis[c] > 0.0f && norm[c] > top ? norm[c] : top;
         }
         for (int32_t i = 0; i < group; i++) {
             float * acc = h->acc + ((size_t) il * h->n_head + g * group + i) * h->n_cells;
-            for (int32_t j = 0; j < n_vis; j++) {
-                acc[h->vis[j]] += h->sk_mode == SCOPE_HOOK_SCORE_KNORM ? top - score[j] : score[j];
+            for (int32_t c = 0; c < n; c++) {
+                const float score = h->sk_mode == SCOPE_HOOK_SCORE_KEYDIFF
+                    ? 1.0f - dot[c] / fmaxf(norm[c] * mean_norm, 1e-20f) : top - norm[c];
+                acc[c] += h->vis[c] * score;
             }
         }
     }
@@ -639,11 +681,14 @@ static void sketch_key_scores(scope_hook * h, int il, int32_t n_vis) {
 
 /* Score captured batch row b of layer il (q: its query, [n_head][head_dim]). */
 static void sketch_row(scope_hook * h, int il, const float * q, int32_t b) {
-    const int32_t n_vis = visible_cells(h, b);
+    const int32_t n = visible_cells(h, b);
+    if (n == 0) {
+        return;
+    }
     if (h->sk_mode == SCOPE_HOOK_SCORE_ATTENTION) {
-        sketch_attention(h, il, q, n_vis);
+        sketch_attention(h, il, q, n);
     } else {
-        sketch_key_scores(h, il, n_vis);
+        sketch_key_scores(h, il, n);
     }
 }
 
@@ -681,7 +726,7 @@ static bool on_sketch_attn(scope_hook * h, const struct ggml_tensor * t, int il)
         }
         const size_t n = (size_t) (end - r) * n_row;
         if (!ensure_scratch(h, n) ||
-            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) h->n_head * (h->sk_rank + h->n_cells), sizeof(float))) {
+            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) h->sk_rank + 2 * (size_t) h->n_cells, sizeof(float))) {
             fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the queries of layer %d", il);
             return true;
         }
@@ -1185,11 +1230,11 @@ int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_di
         return SCOPE_HOOK_OK;
     }
     if (n_head_kv <= 0 || h->n_head % n_head_kv != 0 || head_dim <= 0 || rank < 0 || rank > head_dim ||
-        rank > SCOPE_HOOK_MAX_RANK || !basis || !(scale > 0.0f) || !isfinite(scale) ||
+        !basis || !(scale > 0.0f) || !isfinite(scale) ||
         mode < SCOPE_HOOK_SCORE_ATTENTION || mode > SCOPE_HOOK_SCORE_KNORM) {
         return fail(h, SCOPE_HOOK_E_ARG, "sketch_set: need n_head_kv dividing %d (got %d), head_dim > 0 (got %d), "
-                    "rank in [0, min(head_dim, %d)] (got %d), a basis, a finite scale > 0 (got %g) and a score mode "
-                    "(got %d)", h->n_head, n_head_kv, head_dim, SCOPE_HOOK_MAX_RANK, rank, scale, mode);
+                    "rank in [0, head_dim] (got %d), a basis, a finite scale > 0 (got %g) and a score mode (got %d)",
+                    h->n_head, n_head_kv, head_dim, rank, scale, mode);
     }
     const size_t n_basis = (size_t) h->n_layer * n_head_kv * rank * head_dim;
     const size_t n_sk = (size_t) h->n_layer * n_head_kv * h->n_cells * rank;
@@ -1282,9 +1327,9 @@ int32_t scope_hook_sketch_gather_seq(scope_hook * h, int32_t seq, const int32_t 
     const int32_t rank = h->sk_rank;
     for (int32_t lg = 0; lg < h->n_layer * h->n_head_kv; lg++) {
         for (int32_t i = 0; i < n; i++) {
-            const ggml_fp16_t * src = h->sk + ((size_t) lg * h->n_cells + cells[i]) * rank;
+            const ggml_fp16_t * src = h->sk + (size_t) lg * rank * h->n_cells + cells[i];
             for (int32_t k = 0; k < rank; k++) {
-                out[((size_t) lg * n + i) * rank + k] = fp16_table[src[k]];
+                out[((size_t) lg * n + i) * rank + k] = fp16_table[src[(size_t) k * h->n_cells]];
             }
         }
     }

@@ -81,9 +81,6 @@ enum scope_hook_score {
     SCOPE_HOOK_SCORE_KNORM     = 2, /* max |B k| - |B k| over the visible cells: low-norm keys high */
 };
 
-/* Largest sketch rank. */
-#define SCOPE_HOOK_MAX_RANK 256
-
 /* scope_hook_capture_arm's from_pos that stops capturing. */
 #define SCOPE_HOOK_CAPTURE_OFF (-1)
 
@@ -194,8 +191,7 @@ int32_t scope_hook_clear_seq(scope_hook * hook, struct llama_context * ctx, int3
  * directions of the model's keys as the cache stores them); basis_q: the same
  * shape, the queries' projection (NULL: basis), so that (Bq q) . (B k)
  * approximates q . k; rank in [1, head_dim]; n_head_kv
- * divides n_head (grouped-query heads share their KV head's sketches); rank
- * at most SCOPE_HOOK_MAX_RANK.
+ * divides n_head (grouped-query heads share their KV head's sketches).
  * scale: the attention's softmax scale (usually 1/sqrt(head_dim)); the graph's
  * own (flash attention's or the softmax's op parameter) must equal it, and
  * ALiBi or a logit soft-cap is refused (SCOPE_HOOK_E_GRAPH at end).

@@ -62,6 +62,8 @@ from .llama import ScopeLlama
 from .policies import DEFAULT_LEND, LEND_RULES, STRATEGIES, validate_lend, validate_names
 from .policies.checks import is_int
 from .runtime.context import KV_TYPES, check_kv_types
+from .runtime.sketch import BASES as SKETCH_BASES
+from .runtime.sketch import SCORES as SKETCH_SCORES
 from .runtime.sketch import Sketch
 from .runtime.model import Model
 
@@ -143,6 +145,34 @@ class BenchConfig:
 
     def model_path(self) -> str:
         return str(models.resolve_model_path(self.model)) if self.model else str(models.fetch())
+
+
+# -- scoring names (bench/fidelity.py --scoring, bench/ordered.py run@scoring) ---------
+KEY_ONLY = tuple(s for s in SKETCH_SCORES if s != "attention")
+
+
+def scoring_fields(scoring: str) -> dict:
+    """BenchConfig fields of a --scoring name: "exact", a sketch basis and its
+    rank ("qk16", "pca16", "random16"), or a key-only score and its rank on
+    the PCA basis ("keydiff16", "knorm16"); "+fa": flash attention on."""
+    name, _, fa = scoring.partition("+")
+    kind = name.rstrip("0123456789")
+    if fa not in ("", "fa") or not (name == "exact" or (kind in SKETCH_BASES + KEY_ONLY and name != kind)):
+        raise ValueError(f"--scoring takes exact or <kind><rank> with kind in {SKETCH_BASES + KEY_ONLY}, optionally +fa; "
+                         f"got {scoring!r}")
+    fields: dict = {"flash_attn": fa == "fa"}
+    if kind in KEY_ONLY:
+        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis="pca", sketch_scores=kind)
+    elif name != "exact":
+        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis=kind)
+    return fields
+
+
+def scoring_name(config: dict) -> str:
+    rank = config.get("sketch_rank", 0)
+    scores = config.get("sketch_scores", "attention")
+    name = "exact" if not rank else f"{config['sketch_basis'] if scores == 'attention' else scores}{rank}"
+    return name + ("+fa" if config.get("flash_attn") else "")
 
 
 # -- prompt ----------------------------------------------------------------

@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lend", default=None,
                    help="which prompt cells borrowing the decode room go back first: accumulated|recent|passed, "
                         "or none (the paper: the decode room stays empty until the output fills it)")
-    g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
+    _add_cache_type_args(g)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
     d = p.add_argument_group("devices")
@@ -32,6 +32,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="layers to offload to GPUs / RPC servers (-1: every layer and the output layer)")
     d.add_argument("--rpc", action="append", default=None, metavar="HOST:PORT",
                    help="llama.cpp RPC server whose device takes offloaded layers (repeatable)")
+
+
+def _add_cache_type_args(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
+    g.add_argument("--type-v", default="f16", help="V cache type: f16|q8_0|q4_0 (quantized needs --flash-attn)")
+    g.add_argument("--flash-attn", action="store_true",
+                   help="llama.cpp's fused attention; a policy that reads scores then needs --sketch-rank")
+    g.add_argument("--sketch-rank", type=int, default=0,
+                   help="score cells from key sketches of this rank instead of exact attention (0: exact)")
+    g.add_argument("--sketch-basis", default="qk", help="sketch basis: qk|pca|random")
+    g.add_argument("--sketch-scores", default="attention", help="sketch scores: attention|keydiff|knorm")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -87,10 +98,21 @@ def _open(args: argparse.Namespace):
         n_ctx=args.n_ctx,
         n_threads=args.threads,
         type_k=args.type_k,
+        type_v=args.type_v,
+        flash_attn=args.flash_attn,
+        scoring=_scoring(args),
         n_gpu_layers=args.n_gpu_layers,
         rpc_servers=args.rpc,
         verbose=args.verbose,
     )
+
+
+def _scoring(args: argparse.Namespace):
+    from .runtime.sketch import Sketch
+
+    if args.sketch_rank == 0:
+        return None
+    return Sketch(rank=args.sketch_rank, basis=args.sketch_basis, scores=args.sketch_scores)
 
 
 def _summary(stats) -> str:
@@ -176,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_path=path, model_name=args.model_name or server.model_name_of(path), budget=budget,
         strategy=args.strategy, slots=args.slots, slot_cells=args.slot_cells, step_tokens=args.step_tokens,
         max_tokens=args.max_tokens, queue_size=args.queue_size, n_threads=args.threads, type_k=args.type_k,
+        type_v=args.type_v, flash_attn=args.flash_attn, scoring=_scoring(args),
         api_key=args.api_key or None, host=args.host, port=args.port)
     logging.getLogger("scope_edge").setLevel(logging.INFO if args.verbose else logging.WARNING)
     server.serve(settings)
@@ -191,7 +214,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--observation-window", type=int, default=None)
     g.add_argument("--recent-window", type=int, default=None)
     g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
-    g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
+    _add_cache_type_args(g)
     g.add_argument("--threads", type=int, default=None)
     s = p.add_argument_group("serving")
     s.add_argument("--slots", type=int, default=4, help="conversations decoded together (default 4)")

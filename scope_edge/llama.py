@@ -61,8 +61,9 @@ class ScopeLlama:
     The policy: policy=Policy(prefill=..., decode=...) composed from
     scope_edge.policies, or the short form budget=Budget(...) with
     strategy / prefill_selector / head_reduce naming the parts. Neither
-    keeps the full cache (stock llama.cpp behaviour). Attention capture needs
-    flash attention off, so contexts are created with it off.
+    keeps the full cache (stock llama.cpp behaviour). Exact attention capture
+    needs flash attention off (the default); with flash_attn=True a policy
+    that reads scores needs scoring=Sketch(...).
 
     head_reduce: how a cell's score aggregates attention heads per layer: "max"
         (default; measured closer to the full cache, see README Results) or "sum".

@@ -46,7 +46,9 @@ from .policies.checks import is_int
 from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
 from .runtime.generation import Chunk, GenerationStats, Limits
 from .runtime.model import Model
+from .runtime.context import check_kv_types
 from .runtime.sampling import RANDOM_SEED, Sampling
+from .runtime.sketch import Sketch
 
 log = logging.getLogger("scope_edge")
 
@@ -74,6 +76,9 @@ class ServerSettings:
     queue_size: int = 16
     n_threads: int | None = None
     type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    scoring: Sketch | None = None
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -85,6 +90,19 @@ class ServerSettings:
                 raise ValueError(f"{name} must be an int >= {0 if name == 'port' else 1}, got {getattr(self, name)!r}")
         if not is_int(self.queue_size) or self.queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0, got {self.queue_size!r}")
+        check_kv_types(self.type_k, self.type_v, self.flash_attn)
+        unscored = self.unscored_reason(self.policy())
+        if unscored:
+            raise ValueError(unscored)
+
+    def unscored_reason(self, policy: Policy) -> str | None:
+        """Why this server cannot run policy (it reads scores, flash attention
+        is on and no key sketches are kept), or None."""
+        if self.flash_attn and self.scoring is None and policy.scored:
+            return (f"strategy {policy.decode.name} scores cells by attention, which flash attention never "
+                    "computes; this server keeps no key sketches (start it with --sketch-rank), so only "
+                    "streaming and full run here")
+        return None
 
     def policy(self) -> Policy:
         return build(self.budget, strategy=self.strategy)
@@ -92,6 +110,7 @@ class ServerSettings:
     def batch_settings(self) -> BatchSettings:
         cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens)
         return BatchSettings(slots=self.slots, slot_cells=cells, n_threads=self.n_threads, type_k=self.type_k,
+                             type_v=self.type_v, flash_attn=self.flash_attn, scoring=self.scoring,
                              step_tokens=self.step_tokens)
 
 
@@ -142,10 +161,14 @@ def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
     try:
         budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
                         observation_window=scope.get("observation_window"), recent_window=scope.get("recent_window"))
-        return build(budget, strategy=scope.get("strategy", settings.strategy),
-                     **({"lend": scope["lend"]} if "lend" in scope else {}))
+        policy = build(budget, strategy=scope.get("strategy", settings.strategy),
+                       **({"lend": scope["lend"]} if "lend" in scope else {}))
     except ValueError as why:
         raise APIError(400, f"bad 'scope': {why}", param="scope", code="invalid_budget") from None
+    unscored = settings.unscored_reason(policy)
+    if unscored:
+        raise APIError(400, f"bad 'scope': {unscored}", param="scope", code="invalid_budget")
+    return policy
 
 
 def _sampling(body: Mapping[str, Any]) -> Sampling:

@@ -326,3 +326,33 @@ def test_api_key_and_sigterm_mid_stream_exit_cleanly(model_path):
     finally:
         if srv.process.poll() is None:
             srv.process.kill()
+
+
+def test_flash_attention_with_key_sketches_serves_and_saves_v(model_path):
+    """K and V q8_0 under flash attention, cells scored from key sketches:
+    conversations run together, evict, and the cache takes less than the f16
+    one; a scored strategy on a server without sketches is refused."""
+    srv = _start(model_path, "--slots", "2", "--flash-attn", "--type-k", "q8_0", "--type-v", "q8_0",
+                 "--sketch-rank", "8")
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            finals = list(pool.map(lambda topic: srv.client.chat.completions.create(
+                model=srv.model, messages=_chat(topic, notes=30), max_tokens=80, temperature=0,
+                extra_body={"scope": SCOPE}), TOPICS[:2]))
+        for f in finals:
+            st = _stats(f)
+            assert st["evicted_cells"] > 0 and f.usage.completion_tokens == st["generated_tokens"] > 0
+            assert st["kv_bytes_allocated"] < 0.6 * st["kv_cells_allocated"] * 23040  # f16 K and V: 23,040 B a cell
+    finally:
+        assert _stop(srv) == 0
+    plain = _start(model_path, "--slots", "1", "--flash-attn", "--strategy", "streaming")
+    try:
+        with pytest.raises(openai.BadRequestError, match="flash attention never computes"):
+            plain.client.chat.completions.create(model=plain.model, messages=_chat("bread"), max_tokens=8,
+                                                 extra_body={"scope": {**SCOPE, "strategy": "slide"}})
+        ok = plain.client.chat.completions.create(model=plain.model, messages=_chat("bread"), max_tokens=8)
+        assert ok.usage.completion_tokens > 0
+    finally:
+        assert _stop(plain) == 0
+    with pytest.raises(RuntimeError, match="--sketch-rank"):
+        _start(model_path, "--slots", "1", "--flash-attn")

@@ -253,3 +253,18 @@ def test_bad_flash_attention_settings_are_refused_with_the_fix(model_path):
     with ScopeLlama(model_path, flash_attn=True) as llm:  # the full cache reads no scores
         with pytest.raises(ValueError, match="flash attention never computes"):
             llm.policy = build(b)
+
+
+def test_cli_generates_with_flash_attention_and_sketches(model_path):
+    from test_chat import _cli
+
+    budget = ["--prefill-budget", "64", "--decode-budget", "16", "--recent-window", "8", "--temperature", "0"]
+    prompt = "List ten birds and where they live. " * 6
+    gen = _cli("generate", prompt, "--model", model_path, "--max-tokens", "24", "--flash-attn", "--type-k", "q8_0",
+               "--type-v", "q8_0", "--sketch-rank", "8", *budget)
+    assert gen.returncode == 0, gen.stderr
+    with ScopeLlama(model_path, budget=Budget(prefill=64, decode=16, recent_window=8), flash_attn=True,
+                    type_k="q8_0", type_v="q8_0", scoring=Sketch(rank=8)) as llm:
+        assert gen.stdout == llm.generate(prompt, max_tokens=24).text + "\n"
+    refused = _cli("generate", prompt, "--model", model_path, "--max-tokens", "4", "--flash-attn", *budget)
+    assert refused.returncode != 0 and "scoring=Sketch" in refused.stderr

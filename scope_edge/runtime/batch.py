@@ -35,10 +35,11 @@ from ..hook import Capture
 from ..policies import Policy
 from ..policies.checks import is_int
 from .cache import Cache, CacheSettings
-from .context import N_BATCH, Context
+from .context import N_BATCH, Context, check_kv_types
 from .generation import Chunk, Generation, GenerationStats, Limits
 from .model import Model
 from .sampling import Sampling, make_sampler
+from .sketch import Sketch, SketchBasis, basis_for
 
 log = logging.getLogger("scope_edge")
 
@@ -52,13 +53,17 @@ class BatchSettings:
     (ValueError). step_tokens: prompt tokens one sequence adds to a step
     (None: N_BATCH // slots, so a step never exceeds one batch).
     The rest as CacheSettings (prefill_chunk, chunked_prefill,
-    capture_layers, position_limit) and ScopeLlama (n_threads, type_k).
+    capture_layers, position_limit) and ScopeLlama (n_threads, type_k,
+    type_v, flash_attn, scoring).
     """
 
     slots: int
     slot_cells: int
     n_threads: int | None = None
     type_k: str = "f16"
+    type_v: str = "f16"
+    flash_attn: bool = False
+    scoring: Sketch | None = None
     step_tokens: int | None = None
     prefill_chunk: int = N_BATCH
     chunked_prefill: bool | None = None
@@ -79,18 +84,23 @@ class BatchSettings:
                              f"None, got {self.step_tokens!r}")
         if self.n_threads is not None and (not is_int(self.n_threads) or self.n_threads < 1):
             raise ValueError(f"n_threads must be an int >= 1 or None, got {self.n_threads!r}")
+        check_kv_types(self.type_k, self.type_v, self.flash_attn)
+        if self.scoring is not None and not isinstance(self.scoring, Sketch):
+            raise ValueError(f"scoring must be None (exact attention) or a Sketch, got {self.scoring!r}")
 
     @property
     def piece(self) -> int:
         """Prompt tokens one sequence adds to a step."""
         return self.step_tokens or N_BATCH // self.slots
 
-    def cache_settings(self) -> CacheSettings:
+    def cache_settings(self, sketch: SketchBasis | None = None) -> CacheSettings:
+        """The slots' CacheSettings; sketch: the basis computed for `scoring`."""
         cpus = os.cpu_count() or 1
         return CacheSettings(n_ctx=self.slot_cells, n_threads=self.n_threads or max(cpus // 2, 1),
                              n_threads_batch=self.n_threads or cpus, type_k=self.type_k,
                              prefill_chunk=self.prefill_chunk, chunked_prefill=self.chunked_prefill,
-                             capture_layers=self.capture_layers, position_limit=self.position_limit)
+                             capture_layers=self.capture_layers, position_limit=self.position_limit,
+                             type_v=self.type_v, flash_attn=self.flash_attn, sketch=sketch)
 
 
 def slot_cells_for(policy: Policy, *, max_tokens: int, prefill_chunk: int = N_BATCH) -> int:
@@ -336,10 +346,14 @@ class BatchRunner:
         self.model, self.settings = model, settings
         self._geometry = memory.read_geometry(model.path)
         self._closing = ctypes.c_bool(False)
-        cs = settings.cache_settings()
+        sketch = None if settings.scoring is None else basis_for(
+            model, settings.scoring, type_k=settings.type_k, flash_attn=settings.flash_attn,
+            n_threads=settings.n_threads or os.cpu_count() or 1)
+        cs = settings.cache_settings(sketch)
         self.context = Context(model, n_cells=settings.slots * settings.slot_cells, n_threads=cs.n_threads,
                                n_threads_batch=cs.n_threads_batch, type_k=cs.type_k, abort=self._closing,
-                               capture_layers=cs.capture_layers, n_seq=settings.slots)
+                               capture_layers=cs.capture_layers, n_seq=settings.slots, type_v=cs.type_v,
+                               flash_attn=cs.flash_attn, sketch=cs.sketch)
         self.batcher = Batcher(self.context, piece=settings.piece)
         self.slots = [Slot(seq, Cache(model, cs, abort=self._closing,
                                       context=SeqView(self.batcher, seq, n_cells=settings.slot_cells)))
@@ -368,7 +382,7 @@ class BatchRunner:
 
     def kv_bytes(self, n_cells: int) -> int:
         """KV bytes of n_cells cells of this model and K type (V f16)."""
-        return memory.kv_bytes(self._geometry, n_cells, self.settings.type_k, "f16")
+        return memory.kv_bytes(self._geometry, n_cells, self.settings.type_k, self.settings.type_v)
 
     # -- requests ----------------------------------------------------------
     def start(self, prompt: Sequence[int], *, policy: Policy, limits: Limits, sampling: Sampling,
