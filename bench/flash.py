@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 from device import time_ours
 from scope_edge import Budget, ScopeLlama, Sketch, memory, models, rpc
@@ -56,7 +57,8 @@ def time_stock(path: str, prompt: list[int], *, max_tokens: int, timed: int, fla
         llm.eval(prompt)
         stamps = []
         for _ in range(max_tokens - 1):
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(logits.argmax())])
             stamps.append(time.perf_counter())
         tail = stamps[-timed - 1:]
         return {"decode_tokens_per_s": (len(tail) - 1) / (tail[-1] - tail[0])}
@@ -146,12 +148,14 @@ def main() -> None:
     res: dict = {"machine": machine(), "settings": vars(args)}
     if not args.skip_speed:
         res["cpu"] = speed(path, args)
-    if not args.skip_device:
+        save_results(args.out, res)  # each part lands as it ends
+    if not args.skip_memory:
+        res["memory"] = memory_rows(path, [8, 16], [(1024, 512), (1024, 256), (768, 256)])
+        save_results(args.out, res)
+    if not args.skip_device:  # last: a registered RPC server stays in llama.cpp's device list after it stops
         with rpc.Server(rpc.free_endpoint(), n_threads=args.server_threads) as server:
             rpc.register(server.endpoint)  # stock llama_cpp.Llama offloads to it too
             res["device"] = speed(path, args, rpc_servers=[server.endpoint], n_gpu_layers=-1)
-    if not args.skip_memory:
-        res["memory"] = memory_rows(path, [8, 16], [(1024, 512), (1024, 256), (768, 256)])
     save_results(args.out, res, print_json=args.json, table=table)
 
 

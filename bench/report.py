@@ -47,10 +47,17 @@ def headline(rows: list[dict]) -> str:
 
 
 def _run_name(config: dict) -> str:
-    """strategy, or strategy/lend for runs made with a lend rule (older JSON has none: the paper)."""
+    """strategy, or strategy/lend for runs made with a lend rule (older JSON has none: the paper), and
+    @scoring for runs scored from key sketches or with flash attention on (bench/fidelity.py --scoring)."""
     lend = config.get("lend")
-    return config["strategy"] if lend is None or config["strategy"] in ("streaming", "h2o") else \
+    name = config["strategy"] if lend is None or config["strategy"] in ("streaming", "h2o") else \
         f"{config['strategy']}/{lend}"
+    if config.get("sketch_rank") or config.get("flash_attn"):
+        rank, scores = config.get("sketch_rank", 0), config.get("sketch_scores", "attention")
+        kind = config.get("sketch_basis") if scores == "attention" else scores
+        name += f"@{kind}{rank}" if rank else "@exact"
+        name += "+fa" if config.get("flash_attn") else ""
+    return name
 
 
 def fidelity(d: dict) -> str:
@@ -156,6 +163,21 @@ def device(d: dict) -> str:
     return "\n".join(out)
 
 
+def flash(d: dict) -> str:
+    out = []
+    for where in ("cpu", "device"):
+        if where in d:
+            runs = d[where]["runs"]
+            out += [f"{where}: decode tok/s, last steps", "",
+                    _table(list(runs), [[f"{r['decode_tokens_per_s']:.1f}" for r in runs.values()]]), "",
+                    _table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in d[where]["ratios"].items()]), ""]
+    if d.get("memory"):
+        out.append(_table(["4096 + 4096, K and V q8_0", "rank", "cells", "KV / stock f16", "with sketches"],
+                          [[f"{r['prefill_budget']}:{r['decode_budget']}", str(r["rank"]), f"{r['cells']:,}",
+                            f"{r['kv_ratio']:.1%}", f"{r['total_ratio']:.1%}"] for r in d["memory"]]))
+    return "\n".join(out)
+
+
 def long_run(d: dict) -> str:
     w, s = d["windows"], d["summary"]
     return (f"{d['strategy']}, budgets {d['budget']['prefill']}/{d['budget']['decode']}, {w[-1]['tokens']:,} tokens "
@@ -169,7 +191,8 @@ REPORTS: dict[str, Callable] = {
     "headline.json": headline, "headline_2048.json": headline, "fidelity.json": fidelity,
     "fidelity_lend.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
-    "device.json": device, "long_run.json": long_run,
+    "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
+    "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
 }
 
 

@@ -6,7 +6,9 @@ Runs, in order: headline.py (2048 + 4096, every strategy; and 2048 + 2048
 without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
-(1, 2, 4 conversations served together), plots.py. --quick uses small sizes to check the pipeline end to end.
+(1, 2, 4 conversations served together), ordered.py (the ordered task suite;
+again with key sketches), fidelity.py with key sketches, flash.py (flash
+attention on and off, CPU and RPC device; memory at 4096 + 4096), plots.py. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
 
@@ -35,6 +37,16 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                        "--steady-steps", "8", "--steady-size", "96"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2"]),
+    ("ordered.py", [], ["--prompts", "1", "--sizes", "1", "--strategies", "slide"]),
+    ("ordered.py", ["--strategies", "slide", "slide@qk16+fa", "slide@qk8+fa", "slide@keydiff16+fa", "h2o@qk16+fa",
+                    "--out", "RESULTS/ordered_sketch.json", "--plot", ""],
+     ["--prompts", "1", "--sizes", "1", "--strategies", "slide@qk8+fa", "--plot", ""]),
+    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "h2o", "--scoring", "exact", "qk16+fa", "qk8+fa",
+                     "pca16+fa", "random16+fa", "keydiff16+fa", "knorm16+fa", "--out", "RESULTS/fidelity_sketch.json"],
+     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
+      "slide", "--scoring", "exact", "qk8+fa", "keydiff8+fa"]),
+    ("flash.py", [], ["--prompt", "300", "--tokens", "48", "--timed", "16", "--prefill-budget", "128",
+                      "--decode-budget", "32", "--rank", "8", "--skip-memory"]),
     ("plots.py", [], []),
 ]
 

@@ -1,7 +1,9 @@
 """Serving several long conversations at once: aggregate decode tok/s and KV
 bytes of the server's runtime (conversations decoded together, each inside its
 budgets) against stock llama-cpp-python serving the same requests one at a
-time, in the same run.
+time, in the same run. --flash-attn, --type-kv and --sketch-rank change ours'
+cache (stock stays f16, flash attention off: what stock needs); ours' KV bytes
+then include the key sketches' host memory.
 
     python bench/server.py [--prompt 1024] [--tokens 1024] [--conversations 1 2 4] \
         [--prefill-budget 512] [--decode-budget 256] [--prefill-chunk 256] [--json]
@@ -25,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from scope_edge import Budget, memory, models
+from scope_edge import Budget, Sketch, memory, models
 from scope_edge.bench import logbook_prompt, machine, run_stock, save_results
 from scope_edge.policies import build
 from scope_edge.runtime.batch import BatchRunner, BatchSettings, slot_cells_for
@@ -49,11 +51,15 @@ def run_stock_in_turn(path: str, prompts: list[list[int]], tokens: int) -> list[
 
 
 def run_ours_together(model: Model, prompts: list[list[int]], *, tokens: int, budget: Budget,
-                      prefill_chunk: int) -> dict:
-    """All prompts at once on len(prompts) slots of one context."""
+                      prefill_chunk: int, **cache: object) -> dict:
+    """All prompts at once on len(prompts) slots of one context. cache: further
+    BatchSettings (type_k, type_v, flash_attn, scoring); kv_bytes counts the
+    key sketches' host memory too."""
     policy = build(budget, strategy="slide")
     cells = slot_cells_for(policy, max_tokens=tokens, prefill_chunk=prefill_chunk)
-    runner = BatchRunner(model, BatchSettings(slots=len(prompts), slot_cells=cells, prefill_chunk=prefill_chunk))
+    runner = BatchRunner(model, BatchSettings(slots=len(prompts), slot_cells=cells, prefill_chunk=prefill_chunk,
+                                              **cache))  # type: ignore[arg-type]
+    sketch_bytes = runner.context.n_cells * runner.sketch.bytes_per_cell if runner.sketch else 0
     first: dict[int, float] = {}
     last: dict[int, float] = {}
     peaks: dict[int, int] = {}
@@ -79,7 +85,8 @@ def run_ours_together(model: Model, prompts: list[list[int]], *, tokens: int, bu
         if min(peaks.values()) < 0:
             raise RuntimeError("a generation failed (see the log)")
         return {"slot_cells": cells, "cells": runner.context.n_cells,
-                "kv_bytes": runner.kv_bytes(runner.context.n_cells), "kv_cells_peak": max(peaks.values()),
+                "kv_bytes": runner.kv_bytes(runner.context.n_cells) + sketch_bytes, "sketch_bytes": sketch_bytes,
+                "kv_cells_peak": max(peaks.values()),
                 "steps": runner.batcher.steps, "first_token_s": max(first.values()) - t0,
                 "decode_tokens_per_s": len(prompts) * (tokens - 1) / (end - min(first.values())),
                 "end_to_end_tokens_per_s": len(prompts) * tokens / (end - t0)}
@@ -107,6 +114,9 @@ def main() -> int:
     ap.add_argument("--prefill-budget", type=int, default=512)
     ap.add_argument("--decode-budget", type=int, default=256)
     ap.add_argument("--prefill-chunk", type=int, default=256)
+    ap.add_argument("--flash-attn", action="store_true", help="ours with flash attention on")
+    ap.add_argument("--type-kv", default="f16", help="ours' K and V cache type (stock stays f16)")
+    ap.add_argument("--sketch-rank", type=int, default=0, help="ours scores from key sketches (0: exact)")
     ap.add_argument("--out", default=str(RESULTS / "server.json"))
     ap.add_argument("--json", action="store_true", help="print the results as one JSON line")
     args = ap.parse_args()
@@ -121,7 +131,9 @@ def main() -> int:
     with Model(path) as model:
         for n in args.conversations:
             ours = run_ours_together(model, prompts[:n], tokens=args.tokens, budget=budget,
-                                     prefill_chunk=args.prefill_chunk)
+                                     prefill_chunk=args.prefill_chunk, flash_attn=args.flash_attn,
+                                     type_k=args.type_kv, type_v=args.type_kv,
+                                     scoring=Sketch(rank=args.sketch_rank) if args.sketch_rank else None)
             mine = stock[:n]
             decode_s = sum(s["decode_s"] for s in mine)
             stock_rate = n * (args.tokens - 1) / decode_s
@@ -134,6 +146,7 @@ def main() -> int:
             log.info("%d conversations: ours %.1f tok/s vs stock %.1f (%.2fx); KV %.1f%%", n,
                      ours["decode_tokens_per_s"], stock_rate, runs[-1]["decode_speedup"], 100 * runs[-1]["kv_ratio"])
     res = {"prompt": args.prompt, "tokens": args.tokens, "budget": [budget.prefill, budget.decode],
+           "ours_cache": {"flash_attn": args.flash_attn, "type_kv": args.type_kv, "sketch_rank": args.sketch_rank},
            "prefill_chunk": args.prefill_chunk, "stock": stock, "runs": runs, "machine_at_start": started,
            "bytes_per_cell": memory.kv_bytes(memory.read_geometry(path), 1, "f16", "f16")}
     save_results(args.out, res, print_json=args.json, table=table)

@@ -43,6 +43,7 @@ import logging
 import os
 import platform
 import random
+import re
 import resource
 import sys
 import time
@@ -156,15 +157,16 @@ def scoring_fields(scoring: str) -> dict:
     rank ("qk16", "pca16", "random16"), or a key-only score and its rank on
     the PCA basis ("keydiff16", "knorm16"); "+fa": flash attention on."""
     name, _, fa = scoring.partition("+")
-    kind = name.rstrip("0123456789")
-    if fa not in ("", "fa") or not (name == "exact" or (kind in SKETCH_BASES + KEY_ONLY and name != kind)):
-        raise ValueError(f"--scoring takes exact or <kind><rank> with kind in {SKETCH_BASES + KEY_ONLY}, optionally +fa; "
-                         f"got {scoring!r}")
+    match = re.fullmatch(r"([a-z]+)(\d+)", name)
+    kind = match.group(1) if match else name
+    if fa not in ("", "fa") or not (name == "exact" or (match and kind in SKETCH_BASES + KEY_ONLY)):
+        raise ValueError(f"--scoring takes exact or <kind><rank> with kind in {SKETCH_BASES + KEY_ONLY}, "
+                         f"optionally +fa; got {scoring!r}")
     fields: dict = {"flash_attn": fa == "fa"}
-    if kind in KEY_ONLY:
-        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis="pca", sketch_scores=kind)
-    elif name != "exact":
-        fields.update(sketch_rank=int(name[len(kind):]), sketch_basis=kind)
+    if match:
+        fields.update(sketch_rank=int(match.group(2)),
+                      **({"sketch_basis": "pca", "sketch_scores": kind} if kind in KEY_ONLY else
+                         {"sketch_basis": kind}))
     return fields
 
 

@@ -50,11 +50,17 @@ def test_qk_basis_beats_key_pca_on_the_queries_it_was_fitted_to():
     assert err_qk < 0.5 * err_pca
 
 
-def test_pca_and_random_bases_are_orthonormal():
+def test_pca_basis_is_orthonormal_and_random_one_unbiased():
     rng = np.random.default_rng(2)
-    for basis in (pca_basis(rng.standard_normal((2, 3, 50, 8)), rank=4), random_basis((2, 3, 4, 8), seed=3)):
-        assert basis.shape == (2, 3, 4, 8)
-        np.testing.assert_allclose(basis[1, 2] @ basis[1, 2].T, np.eye(4), atol=1e-5)
+    pca = pca_basis(rng.standard_normal((2, 3, 50, 8)), rank=4)
+    assert pca.shape == (2, 3, 4, 8)
+    np.testing.assert_allclose(pca[1, 2] @ pca[1, 2].T, np.eye(4), atol=1e-5)
+    rand = random_basis((2, 3, 4, 8), seed=3)
+    np.testing.assert_allclose(rand[1, 2] @ rand[1, 2].T, 2 * np.eye(4), atol=1e-5)  # norm^2 = head_dim / rank
+    # over many draws the projected dot product averages the true one
+    q, k = rng.standard_normal(8), rng.standard_normal(8)
+    est = [np.dot(b @ q, b @ k) for b in random_basis((500, 1, 4, 8), seed=4)[:, 0]]
+    assert np.mean(est) == pytest.approx(np.dot(q, k), abs=0.15 * np.linalg.norm(q) * np.linalg.norm(k))
 
 
 @pytest.mark.parametrize("bad", [{"rank": 0}, {"rank": 2.5}, {"basis": "svd"}, {"seed": -1}, {"scores": "l2"}])

@@ -349,6 +349,7 @@ class BatchRunner:
         sketch = None if settings.scoring is None else basis_for(
             model, settings.scoring, type_k=settings.type_k, flash_attn=settings.flash_attn,
             n_threads=settings.n_threads or os.cpu_count() or 1)
+        self.sketch = sketch  # the key-sketch basis (None: exact scores); its bytes_per_cell is host memory
         cs = settings.cache_settings(sketch)
         self.context = Context(model, n_cells=settings.slots * settings.slot_cells, n_threads=cs.n_threads,
                                n_threads_batch=cs.n_threads_batch, type_k=cs.type_k, abort=self._closing,
