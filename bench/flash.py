@@ -91,8 +91,8 @@ def speed(path: str, args: argparse.Namespace, **device: object) -> dict:
 
 
 def memory_rows(path: str, ranks: list[int], budgets: list[tuple[int, int]]) -> list[dict]:
-    """4096 + 4096, K and V q8_0, flash attention on: allocation from a real
-    start (the first streamed chunk carries it), sketches at their size."""
+    """4096 + 4096, K and V q8_0, flash attention on: the allocation of a real
+    start (the context exists once the first token streams), sketches at their size."""
     prompt = logbook_prompt(path, 4096)
     geometry = memory.read_geometry(path)
     stock = memory.kv_bytes(geometry, 8192, "f16", "f16")
@@ -102,11 +102,11 @@ def memory_rows(path: str, ranks: list[int], budgets: list[tuple[int, int]]) -> 
             with ScopeLlama(path, budget=Budget(prefill=prefill, decode=decode), flash_attn=True, type_k="q8_0",
                             type_v="q8_0", scoring=Sketch(rank=rank)) as llm:
                 stream = llm.stream(prompt, max_tokens=4096, ignore_eos=True)
-                first = next(stream)
+                next(stream)
                 stream.close()
-                assert first.stats is not None and llm.sketch is not None
-                cells = first.stats.kv_cells_allocated
-                kv, sketches = first.stats.kv_bytes_allocated, cells * llm.sketch.bytes_per_cell
+                assert llm.sketch is not None
+                cells = llm.n_ctx
+                kv, sketches = memory.kv_bytes(geometry, cells, "q8_0", "q8_0"), cells * llm.sketch.bytes_per_cell
             rows.append({"prefill_budget": prefill, "decode_budget": decode, "rank": rank, "cells": cells,
                          "kv_bytes": kv, "sketch_bytes": sketches, "stock_f16_bytes": stock,
                          "kv_ratio": kv / stock, "total_ratio": (kv + sketches) / stock})
