@@ -269,7 +269,9 @@ class Context:
 
     def keys(self, layer: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(seq's held positions, layer's keys of them, float32 [n, n_head_kv
-        * head_dim], as stored: after RoPE, rotated when K is quantized)."""
+        * head_dim], as stored: after RoPE, rotated when K is quantized).
+        llama.cpp applies a shift() to K at the next decode: keys read between
+        the two are the old ones."""
         if not is_int(layer) or not 0 <= layer < self._hook.n_layer:
             raise ValueError(f"layer must be in [0, {self._hook.n_layer}), got {layer!r}")
         return self._hook.keys(layer, self._n_embd_k, seq=seq)
