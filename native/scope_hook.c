@@ -498,6 +498,27 @@ static int k_cache_layer(const struct ggml_tensor * t) {
     return parse_layer(ggml_get_name(root), K_CACHE_PREFIX);
 }
 
+/* Read the K rows of cells [c0, c0 + n) of cache tensor kc (one transfer)
+ * and convert them to float into out[n][kc->ne[0]]. The caller checked that
+ * ggml converts kc's type. false: out of memory. */
+static bool read_keys(scope_hook * h, const struct ggml_tensor * kc, int32_t c0, int32_t n, float * out) {
+    const size_t row = kc->nb[1];
+    const int64_t n_embd = kc->ne[0];
+    if (!grow((void **) &h->raw, &h->raw_cap, (size_t) n * row, 1)) {
+        return false;
+    }
+    read_tensor(h, kc, h->raw, (size_t) c0 * row, (size_t) n * row);
+    for (int32_t r = 0; r < n; r++) {
+        const uint8_t * src = h->raw + (size_t) r * row;
+        if (kc->type == GGML_TYPE_F32) {
+            memcpy(out + (size_t) r * n_embd, src, (size_t) n_embd * sizeof(float));
+        } else {
+            ggml_get_type_traits(kc->type)->to_float(src, out + (size_t) r * n_embd, n_embd);
+        }
+    }
+    return true;
+}
+
 /* Bring layer il's sketches of every held cell up to date: read the K rows
  * of cells written (or shifted) since, as stored (any type the cache uses),
  * in runs of consecutive cells, and project each KV head's key on the basis.
@@ -518,7 +539,6 @@ static bool sketch_layer(scope_hook * h, int il) {
                        (long long) kc->ne[0], (long long) kc->ne[1], (long long) kc->ne[2], (long long) kc->ne[3],
                        (long long) n_embd, h->n_cells);
     }
-    const size_t row = kc->nb[1];
     uint8_t * valid = h->sk_valid + (size_t) il * h->n_cells;
     for (int32_t c0 = 0; c0 < h->n_cells;) {
         if (h->cell_pos[c0] < 0 || valid[c0]) {
@@ -529,21 +549,13 @@ static bool sketch_layer(scope_hook * h, int il) {
         while (c1 < h->n_cells && h->cell_pos[c1] >= 0 && !valid[c1]) {
             c1++;
         }
-        const size_t n = (size_t) (c1 - c0);
-        if (!grow((void **) &h->raw, &h->raw_cap, n * row, 1) ||
-            !grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) n_embd, sizeof(float))) {
-            return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading %zu K rows", n);
+        if (!grow((void **) &h->kbuf, &h->kbuf_cap, (size_t) (c1 - c0) * n_embd, sizeof(float)) ||
+            !read_keys(h, kc, c0, c1 - c0, h->kbuf)) {
+            return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading %d K rows", c1 - c0);
         }
-        read_tensor(h, kc, h->raw, (size_t) c0 * row, n * row);
         for (int32_t c = c0; c < c1; c++) {
-            const void * src = h->raw + (size_t) (c - c0) * row;
-            if (kc->type == GGML_TYPE_F32) {
-                memcpy(h->kbuf, src, (size_t) n_embd * sizeof(float));
-            } else {
-                tr->to_float(src, h->kbuf, n_embd);
-            }
             for (int32_t g = 0; g < h->n_head_kv; g++) {
-                const float * key = h->kbuf + (size_t) g * h->head_dim;
+                const float * key = h->kbuf + (size_t) (c - c0) * n_embd + (size_t) g * h->head_dim;
                 const size_t lg = (size_t) il * h->n_head_kv + g;
                 const float * basis = h->sk_basis + lg * h->sk_rank * h->head_dim;
                 ggml_fp16_t * out = h->sk + lg * h->sk_rank * h->n_cells + c;
@@ -1378,7 +1390,6 @@ int32_t scope_hook_keys(scope_hook * h, int32_t il, const int32_t * cells, int32
                     "(hook: %d) and type %s", (long long) capacity, n, (long long) n_embd, (long long) kc->ne[1],
                     h->n_cells, ggml_type_name(kc->type));
     }
-    const size_t row = kc->nb[1];
     for (int32_t i = 0; i < n; i++) {
         if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_pos[cells[i]] < 0) {
             return fail(h, SCOPE_HOOK_E_ARG, "keys: cell %d is not held", cells[i]);
@@ -1389,17 +1400,8 @@ int32_t scope_hook_keys(scope_hook * h, int32_t il, const int32_t * cells, int32
         while (j < n && cells[j] == cells[j - 1] + 1) {
             j++;
         }
-        if (!grow((void **) &h->raw, &h->raw_cap, (size_t) (j - i) * row, 1)) {
+        if (!read_keys(h, kc, cells[i], j - i, out + (size_t) i * n_embd)) {
             return fail(h, SCOPE_HOOK_E_NOMEM, "keys: out of memory for %d rows", j - i);
-        }
-        read_tensor(h, kc, h->raw, (size_t) cells[i] * row, (size_t) (j - i) * row);
-        for (int32_t r = i; r < j; r++) {
-            const uint8_t * src = h->raw + (size_t) (r - i) * row;
-            if (kc->type == GGML_TYPE_F32) {
-                memcpy(out + (size_t) r * n_embd, src, (size_t) n_embd * sizeof(float));
-            } else {
-                tr->to_float(src, out + (size_t) r * n_embd, n_embd);
-            }
         }
         i = j;
     }

@@ -202,12 +202,16 @@ class Hook:
         cells = self.seq_cells(seq)
         return np.sort(cells[cells >= 0])
 
+    def _held(self, seq: int, min_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(seq_cells(seq), the cells seq holds at positions >= min_pos, int32 in position order)."""
+        cells = self.seq_cells(seq)
+        held = np.flatnonzero(cells >= min_pos)
+        return cells, np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+
     def capture(self, min_pos: int = 0, *, seq: int = 0) -> Capture:
         """What was captured for seq since its last arm, for its held
         positions >= min_pos, in position order."""
-        cells = self.seq_cells(seq)
-        held = np.flatnonzero(cells >= min_pos)
-        order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+        cells, order = self._held(seq, min_pos)
         attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
         self._check(_lib.scope_hook_capture_gather_seq(
             self._ptr, seq, _i32(order), len(order), attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows)))
@@ -274,9 +278,7 @@ class Hook:
     def sketches(self, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(sorted held positions of seq, their sketches float32 [n_layer,
         n_head_kv, n, rank]), brought up to date. Between decodes."""
-        cells = self.seq_cells(seq)
-        held = np.flatnonzero(cells >= 0)
-        order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+        cells, order = self._held(seq)
         n_head_kv, rank, _ = self._sketch_shape
         out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
         self._check(_lib.scope_hook_sketch_gather_seq(
@@ -286,9 +288,7 @@ class Hook:
     def keys(self, layer: int, n_embd: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(sorted held positions of seq, layer's keys of those cells float32
         [n, n_embd] as the attention reads them). Between decodes."""
-        cells = self.seq_cells(seq)
-        held = np.flatnonzero(cells >= 0)
-        order = np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+        cells, order = self._held(seq)
         out = np.empty((len(order), n_embd), dtype=np.float32)
         self._check(_lib.scope_hook_keys(self._ptr, layer, _i32(order), len(order), out.ctypes.data_as(_f32p),
                                          out.size))
