@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 log = logging.getLogger("scope_edge")
 
@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lend", default=None,
                    help="which prompt cells borrowing the decode room go back first: accumulated|recent|passed, "
                         "or none (the paper: the decode room stays empty until the output fills it)")
-    _add_cache_type_args(g)
+    _add_cache_type_args(g.add_argument)
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
     d = p.add_argument_group("devices")
@@ -34,15 +34,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="llama.cpp RPC server whose device takes offloaded layers (repeatable)")
 
 
-def _add_cache_type_args(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
-    g.add_argument("--type-v", default="f16", help="V cache type: f16|q8_0|q4_0 (quantized needs --flash-attn)")
-    g.add_argument("--flash-attn", action="store_true",
-                   help="llama.cpp's fused attention; a policy that reads scores then needs --sketch-rank")
-    g.add_argument("--sketch-rank", type=int, default=0,
-                   help="score cells from key sketches of this rank instead of exact attention (0: exact)")
-    g.add_argument("--sketch-basis", default="qk", help="sketch basis: qk|pca|random")
-    g.add_argument("--sketch-scores", default="attention", help="sketch scores: attention|keydiff|knorm")
+def _add_cache_type_args(add_argument: Callable[..., argparse.Action]) -> None:
+    """The cache-type and scoring flags, added with a parser's or group's add_argument."""
+    add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
+    add_argument("--type-v", default="f16", help="V cache type: f16|q8_0|q4_0 (quantized needs --flash-attn)")
+    add_argument("--flash-attn", action="store_true",
+                 help="llama.cpp's fused attention; a policy that reads scores then needs --sketch-rank")
+    add_argument("--sketch-rank", type=int, default=0,
+                 help="score cells from key sketches of this rank instead of exact attention (0: exact)")
+    add_argument("--sketch-basis", default="qk", help="sketch basis: qk|pca|random")
+    add_argument("--sketch-scores", default="attention", help="sketch scores: attention|keydiff|knorm")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -214,7 +215,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--observation-window", type=int, default=None)
     g.add_argument("--recent-window", type=int, default=None)
     g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
-    _add_cache_type_args(g)
+    _add_cache_type_args(g.add_argument)
     g.add_argument("--threads", type=int, default=None)
     s = p.add_argument_group("serving")
     s.add_argument("--slots", type=int, default=4, help="conversations decoded together (default 4)")

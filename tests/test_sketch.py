@@ -5,6 +5,8 @@ exact attention, then the policies' invariants against llama.cpp's mask."""
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -261,9 +263,12 @@ def test_bad_flash_attention_settings_are_refused_with_the_fix(model_path):
             llm.policy = build(b)
 
 
-def test_cli_generates_with_flash_attention_and_sketches(model_path):
-    from test_chat import _cli
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scope_edge.cli", *args], capture_output=True, text=True,
+                          timeout=300)
 
+
+def test_cli_generates_with_flash_attention_and_sketches(model_path):
     budget = ["--prefill-budget", "64", "--decode-budget", "16", "--recent-window", "8", "--temperature", "0"]
     prompt = "List ten birds and where they live. " * 6
     gen = _cli("generate", prompt, "--model", model_path, "--max-tokens", "24", "--flash-attn", "--type-k", "q8_0",
