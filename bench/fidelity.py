@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 
@@ -96,12 +97,14 @@ def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
 
 
 def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], strategies: list[str],
-          scorings: list[str]) -> list[dict]:
+          scorings: list[str], seeds: list[int]) -> list[dict]:
     """strategies: names, or "strategy/lend" for a SCOPE strategy under a
-    lend rule; each runs under every scoring of scorings (scoring_fields)."""
+    lend rule; each runs under every scoring of scorings (scoring_fields),
+    on the logbook of every seed."""
     rows = []
-    for prefill, decode in budgets:
-        cfgs = [BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, strategy=s.partition("/")[0],
+    for seed, (prefill, decode) in itertools.product(seeds, budgets):
+        cfgs = [BenchConfig(prompt_tokens=prompt_tokens, prompt_seed=seed, max_tokens=max_tokens,
+                            strategy=s.partition("/")[0],
                             **({"lend": s.partition("/")[2]} if "/" in s else {}), prefill_budget=prefill,
                             decode_budget=decode, recent_window=max(1, decode // 2), ideal_steps=64,
                             **scoring_fields(sc))
@@ -110,7 +113,7 @@ def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], s
             r["memory_ratio"] = (prefill + decode) / (prompt_tokens + max_tokens)
             rows.append(r)
             f = r["fidelity"]
-            log.info("budget %d:%d %s/%s %s: top-1 %.3f, KL %.4f", prefill, decode, r["config"]["strategy"],
+            log.info("seed %d budget %d:%d %s/%s %s: top-1 %.3f, KL %.4f", seed, prefill, decode, r["config"]["strategy"],
                      r["config"]["lend"], scoring_name(r["config"]), f["top1_agreement"], f["mean_kl"])
     return rows
 
@@ -130,17 +133,40 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
     return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
 
 
+def _sweep_key(r: dict) -> tuple:
+    c = r["config"]
+    return c["prefill_budget"], c["decode_budget"], c["strategy"] + "/" + c.get("lend", "none"), scoring_name(c)
+
+
+def means(rows: list[dict]) -> list[dict]:
+    """Top-1 and mean KL averaged over the prompts (seeds) of each budget,
+    strategy and scoring."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_sweep_key(r), []).append(r["fidelity"])
+    return [{"budget": f"{k[0]}:{k[1]}", "strategy": k[2], "scoring": k[3], "prompts": len(fs),
+             "top1_agreement": float(np.mean([f["top1_agreement"] for f in fs])),
+             "top1_min": float(min(f["top1_agreement"] for f in fs)),
+             "top1_max": float(max(f["top1_agreement"] for f in fs)),
+             "mean_kl": float(np.mean([f["mean_kl"] for f in fs]))} for k, fs in groups.items()]
+
+
 def table(out: dict) -> str:
     lines = []
     if out.get("sweep"):
-        lines.append(f"{'budget':>8} {'mem':>5} {'strategy':18} {'scoring':12} {'top-1':>6} {'mean KL':>8} "
+        lines.append(f"{'seed':>4} {'budget':>8} {'mem':>5} {'strategy':18} {'scoring':12} {'top-1':>6} {'mean KL':>8} "
                      f"{'max KL':>7} {'prefix':>6} {'ROUGE-L':>7}")
     for r in out.get("sweep", []):
         c, f = r["config"], r["fidelity"]
-        lines.append(f"{c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} "
+        lines.append(f"{c.get('prompt_seed', 0):>4} {c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} "
                      f"{c['strategy'] + '/' + c.get('lend', 'none'):18} {scoring_name(c):12} "
                      f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
                      f"{f['rouge_l']:7.3f}")
+    if len({r["config"].get("prompt_seed", 0) for r in out.get("sweep", [])}) > 1:
+        lines.append("mean over prompts (min..max)")
+        for m in out["sweep_means"]:
+            lines.append(f"{m['budget']:>9} {m['strategy']:18} {m['scoring']:12} {m['top1_agreement']:6.1%} "
+                         f"({m['top1_min']:.1%}..{m['top1_max']:.1%}) KL {m['mean_kl']:.4f}, {m['prompts']} prompts")
     for r in out.get("aggregation", []):
         lines.append(f"{r['variant']['name']:24} top-1 {r['top1_agreement']:6.1%} mean KL {r['mean_kl']:.4f} "
                      f"max KL {r['max_kl']:.2f}")
@@ -157,6 +183,7 @@ def main() -> None:
     ap.add_argument("--scoring", nargs="+", default=["exact"],
                     help="how cells are scored: exact, or a sketch basis and rank (qk16, pca16, random16); "
                          "+fa: flash attention on")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="logbook prompts to run (their seeds)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-aggregation", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
@@ -169,7 +196,8 @@ def main() -> None:
     out: dict = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "machine": machine()}
     if not args.skip_sweep:
         out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies,  # type: ignore[arg-type]
-                             args.scoring)
+                             args.scoring, args.seeds)
+        out["sweep_means"] = means(out["sweep"])
     if not args.skip_aggregation:
         mid = budgets[len(budgets) // 2]
         out["aggregation_budget"] = list(mid)

@@ -87,6 +87,7 @@ class BenchConfig:
     which fit any budget."""
 
     prompt_tokens: int = 2048
+    prompt_seed: int = 0  # which logbook (logbook_prompt's seed)
     max_tokens: int = 4096
     strategy: str = "slide"
     prefill_selector: str | None = None
@@ -115,6 +116,8 @@ class BenchConfig:
                 continue
             if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not is_int(self.prompt_seed) or self.prompt_seed < 0:
+            raise ValueError(f"prompt_seed must be an int >= 0, got {self.prompt_seed!r}")
         if self.prompt_tokens < 64:
             raise ValueError(f"prompt_tokens must be >= 64 (the chat template and the logbook's instructions "
                              f"take 70 on the default model; chat_prompt checks the real number), got {self.prompt_tokens}")
@@ -463,9 +466,10 @@ def machine() -> dict[str, str | int | float]:
 
 
 def _check_shared(cfgs: Sequence[BenchConfig]) -> None:
-    keys = {(c.prompt_tokens, c.max_tokens, c.type_k, c.model) for c in cfgs}
+    keys = {(c.prompt_tokens, c.prompt_seed, c.max_tokens, c.type_k, c.model) for c in cfgs}
     if len(keys) != 1:
-        raise ValueError(f"run_many needs one prompt_tokens/max_tokens/type_k/model for all configs, got {sorted(map(str, keys))}")
+        raise ValueError(f"run_many needs one prompt_tokens/prompt_seed/max_tokens/type_k/model for all configs, "
+                         f"got {sorted(map(str, keys))}")
 
 
 def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict]:
@@ -477,7 +481,7 @@ def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict
     _check_shared(cfgs)
     c0 = cfgs[0]
     path = c0.model_path()
-    prompt = logbook_prompt(path, c0.prompt_tokens)
+    prompt = logbook_prompt(path, c0.prompt_tokens, c0.prompt_seed)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     want = [i for i, c in enumerate(cfgs) if c.fidelity]
     keep_logits = bool(want) and c0.reference == "stock"
