@@ -10,8 +10,8 @@ hook reads crosses the socket, as it would cross PCIe from a GPU.
 
 headline  prompt P + T generated (greedy, end-of-generation masked), same run:
           stock llama_cpp.Llama on the device; ours with budget=None; ours
-          under budget (slide), capturing every layer and only the upper
-          half (capture_layers=15..29). Decode tok/s, ratios to stock, and the
+          under budget (slide), capturing the offload default (every 4th
+          layer) and every layer. Decode tok/s, ratios to stock, and the
           hook's reads and bytes per decode step and per captured step.
 steady    prompt N, budget N/N (N = 512), every strategy: generate N + S tokens
           and time the last S (the decode cache is full: a selection, and for
@@ -33,7 +33,7 @@ from scope_edge.policies import STRATEGIES
 
 log = logging.getLogger("bench.device")
 RESULTS = Path(__file__).resolve().parent / "results"
-N_LAYER, UPPER_HALF = 30, 15  # the default model's layers; slide_upper_half captures 15..29
+N_LAYER = 30  # the default model's layers
 
 
 def time_ours(path: str, prompt: list[int], *, max_tokens: int, timed: int, budget: Budget | None,
@@ -63,12 +63,12 @@ def headline(path: str, endpoint: str, args: argparse.Namespace) -> dict:
     stock = run_stock(path, prompt, args.tokens, "f16", n_gpu_layers=-1, label="stock on device")
     full = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=None, **device)
     slide = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=budget, **device)
-    upper = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=budget,
-                      capture_layers=range(UPPER_HALF, N_LAYER), **device)
+    every = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=budget,
+                      capture_layers=range(N_LAYER), **device)
     out = {"prompt": len(prompt), "tokens": args.tokens, "budget": [budget.prefill, budget.decode],
            "stock": {"decode_tokens_per_s": stock.decode_tokens_per_s, "kv_cells": stock.n_ctx},
-           "full": full, "slide": slide, "slide_upper_half": upper}
-    for name in ("full", "slide", "slide_upper_half"):
+           "full": full, "slide": slide, "slide_every_layer": every}
+    for name in ("full", "slide", "slide_every_layer"):
         run = out[name]
         run["vs_stock"] = run["decode_tokens_per_s"] / stock.decode_tokens_per_s
         # what a captured step reads beyond the indices and mask row every step reads
@@ -102,7 +102,7 @@ def table(res: dict) -> str:
     if h:
         lines.append(f"device, {h['prompt']} + {h['tokens']}: stock {h['stock']['decode_tokens_per_s']:.1f} tok/s; "
                      + "; ".join(f"{n} {h[n]['vs_stock']:.2f}x, {h[n]['bytes_per_captured_step'] / 1e6:.2f} MB/captured step"
-                                 for n in ("full", "slide", "slide_upper_half")))
+                                 for n in ("full", "slide", "slide_every_layer")))
     for where in ("steady_cpu", "steady_device"):
         lines.append(where + " " + " ".join(f"{s} {r['vs_stock']:.2f}x" for s, r in res[where].items()))
     return "\n".join(lines)

@@ -154,7 +154,7 @@ def device(d: dict) -> str:
                           [[name, f"{r['kv_cells']:,}", f"{r['decode_tokens_per_s']:.1f}", f"{r['vs_stock']:.2f}x",
                             f"{r['captured_steps']:,}", f"{r['reads_per_step']:.1f}",
                             f"{r['bytes_per_captured_step'] / 1e6:.2f}" if r["captured_steps"] else "-"]
-                           for name, r in ((n, h[n]) for n in ("full", "slide", "slide_upper_half") if n in h)]))
+                           for name, r in ((n, h[n]) for n in ("full", "slide", "slide_every_layer", "slide_upper_half") if n in h)]))
     rows = [[s, *[f"{d[w][s]['decode_tokens_per_s']:.1f} / {d[w][s]['stock_same_cells_tokens_per_s']:.1f} = "
                   f"{d[w][s]['vs_stock']:.2f}x" for w in ("steady_cpu", "steady_device")], f"{d['steady_cpu'][s]['kv_cells']:,}"]
             for s in d["steady_cpu"]]

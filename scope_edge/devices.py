@@ -56,6 +56,11 @@ class Devices:
         if len(set(self.rpc_servers)) != len(self.rpc_servers):
             raise ValueError(f"rpc_servers lists an endpoint twice: {list(self.rpc_servers)}")
 
+    def offloads(self) -> bool:
+        """Whether layers go to a device other than the CPU (an RPC server or
+        a local GPU), where every tensor the hook reads costs a transfer."""
+        return self.n_gpu_layers != 0 and bool(self.rpc_servers or _gpus())
+
     def handles(self) -> ctypes.Array[ctypes.c_void_p] | None:
         """The NULL-terminated device list for llama_model_params.devices, or
         None for llama.cpp's default list (no RPC servers). Connects to the
@@ -66,7 +71,13 @@ class Devices:
         return (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
 
 
-def _local_gpus() -> list[int]:
+def _gpus() -> list[int]:
+    """Every GPU-type device llama.cpp would offload to by default: local
+    GPUs and RPC servers registered in this process."""
     ggml = rpc.ggml_lib()
     return [d for d in (ggml.ggml_backend_dev_get(i) for i in range(ggml.ggml_backend_dev_count()))
-            if ggml.ggml_backend_dev_type(d) in _GPU_TYPES and not rpc.is_rpc_device(d)]
+            if ggml.ggml_backend_dev_type(d) in _GPU_TYPES]
+
+
+def _local_gpus() -> list[int]:
+    return [d for d in _gpus() if not rpc.is_rpc_device(d)]

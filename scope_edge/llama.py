@@ -24,7 +24,7 @@ from .policies import Policy, build, validate_names
 from .policies.registry import DEFAULT_LEND, validate_lend
 from .policies.checks import is_int, require_head_reduce
 from .runtime.cache import Cache, CacheSettings
-from .runtime.context import N_BATCH, Context, check_kv_types, layer_flags
+from .runtime.context import N_BATCH, Context, check_kv_types, default_capture_layers, layer_flags
 from .runtime.generation import Chunk, Completion, FinishReason, Generation, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.sampling import GREEDY, Sampling, make_sampler
@@ -71,10 +71,12 @@ class ScopeLlama:
         the output needs it, and this rule picks which borrowed cell goes back
         first: "accumulated", "recent", "passed" (policies/lend.py) or "none"
         (the paper: the decode room stays empty until the output fills it).
-    capture_layers: the layers whose attention scores cells (None: every
-        layer). Each captured layer makes llama.cpp synchronise once per
-        selection step and costs one read: with offloaded layers, one
-        transfer from the device; fewer layers are cheaper there.
+    capture_layers: the layers whose attention scores cells. Each captured
+        layer makes llama.cpp synchronise once per selection step and costs
+        one read: with offloaded layers, one device round trip. None: every
+        layer on the CPU, every 4th from layer 2 when layers are offloaded
+        (runtime.context.default_capture_layers; the README's "Offload"
+        measures both); range(n_layer) captures every layer anywhere.
     n_gpu_layers, main_gpu, tensor_split, rpc_servers: offload, as
         scope_edge.devices.Devices documents (rpc_servers: 'host:port' of
         llama.cpp RPC servers, probed before use).
@@ -154,7 +156,6 @@ class ScopeLlama:
         self.prefill_selector = prefill_selector
         self.head_reduce = head_reduce
         self.lend = lend
-        self.capture_layers = capture_layers
         self.type_k = type_k
         self.type_v = type_v
         self._lock = threading.Lock()
@@ -164,7 +165,11 @@ class ScopeLlama:
         cpus = os.cpu_count() or 1
         try:
             self.model.check_supported()
+            if capture_layers is None:
+                capture_layers = default_capture_layers(self.model.n_layer, offloaded=devices.offloads())
             flags = layer_flags(capture_layers, self.model.n_layer)
+            # the captured layers (None: every one)
+            self.capture_layers: list[int] | None = None if flags is None else np.flatnonzero(flags).tolist()
             self.sketch: SketchBasis | None = None if scoring is None else basis_for(
                 self.model, scoring, type_k=type_k, flash_attn=flash_attn, n_threads=n_threads or cpus)
         except ValueError:

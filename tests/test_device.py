@@ -85,10 +85,11 @@ def test_full_cache_is_token_identical_to_stock_on_the_device(model_path, device
 
 def test_device_matches_cpu_under_a_budget(model_path, device):
     budget = Budget(prefill=48, decode=32, observation_window=8, recent_window=8)
-    with ScopeLlama(model_path, budget=budget) as cpu:
-        want = cpu.generate(PROMPT, max_tokens=60, ignore_eos=True)
     with ScopeLlama(model_path, budget=budget, **device) as llm:
         got = llm.generate(PROMPT, max_tokens=60, ignore_eos=True)
+        layers = llm.capture_layers  # the offload default: every 4th layer
+    with ScopeLlama(model_path, budget=budget, capture_layers=layers) as cpu:
+        want = cpu.generate(PROMPT, max_tokens=60, ignore_eos=True)
     # the same attention reaches the policy, so the same cells are evicted
     assert got.stats.evicted_cells == want.stats.evicted_cells > 0
     assert got.stats.captured_steps == want.stats.captured_steps > 0
@@ -124,10 +125,11 @@ def test_sketch_agrees_with_the_cpu_on_the_device(model_path, endpoint):
     same cells evicted, so the same text for a good while."""
     kw = dict(budget=Budget(prefill=64, decode=32, observation_window=8, recent_window=8), flash_attn=True,
               scoring=Sketch(rank=8))
-    with ScopeLlama(model_path, **kw) as cpu:
-        want = cpu.generate(PROMPT, max_tokens=60, ignore_eos=True)
     with ScopeLlama(model_path, rpc_servers=[endpoint], n_gpu_layers=-1, **kw) as dev:
         got = dev.generate(PROMPT, max_tokens=60, ignore_eos=True)
+        layers = dev.capture_layers
+    with ScopeLlama(model_path, capture_layers=layers, **kw) as cpu:
+        want = cpu.generate(PROMPT, max_tokens=60, ignore_eos=True)
     assert got.stats.evicted_cells == want.stats.evicted_cells > 0
     assert got.tokens[:30] == want.tokens[:30]
 
@@ -140,8 +142,10 @@ def test_captured_rows_sum_to_one_on_the_device(model_path, device):
         with ctx.capturing(pos):
             ctx.decode([100, 200, 300], range(pos, pos + 3), want_logits=True)
         cap = ctx.capture()
-    np.testing.assert_allclose(cap.attn.sum(axis=-1), 3.0, rtol=1e-4)  # 3 rows, each summing to 1
-    assert (cap.rows == 3).all()
+        picked = np.zeros(30, dtype=bool)
+        picked[llm.capture_layers] = True
+    np.testing.assert_allclose(cap.attn[picked].sum(axis=-1), 3.0, rtol=1e-4)  # 3 rows, each summing to 1
+    assert (cap.rows[picked] == 3).all() and not cap.attn[~picked].any() and (cap.rows[~picked] == 0).all()
 
 
 def test_reindexing_on_the_device(model_path, device):
@@ -216,24 +220,31 @@ def test_bad_device_settings(kwargs, match):
         ScopeLlama("unused.gguf", **kwargs)
 
 
-def test_capturing_fewer_layers_reads_only_those(model_path, endpoint):
-    upper = list(range(15, 30))
+def test_offload_captures_every_4th_layer_unless_told(model_path, endpoint):
+    """Each captured layer stops the device's graph once per captured step:
+    offloaded, the default captures layers 2, 6, ..., 26 and reads only
+    those; range(30) captures every layer; on the CPU the default is every layer."""
     b = Budget(prefill=48, decode=32, observation_window=8, recent_window=8)
     runs = {}
-    for layers in (None, upper):
+    for layers in (range(30), None):
         with ScopeLlama(model_path, budget=b, capture_layers=layers, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
             st = llm.generate(PROMPT, max_tokens=60, ignore_eos=True).stats
             ctx = llm.context
             pos = int(llm.kv_positions()[-1]) + 1
             with ctx.capturing(pos):
                 ctx.decode([100], [pos], want_logits=True)
-            runs[layers is None] = (st, ctx.capture())
-    (st_all, cap_all), (st_half, cap_half) = runs[True], runs[False]
-    np.testing.assert_allclose(cap_half.attn[15:].sum(axis=-1), 1.0, rtol=1e-4)
-    assert not cap_half.attn[:15].any() and (cap_half.rows[:15] == 0).all() and (cap_half.rows[15:] == 1).all()
+            runs[layers is None] = (st, ctx.capture(), llm.capture_layers)
+    (st_all, cap_all, every), (st_dev, cap_dev, default) = runs[False], runs[True]
+    assert every == list(range(30)) and default == list(range(2, 30, 4))
+    picked = np.zeros(30, dtype=bool)
+    picked[default] = True
+    np.testing.assert_allclose(cap_dev.attn[picked].sum(axis=-1), 1.0, rtol=1e-4)
+    assert not cap_dev.attn[~picked].any() and (cap_dev.rows[~picked] == 0).all() and (cap_dev.rows[picked] == 1).all()
     np.testing.assert_allclose(cap_all.attn.sum(axis=-1), 1.0, rtol=1e-4)
-    assert st_half.captured_steps == st_all.captured_steps > 0
-    assert st_half.hook_bytes_read < 0.6 * st_all.hook_bytes_read  # half the layers, about half the transfers
+    assert st_dev.captured_steps == st_all.captured_steps > 0
+    assert st_dev.hook_bytes_read < 0.35 * st_all.hook_bytes_read  # 7 of 30 layers' transfers
+    with ScopeLlama(model_path, budget=b) as cpu:
+        assert cpu.capture_layers is None
 
 
 @pytest.mark.parametrize("layers", [[], [30], [-1], [3, 3], "12", [1.0]])
