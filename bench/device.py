@@ -1,7 +1,7 @@
 """Decode speed with offloaded layers: stock llama.cpp and ours on the same device.
 
     python bench/device.py [--prompt 2048] [--tokens 2048] [--prefill-budget 1024] \
-        [--decode-budget 512] [--steady-steps 128] [--server-threads 1] [--skip-headline] [--json]
+        [--decode-budget 512] [--steady-steps 128] [--steady-repeats 3] [--server-threads 1] [--skip-headline] [--json]
 
 The device is llama.cpp's RPC backend: a server process on 127.0.0.1 serving
 this machine's CPU (scope_edge.rpc.Server), every layer offloaded to it
@@ -17,13 +17,15 @@ steady    prompt N, budget N/N (N = 512), every strategy: generate N + S tokens
           and time the last S (the decode cache is full: a selection, and for
           slide an eviction, every step), against stock decoding in a context
           of the same cells filled to that level (attention width identical).
-          On the CPU and on the device, same run.
+          On the CPU and on the device, same run; --steady-repeats rounds,
+          the medians reported with the spread of the ratios.
 Writes bench/results/device.json; ratios only (the machine is shared).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -79,20 +81,30 @@ def headline(path: str, endpoint: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def steady(path: str, steps: int, size: int, **device: object) -> dict:
+def steady(path: str, steps: int, size: int, repeats: int, **device: object) -> dict:
+    """Every strategy against stock at its cells, `repeats` rounds
+    interleaved (ours, then stock, strategy by strategy): the median of the
+    rounds' ratios, and their spread."""
     prompt = logbook_prompt(path, size)
     budget = Budget(prefill=size, decode=size)
     ngl = int(device.get("n_gpu_layers", 0))
+    rounds: dict[str, list[tuple[dict, float]]] = {}
+    for _ in range(repeats):
+        for strategy in STRATEGIES:
+            ours = time_ours(path, prompt, max_tokens=budget.decode + steps, timed=steps, budget=budget,
+                             strategy=strategy, **device)
+            # stock right after each run, not cached: the machine's speed drifts
+            stock = run_ideal(path, ours["kv_cells"], prompt, steps, "f16", n_gpu_layers=ngl)["decode_tokens_per_s"]
+            rounds.setdefault(strategy, []).append((ours, stock))
+            log.info("steady %s %s: ours %.1f, stock at %d cells %.1f tok/s (%.2fx)", "device" if ngl else "cpu",
+                     strategy, ours["decode_tokens_per_s"], ours["kv_cells"], stock, ours["decode_tokens_per_s"] / stock)
     rows = {}
-    for strategy in STRATEGIES:
-        ours = time_ours(path, prompt, max_tokens=budget.decode + steps, timed=steps, budget=budget,
-                         strategy=strategy, **device)
-        cells = ours["kv_cells"]
-        # stock right after each run, not cached: the machine's speed drifts
-        stock = run_ideal(path, cells, prompt, steps, "f16", n_gpu_layers=ngl)["decode_tokens_per_s"]
-        rows[strategy] = {**ours, "stock_same_cells_tokens_per_s": stock, "vs_stock": ours["decode_tokens_per_s"] / stock}
-        log.info("steady %s %s: ours %.1f, stock at %d cells %.1f tok/s (%.2fx)", "device" if ngl else "cpu",
-                 strategy, ours["decode_tokens_per_s"], cells, stock, rows[strategy]["vs_stock"])
+    for strategy, runs in rounds.items():
+        ratios = [o["decode_tokens_per_s"] / st for o, st in runs]
+        rows[strategy] = {**runs[0][0], "decode_tokens_per_s": statistics.median(o["decode_tokens_per_s"] for o, _ in runs),
+                          "stock_same_cells_tokens_per_s": statistics.median(st for _, st in runs),
+                          "vs_stock": statistics.median(ratios), "vs_stock_min": min(ratios),
+                          "vs_stock_max": max(ratios), "repeats": len(runs)}
     return rows
 
 
@@ -116,6 +128,7 @@ def main() -> None:
     ap.add_argument("--decode-budget", type=int, default=512)
     ap.add_argument("--steady-steps", type=int, default=128)
     ap.add_argument("--steady-size", type=int, default=512, help="steady prompt tokens, and both budgets")
+    ap.add_argument("--steady-repeats", type=int, default=3, help="interleaved rounds; medians reported")
     ap.add_argument("--server-threads", type=int, default=1,
                     help="the server's compute threads (1: it shares 2 cores with this process)")
     ap.add_argument("--skip-headline", action="store_true")
@@ -129,8 +142,8 @@ def main() -> None:
         rpc.register(server.endpoint)  # stock llama_cpp.Llama offloads to it too
         if not args.skip_headline:
             res["headline"] = headline(path, server.endpoint, args)
-        res["steady_cpu"] = steady(path, args.steady_steps, args.steady_size)
-        res["steady_device"] = steady(path, args.steady_steps, args.steady_size,
+        res["steady_cpu"] = steady(path, args.steady_steps, args.steady_size, args.steady_repeats)
+        res["steady_device"] = steady(path, args.steady_steps, args.steady_size, args.steady_repeats,
                                       rpc_servers=[server.endpoint], n_gpu_layers=-1)
     save_results(args.out, res, print_json=args.json, table=table)
 

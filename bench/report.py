@@ -81,6 +81,19 @@ def fidelity(d: dict) -> str:
     return "\n".join(out)
 
 
+def fidelity_prompts(d: dict) -> str:
+    """A sweep over several prompts (bench/fidelity.py --seeds): each run's
+    top-1 averaged over the prompts, with its spread."""
+    means = d["sweep_means"]
+    runs = list(dict.fromkeys(f"{m['strategy']}@{m['scoring']}" for m in means))
+    budgets = list(dict.fromkeys(m["budget"] for m in means))
+    cell = {(m["budget"], f"{m['strategy']}@{m['scoring']}"):
+            f"{m['top1_agreement']:.1%} ({m['top1_min']:.1%}..{m['top1_max']:.1%})" for m in means}
+    return (f"prompt {d['prompt_tokens']} + {d['max_tokens']}, teacher-forced top-1, mean over "
+            f"{means[0]['prompts']} prompts (min..max)\n\n"
+            + _table(["budget", *runs], [[b, *[cell.get((b, r), "") for r in runs]] for b in budgets]))
+
+
 def aggregation(d: dict) -> str:
     body = [[r["variant"]["name"], *_fid(r)] for r in d["aggregation"]]
     p, dec = d["aggregation_budget"]
@@ -155,10 +168,15 @@ def device(d: dict) -> str:
                             f"{r['captured_steps']:,}", f"{r['reads_per_step']:.1f}",
                             f"{r['bytes_per_captured_step'] / 1e6:.2f}" if r["captured_steps"] else "-"]
                            for name, r in ((n, h[n]) for n in ("full", "slide", "slide_every_layer", "slide_upper_half") if n in h)]))
-    rows = [[s, *[f"{d[w][s]['decode_tokens_per_s']:.1f} / {d[w][s]['stock_same_cells_tokens_per_s']:.1f} = "
-                  f"{d[w][s]['vs_stock']:.2f}x" for w in ("steady_cpu", "steady_device")], f"{d['steady_cpu'][s]['kv_cells']:,}"]
+    def ratio(r: dict) -> str:
+        spread = f" ({r['vs_stock_min']:.2f}..{r['vs_stock_max']:.2f})" if r.get("repeats", 1) > 1 else ""
+        return (f"{r['decode_tokens_per_s']:.1f} / {r['stock_same_cells_tokens_per_s']:.1f} = "
+                f"{r['vs_stock']:.2f}x{spread}")
+    rows = [[s, *[ratio(d[w][s]) for w in ("steady_cpu", "steady_device")], f"{d['steady_cpu'][s]['kv_cells']:,}"]
             for s in d["steady_cpu"]]
-    out.append("\nsteady state (decode cache full), ours / stock at the same cells\n")
+    repeats = next(iter(d["steady_cpu"].values())).get("repeats", 1)
+    out.append("\nsteady state (decode cache full), ours / stock at the same cells"
+               + (f": medians of {repeats} interleaved rounds (spread of the ratios)\n" if repeats > 1 else "\n"))
     out.append(_table(["strategy", "CPU tok/s", "RPC device tok/s", "cells"], rows))
     return "\n".join(out)
 
@@ -193,6 +211,7 @@ REPORTS: dict[str, Callable] = {
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
+    "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
 }
 
 

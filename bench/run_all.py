@@ -7,7 +7,8 @@ without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
 (1, 2, 4 conversations served together), ordered.py (the ordered task suite;
-again with key sketches), fidelity.py with key sketches, flash.py (flash
+again with key sketches), fidelity.py with key sketches (one prompt, then five),
+capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; memory at 4096 + 4096), plots.py. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128",
                        "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
     ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
-                       "--steady-steps", "8", "--steady-size", "96"]),
+                       "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2"]),
     ("ordered.py", [], ["--prompts", "1", "--sizes", "1", "--strategies", "slide"]),
@@ -45,6 +46,16 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                      "pca16+fa", "random16+fa", "keydiff16+fa", "knorm16+fa", "--out", "RESULTS/fidelity_sketch.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
       "slide", "--scoring", "exact", "qk8+fa", "keydiff8+fa"]),
+    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "--scoring", "exact", "qk16", "random16",
+                     "--seeds", "0", "1", "2", "3", "4", "--out", "RESULTS/fidelity_sketch_prompts.json"],
+     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
+      "slide", "--scoring", "exact", "qk8", "--seeds", "0", "1"]),
+    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "--scoring", "exact", "qk24", "qk32",
+                     "--budgets", "320:192", "--seeds", "0", "1", "2", "3", "4",
+                     "--out", "RESULTS/fidelity_sketch_rank_prompts.json"],
+     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
+      "slide", "--scoring", "qk24", "--seeds", "0", "1"]),
+    ("capture_layers.py", [], ["--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--seeds", "0"]),
     ("flash.py", [], ["--prompt", "300", "--tokens", "48", "--timed", "16", "--prefill-budget", "128",
                       "--decode-budget", "32", "--rank", "8", "--skip-memory"]),
     ("plots.py", [], []),
