@@ -94,6 +94,14 @@ def fidelity_prompts(d: dict) -> str:
             + _table(["budget", *runs], [[b, *[cell.get((b, r), "") for r in runs]] for b in budgets]))
 
 
+def capture_layers(d: dict) -> str:
+    prompts = d["means"][0]["prompts"]
+    return (f"slide, prompt {d['prompt_tokens']} + {d['max_tokens']}, teacher-forced, mean of {prompts} prompts\n\n"
+            + _table(["budget", "captured layers", "count", "top-1", "mean KL"],
+                     [[m["budget"], m["layers"], str(m["captured"]), f"{m['top1_agreement']:.1%}",
+                       f"{m['mean_kl']:.3f}"] for m in d["means"]]))
+
+
 def aggregation(d: dict) -> str:
     body = [[r["variant"]["name"], *_fid(r)] for r in d["aggregation"]]
     p, dec = d["aggregation_budget"]
@@ -211,7 +219,7 @@ REPORTS: dict[str, Callable] = {
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
-    "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
+    "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
 }
 
 

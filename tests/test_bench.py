@@ -14,7 +14,7 @@ import pytest
 
 from scope_edge import ScopeLlama
 from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, chat_prompt, eog_tokens, free_running, logbook_prompt,
-                              run_bench, run_stock, save_results, vocabulary)
+                              run_bench, run_many, run_stock, save_results, vocabulary)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -127,6 +127,24 @@ def test_bad_config_names_the_numbers():
         BenchConfig(prompt_tokens=0)
     with pytest.raises(ValueError, match="unknown strategy"):
         BenchConfig(strategy="nope")
+    with pytest.raises(ValueError, match="prompt_seed must be an int >= 0, got -1"):
+        BenchConfig(prompt_seed=-1)
+
+
+def test_run_many_takes_one_prompt():
+    """Configs that would need different prompts are refused before anything runs."""
+    with pytest.raises(ValueError, match="one prompt_tokens/prompt_seed/max_tokens/type_k/model"):
+        run_many([BenchConfig(**TINY), BenchConfig(prompt_seed=1, **TINY)])
+
+
+def test_fidelity_means_over_prompts():
+    fidelity = _script("fidelity")
+    rows = [{"config": {"prefill_budget": 96, "decode_budget": 64, "strategy": "slide", "lend": "passed",
+                        "prompt_seed": seed}, "fidelity": {"top1_agreement": top1, "mean_kl": kl}}
+            for seed, top1, kl in ((0, 0.5, 1.0), (1, 0.75, 0.5), (2, 1.0, 0.0))]
+    (m,) = fidelity.means(rows)
+    assert m["prompts"] == 3 and m["budget"] == "96:64" and m["scoring"] == "exact"
+    assert (m["top1_agreement"], m["top1_min"], m["top1_max"], m["mean_kl"]) == (0.75, 0.5, 1.0, 0.5)
 
 
 def test_cli_json_last_line(model_path):

@@ -17,6 +17,7 @@ import pytest
 
 from scope_edge import Budget, ScopeLlama, Sketch, rpc
 from scope_edge.openai import create_chat_completion
+from scope_edge.runtime.context import default_capture_layers
 from llama_log import llama_log
 from test_budgets import check_invariants_every_step
 from test_lend import check_lending_every_step
@@ -245,6 +246,13 @@ def test_offload_captures_every_4th_layer_unless_told(model_path, endpoint):
     assert st_dev.hook_bytes_read < 0.35 * st_all.hook_bytes_read  # 7 of 30 layers' transfers
     with ScopeLlama(model_path, budget=b) as cpu:
         assert cpu.capture_layers is None
+
+
+def test_default_capture_layers():
+    assert default_capture_layers(30, offloaded=False) is None
+    assert default_capture_layers(30, offloaded=True) == [2, 6, 10, 14, 18, 22, 26]
+    assert default_capture_layers(4, offloaded=True) == [2]
+    assert default_capture_layers(2, offloaded=True) is None  # no layer past the first two: every layer
 
 
 @pytest.mark.parametrize("layers", [[], [30], [-1], [3, 3], "12", [1.0]])
