@@ -220,6 +220,7 @@ REPORTS: dict[str, Callable] = {
     "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
     "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
+    "fidelity_sketch_rank24_prompts.json": fidelity_prompts,
 }
 
 
