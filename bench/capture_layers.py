@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import lockstep, logbook_prompt, machine, run_stock, save_results
+from scope_edge.bench import budget_pairs, lockstep, logbook_prompt, machine, run_stock, save_results
 from scope_edge.runtime.context import default_capture_layers
 
 log = logging.getLogger("bench.capture_layers")
@@ -80,12 +80,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = str(models.fetch())
-    budgets = []
-    for b in args.budgets:
-        prefill, _, decode = b.partition(":")
-        if not (prefill.isdigit() and decode.isdigit()):
-            raise ValueError(f"--budgets takes prefill:decode pairs of ints, got {b!r}")
-        budgets.append(Budget(prefill=int(prefill), decode=int(decode), recent_window=max(1, int(decode) // 2)))
+    budgets = [Budget(prefill=prefill, decode=decode, recent_window=max(1, decode // 2))
+               for prefill, decode in budget_pairs(args.budgets)]
     with ScopeLlama(path) as llm:
         sets = layer_sets(llm.model.n_layer)
     rows = []

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama
-from scope_edge.bench import (BenchConfig, lockstep, logbook_prompt, machine, run_many, run_stock, save_results,
-                               scoring_fields, scoring_name)
+from scope_edge.bench import (BenchConfig, budget_pairs, lockstep, logbook_prompt, machine, run_many, run_stock,
+                               save_results, scoring_fields, scoring_name)
 from scope_edge.policies import Policy, SnapKV, build
 
 log = logging.getLogger("bench.fidelity")
@@ -190,12 +190,10 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    budgets = [tuple(int(x) for x in b.split(":")) for b in args.budgets]
-    if any(len(b) != 2 for b in budgets):
-        raise ValueError(f"--budgets takes prefill:decode pairs, got {args.budgets}")
+    budgets = budget_pairs(args.budgets)
     out: dict = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "machine": machine()}
     if not args.skip_sweep:
-        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies,  # type: ignore[arg-type]
+        out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies,
                              args.scoring, args.seeds)
         out["sweep_means"] = means(out["sweep"])
     if not args.skip_aggregation:

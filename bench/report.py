@@ -175,7 +175,7 @@ def device(d: dict) -> str:
                           [[name, f"{r['kv_cells']:,}", f"{r['decode_tokens_per_s']:.1f}", f"{r['vs_stock']:.2f}x",
                             f"{r['captured_steps']:,}", f"{r['reads_per_step']:.1f}",
                             f"{r['bytes_per_captured_step'] / 1e6:.2f}" if r["captured_steps"] else "-"]
-                           for name, r in ((n, h[n]) for n in ("full", "slide", "slide_every_layer", "slide_upper_half") if n in h)]))
+                           for name, r in ((n, h[n]) for n in ("full", "slide", "slide_every_layer") if n in h)]))
     def ratio(r: dict) -> str:
         spread = f" ({r['vs_stock_min']:.2f}..{r['vs_stock_max']:.2f})" if r.get("repeats", 1) > 1 else ""
         return (f"{r['decode_tokens_per_s']:.1f} / {r['stock_same_cells_tokens_per_s']:.1f} = "

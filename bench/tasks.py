@@ -35,7 +35,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import SYSTEM_PROMPT, machine, save_results, vocabulary
+from scope_edge.bench import SYSTEM_PROMPT, budget_pairs, machine, save_results, vocabulary
 
 log = logging.getLogger("bench.tasks")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,10 +124,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    budgets = [tuple(int(x) for x in b.split(":")) for b in args.budgets]
-    if any(len(b) != 2 for b in budgets):
-        raise ValueError(f"--budgets takes prefill:decode pairs, got {args.budgets}")
-    res = run(args.strategies, args.items, args.seeds, budgets, args.recent_window, args.max_tokens)  # type: ignore[arg-type]
+    budgets = budget_pairs(args.budgets)
+    res = run(args.strategies, args.items, args.seeds, budgets, args.recent_window, args.max_tokens)
     save_results(args.out, res, print_json=args.json, table=table)
 
 

@@ -173,6 +173,17 @@ def scoring_fields(scoring: str) -> dict:
     return fields
 
 
+def budget_pairs(values: Sequence[str]) -> list[tuple[int, int]]:
+    """Benchmark scripts' --budgets: "prefill:decode" strings as int pairs."""
+    pairs = []
+    for value in values:
+        prefill, sep, decode = value.partition(":")
+        if not (sep and prefill.isdigit() and decode.isdigit()):
+            raise ValueError(f"--budgets takes prefill:decode pairs of ints (e.g. 192:128), got {value!r}")
+        pairs.append((int(prefill), int(decode)))
+    return pairs
+
+
 def scoring_name(config: dict) -> str:
     rank = config.get("sketch_rank", 0)
     scores = config.get("sketch_scores", "attention")

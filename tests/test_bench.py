@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from scope_edge import ScopeLlama
-from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, chat_prompt, eog_tokens, free_running, logbook_prompt,
-                              run_bench, run_many, run_stock, save_results, vocabulary)
+from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, budget_pairs, chat_prompt, eog_tokens, free_running,
+                              logbook_prompt, run_bench, run_many, run_stock, save_results, vocabulary)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -129,6 +129,13 @@ def test_bad_config_names_the_numbers():
         BenchConfig(strategy="nope")
     with pytest.raises(ValueError, match="prompt_seed must be an int >= 0, got -1"):
         BenchConfig(prompt_seed=-1)
+
+
+def test_budget_pairs():
+    assert budget_pairs(["96:64", "192:128"]) == [(96, 64), (192, 128)]
+    for bad in ("96", "a:b", "96:64:1", ":64"):
+        with pytest.raises(ValueError, match=f"prefill:decode pairs of ints .*got '{bad}'"):
+            budget_pairs([bad])
 
 
 def test_run_many_takes_one_prompt():
