@@ -14,7 +14,6 @@ import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 
-import llama_cpp
 import numpy as np
 
 from . import memory, models
@@ -27,7 +26,7 @@ from .runtime.cache import Cache, CacheSettings
 from .runtime.context import N_BATCH, Context, check_kv_types, default_capture_layers, layer_flags
 from .runtime.generation import Chunk, Completion, FinishReason, Generation, GenerationStats, Limits
 from .runtime.model import Model
-from .runtime.sampling import GREEDY, Sampling, make_sampler
+from .runtime.sampling import GREEDY, Sampler, Sampling
 from .runtime.sketch import Sketch, SketchBasis, basis_for
 
 __all__ = ["ScopeLlama", "Chunk", "Completion", "FinishReason", "GenerationStats", "Sampling", "Sketch", "Limits"]
@@ -391,11 +390,11 @@ class ScopeLlama:
 
         def run() -> Iterator[Chunk]:
             gen = self._generation(prompt, limits.max_tokens, resume=resume)
-            sampler = make_sampler(sampling, self.model, ignore_eos=limits.ignore_eos, history=prompt)
+            sampler = Sampler(sampling, self.model, ignore_eos=limits.ignore_eos, history=prompt)
             try:
                 yield from gen.stream(prompt, limits, sampler)
             finally:
-                llama_cpp.llama_sampler_free(sampler)
+                sampler.close()
 
         return self._guard(run())
 

@@ -15,7 +15,7 @@ import pytest
 
 from scope_edge import Budget, Policy, Sampling, ScopeLlama
 from scope_edge.policies import H2O, LendPassed, Slide, SnapKV, build
-from scope_edge.runtime.sampling import GREEDY, RANDOM_SEED
+from scope_edge.runtime.sampling import GREEDY, RANDOM_SEED, Sampler
 
 T = 1  # n_threads: see tests/test_reliability.py
 REPO = Path(__file__).resolve().parents[1]
@@ -140,6 +140,34 @@ def test_default_sampling_equals_stock_greedy(model_path, llm):
     # temperature 0 is greedy whatever the filters and the seed
     filtered = Sampling(temperature=0.0, top_k=40, top_p=0.5, min_p=0.2, seed=3)
     assert llm.generate(PROMPT, max_tokens=max_tokens, sampling=filtered).tokens == none.tokens
+
+
+def test_greedy_argmax_equals_llama_cpps_greedy_sampler_with_eog_excluded(llm):
+    # Plain greedy is an argmax over the logits (Sampler's fast path). Check it
+    # against llama.cpp's own chain where it matters: a step whose argmax is
+    # the end-of-turn token, which ignore_eos must skip.
+    done = llm.generate(llm.render_chat([{"role": "user", "content": "What is 2+2?"}]), max_tokens=64)
+    assert done.finish_reason == "stop"  # the context's last logits now rank an EOG token first
+    ctx, model = llm.context, llm.model
+    before = ctx.logits()
+    eog = model.eog_tokens()
+    masked = before.copy()
+    masked[eog] = -np.inf
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    bias = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog])
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), bias))
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+    try:
+        theirs = llama_cpp.llama_sampler_sample(chain, ctx.ptr, -1)
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+    plain, skip = (Sampler(GREEDY, model, ignore_eos=flag, history=[]) for flag in (False, True))
+    try:
+        assert plain.draw(ctx.ptr) in eog and plain.draw(ctx.ptr) == int(np.argmax(before))
+        assert skip.draw(ctx.ptr) == theirs == int(np.argmax(masked)) and theirs not in eog
+    finally:
+        plain.close(), skip.close()
+    np.testing.assert_array_equal(ctx.logits(), before)  # the context's logits were not masked in place
 
 
 def test_same_seed_same_text_other_seed_other_text(llm):

@@ -38,7 +38,7 @@ from .cache import Cache, CacheSettings
 from .context import N_BATCH, Context, check_kv_types
 from .generation import Chunk, Generation, GenerationStats, Limits
 from .model import Model
-from .sampling import Sampling, make_sampler
+from .sampling import Sampler, Sampling
 from .sketch import Sketch, SketchBasis, basis_for
 
 log = logging.getLogger("scope_edge")
@@ -214,7 +214,7 @@ class SeqView:
     def decode(self, tokens: Sequence[int], positions: Sequence[int], *, want_logits: bool) -> None:
         self._logits_index = self.batcher.submit(self.seq, tokens, positions, want_logits=want_logits)
 
-    def sample(self, sampler: llama_cpp.llama_sampler_p) -> int:
+    def sample(self, sampler: Sampler) -> int:
         with self.batcher.lock:
             return self._ctx.sample(sampler, self._logits_index)
 
@@ -450,7 +450,7 @@ class BatchRunner:
 
     def _run(self, slot: Slot, gen: Generation, prompt: list[int], limits: Limits, sampling: Sampling,
              req: Request) -> None:
-        sampler = make_sampler(sampling, self.model, ignore_eos=limits.ignore_eos, history=prompt)
+        sampler = Sampler(sampling, self.model, ignore_eos=limits.ignore_eos, history=prompt)
         last: Item | None = None  # handed over once the slot is free, so a client's next turn finds it free
         try:
             for chunk in gen.stream(prompt, limits, sampler):
@@ -464,7 +464,7 @@ class BatchRunner:
                 log.exception("generation on slot %d failed", slot.seq)
             last = why
         finally:
-            llama_cpp.llama_sampler_free(sampler)
+            sampler.close()
             self.batcher.leave(slot.seq)
             self._release(slot)
             if last is not None:

@@ -64,9 +64,34 @@ class Session:
     """
 
     tokens: array[int] = field(default_factory=lambda: array("i"))
-    held_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    held_pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
     next_pos: int = 0
+    # held_index / held_pos live in the first _n entries of buffers that
+    # grow by doubling: a step appends in place instead of copying both
+    _index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
+    _pos: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32), repr=False)
+    _n: int = 0
+
+    @property
+    def held_index(self) -> np.ndarray:
+        return self._index[: self._n]
+
+    @property
+    def held_pos(self) -> np.ndarray:
+        return self._pos[: self._n]
+
+    def _keep(self, index: np.ndarray, pos: np.ndarray) -> None:
+        """Make (index, pos) the held tokens (both the same length)."""
+        self._n = 0
+        self._append(index, pos)
+
+    def _append(self, index: np.ndarray, pos: np.ndarray) -> None:
+        n = self._n + len(index)
+        if n > len(self._pos):
+            size = max(n, 2 * len(self._pos), 64)
+            self._index = np.resize(self._index[: self._n], size)
+            self._pos = np.resize(self._pos[: self._n], size)
+        self._index[self._n : n], self._pos[self._n : n] = index, pos
+        self._n = n
 
     def common_prefix(self, prompt: Sequence[int]) -> int:
         n = min(len(prompt), len(self.tokens))
@@ -81,8 +106,7 @@ class Session:
     def record(self, tokens: Sequence[int], positions: Sequence[int]) -> None:
         first = len(self.tokens)
         self.tokens.extend(tokens)
-        self.held_index = np.concatenate((self.held_index, np.arange(first, len(self.tokens), dtype=np.int64)))
-        self.held_pos = np.concatenate((self.held_pos, np.asarray(positions, dtype=np.int32)))
+        self._append(np.arange(first, len(self.tokens), dtype=np.int64), np.asarray(positions, dtype=np.int32))
         self.next_pos = int(positions[-1]) + 1
 
     def truncate(self, ctx: Context | SeqView, n: int) -> None:
@@ -90,21 +114,27 @@ class Session:
         if len(self.tokens) <= n:
             return
         cut = self.held_upto(n)
-        if cut < len(self.held_pos):
-            ctx.truncate(int(self.held_pos[cut]))
+        if cut < self._n:
+            ctx.truncate(int(self._pos[cut]))
         del self.tokens[n:]
-        self.held_index, self.held_pos = self.held_index[:cut], self.held_pos[:cut]
-        self.next_pos = int(self.held_pos[-1]) + 1 if cut else 0
+        self._n = cut
+        self.next_pos = int(self._pos[cut - 1]) + 1 if cut else 0
 
     def forget(self, evicted: np.ndarray) -> None:
-        kept = ~np.isin(self.held_pos, evicted, assume_unique=True)
-        self.held_index, self.held_pos = self.held_index[kept], self.held_pos[kept]
+        """Drop the held positions in evicted (any not held are ignored)."""
+        evicted = np.asarray(evicted, dtype=np.int32)
+        held = self.held_pos
+        if not len(evicted) or not len(held):
+            return
+        # held_pos is ascending: a binary search per evicted position, not np.isin's sort of both
+        at = np.minimum(np.searchsorted(held, evicted), len(held) - 1)
+        at = at[held[at] == evicted]
+        self._keep(np.delete(self.held_index, at), np.delete(held, at))
 
     def renumber(self, old: np.ndarray, new: np.ndarray) -> None:
         """Held position old[i] becomes new[i] (old: sorted; one not in it is no longer held)."""
         kept = np.isin(self.held_pos, old, assume_unique=True)
-        self.held_index = self.held_index[kept]
-        self.held_pos = new[np.searchsorted(old, self.held_pos[kept])].astype(np.int32)
+        self._keep(self.held_index[kept], new[np.searchsorted(old, self.held_pos[kept])])
 
 
 @dataclass

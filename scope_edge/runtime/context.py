@@ -16,6 +16,7 @@ from numba import carray, cfunc, types
 from ..hook import EVAL_CALLBACK, Capture, Hook
 from ..policies.checks import is_int
 from .model import Model
+from .sampling import Sampler
 from .sketch import SketchBasis
 
 N_BATCH = 512  # llama-cpp-python's default, so prefill matches stock ubatch for ubatch
@@ -229,9 +230,9 @@ class Context:
             llama_cpp.llama_set_n_threads(self.ptr, self._threads[0], want)
             self._threads_batch_now = want
 
-    def sample(self, sampler: llama_cpp.llama_sampler_p, index: int = -1) -> int:
+    def sample(self, sampler: Sampler, index: int = -1) -> int:
         """Draw a token with sampler from the logits of batch token index (-1: the last with logits)."""
-        return int(llama_cpp.llama_sampler_sample(sampler, self.ptr, index))
+        return sampler.draw(self.ptr, index)
 
     def synchronize(self) -> None:
         """Wait for the device to finish the decodes queued so far (llama_decode

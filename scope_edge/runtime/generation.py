@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import llama_cpp
 import numpy as np
 
 from ..policies import Policy
 from .cache import Plan, Session
 from .context import N_BATCH, Context
 from .model import Model
+from .sampling import Sampler
 from .text import TextStream
 
 log = logging.getLogger("scope_edge")
@@ -273,7 +273,7 @@ class Generation:
             self.feed(token, step)
             yield self.ctx.logits()
 
-    def stream(self, prompt: Sequence[int], limits: Limits, sampler: llama_cpp.llama_sampler_p) -> Iterator[Chunk]:
+    def stream(self, prompt: Sequence[int], limits: Limits, sampler: Sampler) -> Iterator[Chunk]:
         """Prefill, then sample until an end-of-generation token, a stop
         string or max_tokens; the last chunk carries the finish reason."""
         model = self.model

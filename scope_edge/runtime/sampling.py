@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import llama_cpp
+import numpy as np
 
 from ..policies.checks import is_int
 from .model import Model
@@ -77,8 +78,41 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def make_sampler(s: Sampling, model: Model, *, ignore_eos: bool, history: Sequence[int]) -> llama_cpp.llama_sampler_p:
-    """A llama.cpp sampler chain for s (free it with llama_sampler_free).
+class Sampler:
+    """One generation's token choice from a context's logits; close() it.
+
+    Plain greedy (temperature 0, no penalties) is an argmax over llama.cpp's
+    logits, end-of-generation tokens excluded under ignore_eos: the chain's
+    greedy sampler builds a candidate array of the whole vocabulary every
+    step, which measured 0.15 ms a step of 25. Ties go to the lowest token
+    id in both. Anything else runs llama.cpp's sampler chain."""
+
+    def __init__(self, s: Sampling, model: Model, *, ignore_eos: bool, history: Sequence[int]) -> None:
+        self._n_vocab = model.n_vocab
+        self._excluded = np.asarray(model.eog_tokens() if ignore_eos else [], dtype=np.int64)
+        argmax = s.temperature == 0 and not s.penalized
+        self._chain = None if argmax else _chain(s, model, excluded=self._excluded, history=history)
+
+    def draw(self, ctx: llama_cpp.llama_context_p, index: int = -1) -> int:
+        """The token for the logits of batch token index (-1: the last that has them)."""
+        if self._chain is not None:
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, index))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
+        token = int(np.argmax(logits))
+        if len(self._excluded) and token in self._excluded:
+            logits = logits.copy()  # the context's logits stay as llama.cpp wrote them
+            logits[self._excluded] = -np.inf
+            token = int(np.argmax(logits))
+        return token
+
+    def close(self) -> None:
+        if self._chain is not None:
+            llama_cpp.llama_sampler_free(self._chain)
+            self._chain = None
+
+
+def _chain(s: Sampling, model: Model, *, excluded: np.ndarray, history: Sequence[int]) -> llama_cpp.llama_sampler_p:
+    """llama.cpp's sampler chain for s, excluded tokens biased to -inf.
     history: the tokens before the first sampled one (the prompt), which the
     penalties count."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
@@ -86,10 +120,10 @@ def make_sampler(s: Sampling, model: Model, *, ignore_eos: bool, history: Sequen
     def add(sampler: llama_cpp.llama_sampler_p) -> None:
         llama_cpp.llama_sampler_chain_add(chain, sampler)
 
-    if ignore_eos:
-        eog = model.eog_tokens()
-        bias = (llama_cpp.llama_logit_bias * len(eog))(*[llama_cpp.llama_logit_bias(t, float("-inf")) for t in eog])
-        add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(eog), bias))
+    if len(excluded):
+        bias = (llama_cpp.llama_logit_bias * len(excluded))(
+            *[llama_cpp.llama_logit_bias(int(t), float("-inf")) for t in excluded])
+        add(llama_cpp.llama_sampler_init_logit_bias(model.n_vocab, len(excluded), bias))
     if s.penalized:
         add(llama_cpp.llama_sampler_init_penalties(model.n_vocab, s.repeat_last_n, s.repeat_penalty,
                                                    s.frequency_penalty, s.presence_penalty))
