@@ -9,7 +9,8 @@ device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
 (1, 2, 4 conversations served together), ordered.py (the ordered task suite;
 again with key sketches), fidelity.py with key sketches (one prompt, then five),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
-attention on and off, CPU and RPC device; memory at 4096 + 4096), plots.py. --quick uses small sizes to check the pipeline end to end.
+attention on and off, CPU and RPC device; memory at 4096 + 4096), plots.py, then
+report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main() -> None:
             extra += ["--results", str(results)] if script == "plots.py" else ["--out", str(results / name)]
         print(f"== {script} {' '.join(extra)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *extra], check=True)
+    subprocess.run([sys.executable, str(HERE / "report.py"), "--results", str(results),
+                    "--out", str(results / "RESULTS.md")], check=True)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,25 @@ int32_t scope_hook_capture_gather(const scope_hook * hook, const int32_t * cells
 int32_t scope_hook_capture_gather_seq(const scope_hook * hook, int32_t seq, const int32_t * cells, int32_t n,
                                       float * out, int64_t capacity, int32_t * rows_out);
 
+/* scope_hook_capture_gather_seq with the heads reduced: out is laid out
+ * [n_layer][n], each entry the sum (reduce SCOPE_HOOK_HEADS_SUM) or the
+ * maximum (SCOPE_HOOK_HEADS_MAX) over the layer's heads of the cell's sums.
+ * A ninth of the floats written for a policy that reduces heads anyway. */
+enum scope_hook_heads {
+    SCOPE_HOOK_HEADS_SUM = 0,
+    SCOPE_HOOK_HEADS_MAX = 1,
+};
+int32_t scope_hook_capture_reduce_seq(const scope_hook * hook, int32_t seq, const int32_t * cells, int32_t n,
+                                      int32_t reduce, float * out, int64_t capacity, int32_t * rows_out);
+
+/* The cells sequence seq holds at positions >= min_pos, in position order:
+ * their indices into cells_out and their positions into pos_out (both
+ * capacity entries, capacity >= the cells found). Returns how many, or
+ * SCOPE_HOOK_E_ARG. What a capture is gathered over, without a sort in
+ * the caller. */
+int32_t scope_hook_held_seq(const scope_hook * hook, int32_t seq, int32_t min_pos, int32_t * cells_out,
+                            int32_t * pos_out, int32_t capacity);
+
 /* Copy the position held by each cell (-1: empty) into out[n_cells]. */
 int32_t scope_hook_cells(const scope_hook * hook, int32_t * out, int32_t n_cells);
 /* Copy the sequence of each cell (-1: empty) into out[n_cells]. */

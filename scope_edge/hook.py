@@ -59,6 +59,11 @@ def _load() -> ctypes.CDLL:
         "scope_hook_capture_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_capture_gather_seq": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
+        "scope_hook_capture_reduce_seq": (
+            ctypes.c_int32,
+            [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
+        "scope_hook_held_seq": (
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, _i32p, _i32p, ctypes.c_int32]),
         "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
         "scope_hook_cell_seqs": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
         "scope_hook_visible_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _i32p]),
@@ -103,6 +108,9 @@ EVAL_CALLBACK = llama_cpp.ggml_backend_sched_eval_callback(
 )
 
 
+# enum scope_hook_heads: how capture(head_reduce=) reduces a layer's heads
+HEAD_REDUCTIONS = {"sum": 0, "max": 1}
+
 # enum scope_hook_score: what a sketch-scored capture adds per cell
 SKETCH_SCORES = {"attention": 0, "keydiff": 1, "knorm": 2}
 
@@ -117,7 +125,8 @@ class Capture:
 
     positions: sorted int32 positions held now.
     attn: float32 [n_layer, n_head, len(positions)], each entry the sum of the
-        captured query rows' attention probabilities on that position's cell.
+        captured query rows' attention probabilities on that position's cell
+        ([n_layer, 1, len(positions)] when captured with head_reduce).
     rows: query rows summed per layer.
     """
 
@@ -199,23 +208,36 @@ class Hook:
         return cells
 
     def positions(self, *, seq: int = 0) -> np.ndarray:
-        cells = self.seq_cells(seq)
-        return np.sort(cells[cells >= 0])
+        """Sorted positions held by seq."""
+        return self.held(seq=seq)[1]
 
-    def _held(self, seq: int, min_pos: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(seq_cells(seq), the cells seq holds at positions >= min_pos, int32 in position order)."""
-        cells = self.seq_cells(seq)
-        held = np.flatnonzero(cells >= min_pos)
-        return cells, np.ascontiguousarray(held[np.argsort(cells[held], kind="stable")], dtype=np.int32)
+    def held(self, min_pos: int = 0, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(the cells seq holds at positions >= min_pos, their positions),
+        both int32 in position order."""
+        cells = np.empty(self.n_cells, dtype=np.int32)
+        pos = np.empty(self.n_cells, dtype=np.int32)
+        n = self._check(_lib.scope_hook_held_seq(self._ptr, seq, min_pos, _i32(cells), _i32(pos), self.n_cells))
+        return cells[:n], pos[:n]
 
-    def capture(self, min_pos: int = 0, *, seq: int = 0) -> Capture:
+    def capture(self, min_pos: int = 0, *, seq: int = 0, head_reduce: str | None = None) -> Capture:
         """What was captured for seq since its last arm, for its held
-        positions >= min_pos, in position order."""
-        cells, order = self._held(seq, min_pos)
-        attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
-        self._check(_lib.scope_hook_capture_gather_seq(
-            self._ptr, seq, _i32(order), len(order), attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows)))
-        return Capture(cells[order], attn, self._rows.copy())
+        positions >= min_pos, in position order. head_reduce "sum" or
+        "max": attn comes with each layer's heads reduced so, shape
+        [n_layer, 1, n] (max exact, sum to float32 rounding)."""
+        order, positions = self.held(min_pos, seq=seq)
+        if head_reduce is None:
+            attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
+            rc = _lib.scope_hook_capture_gather_seq(self._ptr, seq, _i32(order), len(order),
+                                                    attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows))
+        elif head_reduce in HEAD_REDUCTIONS:
+            attn = np.empty((self.n_layer, 1, len(order)), dtype=np.float32)
+            rc = _lib.scope_hook_capture_reduce_seq(self._ptr, seq, _i32(order), len(order),
+                                                    HEAD_REDUCTIONS[head_reduce], attn.ctypes.data_as(_f32p),
+                                                    attn.size, _i32(self._rows))
+        else:
+            raise ValueError(f"head_reduce must be None or one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
+        self._check(rc)
+        return Capture(positions, attn, self._rows.copy())
 
     def visible(self, *, seq: int = 0) -> tuple[np.ndarray, int]:
         """(cells seq's latest query row could see, attention width n_kv),
@@ -278,21 +300,21 @@ class Hook:
     def sketches(self, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(sorted held positions of seq, their sketches float32 [n_layer,
         n_head_kv, n, rank]), brought up to date. Between decodes."""
-        cells, order = self._held(seq)
+        order, positions = self.held(seq=seq)
         n_head_kv, rank, _ = self._sketch_shape
         out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
         self._check(_lib.scope_hook_sketch_gather_seq(
             self._ptr, seq, _i32(order), len(order), out.ctypes.data_as(_f32p), out.size))
-        return cells[order], out
+        return positions, out
 
     def keys(self, layer: int, n_embd: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(sorted held positions of seq, layer's keys of those cells float32
         [n, n_embd] as the attention reads them). Between decodes."""
-        cells, order = self._held(seq)
+        order, positions = self.held(seq=seq)
         out = np.empty((len(order), n_embd), dtype=np.float32)
         self._check(_lib.scope_hook_keys(self._ptr, layer, _i32(order), len(order), out.ctypes.data_as(_f32p),
                                          out.size))
-        return cells[order], out
+        return positions, out
 
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) since the hook was created; on a device

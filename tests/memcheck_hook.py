@@ -14,7 +14,8 @@ ScopeLlama and the Hook binding, in parts:
   chunked     chunked prefill over several ubatches, then shift (positions
               re-indexed past a low position_limit);
   api         cells, visible, evict (runs, singles, refusals), a captured
-              multi-token decode, truncate, shift, clear, calls out of order;
+              multi-token decode (gathered per head and heads reduced), held,
+              truncate, shift, clear, calls out of order;
   flash       the error path of a graph without kq_soft_max (flash attention on);
   hooks       many hooks created and freed, and a closed hook.
 
@@ -98,6 +99,9 @@ def part_api(model: str) -> None:
             ctx.decode(prompt[:5], list(range(nxt, nxt + 5)), want_logits=True)
             cap = ctx.capture()
         print("captured rows:", int(cap.rows[0]), "over", len(cap.positions), "cells")
+        for reduce in ("max", "sum"):  # heads reduced natively, over every held cell and a tail
+            ctx.capture(head_reduce=reduce), ctx.capture(nxt, head_reduce=reduce)
+        ctx.held(), ctx.held(10**9)
         ctx.truncate(200)
         ctx.shift(0, 200, 5)
         ctx.clear()

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -168,6 +169,41 @@ def test_greedy_argmax_equals_llama_cpps_greedy_sampler_with_eog_excluded(llm):
     finally:
         plain.close(), skip.close()
     np.testing.assert_array_equal(ctx.logits(), before)  # the context's logits were not masked in place
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PerHeadSlide(Slide):
+    @property
+    def head_reduction(self) -> str | None:
+        return None  # as a policy that reads each head would: the runtime passes every head
+
+
+@dataclass(kw_only=True)
+class _PerHeadH2O(H2O):
+    @property
+    def head_reduction(self) -> str | None:
+        return None
+
+
+@pytest.mark.parametrize("head_reduce", ["max", "sum"])
+def test_policies_that_reduce_heads_get_them_reduced_and_evict_the_same(model_path, head_reduce):
+    # Built-in strategies declare head_reduction, so a decode step's capture
+    # comes with the heads reduced natively; the same policy taking every
+    # head must hold the same cells after every step and write the same text.
+    for decode, per_head in [(Slide(decode=24, recent=8, head_reduce=head_reduce),
+                              _PerHeadSlide(decode=24, recent=8, head_reduce=head_reduce)),
+                             (H2O(total=72, recent=8, head_reduce=head_reduce),
+                              _PerHeadH2O(total=72, recent=8, head_reduce=head_reduce))]:
+        lend = None if decode.unified else LendPassed(protected=8, head_reduce=head_reduce)
+        runs = []
+        for d in (decode, per_head):
+            policy = Policy(prefill=SnapKV(budget=48, window=8, head_reduce=head_reduce), decode=d, lend=lend)
+            with ScopeLlama(model_path, policy=policy, n_threads=T) as m:
+                runs.append(_steps(m, PROMPT, 60))
+        assert decode.head_reduction == head_reduce and per_head.head_reduction is None
+        (tokens, held, stats), (tokens2, held2, stats2) = runs
+        assert stats.evicted_cells > 0 and stats.captured_steps > 0
+        assert held == held2 and tokens == tokens2
 
 
 def test_same_seed_same_text_other_seed_other_text(llm):

@@ -139,6 +139,30 @@ def test_evicted_cells_are_invisible_and_reused(model_path):
         assert not set(evict.tolist()) & set(llm.kv_positions().tolist())
 
 
+def test_held_cells_come_in_position_order_after_reuse_and_shifts(model_path):
+    # capture() lays cells out by position; the hook sorts them (a radix sort
+    # over as many bytes as the largest position needs). Make cell order and
+    # position order differ, and positions need three bytes.
+    with ScopeLlama(model_path, n_ctx=1024) as llm:
+        prompt = llm.tokenize(_text_of(600))
+        llm.generate(prompt, max_tokens=2)
+        ctx = llm.context
+        ctx.evict(np.arange(10, 300, 7, dtype=np.int32))
+        nxt = int(llm.kv_positions()[-1]) + 1
+        ctx.decode(prompt[:40], range(nxt, nxt + 40), want_logits=True)  # the new tokens fill the holes
+        ctx.shift(200, nxt + 40, 70_000)
+        cells = ctx.cells()
+        for min_pos in (0, 150, 70_000, 70_000 + nxt + 39, 10**9):
+            idx, pos = ctx.held(min_pos)
+            np.testing.assert_array_equal(cells[idx], pos)
+            np.testing.assert_array_equal(pos, np.sort(cells[cells >= min_pos]))
+            assert (np.diff(pos) > 0).all()
+        idx, pos = ctx.held()
+        assert (np.diff(idx) < 0).any() and pos[-1] > 65_536  # the sort had work to do
+        np.testing.assert_array_equal(ctx.positions(), pos)
+        np.testing.assert_array_equal(llm.kv_positions(), pos)
+
+
 def test_session_step_costs_follow_the_held_cells_not_the_history():
     # Regression (issue #14.3): every eviction rebuilt Python lists over every
     # token ever fed. Now a step allocates in the cells held (64 here), and the
@@ -233,6 +257,29 @@ def test_captured_rows_sum_to_one_per_head_and_layer(model_path):
         np.testing.assert_allclose(cap.attn.sum(axis=2), 8.0, atol=1e-3)
         # causal: no captured row attends to a later position
         assert cap.attn[:, :, cap.positions > nxt + 40].sum() == 0
+
+
+def test_capture_with_heads_reduced_natively_equals_reducing_the_full_capture(model_path):
+    with ScopeLlama(model_path, n_ctx=1024) as llm:
+        prompt = llm.tokenize(_text_of(600))
+        llm.generate(prompt, max_tokens=2)
+        ctx = llm.context
+        ctx.evict(np.arange(20, 200, 3, dtype=np.int32))  # cell order != position order
+        nxt = int(llm.kv_positions()[-1]) + 1
+        with ctx.capturing(nxt - 5):  # several rows: the heads' sums are reduced, as aggregate() does
+            ctx.decode(prompt[:6], range(nxt, nxt + 6), want_logits=True)
+        for min_pos in (0, 300):
+            full = ctx.capture(min_pos)
+            top, total = ctx.capture(min_pos, head_reduce="max"), ctx.capture(min_pos, head_reduce="sum")
+            n = len(full.positions)
+            assert top.attn.shape == total.attn.shape == (llm.model.n_layer, 1, n)
+            np.testing.assert_array_equal(top.positions, full.positions)
+            np.testing.assert_array_equal(top.rows, full.rows)
+            np.testing.assert_array_equal(top.attn[:, 0], full.attn.max(axis=1))  # max is exact
+            np.testing.assert_allclose(total.attn[:, 0], full.attn.sum(axis=1), rtol=1e-6, atol=1e-9)
+            assert top.attn.max() > 0
+        with pytest.raises(ValueError, match="head_reduce must be None or one of"):
+            ctx.capture(head_reduce="mean")
 
 
 def test_full_cache_is_token_identical_to_stock(model_path):

@@ -123,6 +123,14 @@ class DecodeStrategy(ABC):
         prompt). n_held counts the eligible cells once this step's token is in.
         keep leaves room for the next token: the next step sees keep + 1."""
 
+    @property
+    def head_reduction(self) -> str | None:
+        """"sum" or "max" when this strategy reads attention only through
+        aggregate(attn, head_reduce=that): the runtime may then hand it attn
+        with each layer's heads already reduced, [n_layer, 1, n] (a ninth of
+        the data, reduced natively). None (the default): every head."""
+        return None
+
     def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
         """Called with every captured score (prefill included), in order."""
 

@@ -77,6 +77,10 @@ class H2O(UnifiedDecode, ScoredDecode):
         require_head_reduce("H2O", self.head_reduce)
 
     @property
+    def head_reduction(self) -> str | None:
+        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
+
+    @property
     def protected(self) -> int:
         return self.recent
 

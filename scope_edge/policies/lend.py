@@ -56,6 +56,14 @@ class Lend(ABC):
         require_int(owner, "protected", self.protected, lo=1)
         require_head_reduce(owner, self.head_reduce)
 
+    @property
+    def head_reduction(self) -> str | None:
+        """"sum" or "max" when this lend reads attention only through
+        aggregate(attn, head_reduce=that): the runtime may then hand it attn
+        with each layer's heads already reduced, [n_layer, 1, n] (a ninth of
+        the data, reduced natively). None (the default): every head."""
+        return None
+
     def bind(self, room: int) -> Lend:
         """A fresh copy for one generation whose decode phase has `room` cells."""
         require_int(f"{type(self).__name__}.bind", "room", room, lo=1)
@@ -96,6 +104,10 @@ class LendRecent(Lend):
 
     name: ClassVar[str] = "recent"
 
+    @property
+    def head_reduction(self) -> str | None:
+        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
+
     def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
         return aggregate(attn, head_reduce=self.head_reduce)
 
@@ -114,6 +126,10 @@ class LendAccumulated(Lend):
     decode step so far (H2O's rule, over the output's queries only)."""
 
     name: ClassVar[str] = "accumulated"
+
+    @property
+    def head_reduction(self) -> str | None:
+        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
 
     _positions: np.ndarray = field(default_factory=_no_positions, init=False, repr=False, compare=False)
     _scores: np.ndarray = field(default_factory=_no_scores, init=False, repr=False, compare=False)

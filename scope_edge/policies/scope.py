@@ -40,6 +40,10 @@ class ScopeDecode(ScoredDecode):
         require_head_reduce(owner, self.head_reduce)
 
     @property
+    def head_reduction(self) -> str | None:
+        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
+
+    @property
     def protected(self) -> int:
         return self.recent
 

@@ -237,9 +237,9 @@ class SeqView:
             with self.batcher.lock:
                 cm.__exit__(None, None, None)
 
-    def capture(self, min_pos: int = 0) -> Capture:
+    def capture(self, min_pos: int = 0, *, head_reduce: str | None = None) -> Capture:
         with self.batcher.lock:
-            return self._ctx.capture(min_pos, seq=self.seq)
+            return self._ctx.capture(min_pos, seq=self.seq, head_reduce=head_reduce)
 
     def transfers(self) -> tuple[int, int]:
         with self.batcher.lock:

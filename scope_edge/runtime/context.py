@@ -256,9 +256,11 @@ class Context:
         finally:
             self._hook.arm(None, seq=seq)
 
-    def capture(self, min_pos: int = 0, *, seq: int = 0) -> Capture:
-        """What the last capturing() block of seq captured, for its held positions >= min_pos."""
-        return self._hook.capture(min_pos, seq=seq)
+    def capture(self, min_pos: int = 0, *, seq: int = 0, head_reduce: str | None = None) -> Capture:
+        """What the last capturing() block of seq captured, for its held
+        positions >= min_pos; head_reduce "sum" or "max" reduces each
+        layer's heads natively (attn [n_layer, 1, n])."""
+        return self._hook.capture(min_pos, seq=seq, head_reduce=head_reduce)
 
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) by the hook so far; on a device, transfers to the host."""
@@ -304,6 +306,11 @@ class Context:
     def positions(self, *, seq: int = 0) -> np.ndarray:
         """Sorted positions held by seq."""
         return self._hook.positions(seq=seq)
+
+    def held(self, min_pos: int = 0, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(the cells seq holds at positions >= min_pos, their positions),
+        int32, in position order: the order capture() lays cells out in."""
+        return self._hook.held(min_pos, seq=seq)
 
     def visible(self, *, seq: int = 0) -> tuple[np.ndarray, int]:
         """(cells seq's latest query row could see, attention width n_kv),

@@ -114,6 +114,7 @@ class Generation:
         self.prompt_floor = 0  # prompt cells kept once the output needs its whole room
         self.n_lent = 0  # prompt cells held above prompt_floor (Policy.lend)
         self.transfers_before = ctx.transfers()
+        self.head_reduce = _decode_head_reduction(plan.policy)
         # Positions past the limit are re-indexed under a policy; the full
         # cache behaves as stock and simply runs on.
         self.pos_limit = position_limit if plan.policy is not None else 2**31 - 1
@@ -238,7 +239,7 @@ class Generation:
         decode = self.policy.decode
         eligible = 0 if decode.unified else self.gen_start  # SCOPE: only generated cells
         if captured:
-            cap = self.ctx.capture(min_pos=0 if self.n_lent else eligible)
+            cap = self.ctx.capture(min_pos=0 if self.n_lent else eligible, head_reduce=self.head_reduce)
             positions, attn = cap.positions, cap.attn
         else:
             positions, attn = self.ctx.positions(), None
@@ -315,6 +316,17 @@ class Generation:
         reads, size = self.ctx.transfers()
         st.hook_reads, st.hook_bytes_read = reads - self.transfers_before[0], size - self.transfers_before[1]
         return Chunk(piece, token, reason, st)
+
+
+def _decode_head_reduction(policy: Policy | None) -> str | None:
+    """The head reduction a decode step's capture can be handed over in: the
+    decode strategy's, if the lend (which reads the same capture) has the same."""
+    if policy is None:
+        return None
+    reduce = policy.decode.head_reduction
+    if policy.lend is not None and policy.lend.head_reduction != reduce:
+        return None
+    return reduce
 
 
 class PositionLimit(Exception):
