@@ -855,6 +855,16 @@ static bool bad_seq(const scope_hook * h, int32_t seq) {
     return seq < 0 || seq >= h->n_seq;
 }
 
+/* Index of the first of cells[0..n) that is out of range or not held by seq; -1 if none. */
+static int32_t first_not_held(const scope_hook * h, int32_t seq, const int32_t * cells, int32_t n) {
+    for (int32_t i = 0; i < n; i++) {
+        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_seq[cells[i]] != seq) {
+            return i;
+        }
+    }
+    return -1;
+}
+
 int32_t scope_hook_begin(scope_hook * h, const int32_t * positions, int32_t n_tokens) {
     return scope_hook_begin_seqs(h, positions, NULL, n_tokens);
 }
@@ -1014,10 +1024,8 @@ int32_t scope_hook_capture_gather_seq(const scope_hook * h, int32_t seq, const i
         capacity < (int64_t) h->n_layer * h->n_head * n) {
         return SCOPE_HOOK_E_ARG;
     }
-    for (int32_t i = 0; i < n; i++) {
-        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_seq[cells[i]] != seq) {
-            return SCOPE_HOOK_E_ARG;
-        }
+    if (first_not_held(h, seq, cells, n) >= 0) {
+        return SCOPE_HOOK_E_ARG;
     }
     for (int32_t lh = 0; lh < h->n_layer * h->n_head; lh++) {
         const float * src = h->acc + (size_t) lh * h->n_cells;
@@ -1038,10 +1046,8 @@ int32_t scope_hook_capture_reduce_seq(const scope_hook * h, int32_t seq, const i
         (reduce != SCOPE_HOOK_HEADS_SUM && reduce != SCOPE_HOOK_HEADS_MAX)) {
         return SCOPE_HOOK_E_ARG;
     }
-    for (int32_t i = 0; i < n; i++) {
-        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_seq[cells[i]] != seq) {
-            return SCOPE_HOOK_E_ARG;
-        }
+    if (first_not_held(h, seq, cells, n) >= 0) {
+        return SCOPE_HOOK_E_ARG;
     }
     /* Reduce each layer's heads along the rows (contiguous, vectorisable),
      * then gather the n cells from the one reduced row: a ninth of the
@@ -1445,10 +1451,9 @@ int32_t scope_hook_sketch_gather_seq(scope_hook * h, int32_t seq, const int32_t 
         return h ? fail(h, SCOPE_HOOK_E_ARG, "sketch_gather: sketches not set, inside a decode, or bad arguments "
                         "(sequence %d, n=%d, capacity %lld)", seq, n, (long long) capacity) : SCOPE_HOOK_E_ARG;
     }
-    for (int32_t i = 0; i < n; i++) {
-        if (cells[i] < 0 || cells[i] >= h->n_cells || h->cell_seq[cells[i]] != seq) {
-            return fail(h, SCOPE_HOOK_E_ARG, "sketch_gather: cell %d is not held by sequence %d", cells[i], seq);
-        }
+    const int32_t bad = first_not_held(h, seq, cells, n);
+    if (bad >= 0) {
+        return fail(h, SCOPE_HOOK_E_ARG, "sketch_gather: cell %d is not held by sequence %d", cells[bad], seq);
     }
     h->err = SCOPE_HOOK_OK;
     for (int32_t il = 0; il < h->n_layer; il++) {

@@ -75,7 +75,29 @@ class StepPlan:
     capture: bool
 
 
-class DecodeStrategy(ABC):
+class ReadsAttention:
+    """What a reader of captured attention (a decode strategy, a lend rule)
+    tells the runtime about how it reads it."""
+
+    @property
+    def head_reduction(self) -> str | None:
+        """"sum" or "max" when this reads attention only through
+        aggregate(attn, head_reduce=that): the runtime may then hand it attn
+        with each layer's heads already reduced, [n_layer, 1, n] (a ninth of
+        the data, reduced natively). None (the default): every head."""
+        return None
+
+
+class ReducesHeads(ReadsAttention):
+    """For a reader whose every read of attn is
+    aggregate(attn, head_reduce=self.head_reduce) (its field)."""
+
+    @property
+    def head_reduction(self) -> str | None:
+        return self.head_reduce  # type: ignore[attr-defined]  # the subclass's dataclass field
+
+
+class DecodeStrategy(ReadsAttention, ABC):
     """Chooses the cells kept while decoding.
 
     unified=False: only generated tokens are eligible (SCOPE; the prompt cells
@@ -122,14 +144,6 @@ class DecodeStrategy(ABC):
         """Plan decode step `step` (1 for the first token fed after the
         prompt). n_held counts the eligible cells once this step's token is in.
         keep leaves room for the next token: the next step sees keep + 1."""
-
-    @property
-    def head_reduction(self) -> str | None:
-        """"sum" or "max" when this strategy reads attention only through
-        aggregate(attn, head_reduce=that): the runtime may then hand it attn
-        with each layer's heads already reduced, [n_layer, 1, n] (a ninth of
-        the data, reduced natively). None (the default): every head."""
-        return None
 
     def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
         """Called with every captured score (prefill included), in order."""

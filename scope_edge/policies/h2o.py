@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import EMPTY, StepPlan, UnifiedDecode
+from .base import EMPTY, ReducesHeads, StepPlan, UnifiedDecode
 from .checks import require_head_reduce, require_int
 from .kernels import carry_scores
 from .scored import ScoredDecode, ScoredPrefill
@@ -54,7 +54,7 @@ def _empty_positions() -> np.ndarray:
 
 
 @dataclass(kw_only=True)
-class H2O(UnifiedDecode, ScoredDecode):
+class H2O(ReducesHeads, UnifiedDecode, ScoredDecode):
     """Unified H2O baseline: prompt and generated cells share `total` cells;
     each cell's score is its attention accumulated over every observed step
     (the prompt's rows included).
@@ -75,10 +75,6 @@ class H2O(UnifiedDecode, ScoredDecode):
         super().__post_init__()
         require_int("H2O", "recent", self.recent, lo=1, hi=self.total - 1)
         require_head_reduce("H2O", self.head_reduce)
-
-    @property
-    def head_reduction(self) -> str | None:
-        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
 
     @property
     def protected(self) -> int:

@@ -21,14 +21,14 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import EMPTY
+from .base import EMPTY, ReadsAttention, ReducesHeads
 from .checks import require_head_reduce, require_int
 from .kernels import carry_scores
 from .scores import aggregate, evict_lowest, nothing_to_evict, require_attn
 
 
 @dataclass(kw_only=True)
-class Lend(ABC):
+class Lend(ReadsAttention, ABC):
     """How many prompt cells are on loan, and which go back first.
 
     room: decode cells of the allocation, filled in by bind()
@@ -55,14 +55,6 @@ class Lend(ABC):
         require_int(owner, "sinks", self.sinks, lo=0)
         require_int(owner, "protected", self.protected, lo=1)
         require_head_reduce(owner, self.head_reduce)
-
-    @property
-    def head_reduction(self) -> str | None:
-        """"sum" or "max" when this lend reads attention only through
-        aggregate(attn, head_reduce=that): the runtime may then hand it attn
-        with each layer's heads already reduced, [n_layer, 1, n] (a ninth of
-        the data, reduced natively). None (the default): every head."""
-        return None
 
     def bind(self, room: int) -> Lend:
         """A fresh copy for one generation whose decode phase has `room` cells."""
@@ -99,14 +91,10 @@ class Lend(ABC):
 
 
 @dataclass(kw_only=True)
-class LendRecent(Lend):
+class LendRecent(ReducesHeads, Lend):
     """Give back the prompt cell the current step attends to least (TOVA's rule)."""
 
     name: ClassVar[str] = "recent"
-
-    @property
-    def head_reduction(self) -> str | None:
-        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
 
     def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
         return aggregate(attn, head_reduce=self.head_reduce)
@@ -121,15 +109,11 @@ def _no_scores() -> np.ndarray:
 
 
 @dataclass(kw_only=True)
-class LendAccumulated(Lend):
+class LendAccumulated(ReducesHeads, Lend):
     """Give back the prompt cell with the least attention summed over every
     decode step so far (H2O's rule, over the output's queries only)."""
 
     name: ClassVar[str] = "accumulated"
-
-    @property
-    def head_reduction(self) -> str | None:
-        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
 
     _positions: np.ndarray = field(default_factory=_no_positions, init=False, repr=False, compare=False)
     _scores: np.ndarray = field(default_factory=_no_scores, init=False, repr=False, compare=False)

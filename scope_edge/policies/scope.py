@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .base import ReducesHeads
 from .checks import require_head_reduce, require_int
 from .scored import ScoredDecode
 from .scores import aggregate
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScopeDecode(ScoredDecode):
+class ScopeDecode(ReducesHeads, ScoredDecode):
     """Keep the last `recent` generated cells plus the older ones the current
     step attends to most (scores of this step only, not accumulated).
 
@@ -38,10 +39,6 @@ class ScopeDecode(ScoredDecode):
         require_int(owner, "decode", self.decode, lo=2)
         require_int(owner, "recent", self.recent, lo=1, hi=self.decode)
         require_head_reduce(owner, self.head_reduce)
-
-    @property
-    def head_reduction(self) -> str | None:
-        return self.head_reduce  # every read of attn is aggregate(head_reduce=self.head_reduce)
 
     @property
     def protected(self) -> int:
