@@ -46,19 +46,21 @@ class Variant:
     name: str
     selector: str = "snapkv"
     head_reduce: str = "sum"
-    kernel: int = 7
+    kernel: int = 1
+    lookback: int = 6  # SnapKV's defaults; kernel 7, lookback 0 is the paper's pooling
     observation_window: int = 8
     first_layer: int = 0  # layers below this do not vote
 
 
 VARIANTS = [
-    Variant("snapkv sum w8 (paper)"),
+    Variant("snapkv sum w8 (paper)", kernel=7, lookback=0),
     Variant("snapkv max w8", head_reduce="max"),
     Variant("snapkv sum w32", observation_window=32),
     Variant("snapkv max w32 (default)", head_reduce="max", observation_window=32),
     Variant("snapkv max w16", head_reduce="max", observation_window=16),
-    Variant("snapkv max w32 pool 15", head_reduce="max", observation_window=32, kernel=15),
-    Variant("snapkv max w32 pool 1", head_reduce="max", observation_window=32, kernel=1),
+    Variant("snapkv max w32 pool 7 centred (paper)", head_reduce="max", observation_window=32, kernel=7, lookback=0),
+    Variant("snapkv max w32 pool 15", head_reduce="max", observation_window=32, kernel=15, lookback=0),
+    Variant("snapkv max w32 pool 1", head_reduce="max", observation_window=32, kernel=1, lookback=0),
     Variant("snapkv max w32 layers 2+", head_reduce="max", observation_window=32, first_layer=2),
     Variant("snapkv max w32 upper half", head_reduce="max", observation_window=32, first_layer=15),
     Variant("h2o sum", selector="h2o"),
@@ -87,7 +89,7 @@ def variant_policy(v: Variant, prefill: int, decode: int) -> Policy:
         return policy
     snap = policy.prefill
     # budget= is what makes it evict: a SnapKV without one keeps every prompt cell
-    return Policy(prefill=LayerSnapKV(budget=snap.budget, window=snap.window, kernel=v.kernel,
+    return Policy(prefill=LayerSnapKV(budget=snap.budget, window=snap.window, kernel=v.kernel, lookback=v.lookback,
                                       head_reduce=v.head_reduce, first_layer=v.first_layer),
                   decode=policy.decode)
 

@@ -77,7 +77,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scope_edge import Budget, ScopeLlama, Sketch, models
+from scope_edge import Budget, ScopeLlama, Sketch, memory, models
 from scope_edge.bench import SYSTEM_PROMPT, machine, save_results, scoring_fields
 
 log = logging.getLogger("bench.ordered")
@@ -250,9 +250,11 @@ def held_fraction(held: set[int], keys: list[list[int]]) -> list[float]:
 
 
 # -- runs ------------------------------------------------------------------------
-def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]], max_tokens: int) -> dict:
+def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]], max_tokens: int, *,
+            bytes_per_cell: int) -> dict:
     """One greedy generation, streamed to see which key tokens the cache holds
-    at the first output token and as each numbered output line starts."""
+    at the first output token and as each numbered output line starts.
+    bytes_per_cell: KV bytes of one cell in llm's cache types."""
     t0 = time.perf_counter()
     pieces: list[str] = []
     kept_start: list[float] | None = None
@@ -287,7 +289,7 @@ def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]
     return {"score": sum(hits) / len(hits), "items_hit": [int(h) for h in hits], "n_items": len(hits),
             "generated_tokens": st.generated_tokens, "finish_reason": last.finish_reason,
             "kv_cells_allocated": st.kv_cells_allocated, "kv_cells_peak": st.kv_cells_peak,
-            "key_kept_start": [round(x, 3) for x in kept_start or []],
+            "kv_bytes_peak": st.kv_cells_peak * bytes_per_cell, "key_kept_start": [round(x, 3) for x in kept_start or []],
             "key_held_at_line": [None if x is None else round(x, 3) for x in at_line],
             "seconds": round(time.perf_counter() - t0, 2), "text": text}
 
@@ -312,9 +314,12 @@ def variant(name: str) -> dict[str, object]:
 
 
 def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, decode: int,
-        max_factor: float) -> dict:
+        max_factor: float, type_k: str = "f16") -> dict:
+    """type_k: the compressed runs' K cache type (the full cache stays f16, as stock)."""
     path = str(models.fetch())
     budget = Budget(prefill=prefill, decode=decode)
+    geometry = memory.read_geometry(path)
+    full_cell, our_cell = memory.bytes_per_cell(geometry, "f16", "f16"), memory.bytes_per_cell(geometry, type_k, "f16")
     t_start = time.perf_counter()
     tasks: list[dict] = []
     runs: list[dict] = []
@@ -331,16 +336,17 @@ def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, d
             f"{t['size']}x/{t['seed']}: {len(t['tokens'])} tok, {len(t['task'].items)} items, "
             f"{t['task'].fields} fields" for t in tasks))
         for t in tasks:
-            r = run_one(full, t["task"], t["tokens"], t["keys"], t["max_tokens"])
+            r = run_one(full, t["task"], t["tokens"], t["keys"], t["max_tokens"], bytes_per_cell=full_cell)
             t["full"] = r
             runs.append({"strategy": FULL, "size": t["size"], "seed": t["seed"], **r})
             log.info("full %dx seed %d: score %.2f, %d tokens, %s, %.0f s", t["size"], t["seed"], r["score"],
                      r["generated_tokens"], r["finish_reason"], r["seconds"])
     for strategy in strategies:
-        with ScopeLlama(path, budget=budget, **variant(strategy)) as llm:
+        with ScopeLlama(path, budget=budget, type_k=type_k, **variant(strategy)) as llm:
             for t in tasks:
-                r = run_one(llm, t["task"], t["tokens"], t["keys"], t["max_tokens"])
+                r = run_one(llm, t["task"], t["tokens"], t["keys"], t["max_tokens"], bytes_per_cell=our_cell)
                 r["ran_past_end"] = r["finish_reason"] == "length" and t["full"]["finish_reason"] == "stop"
+                r["memory_vs_full"] = r["kv_bytes_peak"] / t["full"]["kv_bytes_peak"]
                 r["full_kv_cells_allocated"] = t["full"]["kv_cells_allocated"]
                 runs.append({"strategy": strategy, "size": t["size"], "seed": t["seed"], **r})
                 log.info("%s %dx seed %d: score %.2f (full %.2f), %d tokens, %s%s, cells %d/%d, %.0f s (%.0f min in)",
@@ -351,7 +357,7 @@ def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, d
         "config": {"prefill": budget.prefill, "decode": budget.decode, "total": budget.total,
                    "observation_window": budget.observation_window, "recent_window": budget.recent_window,
                    "sizes": sizes, "prompts": n_prompts, "strategies": [FULL, *strategies],
-                   "max_factor": max_factor, "base_items": BASE_ITEMS, "example": EXAMPLE, "instruction": INSTRUCTION,
+                   "max_factor": max_factor, "type_k": type_k, "base_items": BASE_ITEMS, "example": EXAMPLE, "instruction": INSTRUCTION,
                    "system": SYSTEM_PROMPT, "model": Path(path).name, "greedy": True},
         "machine": machine(),
         "runtime_s": round(time.perf_counter() - t_start, 1),
@@ -378,7 +384,10 @@ def summary(res: dict) -> dict:
                             "past_end": sum(bool(r.get("ran_past_end")) for r in rs),
                             "length": sum(r["finish_reason"] == "length" for r in rs),
                             "cells": max((r["kv_cells_allocated"] for r in rs), default=0),
-                            "peak": max((r["kv_cells_peak"] for r in rs), default=0)}
+                            "peak": max((r["kv_cells_peak"] for r in rs), default=0),
+                            "memory": 1.0 if s == FULL else (  # None: results from before it was recorded
+                                statistics.fmean(r["memory_vs_full"] for r in rs)
+                                if rs and all("memory_vs_full" in r for r in rs) else None)}
     return out
 
 
@@ -390,7 +399,8 @@ def table(res: dict) -> str:
              f"{cfg['prompts']} prompts per size, runtime {res['runtime_s'] / 60:.1f} min",
              "prompt tokens: " + "; ".join(f"{s}x {min(ptok[s])}-{max(ptok[s])}" for s in sizes),
              "per-item score, mean ± std over prompts [ran past end / runs ending at max_tokens]",
-             f"{'strategy':14}" + "".join(f"{f'{s}x':>22}" for s in sizes) + "  KV cells allocated:peak (max)"]
+             f"{'strategy':14}" + "".join(f"{f'{s}x':>22}" for s in sizes)
+             + f"  KV cells allocated:peak (max); peak KV bytes / full's (K {cfg.get('type_k', 'f16')})"]
     for s in cfg["strategies"]:
         row = f"{s:14}"
         for size in sizes:
@@ -398,6 +408,7 @@ def table(res: dict) -> str:
             flag = f"[{c['past_end']}/{c['length']}]" if s != FULL else f"[-/{c['length']}]"
             row += f"{c['mean']:>10.1%} ± {c['std']:>5.1%} {flag:>5}"
         row += "  " + " ".join(f"{sm[s, size]['cells']}:{sm[s, size]['peak']}" for size in sizes)
+        row += "; " + " ".join("-" if sm[s, size]["memory"] is None else f"{sm[s, size]['memory']:.0%}" for size in sizes)
         lines.append(row)
     totals = {s: sum(sm[s, size]["past_end"] for size in sizes) for s in cfg["strategies"] if s != FULL}
     lines.append("ran past end (length where the full cache stopped), all sizes: "
@@ -465,12 +476,13 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=256)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--max-factor", type=float, default=2.0, help="max_tokens = this x the ideal answer's tokens")
+    ap.add_argument("--type-k", default="f16", help="K cache type of the compressed runs (the full cache stays f16)")
     ap.add_argument("--out", default=str(RESULTS / "ordered.json"))
     ap.add_argument("--plot", default=str(RESULTS / "ordered.png"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    res = run(args.sizes, args.prompts, args.strategies, args.prefill, args.decode, args.max_factor)
+    res = run(args.sizes, args.prompts, args.strategies, args.prefill, args.decode, args.max_factor, args.type_k)
     save_results(args.out, res, print_json=args.json, table=table)
     if args.plot:
         plot(res, Path(args.plot))

@@ -221,14 +221,21 @@ def long_run(d: dict) -> str:
             f"{w[0]['rss_bytes'] / MIB:.1f} -> {w[-1]['rss_bytes'] / MIB:.1f} MiB; at most {s['max_cells_held']} cells held")
 
 
+def ordered_suite(d: dict) -> str:
+    from ordered import table  # bench/ordered.py renders its own suite
+
+    return table(d)
+
+
 REPORTS: dict[str, Callable] = {
     "headline.json": headline, "headline_2048.json": headline, "fidelity.json": fidelity,
-    "fidelity_lend.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
+    "fidelity_lend.json": fidelity, "fidelity_lookback.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
     "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
-    "fidelity_sketch_rank24_prompts.json": fidelity_prompts,
+    "fidelity_sketch_rank24_prompts.json": fidelity_prompts, "fidelity_prompts.json": fidelity_prompts,
+    "ordered.json": ordered_suite, "ordered_q8.json": ordered_suite,
 }
 
 

@@ -7,7 +7,8 @@ without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
 (1, 2, 4 conversations served together), ordered.py (the ordered task suite;
-again with key sketches), fidelity.py with key sketches (one prompt, then five),
+again at 2x with a q8_0 K cache, and with key sketches), fidelity.py with today's defaults
+(one prompt, then five), fidelity.py with key sketches (one prompt, then five),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; memory at 4096 + 4096), plots.py, then
 report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
@@ -39,10 +40,21 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                        "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2"]),
-    ("ordered.py", [], ["--prompts", "1", "--sizes", "1", "--strategies", "slide"]),
+    ("ordered.py", ["--strategies", "slide/none", "slide", "adaptive", "discontinuous", "streaming", "h2o"],
+     ["--prompts", "1", "--sizes", "1", "--strategies", "slide"]),
+    ("ordered.py", ["--sizes", "2", "--type-k", "q8_0", "--out", "RESULTS/ordered_q8.json", "--plot", ""],
+     ["--prompts", "1", "--sizes", "1", "--strategies", "slide", "--type-k", "q8_0", "--plot", ""]),
     ("ordered.py", ["--strategies", "slide", "slide@qk16+fa", "slide@qk8+fa", "slide@keydiff16+fa", "h2o@qk16+fa",
                     "--out", "RESULTS/ordered_sketch.json", "--plot", ""],
      ["--prompts", "1", "--sizes", "1", "--strategies", "slide@qk8+fa", "--plot", ""]),
+    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "adaptive", "discontinuous",
+                     "--out", "RESULTS/fidelity_lookback.json"],
+     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
+      "slide"]),
+    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "--seeds", "0", "1", "2", "3", "4",
+                     "--out", "RESULTS/fidelity_prompts.json"],
+     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
+      "slide", "--seeds", "0", "1"]),
     ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "h2o", "--scoring", "exact", "qk16+fa", "qk8+fa",
                      "pca16+fa", "random16+fa", "keydiff16+fa", "knorm16+fa", "--out", "RESULTS/fidelity_sketch.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",

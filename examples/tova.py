@@ -29,5 +29,5 @@ class TOVA(UnifiedDecode, ScoredDecode):
 def tova(total: int) -> Policy:
     """TOVA end to end: the prompt is scored by its last row alone (SnapKV
     with a one-token window and no pooling), then TOVA decoding."""
-    prefill = SnapKV(window=1, kernel=1, head_reduce="sum")
+    prefill = SnapKV(window=1, kernel=1, lookback=0, head_reduce="sum")
     return Policy(prefill=prefill, decode=TOVA(total=total))

@@ -3,6 +3,7 @@ the prompt through the GGUF's chat template, the scripts' shared pieces.
 No timing assertions (the machine is shared)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -12,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scope_edge import ScopeLlama
+from scope_edge import Budget, ScopeLlama
 from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, budget_pairs, chat_prompt, eog_tokens, free_running,
                               logbook_prompt, run_bench, run_many, run_stock, save_results, vocabulary)
+from scope_edge.policies import build
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -109,6 +111,29 @@ def test_fidelity_variants_evict(model_path):
         assert isinstance(llm.policy.prefill, fidelity.LayerSnapKV)
         stats = llm.generate(prompt, max_tokens=8, ignore_eos=True).stats
     assert stats.evicted_cells >= 300 - 96
+
+
+def test_lookback_keeps_every_key_token_of_an_ordered_prompt(model_path):
+    """bench/ordered.py's prompt at 2x the prefill budget (a 2x prompt of the
+    suite): after the prefill selection SnapKV's default window still holds
+    every item's "name: quantity" tokens, where the paper's centred window
+    of 7 loses some (a quantity's second digit, mostly): issue #17."""
+    ordered = _script("ordered")
+    with ScopeLlama(str(model_path)) as full:
+        task = ordered.sized_task(full, 512, 2001, 2)
+        tokens = full.tokenize(full.render_chat(task.messages))
+        keys = {p for k in ordered.key_positions(full, tokens, task) for p in k}
+    lost = {}
+    for name, pooling in (("default", {}), ("centred", {"kernel": 7, "lookback": 0})):
+        policy = build(Budget(prefill=256, decode=128))
+        policy = dataclasses.replace(policy, prefill=dataclasses.replace(policy.prefill, **pooling))
+        with ScopeLlama(str(model_path), policy=policy) as llm:
+            next(iter(llm.stream(tokens, max_tokens=300)))  # the prompt is in, selected; one token out
+            held = set(llm.kv_positions().tolist())
+            assert len(held) < len(tokens)  # the selection did evict
+            lost[name] = keys - held
+    assert lost["default"] == set()
+    assert len(lost["centred"]) >= 3
 
 
 def test_bad_type_k():

@@ -71,7 +71,7 @@ def test_tova_cells_and_prompt_room() -> None:
 def test_tova_policy() -> None:
     policy = tova(100)
     assert isinstance(policy, Policy)
-    assert policy.prefill == SnapKV(window=1, kernel=1, head_reduce="sum")
+    assert policy.prefill == SnapKV(window=1, kernel=1, lookback=0, head_reduce="sum")
     assert policy.prefill.capture_from(500) == 499  # the last prompt row only
     assert policy.prefill_keep(500) == 99 and policy.prefill_keep(50) == 50
     assert policy.decode_cells(kept=99, max_tokens=10) == 100

@@ -59,20 +59,27 @@ def test_aggregate_empty_positions() -> None:
 
 def test_max_pool_clips_window_at_edges() -> None:
     x = np.array([[1, 0, 0, 5, 0, 0, 0, 2]], dtype=np.float32)
-    np.testing.assert_array_equal(max_pool_1d(x, 3), [[1, 1, 5, 5, 5, 0, 2, 2]])
-    np.testing.assert_array_equal(max_pool_1d(x, 5), [[1, 5, 5, 5, 5, 5, 2, 2]])
+    np.testing.assert_array_equal(max_pool_1d(x, 1, 1), [[1, 1, 5, 5, 5, 0, 2, 2]])
+    np.testing.assert_array_equal(max_pool_1d(x, 2, 2), [[1, 5, 5, 5, 5, 5, 2, 2]])
 
 
-def test_max_pool_kernel_one_is_identity_and_wide_kernel_is_row_max() -> None:
+def test_max_pool_lopsided_window_reaches_further_back() -> None:
+    x = np.array([[1, 0, 0, 5, 0, 0, 0, 2]], dtype=np.float32)
+    # [j - 3, j + 1]: the hit at 3 lifts 2..6, the 1 at 0 reaches 3 cells on
+    np.testing.assert_array_equal(max_pool_1d(x, 3, 1), [[1, 1, 5, 5, 5, 5, 5, 2]])
+    np.testing.assert_array_equal(max_pool_1d(x, 0, 0), x)
+
+
+def test_max_pool_zero_window_is_identity_and_wide_window_is_row_max() -> None:
     x = np.array([[3, 1, 2], [0, 4, 0]], dtype=np.float32)
-    np.testing.assert_array_equal(max_pool_1d(x, 1), x)
-    np.testing.assert_array_equal(max_pool_1d(x, 7), [[3, 3, 3], [4, 4, 4]])
+    np.testing.assert_array_equal(max_pool_1d(x, 0, 0), x)
+    np.testing.assert_array_equal(max_pool_1d(x, 3, 3), [[3, 3, 3], [4, 4, 4]])
 
 
-def test_max_pool_empty_row_and_even_kernel() -> None:
-    assert max_pool_1d(np.zeros((2, 0), dtype=np.float32), 3).shape == (2, 0)
+def test_max_pool_empty_row_and_negative_reach() -> None:
+    assert max_pool_1d(np.zeros((2, 0), dtype=np.float32), 1, 1).shape == (2, 0)
     with pytest.raises(ValueError):
-        max_pool_1d(np.zeros((1, 4), dtype=np.float32), 4)
+        max_pool_1d(np.zeros((1, 4), dtype=np.float32), -1, 1)
 
 
 # --- select_evictions ----------------------------------------------------------

@@ -53,15 +53,28 @@ def test_snapkv_capture_from_window() -> None:
 def test_snapkv_pooling_keeps_neighbours_of_a_hit() -> None:
     scores = [0.0] * 12
     scores[3] = 1.0
-    out = SnapKV(window=2, kernel=3).select(np.arange(12, dtype=np.int32), attn_of(scores), keep=5)
+    out = SnapKV(window=2, kernel=3, lookback=0).select(np.arange(12, dtype=np.int32), attn_of(scores), keep=5)
     assert ints(out) == [0, 1, 5, 6, 7, 8, 9]
+
+
+def test_snapkv_lookback_keeps_the_tokens_after_a_hit() -> None:
+    # A hit on a span's first token (a name, a number's first digit). The
+    # default window [j - 6, j] lifts it and the 6 cells after it; the
+    # paper's centred width 7 only 3 after (and 3 before), so with the same
+    # cells kept it gives up the span's 4th to 6th tokens (7, 8, 9) instead.
+    scores = [0.0] * 14
+    scores[3] = 1.0
+    positions = np.arange(14, dtype=np.int32)
+    assert ints(SnapKV(window=2).select(positions, attn_of(scores), keep=10)) == [0, 1, 2, 10]
+    centred = SnapKV(window=2, kernel=7, lookback=0)
+    assert ints(centred.select(positions, attn_of(scores), keep=10)) == [7, 8, 9, 10]
 
 
 def test_snapkv_window_does_not_bleed_into_prefix() -> None:
     scores = [0.1] * 12
     scores[5] = 0.5
     scores[10] = 50.0  # inside the window: must not lift position 9
-    out = SnapKV(window=2, kernel=3).select(np.arange(12, dtype=np.int32), attn_of(scores), keep=3)
+    out = SnapKV(window=2, kernel=3, lookback=0).select(np.arange(12, dtype=np.int32), attn_of(scores), keep=3)
     # 4, 5, 6 tie after pooling: the later one stays.
     assert ints(out) == [0, 1, 2, 3, 4, 5, 7, 8, 9]
 
@@ -69,8 +82,8 @@ def test_snapkv_window_does_not_bleed_into_prefix() -> None:
 def test_snapkv_head_reduce_changes_the_choice() -> None:
     heads = ([0.6, 0.6, 0.0, 0.0], [0.6, 0.0, 1.0, 0.0])  # sum: 1.2, 0.6, 1.0; max: 0.6, 0.6, 1.0
     positions = np.array([10, 20, 30, 40], dtype=np.int32)
-    by_sum = SnapKV(window=1, kernel=1, head_reduce="sum").select(positions, attn_of(*heads), keep=2)
-    by_max = SnapKV(window=1, kernel=1, head_reduce="max").select(positions, attn_of(*heads), keep=2)
+    by_sum = SnapKV(window=1, kernel=1, lookback=0, head_reduce="sum").select(positions, attn_of(*heads), keep=2)
+    by_max = SnapKV(window=1, kernel=1, lookback=0, head_reduce="max").select(positions, attn_of(*heads), keep=2)
     assert ints(by_sum) == [20, 30]
     assert ints(by_max) == [10, 20]
 
@@ -89,6 +102,7 @@ def test_snapkv_needs_attn_only_when_evicting() -> None:
     [
         (dict(kernel=4), "kernel must be odd, got 4"),
         (dict(kernel=0), r"kernel must be >= 1, got 0"),
+        (dict(lookback=-1), r"lookback must be >= 0, got -1"),
         (dict(window=0), r"window must be >= 1, got 0"),
         (dict(head_reduce="mean"), "'mean'"),
     ],

@@ -31,18 +31,18 @@ def reduce_heads(attn: np.ndarray, head_max: bool) -> np.ndarray:
 
 
 @njit(cache=True)
-def max_pool_1d(x2d: np.ndarray, kernel: int) -> np.ndarray:
-    """Max over a centred window of odd width `kernel` along the last axis,
-    per row; same length, window clipped at the edges (SnapKV's pooling)."""
-    if kernel < 1 or kernel % 2 == 0:
-        raise ValueError("max_pool_1d needs an odd kernel >= 1")
+def max_pool_1d(x2d: np.ndarray, before: int, after: int) -> np.ndarray:
+    """Max over the window [j - before, j + after] along the last axis, per
+    row; same length, window clipped at the edges. before = after = k // 2 is
+    SnapKV's centred pooling of odd width k."""
+    if before < 0 or after < 0:
+        raise ValueError("max_pool_1d needs before >= 0 and after >= 0")
     n_row, n = x2d.shape
-    half = kernel // 2
     out = np.empty_like(x2d)
     for r in range(n_row):
         for j in range(n):
-            lo = max(0, j - half)
-            hi = min(n, j + half + 1)
+            lo = max(0, j - before)
+            hi = min(n, j + after + 1)
             best = x2d[r, lo]
             for k in range(lo + 1, hi):
                 if x2d[r, k] > best:
