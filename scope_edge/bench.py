@@ -285,9 +285,10 @@ def _stock_logits(llm: llama_cpp.Llama) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
 
 
-def _open_stock(path: str, n_ctx: int, type_k: str, n_gpu_layers: int = 0) -> llama_cpp.Llama:
+def _open_stock(path: str, n_ctx: int, type_k: str, n_gpu_layers: int = 0,
+                n_threads: int | None = None) -> llama_cpp.Llama:
     return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=KV_TYPES[type_k], type_v=llama_cpp.GGML_TYPE_F16,
-                           flash_attn=False, n_gpu_layers=n_gpu_layers, verbose=False)
+                           flash_attn=False, n_gpu_layers=n_gpu_layers, n_threads=n_threads, verbose=False)
 
 
 @dataclass
@@ -304,17 +305,19 @@ class StockRun:
 
 def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress: bool = False,
               label: str = "stock", keep_logits: bool = False, n_ctx: int | None = None,
-              n_gpu_layers: int = 0) -> StockRun:
+              n_gpu_layers: int = 0, n_threads: int | None = None) -> StockRun:
     """Prefill `prompt` into a stock Llama of n_ctx = prompt + steps, then
     decode `steps` greedy tokens (EOG masked). Times prefill and decode apart.
     Decode time counts the steps that feed a token (steps - 1), as ours does.
     keep_logits keeps each step's logits (steps x n_vocab float32: 800 MB
     for 4096 steps of a 49K vocabulary), the lockstep's reference. n_ctx:
     allocate more cells than the run uses (memory benchmarks). n_gpu_layers:
-    offload to llama.cpp's default devices (RPC servers: rpc.register)."""
+    offload to llama.cpp's default devices (RPC servers: rpc.register).
+    n_threads: decode threads (None: llama-cpp-python's default, half the
+    CPUs)."""
     n_ctx = max(n_ctx or 0, len(prompt) + steps)
     eog = eog_tokens(path)
-    llm = _open_stock(path, n_ctx, type_k, n_gpu_layers)
+    llm = _open_stock(path, n_ctx, type_k, n_gpu_layers, n_threads)
     try:
         kept = np.empty((steps, llm.n_vocab()), dtype=np.float32) if keep_logits else None
         t0 = time.perf_counter()

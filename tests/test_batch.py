@@ -12,7 +12,8 @@ import pytest
 from scope_edge import Budget, ScopeLlama
 from scope_edge.hook import HookError
 from scope_edge.policies import build
-from scope_edge.runtime.batch import BatchRunner, BatchSettings, Cancelled, NoFreeSlot
+from scope_edge.runtime.batch import BatchRunner, BatchSettings, Cancelled, NoFreeSlot, on_own_thread
+from scope_edge.runtime.context import Context
 from scope_edge.runtime.generation import Limits
 from scope_edge.runtime.model import Model
 from scope_edge.runtime.sampling import Sampling
@@ -240,3 +241,37 @@ def test_token_pieces_are_right_when_generations_ask_from_several_threads(model)
     for t in threads:
         t.join()
     assert wrong == []
+
+
+def test_every_step_decodes_on_the_batchers_one_thread(llm, model, monkeypatch):
+    """Steps run on the Batcher's decode thread, whichever slot's piece came
+    last: llama.cpp's CPU backend keeps an OpenMP worker team per calling
+    thread, and steps from rotating slot threads left idle teams spinning on
+    the cores the running one needed. close() stops that thread."""
+    callers: set[str] = set()
+    decode_seqs = Context.decode_seqs
+
+    def recording(self, *args, **kwargs):
+        callers.add(threading.current_thread().name)
+        return decode_seqs(self, *args, **kwargs)
+
+    monkeypatch.setattr(Context, "decode_seqs", recording)
+    runner = _runner(model, 3)
+    try:
+        reqs = [_greedy(runner, _story(llm, topic), 12) for topic in TOPICS[:3]]
+        assert all(len(_tokens(r)) == 12 for r in reqs)
+    finally:
+        runner.close()
+    assert callers == {"scope-edge-decode"}
+    assert "scope-edge-decode" not in {t.name for t in threading.enumerate()}
+
+
+def test_on_own_thread_returns_raises_and_leaves_no_thread():
+    assert on_own_thread(lambda: threading.current_thread().name) == "scope-edge-setup"
+
+    def fails() -> None:
+        raise ValueError("calibration failed")
+
+    with pytest.raises(ValueError, match="calibration failed"):
+        on_own_thread(fails)
+    assert "scope-edge-setup" not in {t.name for t in threading.enumerate()}

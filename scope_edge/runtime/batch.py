@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import llama_cpp
 import numpy as np
@@ -42,6 +43,7 @@ from .sampling import Sampler, Sampling
 from .sketch import Sketch, SketchBasis, basis_for
 
 log = logging.getLogger("scope_edge")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,9 +120,42 @@ class _Piece:
     want_logits: bool
 
 
+def on_own_thread(work: Callable[[], T]) -> T:
+    """work() on a thread that ends with it (its exception re-raised here).
+
+    llama.cpp's CPU backend keeps an OpenMP worker team for each thread that
+    has computed a graph, for as long as that thread lives. With more OpenMP
+    threads alive than cores, libgomp stops spinning at the barriers between
+    graph nodes and sleeps instead: a step of 2 sequences measured 49 ms
+    instead of 21 on 2 cores once the caller's thread had decoded anything.
+    So llama.cpp work outside the decode thread (sketch calibration) runs
+    here."""
+    out: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(work())
+        except BaseException as why:  # handed to the caller
+            error.append(why)
+
+    thread = threading.Thread(target=run, name="scope-edge-setup")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return out[0]
+
+
 class Batcher:
     """Runs one llama_decode per step, carrying the pending piece of every
-    running sequence; `lock` guards every use of the context."""
+    running sequence; `lock` guards every use of the context.
+
+    Every step runs on the Batcher's own thread: llama.cpp's CPU backend
+    (OpenMP) keeps a team of worker threads per thread that calls it, and
+    more teams than cores slow every step (see on_own_thread). On 2 cores a
+    step of 4 sequences measured 72 ms decoded from whichever slot thread
+    arrived last, 44 ms from one thread. close() stops it."""
 
     def __init__(self, ctx: Context, *, piece: int) -> None:
         self.ctx, self.piece = ctx, piece
@@ -129,6 +164,9 @@ class Batcher:
         self._pending: dict[int, _Piece] = {}
         self._results: dict[int, int | BaseException] = {}
         self.steps = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._decode_loop, name="scope-edge-decode", daemon=True)
+        self._thread.start()
 
     def join(self, seq: int) -> None:
         """seq runs: steps wait for its pieces from now on."""
@@ -140,7 +178,16 @@ class Batcher:
         with self.lock:
             self._running.discard(seq)
             self._pending.pop(seq, None)
-            self._step_if_ready()
+            self.lock.notify_all()
+
+    def close(self) -> None:
+        """Stop the decode thread once the step it runs (if any) is done.
+        Call it after every sequence has left: a piece submitted later is
+        never decoded."""
+        with self.lock:
+            self._closed = True
+            self.lock.notify_all()
+        self._thread.join()
 
     def submit(self, seq: int, tokens: Sequence[int], positions: Sequence[int], *, want_logits: bool) -> int:
         """Decode tokens of seq, a piece per step; returns the batch index of
@@ -156,8 +203,10 @@ class Batcher:
         with self.lock:
             if seq not in self._running:
                 raise RuntimeError(f"sequence {seq} decodes without having joined the batch")
+            if self._closed:
+                raise RuntimeError("this batch's decode thread is closed")
             self._pending[seq] = piece
-            self._step_if_ready()
+            self.lock.notify_all()
             while seq in self._pending:
                 self.lock.wait()
             result = self._results.pop(seq)
@@ -165,9 +214,17 @@ class Batcher:
             raise result
         return result
 
-    def _step_if_ready(self) -> None:
-        if self._pending and self._running <= self._pending.keys():
-            self._step()
+    def _ready(self) -> bool:
+        return bool(self._pending) and self._running <= self._pending.keys()
+
+    def _decode_loop(self) -> None:
+        with self.lock:
+            while True:
+                while not self._closed and not self._ready():
+                    self.lock.wait()
+                if self._closed:
+                    return
+                self._step()
 
     def _step(self) -> None:
         tokens: list[int] = []
@@ -346,9 +403,9 @@ class BatchRunner:
         self.model, self.settings = model, settings
         self._geometry = memory.read_geometry(model.path)
         self._closing = ctypes.c_bool(False)
-        sketch = None if settings.scoring is None else basis_for(
+        sketch = None if settings.scoring is None else on_own_thread(lambda: basis_for(
             model, settings.scoring, type_k=settings.type_k, flash_attn=settings.flash_attn,
-            n_threads=settings.n_threads or os.cpu_count() or 1)
+            n_threads=settings.n_threads or os.cpu_count() or 1))
         self.sketch = sketch  # the key-sketch basis (None: exact scores); its bytes_per_cell is host memory
         cs = settings.cache_settings(sketch)
         self.context = Context(model, n_cells=settings.slots * settings.slot_cells, n_threads=cs.n_threads,
@@ -483,4 +540,5 @@ class BatchRunner:
             threads = list(self._threads.values())
         for thread in threads:
             thread.join()
+        self.batcher.close()
         self.context.close()

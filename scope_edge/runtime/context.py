@@ -155,8 +155,6 @@ class Context:
         self.sketch = sketch
         if sketch is not None:
             self._hook.sketch(sketch.basis, sketch.basis_q, sketch.scale, sketch.scores)
-        self._threads = (n_threads, n_threads_batch)
-        self._threads_batch_now = n_threads_batch
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._n_vocab = model.n_vocab
         self._n_embd_k = model.n_embd_k
@@ -217,18 +215,9 @@ class Context:
         if bad:
             raise ValueError(f"sequence ids must be in [0, {self.n_seq}), got {bad[:3]}")
         fill_batch_seqs(self._batch, tokens, positions, seq_ids, logits)
-        self._threads_for(one_token_each=len(set(seq_ids)) == n)
+        # llama.cpp runs a batch of several tokens (one per sequence included)
+        # on n_threads_batch, and a single token on n_threads.
         self._decode_filled(positions, seq_ids)
-
-    def _threads_for(self, *, one_token_each: bool) -> None:
-        """llama.cpp computes any batch of more than one token with
-        n_threads_batch; a step of one token per sequence is decode work, so it
-        gets the decode threads, as one sequence's step does (on 2 cores the
-        batch threads measured 1.4x slower there: 51 vs 36 ms for 2 tokens)."""
-        want = self._threads[0] if one_token_each else self._threads[1]
-        if want != self._threads_batch_now:
-            llama_cpp.llama_set_n_threads(self.ptr, self._threads[0], want)
-            self._threads_batch_now = want
 
     def sample(self, sampler: Sampler, index: int = -1) -> int:
         """Draw a token with sampler from the logits of batch token index (-1: the last with logits)."""
