@@ -46,8 +46,8 @@ class Variant:
     name: str
     selector: str = "snapkv"
     head_reduce: str = "sum"
-    kernel: int = 1
-    lookback: int = 6  # SnapKV's defaults; kernel 7, lookback 0 is the paper's pooling
+    kernel: int = SnapKV.kernel  # SnapKV's defaults; kernel 7, lookback 0 is the paper's pooling
+    lookback: int = SnapKV.lookback
     observation_window: int = 8
     first_layer: int = 0  # layers below this do not vote
 

@@ -246,8 +246,8 @@ def test_token_pieces_are_right_when_generations_ask_from_several_threads(model)
 def test_every_step_decodes_on_the_batchers_one_thread(llm, model, monkeypatch):
     """Steps run on the Batcher's decode thread, whichever slot's piece came
     last: llama.cpp's CPU backend keeps an OpenMP worker team per calling
-    thread, and steps from rotating slot threads left idle teams spinning on
-    the cores the running one needed. close() stops that thread."""
+    thread, and with more OpenMP threads than cores libgomp sleeps at its
+    barriers, slowing every step. close() stops that thread."""
     callers: set[str] = set()
     decode_seqs = Context.decode_seqs
 
