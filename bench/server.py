@@ -1,9 +1,10 @@
 """Serving several long conversations at once: aggregate decode tok/s and KV
 bytes of the server's runtime (conversations decoded together, each inside its
 budgets) against stock llama-cpp-python serving the same requests one at a
-time, in the same run. --flash-attn, --type-kv and --sketch-rank change ours'
-cache (stock stays f16, flash attention off: what stock needs); ours' KV bytes
-then include the key sketches' host memory.
+time, in the same run. --flash-attn, --type-k, --type-v and --sketch-rank
+change ours' cache (stock stays f16, flash attention off: what stock needs);
+ours' KV bytes then include the key sketches' host memory. A quantized V
+needs flash attention, which needs key sketches.
 
     python bench/server.py [--prompt 1024] [--tokens 1024] [--conversations 1 2 4] \
         [--prefill-budget 512] [--decode-budget 256] [--prefill-chunk 256] [--json]
@@ -132,7 +133,8 @@ def main() -> int:
     ap.add_argument("--decode-budget", type=int, default=256)
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--flash-attn", action="store_true", help="ours with flash attention on")
-    ap.add_argument("--type-kv", default="f16", help="ours' K and V cache type (stock stays f16)")
+    ap.add_argument("--type-k", default="f16", help="ours' K cache type (stock stays f16)")
+    ap.add_argument("--type-v", default="f16", help="ours' V cache type (a quantized one needs --flash-attn)")
     ap.add_argument("--sketch-rank", type=int, default=0, help="ours scores from key sketches (0: exact)")
     ap.add_argument("--out", default=str(RESULTS / "server.json"))
     ap.add_argument("--json", action="store_true", help="print the results as one JSON line")
@@ -153,7 +155,7 @@ def main() -> int:
         for n in args.conversations:
             ours = run_ours_together(model, prompts[:n], tokens=args.tokens, budget=budget,
                                      prefill_chunk=args.prefill_chunk, flash_attn=args.flash_attn,
-                                     type_k=args.type_kv, type_v=args.type_kv,
+                                     type_k=args.type_k, type_v=args.type_v,
                                      scoring=Sketch(rank=args.sketch_rank) if args.sketch_rank else None)
             rates = {key: n * (args.tokens - 1) / sum(s["decode_s"] for s in runs_[:n])
                      for key, runs_ in (("default", stock), ("threads", stock_threads))}
@@ -170,7 +172,8 @@ def main() -> int:
                      batch_threads, rates["threads"], runs[-1]["decode_speedup_same_threads"],
                      100 * runs[-1]["kv_ratio"])
     res = {"prompt": args.prompt, "tokens": args.tokens, "budget": [budget.prefill, budget.decode],
-           "ours_cache": {"flash_attn": args.flash_attn, "type_kv": args.type_kv, "sketch_rank": args.sketch_rank},
+           "ours_cache": {"flash_attn": args.flash_attn, "type_k": args.type_k, "type_v": args.type_v,
+                          "sketch_rank": args.sketch_rank},
            "prefill_chunk": args.prefill_chunk, "stock": stock, "stock_threads": stock_threads,
            "batch_threads": batch_threads, "runs": runs, "machine_at_start": started,
            "bytes_per_cell": memory.kv_bytes(memory.read_geometry(path), 1, "f16", "f16")}

@@ -20,6 +20,7 @@ struct scope_hook {
     int32_t n_layer;
     int32_t n_head;
     int32_t n_seq;           /* sequences: ids in [0, n_seq) */
+    int32_t stream_cells;    /* cells per sequence's stream (kv_unified = false); 0: one unified stream */
 
     int32_t * cell_pos;      /* [n_cells] position held by each cell, -1 empty */
     int32_t * cell_seq;      /* [n_cells] sequence of each cell, -1 empty */
@@ -28,6 +29,9 @@ struct scope_hook {
     bool      in_decode;
     int32_t * batch_pos;     /* positions of the batch tokens */
     int32_t * batch_seq;     /* sequence of each batch token */
+    int32_t * batch_next;    /* next batch token of the same sequence, -1 none */
+    int32_t * seq_next;      /* [n_seq] streams: the sequence's first batch token not written yet, -1 none */
+    int32_t * ub_rows;       /* batch index of each row of the current ubatch */
     int32_t   batch_cap;
     int32_t   batch_n;
     int32_t   written;       /* tokens whose cell was read so far */
@@ -38,8 +42,7 @@ struct scope_hook {
     int32_t * seq_last;      /* [n_seq] scratch: last row of each sequence in the ubatch */
     int32_t   n_kv;
 
-    int32_t   ub_start;      /* batch index of the current ubatch's first token */
-    int32_t   ub_n;          /* tokens in the current ubatch */
+    int32_t   ub_n;          /* tokens (rows) in the current ubatch */
     int32_t   n_ubatch;      /* ubatches (layer-0 K writes) seen in this decode */
     int32_t   n_mask;        /* layer-0 attention masks read in this decode */
 
@@ -104,6 +107,17 @@ scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head) {
     return scope_hook_new_seqs(n_cells, n_layer, n_head, 1);
 }
 
+scope_hook * scope_hook_new_streams(int32_t n_cells, int32_t n_layer, int32_t n_head, int32_t n_seq) {
+    if (n_seq <= 0 || n_cells % n_seq != 0) {
+        return NULL;
+    }
+    scope_hook * h = scope_hook_new_seqs(n_cells, n_layer, n_head, n_seq);
+    if (h) {
+        h->stream_cells = n_cells / n_seq;
+    }
+    return h;
+}
+
 scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_head, int32_t n_seq) {
     if (n_cells <= 0 || n_layer <= 0 || n_head <= 0 || n_seq <= 0 || n_seq > SCOPE_HOOK_MAX_SEQ) {
         return NULL;
@@ -121,13 +135,15 @@ scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_hea
     h->vis_seq  = malloc(sizeof(int32_t) * (size_t) n_cells);
     h->n_visible = calloc((size_t) n_seq, sizeof(int32_t));
     h->seq_last = malloc(sizeof(int32_t) * (size_t) n_seq);
+    h->seq_next = malloc(sizeof(int32_t) * (size_t) n_seq);
     h->capture_from = malloc(sizeof(int32_t) * (size_t) n_seq);
     h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
     h->rows     = calloc((size_t) n_seq * n_layer, sizeof(int32_t));
     h->capture_layer = malloc((size_t) n_layer);
     h->k_cache  = calloc((size_t) n_layer, sizeof(struct ggml_tensor *));
     h->vis      = malloc(sizeof(float) * (size_t) n_cells);
-    if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->capture_from ||
+    if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->seq_next ||
+        !h->capture_from ||
         !h->acc || !h->rows || !h->capture_layer || !h->k_cache || !h->vis) {
         scope_hook_free(h);
         return NULL;
@@ -152,6 +168,9 @@ void scope_hook_free(scope_hook * h) {
     free(h->cell_seq);
     free(h->batch_pos);
     free(h->batch_seq);
+    free(h->batch_next);
+    free(h->ub_rows);
+    free(h->seq_next);
     free(h->vis_seq);
     free(h->n_visible);
     free(h->seq_last);
@@ -243,7 +262,22 @@ static bool ensure_scratch(scope_hook * h, size_t n_floats) {
     return true;
 }
 
-/* Layer-0 K write: cell index of each ubatch token, in batch order. */
+/* Batch index of the ubatch row written into cell c: with one unified
+ * stream ubatches take the batch in order; with streams the cell's stream
+ * names the sequence, whose tokens are written in batch order. -1: none left. */
+static int32_t row_token(scope_hook * h, int64_t c, int64_t i) {
+    if (h->stream_cells == 0) {
+        return h->written + (int32_t) i;
+    }
+    const int32_t s = (int32_t) (c / h->stream_cells);
+    const int32_t b = h->seq_next[s];
+    if (b >= 0) {
+        h->seq_next[s] = h->batch_next[b];
+    }
+    return b;
+}
+
+/* Layer-0 K write: cell index of each ubatch token (llama.cpp's ubatch order). */
 static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
     const struct ggml_tensor * idx = t->src[1];
     if (idx->type != GGML_TYPE_I64 || idx->ne[1] != 1 || idx->ne[2] != 1 || idx->ne[3] != 1 ||
@@ -269,8 +303,14 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
     }
     for (int64_t i = 0; i < n; i++) {
         const int64_t c = cells[i];
-        h->cell_pos[c] = h->batch_pos[h->written + i];
-        h->cell_seq[c] = h->batch_seq[h->written + i];
+        const int32_t b = row_token(h, c, i);
+        if (b < 0) {
+            return fail_cb(h, SCOPE_HOOK_E_STATE, "a write into cell %lld (stream %lld) but the batch has no "
+                           "token left of that sequence", (long long) c, (long long) (c / h->stream_cells));
+        }
+        h->ub_rows[i] = b;
+        h->cell_pos[c] = h->batch_pos[b];
+        h->cell_seq[c] = h->batch_seq[b];
         for (int32_t lh = 0; lh < h->n_layer * h->n_head; lh++) { /* a new token's cell starts unscored */
             h->acc[(size_t) lh * h->n_cells + c] = 0.0f;
         }
@@ -278,11 +318,25 @@ static bool on_k_write(scope_hook * h, const struct ggml_tensor * t) {
             h->sk_valid[(size_t) il * h->n_cells + c] = 0;
         }
     }
-    h->ub_start = h->written;
     h->ub_n = (int32_t) n;
     h->written += (int32_t) n;
     h->n_ubatch++;
     return false;
+}
+
+/* First cell of batch token b's stream: its columns in the attention's
+ * tensors are cells [base, base + n_kv). */
+static int32_t stream_base(const scope_hook * h, int32_t b) {
+    return h->stream_cells * h->batch_seq[b];
+}
+
+/* Whether an attention tensor's [n_kv, rows, n_head, n_stream] fits this
+ * ubatch: rows * n_stream == its tokens, one stream per sequence (llama.cpp
+ * lays out streams x rows in ubatch order; unified: one stream). */
+static bool ubatch_shape(const scope_hook * h, int64_t n_kv, int64_t n_rows, int64_t n_stream) {
+    const int64_t width = h->stream_cells ? h->stream_cells : h->n_cells;
+    return n_kv > 0 && n_kv <= width && n_stream >= 1 && n_rows * n_stream == h->ub_n &&
+           (h->stream_cells || n_stream == 1);
 }
 
 /* Attention mask of layer 0 (m: an operand of its softmax or flash-attention
@@ -294,13 +348,12 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * m) {
     if (!is_input(m, MASK_NAME) || !m->buffer) {
         return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer 0's attention has no '%s' operand", MASK_NAME);
     }
-    const int64_t n_kv = m->ne[0];
-    const int64_t n_rows = m->ne[1];
+    const int64_t n_kv = m->ne[0], n_rows = m->ne[1];
     /* one row per ubatch token (a padded mask would put padding in the last row) */
-    if (n_kv <= 0 || n_kv > h->n_cells || n_rows != h->ub_n || m->ne[2] != 1 || m->ne[3] != 1 ||
+    if (!ubatch_shape(h, n_kv, n_rows, m->ne[3]) || m->ne[2] != 1 ||
         (m->type != GGML_TYPE_F32 && m->type != GGML_TYPE_F16) || m->nb[0] != ggml_type_size(m->type)) {
         return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32/F16 "
-                       "[<=%d, %d (ubatch tokens), 1, 1]",
+                       "[<=%d, rows, 1, streams] with rows x streams = %d (ubatch tokens)",
                        MASK_NAME, (int) m->type, (long long) m->ne[0], (long long) m->ne[1],
                        (long long) m->ne[2], (long long) m->ne[3], h->n_cells, h->ub_n);
     }
@@ -311,22 +364,25 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * m) {
         h->seq_last[s] = -1;
     }
     for (int32_t r = 0; r < h->ub_n; r++) {
-        h->seq_last[h->batch_seq[h->ub_start + r]] = r;
+        h->seq_last[h->batch_seq[h->ub_rows[r]]] = r;
     }
     const size_t esz = ggml_type_size(m->type);
     for (int32_t s = 0; s < h->n_seq; s++) {
-        if (h->seq_last[s] < 0) {
+        const int32_t r = h->seq_last[s];
+        if (r < 0) {
             continue; /* not in this ubatch: its visibility stays as its latest row saw it */
         }
-        read_tensor(h, m, h->scratch, (size_t) h->seq_last[s] * m->nb[1], (size_t) n_kv * esz);
+        read_tensor(h, m, h->scratch, (size_t) (r / n_rows) * m->nb[3] + (size_t) (r % n_rows) * m->nb[1],
+                    (size_t) n_kv * esz);
         for (int32_t j = 0; j < h->n_cells; j++) {
             h->vis_seq[j] = h->vis_seq[j] == s ? -1 : h->vis_seq[j];
         }
+        const int32_t base = stream_base(h, h->ub_rows[r]);
         int32_t count = 0;
         for (int64_t j = 0; j < n_kv; j++) {
             float v = m->type == GGML_TYPE_F32 ? h->scratch[j] : ggml_fp16_to_fp32(((ggml_fp16_t *) h->scratch)[j]);
             if (v != -INFINITY) {
-                h->vis_seq[j] = s; /* the mask hides other sequences' cells: a cell is seen by one sequence */
+                h->vis_seq[base + j] = s; /* the mask hides other sequences' cells: a cell is seen by one sequence */
                 count++;
             }
         }
@@ -352,30 +408,30 @@ static bool captured_row(const scope_hook * h, int32_t i) {
     return from >= 0 && h->batch_pos[i] >= from;
 }
 
-/* Add query rows [first, first + n) of kq_soft_max-<il> into the sums. Each
- * read is a transfer (a round trip on RPC, a copy over PCIe): when the run is
- * the whole ubatch (decode steps) the heads are contiguous and one read takes
- * the layer; otherwise the run is read head by head. A row's masked cells
- * (other sequences', empty ones) are exactly 0, so adding the whole row only
- * feeds its own sequence's cells. */
-static bool add_run(scope_hook * h, const struct ggml_tensor * t, int il, int64_t first, int64_t n_rows, bool whole) {
-    const int64_t n_kv = t->ne[0], n_head = t->ne[2];
+/* Add rows [first, first + n_rows) of one stream of kq_soft_max-<il> (laid
+ * out [n_kv, n_tps, n_head] from byte `at`) into the sums of the cells from
+ * `base`. Each read is a transfer (a round trip on RPC, a copy over PCIe):
+ * when the run is all the stream's rows (decode steps) the heads are
+ * contiguous and one read takes the layer; otherwise the run is read head by
+ * head. A row's masked cells (other sequences', empty ones) are exactly 0, so
+ * adding the whole row only feeds its own sequence's cells. */
+static bool add_run(scope_hook * h, const struct ggml_tensor * t, int il, size_t at, int32_t base, int64_t first,
+                    int64_t n_rows) {
+    const int64_t n_kv = t->ne[0], n_tps = t->ne[1], n_head = t->ne[2];
+    const bool whole = n_rows == n_tps;
     const size_t n_read = (size_t) (whole ? n_head : 1) * (size_t) (n_rows * n_kv);
     if (!ensure_scratch(h, n_read)) {
         return false;
     }
     if (whole) {
-        read_tensor(h, t, h->scratch, 0, n_read * sizeof(float));
+        read_tensor(h, t, h->scratch, at, n_read * sizeof(float));
     }
     for (int64_t hd = 0; hd < n_head; hd++) {
         const float * rows = h->scratch + (whole ? hd * n_rows * n_kv : 0);
         if (!whole) {
-            read_tensor(h, t, h->scratch, hd * t->nb[2] + first * t->nb[1], n_read * sizeof(float));
+            read_tensor(h, t, h->scratch, at + hd * t->nb[2] + first * t->nb[1], n_read * sizeof(float));
         }
-        add_rows(h->acc + ((size_t) il * h->n_head + hd) * h->n_cells, rows, n_rows, n_kv);
-    }
-    for (int64_t r = first; r < first + n_rows; r++) {
-        h->rows[(size_t) h->batch_seq[h->ub_start + r] * h->n_layer + il]++;
+        add_rows(h->acc + ((size_t) il * h->n_head + hd) * h->n_cells + base, rows, n_rows, n_kv);
     }
     return true;
 }
@@ -385,34 +441,37 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
     if (h->n_mask != h->n_ubatch || h->n_ubatch == 0) {
         return true; /* no K write or mask for this ubatch: scope_hook_end reports that */
     }
-    const int64_t n_kv = t->ne[0], n_tok = t->ne[1], n_head = t->ne[2];
-    if (t->type != GGML_TYPE_F32 || n_kv > h->n_cells || n_head != h->n_head || t->ne[3] != 1 ||
+    const int64_t n_kv = t->ne[0], n_tps = t->ne[1], n_head = t->ne[2], n_stream = t->ne[3];
+    if (t->type != GGML_TYPE_F32 || !ubatch_shape(h, n_kv, n_tps, n_stream) || n_head != h->n_head ||
         !ggml_is_contiguous(t) || !t->buffer) {
         fail_cb(h, SCOPE_HOOK_E_SHAPE, "kq_soft_max-%d: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32 "
-                "[<=%d, n_tokens, %d, 1]", il, (int) t->type, (long long) n_kv, (long long) n_tok,
-                (long long) n_head, (long long) t->ne[3], h->n_cells, h->n_head);
+                "[<=%d, rows, %d, streams] with rows x streams = %d (ubatch tokens)", il, (int) t->type,
+                (long long) n_kv, (long long) n_tps, (long long) n_head, (long long) n_stream, h->n_cells, h->n_head,
+                h->ub_n);
         return true; /* keep computing: the error is reported by scope_hook_end */
     }
-    if (n_tok != h->ub_n) {
-        fail_cb(h, SCOPE_HOOK_E_SHAPE, "kq_soft_max-%d has %lld query rows but the ubatch wrote %d tokens",
-                il, (long long) n_tok, h->ub_n);
-        return true;
-    }
-    /* rows of armed sequences at positions >= their capture_from, read run by run */
-    for (int64_t r = 0; r < n_tok;) {
-        if (!captured_row(h, h->ub_start + (int32_t) r)) {
-            r++;
-            continue;
+    /* per stream, rows of armed sequences at positions >= their capture_from, read run by run */
+    for (int64_t st = 0; st < n_stream; st++) {
+        const int32_t * rows = h->ub_rows + st * n_tps;
+        const int32_t base = stream_base(h, rows[0]);
+        for (int64_t r = 0; r < n_tps;) {
+            if (!captured_row(h, rows[r])) {
+                r++;
+                continue;
+            }
+            int64_t end = r + 1;
+            while (end < n_tps && captured_row(h, rows[end])) {
+                end++;
+            }
+            if (!add_run(h, t, il, st * t->nb[3], base, r, end - r)) {
+                fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading kq_soft_max-%d", il);
+                return true;
+            }
+            for (int64_t i = r; i < end; i++) {
+                h->rows[(size_t) h->batch_seq[rows[i]] * h->n_layer + il]++;
+            }
+            r = end;
         }
-        int64_t end = r + 1;
-        while (end < n_tok && captured_row(h, h->ub_start + (int32_t) end)) {
-            end++;
-        }
-        if (!add_run(h, t, il, r, end - r, n_tok == end - r)) {
-            fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading kq_soft_max-%d", il);
-            return true;
-        }
-        r = end;
     }
     return true;
 }
@@ -737,14 +796,16 @@ static bool on_sketch_attn(scope_hook * h, const struct ggml_tensor * t, int il)
     }
     const struct ggml_tensor * q = t->op == GGML_OP_FLASH_ATTN_EXT ? t->src[0] : t->src[1];
     const size_t head = (size_t) h->head_dim * sizeof(float);
-    /* a permuted view [head_dim, n_tokens, n_head] of a contiguous [head_dim, n_head, n_tokens] */
-    if (q->type != GGML_TYPE_F32 || q->ne[0] != h->head_dim || q->ne[1] != h->ub_n || q->ne[2] != h->n_head ||
-        q->ne[3] != 1 || q->nb[0] != sizeof(float) || q->nb[2] != head || q->nb[1] != head * h->n_head ||
-        !q->buffer) {
-        fail_cb(h, SCOPE_HOOK_E_SHAPE, "query of layer %d: type %s ne=[%lld,%lld,%lld,%lld] nb=[%zu,%zu,%zu], "
-                "expected F32 [%d, %d, %d, 1] with the heads of a token contiguous", il, ggml_type_name(q->type),
-                (long long) q->ne[0], (long long) q->ne[1], (long long) q->ne[2], (long long) q->ne[3], q->nb[0],
-                q->nb[1], q->nb[2], h->head_dim, h->ub_n, h->n_head);
+    /* a permuted view [head_dim, rows, n_head, streams] of a contiguous [head_dim, n_head, n_tokens]:
+     * ubatch row r is at r * nb[1] */
+    if (q->type != GGML_TYPE_F32 || q->ne[0] != h->head_dim || q->ne[1] * q->ne[3] != h->ub_n ||
+        q->ne[2] != h->n_head || q->nb[0] != sizeof(float) || q->nb[2] != head || q->nb[1] != head * h->n_head ||
+        q->nb[3] != q->nb[1] * (size_t) q->ne[1] || !q->buffer) {
+        fail_cb(h, SCOPE_HOOK_E_SHAPE, "query of layer %d: type %s ne=[%lld,%lld,%lld,%lld] nb=[%zu,%zu,%zu,%zu], "
+                "expected F32 [%d, rows, %d, streams] with rows x streams = %d and the heads of a token "
+                "contiguous", il, ggml_type_name(q->type), (long long) q->ne[0], (long long) q->ne[1],
+                (long long) q->ne[2], (long long) q->ne[3], q->nb[0], q->nb[1], q->nb[2], q->nb[3], h->head_dim,
+                h->n_head, h->ub_n);
         return true;
     }
     if (!sketch_layer(h, il)) {
@@ -752,12 +813,12 @@ static bool on_sketch_attn(scope_hook * h, const struct ggml_tensor * t, int il)
     }
     const size_t n_row = (size_t) h->n_head * h->head_dim;
     for (int32_t r = 0; r < h->ub_n;) {
-        if (!captured_row(h, h->ub_start + r)) {
+        if (!captured_row(h, h->ub_rows[r])) {
             r++;
             continue;
         }
         int32_t end = r + 1;
-        while (end < h->ub_n && captured_row(h, h->ub_start + end)) {
+        while (end < h->ub_n && captured_row(h, h->ub_rows[end])) {
             end++;
         }
         const size_t n = (size_t) (end - r) * n_row;
@@ -768,8 +829,8 @@ static bool on_sketch_attn(scope_hook * h, const struct ggml_tensor * t, int il)
         }
         read_tensor(h, q, h->scratch, (size_t) r * q->nb[1], n * sizeof(float));
         for (int32_t i = r; i < end; i++) {
-            sketch_row(h, il, h->scratch + (size_t) (i - r) * n_row, h->ub_start + i);
-            h->rows[(size_t) h->batch_seq[h->ub_start + i] * h->n_layer + il]++;
+            sketch_row(h, il, h->scratch + (size_t) (i - r) * n_row, h->ub_rows[i]);
+            h->rows[(size_t) h->batch_seq[h->ub_rows[i]] * h->n_layer + il]++;
         }
         r = end;
     }
@@ -874,15 +935,14 @@ int32_t scope_hook_begin_seqs(scope_hook * h, const int32_t * positions, const i
         return h ? fail(h, SCOPE_HOOK_E_ARG, "begin: need a non-empty batch, got %d tokens", n_tokens) : SCOPE_HOOK_E_ARG;
     }
     if (n_tokens > h->batch_cap) {
-        int32_t * p = realloc(h->batch_pos, sizeof(int32_t) * (size_t) n_tokens);
-        if (p) {
-            h->batch_pos = p;
+        int32_t ** bufs[] = {&h->batch_pos, &h->batch_seq, &h->batch_next, &h->ub_rows};
+        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) {
+            int32_t * p = realloc(*bufs[i], sizeof(int32_t) * (size_t) n_tokens);
+            if (!p) {
+                return fail(h, SCOPE_HOOK_E_NOMEM, "begin: out of memory for %d positions", n_tokens);
+            }
+            *bufs[i] = p;
         }
-        int32_t * q = p ? realloc(h->batch_seq, sizeof(int32_t) * (size_t) n_tokens) : NULL;
-        if (!q) {
-            return fail(h, SCOPE_HOOK_E_NOMEM, "begin: out of memory for %d positions", n_tokens);
-        }
-        h->batch_seq = q;
         h->batch_cap = n_tokens;
     }
     for (int32_t s = 0; s < h->n_seq; s++) {
@@ -900,8 +960,14 @@ int32_t scope_hook_begin_seqs(scope_hook * h, const int32_t * positions, const i
         h->seq_last[s] = positions[i];
     }
     memcpy(h->batch_pos, positions, sizeof(int32_t) * (size_t) n_tokens);
-    for (int32_t i = 0; i < n_tokens; i++) {
-        h->batch_seq[i] = seq_ids ? seq_ids[i] : 0;
+    for (int32_t s = 0; s < h->n_seq; s++) {
+        h->seq_next[s] = -1;
+    }
+    for (int32_t i = n_tokens - 1; i >= 0; i--) { /* each sequence's tokens as a list, in batch order */
+        const int32_t s = seq_ids ? seq_ids[i] : 0;
+        h->batch_seq[i] = s;
+        h->batch_next[i] = h->seq_next[s];
+        h->seq_next[s] = i;
     }
     h->batch_n = n_tokens;
     h->written = 0;

@@ -22,9 +22,15 @@
  * KV buffer (llama_context_params.kv_unified = true, so kq_soft_max has one
  * stream and cell indices are global). A cell belongs to one sequence; the
  * mask of a query row hides every other sequence's cells, so a row's
- * probabilities feed only its own sequence's sums. The functions without a
- * _seq / _seqs suffix act on sequence 0 (a hook from scope_hook_new has only
- * that one).
+ * probabilities feed only its own sequence's sums. A hook made by
+ * scope_hook_new_streams follows a context with kv_unified = false instead:
+ * sequence s owns stream s, cells [s * n_cells / n_seq, (s + 1) * n_cells /
+ * n_seq) of the hook's numbering (llama.cpp's write indices are numbered so),
+ * each token attends over its own stream only, and llama.cpp splits a batch
+ * into ubatches of equal tokens per sequence (split_equal), in an order of
+ * its own: the hook places each written token by its stream and its
+ * sequence's batch order. The functions without a _seq / _seqs suffix act
+ * on sequence 0 (a hook from scope_hook_new has only that one).
  *
  * It knows nothing of eviction policies: callers read scores and cell
  * positions, decide, and call scope_hook_evict.
@@ -90,6 +96,10 @@ enum scope_hook_score {
 scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head);
 /* The same for sequences [0, n_seq), n_seq in [1, SCOPE_HOOK_MAX_SEQ]. */
 scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_head, int32_t n_seq);
+/* The same for a context with one KV stream per sequence (kv_unified =
+ * false); n_cells must be a multiple of n_seq (llama.cpp's n_ctx, which it
+ * makes n_seq streams of a padded size each). */
+scope_hook * scope_hook_new_streams(int32_t n_cells, int32_t n_layer, int32_t n_head, int32_t n_seq);
 void scope_hook_free(scope_hook * hook);
 
 /* The ggml_backend_sched_eval_callback; user_data must be the hook. */
@@ -101,11 +111,12 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data);
  * (one sequence per token); positions must increase within each sequence, and
  * the tokens of one sequence must be contiguous in the batch for the capture
  * check below. end checks that every token was written, that every ubatch
- * showed layer 0's attention (kq_soft_max-0, or flash attention's node) with its mask
- * (SCOPE_HOOK_E_GRAPH otherwise: renamed nodes) and, when armed, that every captured layer
- * gave the same rows (SCOPE_HOOK_E_GRAPH for exact capture with flash attention on); it returns the first error
- * the callback met. SCOPE_HOOK_E_ARG: empty batch, a
- * sequence id out of range, positions not increasing within a sequence. */
+ * showed layer 0's attention (kq_soft_max-0, or flash attention's node) with
+ * its mask (SCOPE_HOOK_E_GRAPH otherwise: renamed nodes) and, when armed,
+ * that every captured layer gave the same rows (SCOPE_HOOK_E_GRAPH for exact
+ * capture with flash attention on); it returns the first error the callback
+ * met. SCOPE_HOOK_E_ARG: empty batch, a sequence id out of range, positions
+ * not increasing within a sequence. */
 int32_t scope_hook_begin(scope_hook * hook, const int32_t * positions, int32_t n_tokens);
 int32_t scope_hook_begin_seqs(scope_hook * hook, const int32_t * positions, const int32_t * seq_ids,
                               int32_t n_tokens);

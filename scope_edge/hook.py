@@ -52,6 +52,7 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(spec.origin)
     sig = {
         "scope_hook_new_seqs": (ctypes.c_void_p, [ctypes.c_int32] * 4),
+        "scope_hook_new_streams": (ctypes.c_void_p, [ctypes.c_int32] * 4),
         "scope_hook_free": (None, [ctypes.c_void_p]),
         "scope_hook_begin_seqs": (ctypes.c_int32, [ctypes.c_void_p, _i32p, _i32p, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
@@ -137,13 +138,21 @@ class Capture:
 
 class Hook:
     """Owner of one native scope_hook: sequences [0, n_seq) of one llama
-    context. Methods act on sequence `seq` (default 0)."""
+    context. Methods act on sequence `seq` (default 0).
 
-    def __init__(self, *, n_cells: int, n_layer: int, n_head: int, n_seq: int = 1) -> None:
+    streams: the context has one KV stream per sequence (kv_unified = false;
+    sequence s owns cells [s, s + 1) x n_cells / n_seq), else one unified
+    cell space."""
+
+    def __init__(self, *, n_cells: int, n_layer: int, n_head: int, n_seq: int = 1, streams: bool = False) -> None:
         self.n_cells, self.n_layer, self.n_head, self.n_seq = n_cells, n_layer, n_head, n_seq
-        self._ptr = _lib.scope_hook_new_seqs(n_cells, n_layer, n_head, n_seq)
+        if streams and n_cells % n_seq:
+            raise ValueError(f"{n_cells} cells do not split into {n_seq} equal streams")
+        new = _lib.scope_hook_new_streams if streams else _lib.scope_hook_new_seqs
+        self._ptr = new(n_cells, n_layer, n_head, n_seq)
         if not self._ptr:
-            raise MemoryError(f"scope_hook_new_seqs({n_cells}, {n_layer}, {n_head}, {n_seq}) failed")
+            raise MemoryError(f"scope_hook_new_{'streams' if streams else 'seqs'}({n_cells}, {n_layer}, {n_head}, "
+                              f"{n_seq}) failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
         self._sketch_shape = (0, 0, 0)  # n_head_kv, rank, head_dim

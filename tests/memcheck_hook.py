@@ -16,6 +16,8 @@ ScopeLlama and the Hook binding, in parts:
   api         cells, visible, evict (runs, singles, refusals), a captured
               multi-token decode (gathered per head and heads reduced), held,
               truncate, shift, clear, calls out of order;
+  streams     three sequences in their own KV streams, decoded together in
+              ubatches llama.cpp reorders (split_equal), captured, evicted;
   flash       the error path of a graph without kq_soft_max (flash attention on);
   hooks       many hooks created and freed, and a closed hook.
 
@@ -123,6 +125,35 @@ def part_api(model: str) -> None:
             lone.close()
 
 
+def part_streams(model: str) -> None:
+    import contextlib
+    import ctypes
+
+    import numpy as np
+
+    from scope_edge.runtime.context import Context
+    from scope_edge.runtime.model import Model
+
+    with Model(model) as mdl:
+        ctx = Context(mdl, n_cells=3 * 256, n_threads=1, n_threads_batch=1, type_k="f16", abort=ctypes.c_bool(False),
+                      n_ubatch=16, n_seq=3)
+        try:
+            prompt = mdl.tokenize(LONG_TEXT)
+            lengths = (20, 50, 7)  # unequal: split_equal's ubatches take the batch out of order
+            with contextlib.ExitStack() as armed:
+                for s in range(3):
+                    armed.enter_context(ctx.capturing(0, seq=s))
+                ctx.decode_seqs([t for n in lengths for t in prompt[:n]], [i for n in lengths for i in range(n)],
+                                [s for s, n in enumerate(lengths) for _ in range(n)], [False] * sum(lengths))
+            for s in range(3):
+                cap = ctx.capture(seq=s)
+                ctx.evict(np.arange(2, 6, dtype=np.int32), seq=s)
+                print(f"stream {s}: {len(cap.positions)} cells captured over {int(cap.rows[0])} rows, "
+                      f"{len(ctx.positions(seq=s))} held after eviction")
+        finally:
+            ctx.close()
+
+
 def part_flash(model: str) -> None:
     import llama_cpp
 
@@ -158,6 +189,7 @@ PARTS: dict[str, Callable[[str], None]] = {
     "strategies": part_strategies,
     "chunked": part_chunked,
     "api": part_api,
+    "streams": part_streams,
     "flash": part_flash,
     "hooks": part_hooks,
 }

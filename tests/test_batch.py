@@ -3,6 +3,8 @@ the real default model, checked against llama.cpp's own view of each
 sequence and against the same requests run alone through ScopeLlama."""
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import threading
 
 import llama_cpp
@@ -21,10 +23,10 @@ from scope_edge.runtime.sampling import Sampling
 BUDGET = Budget(prefill=96, decode=48)
 TOPICS = ["a lighthouse keeper", "a dragon who loves tea", "the history of bread", "a robot learning to paint"]
 # Greedy choices of a batched sequence may differ from the same request run
-# alone only where two tokens nearly tie: the attention of a sequence reads
-# its cells among other sequences' cells, so llama.cpp's SIMD sums over the
-# cells group them differently (measured gaps 0.01-0.29 logits at the first
-# difference; a real fault would pick a token ranked far below). The same
+# alone only where two tokens nearly tie: a batched step multiplies several
+# sequences' rows at once, so llama.cpp's SIMD sums group them differently
+# (measured gaps 0.01-0.29 logits at the first difference, with one unified
+# cell space; a real fault would pick a token ranked far below). The same
 # holds for the scores that choose which cells to evict: when a near tie
 # there keeps another cell, the caches part, and the tokens may part later.
 NEAR_TIE = 0.5
@@ -141,7 +143,10 @@ def test_each_sequence_cells_as_llama_cpp_sees_them(llm, model):
                 positions[0], positions[-1])
             visible, n_kv = runner.visible(s)
             assert set(visible.tolist()) == set(mine.tolist())  # its last row sees exactly its own cells
-            assert n_kv >= mine.max() + 1
+            # ... which are in its own stream (kv_unified off): the attention spans that stream's cells only
+            base = s * runner.settings.slot_cells
+            assert base <= mine.min() and mine.max() < base + runner.settings.slot_cells
+            assert mine.max() - base + 1 <= n_kv <= runner.settings.slot_cells
         assert not (set(np.flatnonzero(seqs == 0)) & set(np.flatnonzero(seqs == 1)))
         # evicting from one sequence leaves the others alone
         before = [runner.positions(s) for s in (0, 2)]
@@ -158,6 +163,53 @@ def test_each_sequence_cells_as_llama_cpp_sees_them(llm, model):
             ctx.decode_seqs([1], [0], [3], [True])
     finally:
         runner.close()
+
+
+def check_reordered_step(batched_model: Model, alone_model: Model, prompts: list[list[int]]) -> None:
+    """Decode prompts (one sequence each, unequal lengths) in one step on a
+    context of batched_model with ubatches of 16: llama.cpp splits it into
+    ubatches of equal tokens per sequence (split_equal, one KV stream each), in
+    an order other than the batch's. Each sequence's cells, positions and
+    captured attention must be what its tokens give decoded alone."""
+    n = len(prompts)
+    abort = ctypes.c_bool(False)
+    batched = Context(batched_model, n_cells=n * 256, n_threads=2, n_threads_batch=2, type_k="f16", abort=abort,
+                      n_ubatch=16, n_seq=n)
+    try:
+        with contextlib.ExitStack() as armed:
+            for s in range(n):
+                armed.enter_context(batched.capturing(0, seq=s))
+            batched.decode_seqs([t for p in prompts for t in p], [i for p in prompts for i in range(len(p))],
+                                [s for s, p in enumerate(prompts) for _ in p], [False] * sum(map(len, prompts)))
+        seqs, cells = batched.cell_seqs(), batched.cells()
+        for s, prompt in enumerate(prompts):
+            mine = np.flatnonzero(seqs == s)
+            assert (mine >= 256 * s).all() and (mine < 256 * (s + 1)).all()  # its own stream
+            np.testing.assert_array_equal(np.sort(cells[mine]), np.arange(len(prompt)))
+            assert llama_cpp.llama_memory_seq_pos_max(batched.memory, s) == len(prompt) - 1
+            alone = Context(alone_model, n_cells=256, n_threads=2, n_threads_batch=2, type_k="f16", abort=abort,
+                            n_ubatch=16)
+            try:
+                with alone.capturing(0):
+                    alone.decode(prompt, list(range(len(prompt))), want_logits=False)
+                want, got = alone.capture(), batched.capture(seq=s)
+            finally:
+                alone.close()
+            np.testing.assert_array_equal(got.positions, want.positions)
+            np.testing.assert_array_equal(got.rows, want.rows)
+            np.testing.assert_allclose(got.attn, want.attn, rtol=1e-3, atol=1e-5)
+    finally:
+        batched.close()
+
+
+def reordered_prompts(llm: ScopeLlama) -> list[list[int]]:
+    prompts = [_story(llm, t, words=30)[:n] for t, n in zip(TOPICS, [20, 50, 7])]
+    assert [len(p) for p in prompts] == [20, 50, 7]
+    return prompts
+
+
+def test_a_step_that_llama_cpp_reorders_is_captured_as_each_sequence_alone(llm, model):
+    check_reordered_step(model, model, reordered_prompts(llm))
 
 
 def test_a_long_prompt_is_prefilled_a_piece_per_step_while_others_decode(llm, model):

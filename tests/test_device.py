@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 from scope_edge import Budget, ScopeLlama, Sketch, rpc
+from scope_edge.devices import Devices
 from scope_edge.openai import create_chat_completion
 from scope_edge.runtime.context import default_capture_layers
+from scope_edge.runtime.model import Model
 from llama_log import llama_log
+from test_batch import check_reordered_step, reordered_prompts
 from test_budgets import check_invariants_every_step
 from test_lend import check_lending_every_step
 from test_runtime import PROMPT
@@ -184,6 +187,15 @@ def test_interrupted_stream_on_the_device(model_path, endpoint):
             if i == 5:
                 break
         assert llm.generate(PROMPT, max_tokens=24).tokens == want
+
+
+def test_sequences_in_their_own_streams_on_the_device(model_path, endpoint):
+    """A step of three sequences that llama.cpp reorders into ubatches, every
+    layer on the device: each sequence's cells and captured attention are what
+    its tokens give alone on the CPU."""
+    with ScopeLlama(model_path) as llm, Model(model_path) as cpu, \
+            Model(model_path, devices=Devices(rpc_servers=(endpoint,), n_gpu_layers=-1)) as on_device:
+        check_reordered_step(on_device, cpu, reordered_prompts(llm))
 
 
 def test_unreachable_server_fails_fast_with_the_endpoint(model_path):
