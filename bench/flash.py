@@ -90,28 +90,34 @@ def speed(path: str, args: argparse.Namespace, **device: object) -> dict:
     }}
 
 
-def memory_rows(path: str, ranks: list[int], budgets: list[tuple[int, int]]) -> list[dict]:
+# (prefill budget, decode budget, prefill chunk): the chunked prefill's peak
+# (kept prompt + a chunk) sets the allocation when it passes the decode phase's.
+MEMORY_BUDGETS = [(1024, 512, 512), (1024, 256, 512), (768, 256, 512), (768, 256, 256)]
+
+
+def memory_rows(path: str, ranks: list[int], budgets: list[tuple[int, int, int]]) -> list[dict]:
     """4096 + 4096, K and V q8_0, flash attention on: the allocation of a real
     start (the context exists once the first token streams), sketches at their size."""
     prompt = logbook_prompt(path, 4096)
     geometry = memory.read_geometry(path)
     stock = memory.kv_bytes(geometry, 8192, "f16", "f16")
     rows = []
-    for prefill, decode in budgets:
+    for prefill, decode, chunk in budgets:
         for rank in ranks:
             with ScopeLlama(path, budget=Budget(prefill=prefill, decode=decode), flash_attn=True, type_k="q8_0",
-                            type_v="q8_0", scoring=Sketch(rank=rank)) as llm:
+                            type_v="q8_0", scoring=Sketch(rank=rank), prefill_chunk=chunk) as llm:
                 stream = llm.stream(prompt, max_tokens=4096, ignore_eos=True)
                 next(stream)
                 stream.close()
                 assert llm.sketch is not None
                 cells = llm.n_ctx
                 kv, sketches = memory.kv_bytes(geometry, cells, "q8_0", "q8_0"), cells * llm.sketch.bytes_per_cell
-            rows.append({"prefill_budget": prefill, "decode_budget": decode, "rank": rank, "cells": cells,
+            rows.append({"prefill_budget": prefill, "decode_budget": decode, "prefill_chunk": chunk, "rank": rank,
+                         "cells": cells,
                          "kv_bytes": kv, "sketch_bytes": sketches, "stock_f16_bytes": stock,
                          "kv_ratio": kv / stock, "total_ratio": (kv + sketches) / stock})
-            log.info("%d:%d rank %d: KV %.1f%%, with sketches %.1f%% of stock f16", prefill, decode, rank,
-                     100 * kv / stock, 100 * (kv + sketches) / stock)
+            log.info("%d:%d chunk %d rank %d: KV %.1f%%, with sketches %.1f%% of stock f16", prefill, decode,
+                     chunk, rank, 100 * kv / stock, 100 * (kv + sketches) / stock)
     return rows
 
 
@@ -123,7 +129,8 @@ def table(res: dict) -> str:
                                                    for k, v in res[where]["runs"].items()))
             lines += [f"  {k}: {v:.2f}x" for k, v in res[where]["ratios"].items()]
     for r in res.get("memory", []):
-        lines.append(f"4096+4096 {r['prefill_budget']}:{r['decode_budget']} rank {r['rank']}: {r['cells']} cells, "
+        lines.append(f"4096+4096 {r['prefill_budget']}:{r['decode_budget']} chunk {r.get('prefill_chunk', 512)} "
+                     f"rank {r['rank']}: {r['cells']} cells, "
                      f"KV {r['kv_ratio']:.1%}, with sketches {r['total_ratio']:.1%} of stock f16")
     return "\n".join(lines)
 
@@ -135,7 +142,8 @@ def main() -> None:
     ap.add_argument("--timed", type=int, default=512)
     ap.add_argument("--prefill-budget", type=int, default=1024)
     ap.add_argument("--decode-budget", type=int, default=512)
-    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=16, help="the sketches' rank in the speed runs")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32], help="sketch ranks in the memory rows")
     ap.add_argument("--server-threads", type=int, default=1)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-device", action="store_true")
@@ -150,7 +158,7 @@ def main() -> None:
         res["cpu"] = speed(path, args)
         save_results(args.out, res)  # each part lands as it ends
     if not args.skip_memory:
-        res["memory"] = memory_rows(path, [8, 16], [(1024, 512), (1024, 256), (768, 256)])
+        res["memory"] = memory_rows(path, args.ranks, MEMORY_BUDGETS)
         save_results(args.out, res)
     if not args.skip_device:  # last: a registered RPC server stays in llama.cpp's device list after it stops
         with rpc.Server(rpc.free_endpoint(), n_threads=args.server_threads) as server:

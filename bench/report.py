@@ -206,8 +206,10 @@ def flash(d: dict) -> str:
                     _table(list(runs), [[f"{r['decode_tokens_per_s']:.1f}" for r in runs.values()]]), "",
                     _table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in d[where]["ratios"].items()]), ""]
     if d.get("memory"):
-        out.append(_table(["4096 + 4096, K and V q8_0", "rank", "cells", "KV / stock f16", "with sketches"],
-                          [[f"{r['prefill_budget']}:{r['decode_budget']}", str(r["rank"]), f"{r['cells']:,}",
+        out.append(_table(["4096 + 4096, K and V q8_0", "prefill chunk", "rank", "cells", "KV / stock f16",
+                           "with sketches"],
+                          [[f"{r['prefill_budget']}:{r['decode_budget']}", str(r.get("prefill_chunk", 512)),
+                            str(r["rank"]), f"{r['cells']:,}",
                             f"{r['kv_ratio']:.1%}", f"{r['total_ratio']:.1%}"] for r in d["memory"]]))
     return "\n".join(out)
 
@@ -233,8 +235,10 @@ REPORTS: dict[str, Callable] = {
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
+    "flash_memory.json": flash,
     "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
     "fidelity_sketch_rank24_prompts.json": fidelity_prompts, "fidelity_prompts.json": fidelity_prompts,
+    "fidelity_sketch_lookback_prompts.json": fidelity_prompts,
     "ordered.json": ordered_suite, "ordered_q8.json": ordered_suite,
 }
 

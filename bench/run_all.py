@@ -6,11 +6,12 @@ Runs, in order: headline.py (2048 + 4096, every strategy; and 2048 + 2048
 without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
-(1, 2, 4 conversations served together), ordered.py (the ordered task suite;
+(1, 2, 4 conversations served together; again with a q8_0 K cache, and 4 with flash
+attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite;
 again at 2x with a q8_0 K cache, and with key sketches), fidelity.py with today's defaults
-(one prompt, then five), fidelity.py with key sketches (one prompt, then five),
+(one prompt, then five), fidelity.py with key sketches (one prompt, then five; again with today's pooling),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
-attention on and off, CPU and RPC device; memory at 4096 + 4096), plots.py, then
+attention on and off, CPU and RPC device; then memory at 4096 + 4096), plots.py, then
 report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
 """
 from __future__ import annotations
@@ -40,6 +41,12 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                        "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2"]),
+    ("server.py", ["--type-k", "q8_0", "--out", "RESULTS/server_q8.json"],
+     ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--type-k", "q8_0"]),
+    ("server.py", ["--conversations", "4", "--flash-attn", "--type-k", "q8_0", "--type-v", "q8_0", "--sketch-rank", "16",
+                   "--out", "RESULTS/server_flash.json"],
+     ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--flash-attn", "--type-k", "q8_0", "--type-v",
+      "q8_0", "--sketch-rank", "8"]),
     ("ordered.py", ["--strategies", "slide/none", "slide", "adaptive", "discontinuous", "streaming", "h2o"],
      ["--prompts", "1", "--sizes", "1", "--strategies", "slide"]),
     ("ordered.py", ["--sizes", "2", "--type-k", "q8_0", "--out", "RESULTS/ordered_q8.json", "--plot", ""],
@@ -73,9 +80,15 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                      "--out", "RESULTS/fidelity_sketch_rank24_prompts.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
       "slide", "--scoring", "qk24", "--seeds", "0"]),
+    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "--scoring", "exact", "qk16", "qk24",
+                     "--seeds", "0", "1", "2", "3", "4", "--out", "RESULTS/fidelity_sketch_lookback_prompts.json"],
+     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
+      "slide", "--scoring", "exact", "qk16", "--seeds", "0"]),
     ("capture_layers.py", [], ["--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--seeds", "0"]),
-    ("flash.py", [], ["--prompt", "300", "--tokens", "48", "--timed", "16", "--prefill-budget", "128",
-                      "--decode-budget", "32", "--rank", "8", "--skip-memory"]),
+    ("flash.py", ["--skip-memory"], ["--prompt", "300", "--tokens", "48", "--timed", "16", "--prefill-budget", "128",
+                                     "--decode-budget", "32", "--rank", "8", "--skip-memory"]),
+    ("flash.py", ["--skip-speed", "--skip-device", "--out", "RESULTS/flash_memory.json"],
+     ["--skip-speed", "--skip-device", "--ranks", "8"]),
     ("plots.py", [], []),
 ]
 

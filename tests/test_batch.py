@@ -327,3 +327,17 @@ def test_on_own_thread_returns_raises_and_leaves_no_thread():
     with pytest.raises(ValueError, match="calibration failed"):
         on_own_thread(fails)
     assert "scope-edge-setup" not in {t.name for t in threading.enumerate()}
+
+
+def test_a_runner_that_fails_to_build_leaves_no_decode_thread(model, monkeypatch):
+    """The decode thread starts with the Batcher, before the slots' caches:
+    a failure building those stops it and frees the context."""
+    import scope_edge.runtime.batch as batch
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the slot's cache")
+
+    monkeypatch.setattr(batch, "Cache", broken)
+    with pytest.raises(MemoryError, match="no room"):
+        _runner(model, 2)
+    assert "scope-edge-decode" not in {t.name for t in threading.enumerate()}

@@ -413,9 +413,14 @@ class BatchRunner:
                                capture_layers=cs.capture_layers, n_seq=settings.slots, type_v=cs.type_v,
                                flash_attn=cs.flash_attn, sketch=cs.sketch)
         self.batcher = Batcher(self.context, piece=settings.piece)
-        self.slots = [Slot(seq, Cache(model, cs, abort=self._closing,
-                                      context=SeqView(self.batcher, seq, n_cells=settings.slot_cells)))
-                      for seq in range(settings.slots)]
+        try:
+            self.slots = [Slot(seq, Cache(model, cs, abort=self._closing,
+                                          context=SeqView(self.batcher, seq, n_cells=settings.slot_cells)))
+                          for seq in range(settings.slots)]
+        except BaseException:  # no decode thread or context left behind
+            self.batcher.close()
+            self.context.close()
+            raise
         self._lock = threading.Lock()
         self._threads: dict[int, threading.Thread] = {}
         self._requests: dict[int, Request] = {}
