@@ -330,12 +330,16 @@ static int32_t stream_base(const scope_hook * h, int32_t b) {
     return h->stream_cells * h->batch_seq[b];
 }
 
+/* Most cells one query row can attend over: its stream's, or every cell. */
+static int32_t attn_width(const scope_hook * h) {
+    return h->stream_cells ? h->stream_cells : h->n_cells;
+}
+
 /* Whether an attention tensor's [n_kv, rows, n_head, n_stream] fits this
  * ubatch: rows * n_stream == its tokens, one stream per sequence (llama.cpp
  * lays out streams x rows in ubatch order; unified: one stream). */
 static bool ubatch_shape(const scope_hook * h, int64_t n_kv, int64_t n_rows, int64_t n_stream) {
-    const int64_t width = h->stream_cells ? h->stream_cells : h->n_cells;
-    return n_kv > 0 && n_kv <= width && n_stream >= 1 && n_rows * n_stream == h->ub_n &&
+    return n_kv > 0 && n_kv <= attn_width(h) && n_stream >= 1 && n_rows * n_stream == h->ub_n &&
            (h->stream_cells || n_stream == 1);
 }
 
@@ -355,7 +359,7 @@ static bool on_mask(scope_hook * h, const struct ggml_tensor * m) {
         return fail_cb(h, SCOPE_HOOK_E_SHAPE, "%s: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32/F16 "
                        "[<=%d, rows, 1, streams] with rows x streams = %d (ubatch tokens)",
                        MASK_NAME, (int) m->type, (long long) m->ne[0], (long long) m->ne[1],
-                       (long long) m->ne[2], (long long) m->ne[3], h->n_cells, h->ub_n);
+                       (long long) m->ne[2], (long long) m->ne[3], attn_width(h), h->ub_n);
     }
     if (!ensure_scratch(h, (size_t) n_kv)) {
         return fail_cb(h, SCOPE_HOOK_E_NOMEM, "out of memory reading the mask");
@@ -446,7 +450,7 @@ static bool on_softmax(scope_hook * h, const struct ggml_tensor * t, int il) {
         !ggml_is_contiguous(t) || !t->buffer) {
         fail_cb(h, SCOPE_HOOK_E_SHAPE, "kq_soft_max-%d: type %d ne=[%lld,%lld,%lld,%lld], expected contiguous F32 "
                 "[<=%d, rows, %d, streams] with rows x streams = %d (ubatch tokens)", il, (int) t->type,
-                (long long) n_kv, (long long) n_tps, (long long) n_head, (long long) n_stream, h->n_cells, h->n_head,
+                (long long) n_kv, (long long) n_tps, (long long) n_head, (long long) n_stream, attn_width(h), h->n_head,
                 h->ub_n);
         return true; /* keep computing: the error is reported by scope_hook_end */
     }
