@@ -238,7 +238,8 @@ REPORTS: dict[str, Callable] = {
     "flash_memory.json": flash,
     "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
     "fidelity_sketch_rank24_prompts.json": fidelity_prompts, "fidelity_prompts.json": fidelity_prompts,
-    "fidelity_sketch_lookback_prompts.json": fidelity_prompts, "fidelity_sketch_lookback_rank32_prompts.json": fidelity_prompts,
+    "fidelity_sketch_lookback_prompts.json": fidelity_prompts,
+    "fidelity_sketch_lookback_rank32_prompts.json": fidelity_prompts,
     "ordered.json": ordered_suite, "ordered_q8.json": ordered_suite,
 }
 

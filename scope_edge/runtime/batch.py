@@ -1,9 +1,10 @@
 """Several generations in one context, decoded together (continuous batching).
 
 One Context holds `slots` sequences (n_seq = slots, one KV stream of
-slot_cells cells each: a token attends over its own sequence's cells only). Each slot is one sequence with its own Cache and
-Session (over a SeqView of the shared context), policy copy, budgets and
-Generation: the single-sequence runtime, unchanged. Each generation runs in
+slot_cells cells each: a token attends over its own sequence's cells only).
+Each slot is one sequence with its own Cache and Session (over a SeqView of
+the shared context), policy copy, budgets and Generation: the
+single-sequence runtime, unchanged. Each generation runs in
 its own thread; its decodes go through its SeqView to the Batcher, which runs
 one llama_decode once every running generation has handed in its next piece
 (a decoded token, or up to step_tokens of a prompt). So one step carries the
