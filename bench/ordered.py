@@ -1,90 +1,75 @@
-"""An ordered long-output task suite (issue #17, items 2 and 3): one prompt
-of records, one output that walks them in order, scored per item, at prompt
-sizes 1x, 2x and 4x the prefill budget.
+"""The ordered long-output suite (issues #17, #33): one prompt of records,
+one output that walks them in order, scored per item, at prompt sizes 1x-4x
+the prefill budget, on two task families, tuning and evaluation prompts apart.
 
-    python bench/ordered.py [--prompts 5] [--sizes 1 2 4] [--json] \
-        [--strategies slide adaptive discontinuous streaming h2o] \
-        [--prefill 256] [--decode 128] [--max-factor 2.0]
+    python bench/ordered.py tune       # parameters, on the tuning prompts
+    python bench/ordered.py eval       # the chosen configuration and the baselines
+    python bench/ordered.py report bench/results/ordered_eval.json
 
-The task (an inventory): the user turn is "Inventory:" and numbered records
+Families (each record's first words are the line the output needs; every
+item's name and value are unique to it and needed exactly once):
+  inventory: "7. mangoes: 92 (aisle 4, shelf E, ...)" -> "7. mangoes: 92"
+  teams:     "7. falcons: 418 (coach Rosa, founded 1931, ...)" -> "7. falcons: 418"
+The default model cannot convert between formats: asked for "<item>=<qty>",
+"Order <qty> <item>" or prose price lists, the full cache scored 0-20% at 2x
+and 4x (measured while building this suite), so both families are listings
+of different vocabularies, values and fields. A size is reached by longer
+records, not more of them (the model copies about 20 records well): the
+most extra fields with which 16 records fit, then as many records as fit.
+From 1 extra field on, a worked example of three records comes first.
 
-    1. mangoes: 92 (aisle 4, shelf E, color brown, supplier Scott, ...)
+Prompts: seed j of size s and family f is 1000 s + j (+ 50000 for teams);
+evaluation seeds are 0..n-1, tuning seeds 100..100+n-1.
 
-then "List the items in order with their quantity only, one per line as:
-<number>. <item>: <quantity>". When the records carry extra fields (2x,
-4x), a worked example comes first: three records of items not in the task
-and their answer lines. Each output line needs its own record (a
-different part of the prompt at each moment) and the model's own last lines
-(where it is in the list). Item names are unique within a prompt, quantities
-random in 2..99; prompt j of size s has seed 1000 s + j.
+Scoring: the output is cut into segments (lines, split again before each
+"N. "); item i counts when matched, in order, to a segment holding its name
+and its value as words (longest common subsequence), so a preamble or a
+repeated line does not cost, a skipped, wrong or out-of-order item does.
+"Ran past end": a run that ended at max_tokens where the full cache on the
+same prompt stopped.
 
-Why this format (full cache, greedy, 4 prompts each): bare numbered
-"N. name: qty" lines copied back score ~95-100% at 256 tokens, but scaled to
-512 tokens by more items (50) the model loops on one line (47%; 64% with 25
-records carrying 2 extra fields). Records with several extra fields and no
-example: 31% at 512 tokens, 81% at 1024 (the first line decides: "1. 95
-(aisle ...", "1. 1. 1. 2.", or an invented item, then the rest follows it);
-rephrasing the instruction, unnumbered "- " records, "Item N: ..." records or
-the fields on a second line did no better (2-34% at 512). The worked example
-lifts it to 56% at 512 and 84% at 1024 (its failure: copying the example's
-answer first, after which it sometimes drifts), but it hurts the bare copy
-at 256 tokens (50%, against 85% without it), so 1x has none.
+Memory: every configuration of a run set is given the same allocation
+(cells llama.cpp allocates, `kv_cells_allocated`); "kv vs stock" is those
+bytes over what stock allocates for the same request (prompt + max_tokens,
+padded as llama.cpp pads, f16): the full cache's own allocation.
 
-Sizing: the model copies about 20 records well, so a size is reached by
-making the records longer, not more numerous: the largest number of extra
-fields k (aisle, shelf, color, ... up to 14) with which 16 records fit the
-size (prefill budget x size tokens, chat template included), then as many
-records as fit (1x: ~22 bare records; 2x: ~17 with 3 fields; 4x: ~17 with 9
-fields). Fields are in the same order in every record (and the example's).
+Diagnostics: for each run, the share of each token class of the prompt
+(template, example, instruction, index, name, value, fields) held after the
+prefill selection, and of each item's key tokens ("name: value") held when
+its output line starts.
 
-Scoring (per item, not by aligning the whole output): the output is cut into
-segments (lines, and lines holding several "N." entries split there); item i
-counts when it is matched, in order, to a segment that contains its name and
-its quantity as words (case and punctuation ignored). The matching is the
-longest common subsequence of items and segments under that test, so extra
-lines, a preamble, "1. 1. pots: 91" or a copy of the whole record do not
-cost, but a skipped, wrong-quantity or out-of-order item does, and a repeated
-line counts once. Score = items matched / items.
-
-Runs: for every prompt, the full cache (budget=None) and each strategy at
-Budget(prefill, decode) with the default windows: SCOPE strategies (slide,
-adaptive, discontinuous, SnapKV prefill) hold prefill + decode cells; the
-unified baselines (streaming, h2o) share the same total. Greedy, no stop
-strings; max_tokens = max-factor x the tokens of the ideal answer, the same
-for every run on a prompt. "Ran past end": a run that ended with "length"
-where the full cache on the same prompt ended with "stop" (end-of-generation
-lost).
-
-Diagnostics (why items are lost): for each item, the fraction of its key
-tokens (the "name: quantity" of its record) held in the cache when the first
-output token is sampled (after the prefill selection), and when the output
-line numbered i starts. The table after the main one gives the hit rate of
-items whose key tokens were all held at their line vs not, and per quarter of
-the list.
-
-Writes bench/results/ordered.json (config, machine, tasks, every run with its
-text) and bench/results/ordered.png, and prints the tables.
+Runs go to worker processes (--workers, one llama.cpp thread each: greedy
+outputs do not depend on the thread count, and two one-thread workers get
+more done on two cores than one two-thread one).
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import json
 import logging
+import multiprocessing as mp
 import random
 import re
 import statistics
+import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from scope_edge import Budget, ScopeLlama, Sketch, memory, models
-from scope_edge.bench import SYSTEM_PROMPT, machine, save_results, scoring_fields
+from scope_edge import Budget, ScopeLlama, models
+from scope_edge.bench import SYSTEM_PROMPT, machine, save_results
+from scope_edge.policies import (H2O, H2OPrefill, LENDERS, Policy, SnapKV, Slide, Streaming, StreamingPrefill)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from tova import tova  # noqa: E402  (the TOVA policy written on the public API)
 
 log = logging.getLogger("bench.ordered")
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ["slide", "adaptive", "discontinuous", "streaming", "h2o"]
 FULL = "full"
 BASE_ITEMS = 16  # records per prompt before the fill (see Sizing)
+TUNING_SEED = 100
 
 NOUNS = list(dict.fromkeys("""
 apples bananas carrots onions lemons peaches potatoes tomatoes oranges cherries grapes melons pears plums eggs
@@ -123,63 +108,109 @@ FIELDS = [
     lambda r: f"status {r.choice(['new', 'used', 'sold', 'open', 'closed'])}",
     lambda r: f"note {r.choice(['fragile', 'keep dry', 'heavy', 'urgent', 'handle with care'])}",
 ]
-# A worked example before the inventory (names not in NOUNS): without it the
-# model often starts with "1. 95 (aisle ...", "1. 1. 1. 2." or an invented item.
-EXAMPLE = [("spades", 4), ("hooks", 17), ("tiles", 35)]
-HEADER = "Inventory:"
-INSTRUCTION = "List the items in order with their quantity only, one per line as: <number>. <item>: <quantity>"
+TEAMS = list(dict.fromkeys("""
+falcons eagles hawks ravens owls sparrows herons swans cranes pelicans parrots robins wolves foxes bears lions
+tigers panthers jaguars leopards cougars lynxes badgers otters beavers bison moose elks stags rams bulls mustangs
+stallions broncos colts dolphins sharks whales orcas marlins barracudas stingrays pirates vikings knights
+titans giants spartans trojans warriors rangers raiders rockets comets meteors thunder lightning storms
+cyclones hurricanes tornadoes blizzards avalanches glaciers volcanoes canyons rivers oceans mountains
+""".split()))
+COACHES = ["Rosa", "Igor", "Lena", "Marco", "Petra", "Yuki", "Sven", "Amir", "Lucia", "Nils", "Ines", "Karl"]
+TEAM_FIELDS = [
+    lambda r: f"coach {r.choice(COACHES)}",
+    lambda r: f"founded {r.randint(1900, 2010)}",
+    lambda r: f"city {r.choice(CITIES)}",
+    lambda r: f"colors {r.choice(COLORS)} and {r.choice(COLORS)}",
+    lambda r: f"league {r.choice('ABCDE')}",
+    lambda r: f"wins {r.randint(0, 40)}",
+    lambda r: f"losses {r.randint(0, 40)}",
+    lambda r: f"captain {r.choice(FIRST)} {r.choice(LAST)}",
+    lambda r: f"stadium {r.choice(LAST)} Park",
+    lambda r: f"mascot {r.choice(['a dog', 'a cat', 'a goat', 'a duck', 'a horse'])}",
+    lambda r: f"ticket {r.randint(5, 90)} dollars",
+    lambda r: f"trains on {r.choice(DAYS)}",
+    lambda r: f"sponsor {r.choice(LAST)} Bank",
+    lambda r: f"motto {r.choice(['never give up', 'one team', 'go fast', 'stand tall'])}",
+]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    header: str  # the line before the records
+    instruction: str
+    words: list[str]
+    value: Callable[[random.Random], int]
+    fields: list[Callable[[random.Random], str]]
+    example: list[tuple[str, int]]  # the worked example's items (not in words)
+    seed_offset: int
+
+
+FAMILIES = {
+    "inventory": Family(
+        "inventory", "Inventory:",
+        "List the items in order with their quantity only, one per line as: <number>. <item>: <quantity>",
+        NOUNS, lambda r: r.randint(2, 99), FIELDS, [("spades", 4), ("hooks", 17), ("tiles", 35)], 0),
+    "teams": Family(
+        "teams", "Teams:",
+        "List the teams in order with their points only, one per line as: <number>. <team>: <points>",
+        TEAMS, lambda r: r.randint(100, 999), TEAM_FIELDS, [("gulls", 250), ("moths", 613), ("lambs", 108)], 50000),
+}
 
 
 @dataclass(frozen=True)
 class Task:
+    family: str
     size: int  # the prompt is about size x the prefill budget
     seed: int
     fields: int  # extra fields per record
-    items: list[tuple[str, int]]  # (name, quantity), in order
+    items: list[tuple[str, int]]  # (name, value), in order
     user: str  # the user turn
-    messages: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": self.user}]
 
     @property
     def answer(self) -> str:
         """The ideal output (sizes max_tokens)."""
-        return "\n".join(f"{i}. {name}: {qty}" for i, (name, qty) in enumerate(self.items, 1))
+        return "\n".join(f"{i}. {name}: {value}" for i, (name, value) in enumerate(self.items, 1))
 
 
-def _record(i: int, name: str, qty: int, extra: list[str]) -> str:
-    return f"{i}. {name}: {qty}" + (f" ({', '.join(extra)})" if extra else "")
+def _record(i: int, name: str, value: int, extra: list[str]) -> str:
+    return f"{i}. {name}: {value}" + (f" ({', '.join(extra)})" if extra else "")
 
 
-def make_task(n_items: int, n_fields: int, seed: int, size: int = 0) -> Task:
-    if n_items > len(NOUNS):
-        raise ValueError(f"at most {len(NOUNS)} items, got {n_items}")
-    rng = random.Random(seed)
-    items = [(name, rng.randint(2, 99)) for name in rng.sample(NOUNS, n_items)]
-    example = "\n".join(_record(i, name, qty, [f(rng) for f in FIELDS[:n_fields]])
-                         for i, (name, qty) in enumerate(EXAMPLE, 1))
-    example_answer = "\n".join(f"{i}. {name}: {qty}" for i, (name, qty) in enumerate(EXAMPLE, 1))
-    records = "\n".join(_record(i, name, qty, [f(rng) for f in FIELDS[:n_fields]])
-                         for i, (name, qty) in enumerate(items, 1))
-    user = f"{HEADER}\n{records}\n\n{INSTRUCTION}"
-    if n_fields:  # bare records are copied better without the example (see "Why this format")
-        user = f"Example inventory:\n{example}\nExample answer:\n{example_answer}\n\n{user}"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
-    return Task(size, seed, n_fields, items, user, messages)
+def make_task(family: Family, n_items: int, n_fields: int, seed: int, size: int = 0) -> Task:
+    if n_items > len(family.words):
+        raise ValueError(f"{family.name}: at most {len(family.words)} items, got {n_items}")
+    rng = random.Random(seed + family.seed_offset)
+    items = [(name, family.value(rng)) for name in rng.sample(family.words, n_items)]
+    example = "\n".join(_record(i, name, v, [f(rng) for f in family.fields[:n_fields]])
+                        for i, (name, v) in enumerate(family.example, 1))
+    example_answer = "\n".join(f"{i}. {name}: {v}" for i, (name, v) in enumerate(family.example, 1))
+    records = "\n".join(_record(i, name, v, [f(rng) for f in family.fields[:n_fields]])
+                        for i, (name, v) in enumerate(items, 1))
+    user = f"{family.header}\n{records}\n\n{family.instruction}"
+    if n_fields:  # bare records are copied better without the example
+        user = f"Example {family.header.lower()}\n{example}\nExample answer:\n{example_answer}\n\n{user}"
+    return Task(family.name, size, seed, n_fields, items, user)
 
 
-def sized_task(llm: ScopeLlama, target: int, seed: int, size: int) -> Task:
-    """The task of seed whose rendered prompt is at most target tokens (see Sizing)."""
+def sized_task(llm: ScopeLlama, family: Family, target: int, seed: int, size: int) -> Task:
+    """The task of seed whose rendered prompt is at most target tokens."""
     def tokens(n_items: int, n_fields: int) -> int:
-        return len(llm.tokenize(llm.render_chat(make_task(n_items, n_fields, seed).messages)))
+        return len(llm.tokenize(llm.render_chat(make_task(family, n_items, n_fields, seed).messages)))
 
     if tokens(BASE_ITEMS, 0) > target:
         raise ValueError(f"{BASE_ITEMS} bare records do not fit {target} tokens")
     k = 0
-    while k < len(FIELDS) and tokens(BASE_ITEMS, k + 1) <= target:
+    while k < len(family.fields) and tokens(BASE_ITEMS, k + 1) <= target:
         k += 1
     n = BASE_ITEMS
-    while n < len(NOUNS) and tokens(n + 1, k) <= target:
+    while n < len(family.words) and tokens(n + 1, k) <= target:
         n += 1
-    return make_task(n, k, seed, size)
+    return make_task(family, n, k, seed, size)
 
 
 # -- scoring -------------------------------------------------------------------
@@ -200,11 +231,11 @@ def segments(text: str) -> list[str]:
 def matched(items: list[tuple[str, int]], text: str) -> list[bool]:
     """Which items the output gives, in order (longest common subsequence of
     items and segments, an item matching a segment that holds its name and
-    quantity as words)."""
+    value as words)."""
     segs = segments(text)
-    keys = [(f" {_norm(name)} ", f" {qty} ") for name, qty in items]
+    keys = [(f" {_norm(name)} ", f" {_norm(str(value))} ") for name, value in items]
     n, m = len(keys), len(segs)
-    hit = [[name in s and qty in s for s in segs] for name, qty in keys]
+    hit = [[name in s and value in s for s in segs] for name, value in keys]
     dp = [[0] * (m + 1) for _ in range(n + 1)]
     for i in range(n - 1, -1, -1):
         for j in range(m - 1, -1, -1):
@@ -221,54 +252,145 @@ def matched(items: list[tuple[str, int]], text: str) -> list[bool]:
     return out
 
 
-# -- where each item's key tokens are ---------------------------------------------
-def key_positions(llm: ScopeLlama, tokens: list[int], task: Task) -> list[list[int]]:
-    """For each item, the prompt positions of the tokens spelling "name: quantity"
-    in its record. Special tokens have empty pieces; the record lines are plain text."""
+# -- where the prompt's tokens are -------------------------------------------------
+CLASSES = ("template", "example", "instruction", "index", "name", "value", "fields")
+
+
+def token_spans(llm: ScopeLlama, tokens: list[int], task: Task) -> tuple[list[list[int]], list[str]]:
+    """(for each item, the prompt positions of its "name: value"; the class of
+    every prompt token). Special tokens have empty pieces; records are plain text."""
     pieces = [llm.model.piece(t).decode("utf-8", errors="replace") for t in tokens]
     starts, pos = [], 0
     for p in pieces:
         starts.append(pos)
         pos += len(p)
     text = "".join(pieces)
-    out, cursor = [], text.find(f"\n{HEADER}\n")
-    for i, (name, qty) in enumerate(task.items, 1):
-        at = text.find(f"\n{i}. {name}: {qty}", cursor)
+    char_class = ["template"] * len(text)
+
+    def mark(lo: int, hi: int, cls: str) -> None:
+        char_class[lo:hi] = [cls] * (hi - lo)
+
+    family = FAMILIES[task.family]
+    body = text.find(f"\n{family.header}\n")
+    user_at = text.find(task.user)
+    if user_at >= 0:
+        mark(user_at, body + 1, "example")
+        end = user_at + len(task.user)
+        mark(end - len(family.instruction), end, "instruction")
+    keys, cursor = [], body
+    for i, (name, value) in enumerate(task.items, 1):
+        at = text.find(f"\n{i}. {name}: {value}", cursor)
         if at < 0:
             raise ValueError(f"record {i} not found in the prompt's pieces")
+        line_end = text.find("\n", at + 1)
+        mark(at + 1, at + len(f"\n{i}. "), "index")
         lo = at + len(f"\n{i}. ")
-        hi = lo + len(f"{name}: {qty}")
+        mark(lo, lo + len(name), "name")
+        mark(lo + len(name), lo + len(f"{name}: "), "index")
+        mark(lo + len(f"{name}: "), lo + len(f"{name}: {value}"), "value")
+        mark(lo + len(f"{name}: {value}"), line_end, "fields")
+        hi = lo + len(f"{name}: {value}")
         first = bisect.bisect_right(starts, lo) - 1
         last = bisect.bisect_left(starts, hi) - 1
-        out.append(list(range(first, last + 1)))
+        keys.append(list(range(first, last + 1)))
         cursor = hi
-    return out
+    classes = [char_class[s] if p else "template" for s, p in zip(starts, pieces)]
+    return keys, classes
 
 
 def held_fraction(held: set[int], keys: list[list[int]]) -> list[float]:
     return [sum(p in held for p in k) / len(k) for k in keys]
 
 
+def class_kept(held: set[int], classes: list[str]) -> dict[str, float]:
+    out = {}
+    for c in CLASSES:
+        idx = [i for i, x in enumerate(classes) if x == c]
+        if idx:
+            out[c] = round(sum(i in held for i in idx) / len(idx), 3)
+    return out
+
+
+# -- configurations --------------------------------------------------------------
+PREFILL, ALLOC = 256, 512  # the suite's prefill budget and every configuration's cells
+WINDOW = 32  # observation window (Budget's default)
+
+
+def _scope(*, lend: str | None = "passed", probe: bool = True, chunk: int = 128, recent: int = 64,
+           decode: int = ALLOC - PREFILL, type_k: str = "f16", window: int = WINDOW, lookback: int = 6) -> dict:
+    """SCOPE slide with SnapKV prefill: `lend` the decode room to the prompt
+    by that rule (None: the paper), `probe` each earlier chunk with the
+    prompt's last `window` tokens, prefill in chunks of `chunk` cells (the
+    probe's included)."""
+    policy = Policy(prefill=SnapKV(budget=PREFILL, window=window, probe=probe, lookback=lookback),
+                    decode=Slide(decode=decode, recent=recent),
+                    lend=None if lend is None else LENDERS[lend](protected=window))
+    return {"policy": policy, "prefill_chunk": chunk, "type_k": type_k}
+
+
+def _unified(name: str, type_k: str = "f16") -> dict:
+    """A unified baseline: prompt and output share `total` cells, and the
+    prefill's chunks land on the total - 1 kept, so total + chunk = ALLOC
+    (the largest total whose chunks still move the prompt along)."""
+    recent, chunk = 64, 64
+    total = ALLOC - chunk
+    if name == "h2o":
+        policy = Policy(prefill=H2OPrefill(recent=recent), decode=H2O(total=total, recent=recent))
+    elif name == "streaming":
+        policy = Policy(prefill=StreamingPrefill(), decode=Streaming(total=total))
+    else:
+        policy = tova(total)
+    return {"policy": policy, "prefill_chunk": chunk, "type_k": type_k}
+
+
+# name -> ScopeLlama arguments. "slide" is the runtime before #33 at this
+# allocation (no probe, a chunk that leaves no room above the prefill budget).
+CONFIGS: dict[str, Callable[[], dict]] = {
+    FULL: lambda: {"budget": None},
+    "slide": lambda: _scope(probe=False, chunk=ALLOC - PREFILL),
+    "slide/none": lambda: _scope(lend=None, probe=False, chunk=ALLOC - PREFILL),
+    "scope": lambda: _scope(),
+    "scope/noprobe": lambda: _scope(probe=False),
+    "scope/chunk192": lambda: _scope(chunk=192),
+    "scope/chunk96": lambda: _scope(chunk=96),
+    "scope/progress": lambda: _scope(lend="progress"),
+    "scope/accumulated": lambda: _scope(lend="accumulated"),
+    "scope/recent": lambda: _scope(lend="recent"),
+    "scope/recent128": lambda: _scope(recent=128),
+    "scope/q8": lambda: _scope(type_k="q8_0"),
+    "scope/window64": lambda: _scope(window=64),
+    "scope/window16": lambda: _scope(window=16),
+    "scope/lookback12": lambda: _scope(lookback=12),
+    "slide/q8": lambda: _scope(probe=False, chunk=ALLOC - PREFILL, type_k="q8_0"),
+    "h2o/q8": lambda: _unified("h2o", "q8_0"),
+    "streaming/q8": lambda: _unified("streaming", "q8_0"),
+    "tova/q8": lambda: _unified("tova", "q8_0"),
+    "h2o": lambda: _unified("h2o"),
+    "streaming": lambda: _unified("streaming"),
+    "tova": lambda: _unified("tova"),
+}
+TUNE = ["scope", "scope/noprobe", "scope/chunk192", "scope/progress", "scope/accumulated", "scope/recent",
+        "scope/q8"]
+EVAL = ["scope/q8", "slide/q8", "h2o/q8", "streaming/q8", "tova/q8"]
+BASELINES = {"h2o", "streaming", "tova", "h2o/q8", "streaming/q8", "tova/q8"}  # run at the compressed sizes only
+
+
 # -- runs ------------------------------------------------------------------------
-def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]], max_tokens: int, *,
-            bytes_per_cell: int) -> dict:
-    """One greedy generation, streamed to see which key tokens the cache holds
-    at the first output token and as each numbered output line starts.
-    bytes_per_cell: KV bytes of one cell in llm's cache types."""
+def run_one(llm: ScopeLlama, task: Task, tokens: list[int], max_tokens: int) -> dict:
+    """One greedy generation, streamed to see which prompt tokens the cache
+    holds after the prefill selection and as each numbered output line starts."""
+    keys, classes = token_spans(llm, tokens, task)
     t0 = time.perf_counter()
     pieces: list[str] = []
-    kept_start: list[float] | None = None
+    kept: set[int] | None = None
     at_line: list[float | None] = [None] * len(task.items)
-    new_line = True  # the next chunk is the first of an output line
-    pending = False  # the current line's number is not known yet
+    new_line, pending, line_from = True, False, 0
     snap: set[int] = set()
-    line_from = 0
     last = None
     for last in llm.stream(tokens, max_tokens=max_tokens):
-        if kept_start is None:
-            kept_start = held_fraction(set(llm.kv_positions().tolist()), keys)
-        if new_line:
-            # the cache as the line begins (its first token sampled, not yet fed)
+        if kept is None:
+            kept = set(llm.kv_positions().tolist())
+        if new_line:  # the cache as the line begins (its first token sampled, not yet fed)
             snap, line_from, pending, new_line = set(llm.kv_positions().tolist()), sum(map(len, pieces)), True, False
         pieces.append(last.text)
         if pending:
@@ -282,211 +404,168 @@ def run_one(llm: ScopeLlama, task: Task, tokens: list[int], keys: list[list[int]
                 pending = False
         if "\n" in last.text:
             new_line = True
-    assert last is not None and last.stats is not None and last.finish_reason is not None
+    if last is None or last.stats is None or last.finish_reason is None:
+        raise RuntimeError("the stream ended without its final chunk")
     text = "".join(pieces)
     hits = matched(task.items, text)
     st = last.stats
+    kept = kept or set()
     return {"score": sum(hits) / len(hits), "items_hit": [int(h) for h in hits], "n_items": len(hits),
             "generated_tokens": st.generated_tokens, "finish_reason": last.finish_reason,
-            "kv_cells_allocated": st.kv_cells_allocated, "kv_cells_peak": st.kv_cells_peak,
-            "kv_bytes_peak": st.kv_cells_peak * bytes_per_cell, "key_kept_start": [round(x, 3) for x in kept_start or []],
+            "kv_cells_allocated": st.kv_cells_allocated, "kv_bytes_allocated": st.kv_bytes_allocated,
+            "kv_cells_peak": st.kv_cells_peak, "prefill_cells_peak": st.prefill_cells_peak,
+            "key_kept_start": [round(x, 3) for x in held_fraction(kept, keys)],
             "key_held_at_line": [None if x is None else round(x, 3) for x in at_line],
+            "class_kept": class_kept(kept, classes),
             "seconds": round(time.perf_counter() - t0, 2), "text": text}
 
 
-def variant(name: str) -> dict[str, object]:
-    """ScopeLlama's short-form arguments for a run name
-    "strategy[+selector][/lend][@scoring]", e.g. "slide", "slide/none" (the
-    paper), "slide+h2o/passed", "slide@qk16+fa" (scoring as bench/fidelity.py's
-    --scoring: key sketches of rank 16, flash attention on)."""
-    name, _, scoring = name.partition("@")
-    rest, _, lend = name.partition("/")
-    strategy, _, selector = rest.partition("+")
-    options: dict[str, object] = {"strategy": strategy, **({"prefill_selector": selector} if selector else {}),
-                                  **({"lend": lend} if lend else {})}
-    if scoring:
-        fields = scoring_fields(scoring)
-        options["flash_attn"] = fields["flash_attn"]
-        if fields.get("sketch_rank"):
-            options["scoring"] = Sketch(rank=fields["sketch_rank"], basis=fields["sketch_basis"],
-                                        scores=fields.get("sketch_scores", "attention"))
-    return options
+@dataclass(frozen=True)
+class Job:
+    config: str
+    family: str
+    size: int
+    seed: int
 
 
-def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, decode: int,
-        max_factor: float, type_k: str = "f16") -> dict:
-    """type_k: the compressed runs' K cache type (the full cache stays f16, as stock)."""
+def _work(args: tuple[str, list[Job], float]) -> list[dict]:
+    """A worker: one ScopeLlama per configuration, every job of it in turn."""
+    path, jobs, max_factor = args
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    out = []
+    by_config: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_config.setdefault(job.config, []).append(job)
+    for config, js in by_config.items():
+        with ScopeLlama(path, n_threads=1, **CONFIGS[config]()) as llm:
+            for job in js:
+                task = sized_task(llm, FAMILIES[job.family], PREFILL * job.size, 1000 * job.size + job.seed, job.size)
+                tokens = llm.tokenize(llm.render_chat(task.messages))
+                max_tokens = max(32, round(max_factor * len(llm.tokenize(task.answer))))
+                r = run_one(llm, task, tokens, max_tokens)
+                out.append({"config": config, "family": job.family, "size": job.size, "seed": job.seed,
+                            "prompt_tokens": len(tokens), "n_fields": task.fields, "max_tokens": max_tokens, **r})
+                log.info("%s %s %dx seed %d: %.2f, %d tokens, %s, %d cells, %.0f s", config, job.family, job.size,
+                         job.seed, r["score"], r["generated_tokens"], r["finish_reason"], r["kv_cells_allocated"],
+                         r["seconds"])
+    return out
+
+
+def run(configs: list[str], families: list[str], sizes: list[int], seeds: list[int], *, workers: int,
+        max_factor: float) -> dict:
     path = str(models.fetch())
-    budget = Budget(prefill=prefill, decode=decode)
-    geometry = memory.read_geometry(path)
-    full_cell, our_cell = memory.bytes_per_cell(geometry, "f16", "f16"), memory.bytes_per_cell(geometry, type_k, "f16")
-    t_start = time.perf_counter()
-    tasks: list[dict] = []
-    runs: list[dict] = []
-    with ScopeLlama(path) as full:  # the full cache; also tokenizes for everyone
-        for size in sizes:
-            for seed in range(n_prompts):  # the records of prompt `seed` of each size differ
-                task = sized_task(full, prefill * size, 1000 * size + seed, size)
-                tokens = full.tokenize(full.render_chat(task.messages))
-                answer_tokens = len(full.tokenize(task.answer))
-                tasks.append({"size": size, "seed": seed, "task": task, "tokens": tokens,
-                              "keys": key_positions(full, tokens, task),
-                              "max_tokens": max(32, round(max_factor * answer_tokens))})
-        log.info("%d prompts: %s", len(tasks), ", ".join(
-            f"{t['size']}x/{t['seed']}: {len(t['tokens'])} tok, {len(t['task'].items)} items, "
-            f"{t['task'].fields} fields" for t in tasks))
-        for t in tasks:
-            r = run_one(full, t["task"], t["tokens"], t["keys"], t["max_tokens"], bytes_per_cell=full_cell)
-            t["full"] = r
-            runs.append({"strategy": FULL, "size": t["size"], "seed": t["seed"], **r})
-            log.info("full %dx seed %d: score %.2f, %d tokens, %s, %.0f s", t["size"], t["seed"], r["score"],
-                     r["generated_tokens"], r["finish_reason"], r["seconds"])
-    for strategy in strategies:
-        with ScopeLlama(path, budget=budget, type_k=type_k, **variant(strategy)) as llm:
-            for t in tasks:
-                r = run_one(llm, t["task"], t["tokens"], t["keys"], t["max_tokens"], bytes_per_cell=our_cell)
-                r["ran_past_end"] = r["finish_reason"] == "length" and t["full"]["finish_reason"] == "stop"
-                r["memory_vs_full"] = r["kv_bytes_peak"] / t["full"]["kv_bytes_peak"]
-                r["full_kv_cells_allocated"] = t["full"]["kv_cells_allocated"]
-                runs.append({"strategy": strategy, "size": t["size"], "seed": t["seed"], **r})
-                log.info("%s %dx seed %d: score %.2f (full %.2f), %d tokens, %s%s, cells %d/%d, %.0f s (%.0f min in)",
-                         strategy, t["size"], t["seed"], r["score"], t["full"]["score"], r["generated_tokens"],
-                         r["finish_reason"], " RAN PAST END" if r["ran_past_end"] else "", r["kv_cells_allocated"],
-                         t["full"]["kv_cells_allocated"], r["seconds"], (time.perf_counter() - t_start) / 60)
-    return {
-        "config": {"prefill": budget.prefill, "decode": budget.decode, "total": budget.total,
-                   "observation_window": budget.observation_window, "recent_window": budget.recent_window,
-                   "sizes": sizes, "prompts": n_prompts, "strategies": [FULL, *strategies],
-                   "max_factor": max_factor, "type_k": type_k, "base_items": BASE_ITEMS, "example": EXAMPLE, "instruction": INSTRUCTION,
-                   "system": SYSTEM_PROMPT, "model": Path(path).name, "greedy": True},
-        "machine": machine(),
-        "runtime_s": round(time.perf_counter() - t_start, 1),
-        "tasks": [{"size": t["size"], "seed": t["seed"], "prompt_tokens": len(t["tokens"]),
-                   "n_items": len(t["task"].items), "fields": t["task"].fields, "max_tokens": t["max_tokens"],
-                   "items": t["task"].items, "user": t["task"].user} for t in tasks],
-        "runs": runs,
-    }
+    jobs = [Job(c, f, s, seed) for c in [FULL, *configs] for f in families for s in sizes for seed in seeds
+            if not (c in BASELINES and s < 3)]
+    # Round-robin by job, so each worker gets a share of every configuration.
+    shares = [(path, jobs[w::workers], max_factor) for w in range(workers)]
+    t0 = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        runs = [r for part in pool.map(_work, shares) for r in part]
+    return {"config": {"prefill": PREFILL, "allocated_cells": ALLOC, "window": WINDOW, "configs": [FULL, *configs],
+                       "families": families, "sizes": sizes, "seeds": seeds, "max_factor": max_factor,
+                       "system": SYSTEM_PROMPT, "model": Path(path).name, "greedy": True},
+            "machine": machine(), "runtime_s": round(time.perf_counter() - t0, 1), "runs": runs}
 
 
 # -- report ----------------------------------------------------------------------
-def _stats(xs: list[float]) -> tuple[float, float]:
-    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (float("nan"), 0.0)
+def _mean_ci(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval (normal approximation)."""
+    if not xs:
+        return float("nan"), 0.0
+    m = statistics.fmean(xs)
+    return m, 1.96 * statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else 0.0
 
 
 def summary(res: dict) -> dict:
-    """(strategy, size) -> mean, std, ran past end, n."""
+    """(config, family, size) -> mean score with its 95% interval, the paired
+    ratio to the full cache, KV vs stock, stops and runs past the end."""
+    full = {(r["family"], r["size"], r["seed"]): r for r in res["runs"] if r["config"] == FULL}
     out = {}
-    for s in res["config"]["strategies"]:
-        for size in res["config"]["sizes"]:
-            rs = [r for r in res["runs"] if r["strategy"] == s and r["size"] == size]
-            mean, std = _stats([r["score"] for r in rs])
-            out[s, size] = {"mean": mean, "std": std, "n": len(rs),
-                            "past_end": sum(bool(r.get("ran_past_end")) for r in rs),
-                            "length": sum(r["finish_reason"] == "length" for r in rs),
-                            "cells": max((r["kv_cells_allocated"] for r in rs), default=0),
-                            "peak": max((r["kv_cells_peak"] for r in rs), default=0),
-                            "memory": 1.0 if s == FULL else (  # None: results from before it was recorded
-                                statistics.fmean(r["memory_vs_full"] for r in rs)
-                                if rs and all("memory_vs_full" in r for r in rs) else None)}
+    for c in res["config"]["configs"]:
+        for f in res["config"]["families"]:
+            for s in res["config"]["sizes"]:
+                rs = [r for r in res["runs"] if (r["config"], r["family"], r["size"]) == (c, f, s)]
+                if not rs:
+                    continue
+                fr = [full[r["family"], r["size"], r["seed"]] for r in rs]
+                mean, ci = _mean_ci([r["score"] for r in rs])
+                full_mean = statistics.fmean(x["score"] for x in fr)
+                stopped = [x for x in fr if x["finish_reason"] == "stop"]
+                out[c, f, s] = {
+                    "mean": mean, "ci95": ci, "n": len(rs), "full_mean": full_mean,
+                    "vs_full": mean / full_mean if full_mean else float("nan"),
+                    "kv_vs_stock": statistics.fmean(r["kv_bytes_allocated"] / x["kv_bytes_allocated"]
+                                                    for r, x in zip(rs, fr)),
+                    "cells": max(r["kv_cells_allocated"] for r in rs),
+                    "past_end": sum(r["finish_reason"] == "length" and x["finish_reason"] == "stop"
+                                    for r, x in zip(rs, fr)),
+                    "stops_with_full": (sum(r["finish_reason"] == "stop" for r, x in zip(rs, fr)
+                                            if x["finish_reason"] == "stop") / len(stopped)) if stopped else None,
+                }
     return out
 
 
 def table(res: dict) -> str:
     cfg, sm = res["config"], summary(res)
-    sizes = cfg["sizes"]
-    ptok = {size: [t["prompt_tokens"] for t in res["tasks"] if t["size"] == size] for size in sizes}
-    lines = [f"ordered inventory task, budget {cfg['prefill']}:{cfg['decode']} (recent {cfg['recent_window']}), "
-             f"{cfg['prompts']} prompts per size, runtime {res['runtime_s'] / 60:.1f} min",
-             "prompt tokens: " + "; ".join(f"{s}x {min(ptok[s])}-{max(ptok[s])}" for s in sizes),
-             "per-item score, mean ± std over prompts [ran past end / runs ending at max_tokens]",
-             f"{'strategy':14}" + "".join(f"{f'{s}x':>22}" for s in sizes)
-             + f"  KV cells allocated:peak (max); peak KV bytes / full's (K {cfg.get('type_k', 'f16')})"]
-    for s in cfg["strategies"]:
-        row = f"{s:14}"
-        for size in sizes:
-            c = sm[s, size]
-            flag = f"[{c['past_end']}/{c['length']}]" if s != FULL else f"[-/{c['length']}]"
-            row += f"{c['mean']:>10.1%} ± {c['std']:>5.1%} {flag:>5}"
-        row += "  " + " ".join(f"{sm[s, size]['cells']}:{sm[s, size]['peak']}" for size in sizes)
-        row += "; " + " ".join("-" if sm[s, size]["memory"] is None else f"{sm[s, size]['memory']:.0%}" for size in sizes)
-        lines.append(row)
-    totals = {s: sum(sm[s, size]["past_end"] for size in sizes) for s in cfg["strategies"] if s != FULL}
-    lines.append("ran past end (length where the full cache stopped), all sizes: "
-                 + ", ".join(f"{s} {n}" for s, n in totals.items()))
-    lines += ["", "why items are lost: item hit rate when its key tokens were all held as its output line "
-              "started / not all held (items with such a line); hit rate by quarter of the list; key tokens "
-              "held after the prefill selection, by quarter"]
-    for size in sizes:
-        for s in cfg["strategies"]:
-            rs = [r for r in res["runs"] if r["strategy"] == s and r["size"] == size]
-            held = [h for r in rs for h, k in zip(r["items_hit"], r["key_held_at_line"]) if k is not None and k >= 1]
-            lost = [h for r in rs for h, k in zip(r["items_hit"], r["key_held_at_line"]) if k is not None and k < 1]
-            quarters, kept = [], []
-            for q in range(4):
-                hq, kq = [], []
-                for r in rs:
-                    n = r["n_items"]
-                    idx = range(q * n // 4, (q + 1) * n // 4)
-                    hq += [r["items_hit"][i] for i in idx]
-                    kq += [r["key_kept_start"][i] for i in idx]
-                quarters.append(statistics.fmean(hq) if hq else float("nan"))
-                kept.append(statistics.fmean(kq) if kq else float("nan"))
-            fmt = lambda xs: f"{statistics.fmean(xs):.0%} of {len(xs):3d}" if xs else "    -     "
-            lines.append(f"{size}x {s:14} held {fmt(held)} | not {fmt(lost)} | by quarter "
-                         + " ".join(f"{x:4.0%}" for x in quarters) + " | kept at start "
-                         + " ".join(f"{x:4.0%}" for x in kept))
+    lines = [f"ordered suite: prefill budget {cfg['prefill']}, every configuration in {cfg['allocated_cells']} cells, "
+             f"seeds {cfg['seeds'][0]}..{cfg['seeds'][-1]}, runtime {res['runtime_s'] / 60:.1f} min",
+             "per-item score: mean ± 95% interval | ratio of means to the full cache | KV bytes allocated / stock's "
+             "| stops where the full cache stops | ran past its end"]
+    for f in cfg["families"]:
+        for s in cfg["sizes"]:
+            ptok = [r["prompt_tokens"] for r in res["runs"] if r["config"] == FULL and r["family"] == f
+                    and r["size"] == s]
+            lines.append(f"-- {f} {s}x (prompts {min(ptok)}-{max(ptok)} tokens)")
+            for c in cfg["configs"]:
+                if (c, f, s) not in sm:
+                    continue
+                x = sm[c, f, s]
+                stops = "-" if x["stops_with_full"] is None else f"{x['stops_with_full']:.0%}"
+                lines.append(f"   {c:20} {x['mean']:6.1%} ± {x['ci95']:5.1%} | {x['vs_full']:6.1%} | "
+                             f"{x['kv_vs_stock']:6.1%} ({x['cells']} cells) | {stops:>4} | {x['past_end']}/{x['n']}")
+    lines += ["", "prompt token classes held after the prefill selection (mean share), compressed sizes:"]
+    for c in cfg["configs"]:
+        if c == FULL:
+            continue
+        rs = [r for r in res["runs"] if r["config"] == c and r["size"] >= 3]
+        if rs:
+            means = {k: statistics.fmean(r["class_kept"].get(k, 0.0) for r in rs if k in r["class_kept"])
+                     for k in CLASSES if any(k in r["class_kept"] for r in rs)}
+            lines.append(f"   {c:20} " + " ".join(f"{k} {v:4.0%}" for k, v in means.items()))
     return "\n".join(lines)
-
-
-def plot(res: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg, sm = res["config"], summary(res)
-    sizes = cfg["sizes"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    n = len(cfg["strategies"])
-    for k, s in enumerate(cfg["strategies"]):
-        x = [i + (k - (n - 1) / 2) * 0.06 for i in range(len(sizes))]
-        ax.errorbar(x, [sm[s, size]["mean"] for size in sizes], yerr=[sm[s, size]["std"] for size in sizes],
-                    marker="o", capsize=3, label=s, linestyle="--" if s == FULL else "-",
-                    color="black" if s == FULL else None)
-    ptok = {size: round(statistics.fmean(t["prompt_tokens"] for t in res["tasks"] if t["size"] == size))
-            for size in sizes}
-    ax.set_xticks(range(len(sizes)), [f"{s}x\n(~{ptok[s]} tok)" for s in sizes])
-    ax.set(xlabel=f"prompt size (x prefill budget {cfg['prefill']})", ylabel="per-item score",
-           ylim=(0, 1.05), title=f"Ordered inventory task, {cfg['prefill']}:{cfg['decode']} cells "
-                                 f"(mean ± std, {cfg['prompts']} prompts)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=5, help="prompts (seeds) per size")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4], help="prompt sizes, x the prefill budget")
-    ap.add_argument("--strategies", nargs="+", default=STRATEGIES,
-                    help='runs, each "strategy[+selector][/lend][@scoring]", e.g. slide+h2o/passed; slide/none is '
-                         'the paper; slide@qk16+fa scores with key sketches under flash attention')
-    ap.add_argument("--prefill", type=int, default=256)
-    ap.add_argument("--decode", type=int, default=128)
-    ap.add_argument("--max-factor", type=float, default=2.0, help="max_tokens = this x the ideal answer's tokens")
-    ap.add_argument("--type-k", default="f16", help="K cache type of the compressed runs (the full cache stays f16)")
-    ap.add_argument("--out", default=str(RESULTS / "ordered.json"))
-    ap.add_argument("--plot", default=str(RESULTS / "ordered.png"))
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("mode", choices=["tune", "eval", "report"])
+    ap.add_argument("files", nargs="*", help="report: result files to merge and print")
+    ap.add_argument("--configs", nargs="+", choices=sorted(set(CONFIGS) - {FULL}))
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    ap.add_argument("--sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per family and size")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="these seeds instead of --prompts")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-factor", type=float, default=1.5, help="max_tokens = this x the ideal answer's tokens")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    res = run(args.sizes, args.prompts, args.strategies, args.prefill, args.decode, args.max_factor, args.type_k)
-    save_results(args.out, res, print_json=args.json, table=table)
-    if args.plot:
-        plot(res, Path(args.plot))
-        log.info("wrote %s", args.plot)
+    if args.mode == "report":
+        parts = [json.loads(Path(p).read_text()) for p in args.files]
+        res = parts[0]
+        for p in parts[1:]:
+            res["runs"] += [r for r in p["runs"] if r["config"] != FULL]
+            res["config"]["configs"] += [c for c in p["config"]["configs"] if c not in res["config"]["configs"]]
+            res["runtime_s"] += p["runtime_s"]
+        print(table(res))
+        return
+    tuning = args.mode == "tune"
+    n = args.prompts or (5 if tuning else 20)
+    seeds = args.seeds or ([TUNING_SEED + j for j in range(n)] if tuning else list(range(n)))
+    sizes = args.sizes or ([3, 4] if tuning else [1, 2, 3, 4])
+    res = run(args.configs or (TUNE if tuning else EVAL), args.families, sizes, seeds, workers=args.workers,
+              max_factor=args.max_factor)
+    out = args.out or str(RESULTS / f"ordered_{args.mode}.json")
+    save_results(out, res, table=table)
 
 
 if __name__ == "__main__":

@@ -240,7 +240,8 @@ REPORTS: dict[str, Callable] = {
     "fidelity_sketch_rank24_prompts.json": fidelity_prompts, "fidelity_prompts.json": fidelity_prompts,
     "fidelity_sketch_lookback_prompts.json": fidelity_prompts,
     "fidelity_sketch_lookback_rank32_prompts.json": fidelity_prompts,
-    "ordered.json": ordered_suite, "ordered_q8.json": ordered_suite,
+    "ordered_tune.json": ordered_suite, "ordered_eval_inventory.json": ordered_suite,
+    "ordered_eval_teams.json": ordered_suite,
 }
 
 

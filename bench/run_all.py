@@ -7,8 +7,8 @@ without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
 (1, 2, 4 conversations served together; again with a q8_0 K cache, and 4 with flash
-attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite;
-again at 2x with a q8_0 K cache, and with key sketches), fidelity.py with today's defaults
+attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
+tuning prompts, then the evaluation prompts of both families), fidelity.py with today's defaults
 (one prompt, then five), fidelity.py with key sketches (one prompt, then five; again with today's pooling),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; then memory at 4096 + 4096), plots.py, then
@@ -47,13 +47,15 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                    "--out", "RESULTS/server_flash.json"],
      ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--flash-attn", "--type-k", "q8_0", "--type-v",
       "q8_0", "--sketch-rank", "8"]),
-    ("ordered.py", ["--strategies", "slide/none", "slide", "adaptive", "discontinuous", "streaming", "h2o"],
-     ["--prompts", "1", "--sizes", "1", "--strategies", "slide"]),
-    ("ordered.py", ["--sizes", "2", "--type-k", "q8_0", "--out", "RESULTS/ordered_q8.json", "--plot", ""],
-     ["--prompts", "1", "--sizes", "1", "--strategies", "slide", "--type-k", "q8_0", "--plot", ""]),
-    ("ordered.py", ["--strategies", "slide", "slide@qk16+fa", "slide@qk8+fa", "slide@keydiff16+fa", "h2o@qk16+fa",
-                    "--out", "RESULTS/ordered_sketch.json", "--plot", ""],
-     ["--prompts", "1", "--sizes", "1", "--strategies", "slide@qk8+fa", "--plot", ""]),
+    ("ordered.py", ["tune", "--families", "inventory"],
+     ["tune", "--prompts", "1", "--sizes", "3", "--configs", "scope", "--families", "inventory", "--workers", "1"]),
+    ("ordered.py", ["eval", "--families", "inventory", "--out", "RESULTS/ordered_eval_inventory.json"],
+     ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "inventory", "--workers", "1",
+      "--out", "RESULTS/ordered_eval_inventory.json"]),
+    ("ordered.py", ["eval", "--families", "teams", "--sizes", "3", "4", "--prompts", "10", "--configs", "scope/q8",
+                    "slide/q8", "--workers", "1", "--out", "RESULTS/ordered_eval_teams.json"],
+     ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "teams", "--workers", "1",
+      "--out", "RESULTS/ordered_eval_teams.json"]),
     ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "adaptive", "discontinuous",
                      "--out", "RESULTS/fidelity_lookback.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",

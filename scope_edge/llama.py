@@ -92,8 +92,11 @@ class ScopeLlama:
         (scope_edge.runtime.sketch). The policies run unchanged on either.
     prefill_chunk, chunked_prefill: under a policy, a prompt longer than the
         kept prompt + prefill_chunk is prefilled in chunks of prefill_chunk
-        tokens, trimming back to the prefill budget after each, so the cells
-        needed do not grow with the prompt (None: automatic; True/False force).
+        cells, selecting after each, so the cells needed do not grow with the
+        prompt (None: automatic; True/False force). A selector with a probe
+        (SnapKV's default) fills the last probe_tokens of each chunk with the
+        prompt's own tail, run as the queries that score the chunk and then
+        removed, so every chunk is selected by the question at the end.
     position_limit: under a policy, positions are re-indexed when they would
         reach it, so generation can continue indefinitely (None: the model's
         trained context).

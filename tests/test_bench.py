@@ -119,10 +119,10 @@ def test_lookback_keeps_every_key_token_of_an_ordered_prompt(model_path):
     every item's "name: quantity" tokens, where the paper's centred window
     of 7 loses some (a quantity's second digit, mostly): issue #17."""
     ordered = _script("ordered")
-    with ScopeLlama(str(model_path)) as full:
-        task = ordered.sized_task(full, 512, 2001, 2)
+    with ScopeLlama(str(model_path), budget=None) as full:
+        task = ordered.sized_task(full, ordered.FAMILIES["inventory"], 512, 2001, 2)
         tokens = full.tokenize(full.render_chat(task.messages))
-        keys = {p for k in ordered.key_positions(full, tokens, task) for p in k}
+        keys = {p for k in ordered.token_spans(full, tokens, task)[0] for p in k}
     lost = {}
     for name, pooling in (("default", {}), ("centred", {"kernel": 7, "lookback": 0})):
         policy = build(Budget(prefill=256, decode=128))

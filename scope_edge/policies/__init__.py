@@ -26,7 +26,7 @@ from .base import EMPTY, DecodeStrategy, Policy, PrefillSelector, StepPlan, Unif
 from .discontinuous import Discontinuous
 from .full import Full, FullPrefill
 from .h2o import H2O, H2OPrefill
-from .lend import LENDERS, Lend, LendAccumulated, LendPassed, LendRecent
+from .lend import LENDERS, Lend, LendAccumulated, LendPassed, LendProgress, LendRecent
 from .registry import COMBINATIONS, DEFAULT_LEND, LEND_RULES, PREFILL_SELECTORS, STRATEGIES, build, validate_lend, validate_names
 from .scope import ScheduledScope, ScopeDecode
 from .scored import ScoredDecode, ScoredPrefill
@@ -60,6 +60,7 @@ __all__ = [
     "LendAccumulated",
     "LendRecent",
     "LendPassed",
+    "LendProgress",
     "LENDERS",
     "LEND_RULES",
     "DEFAULT_LEND",

@@ -50,6 +50,15 @@ class PrefillSelector(ABC):
         if self.budget is not None:
             require_int(type(self).__name__, "budget", self.budget, lo=1)
 
+    @property
+    def probe_tokens(self) -> int:
+        """Last prompt tokens the runtime re-runs after each earlier chunk of
+        a chunked prefill, as the queries that score that chunk, and then
+        removes (0: an earlier chunk is scored by its own rows, as
+        capture_from says). A prompt's question usually comes last, so
+        without a probe the earlier chunks are selected without it."""
+        return 0
+
     def keep(self, n_prompt: int) -> int:
         """Prompt cells this selector keeps out of n_prompt."""
         require_int(type(self).__name__, "n_prompt", n_prompt, lo=0)

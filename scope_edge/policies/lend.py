@@ -176,4 +176,63 @@ class LendPassed(LendAccumulated):
         return np.where(behind, scores, scores + offset)
 
 
-LENDERS: dict[str, type[Lend]] = {cls.name: cls for cls in (LendAccumulated, LendRecent, LendPassed)}
+@dataclass(kw_only=True)
+class LendProgress(LendAccumulated):
+    """Give back first what the output has used: for outputs that walk the
+    prompt in order (convert, copy, extract item by item).
+
+    The output's place in the prompt is the median, over the last `steps`
+    decode steps, of the prompt cell each step attends to most (the sinks
+    and the protected tail aside, which draw attention at every step); the
+    median ignores a single step that glances far ahead or back. The
+    furthest such place so far is the frontier. Cells more than `margin`
+    positions behind it go back first, oldest first (the output used them
+    earliest); then the rest by accumulated attention, as LendAccumulated.
+    """
+
+    name: ClassVar[str] = "progress"
+
+    steps: int = 8
+    margin: int = 16
+
+    _recent: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
+    _frontier: int = field(default=-1, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require_int(type(self).__name__, "steps", self.steps, lo=1)
+        require_int(type(self).__name__, "margin", self.margin, lo=0)
+
+    def observe(self, positions: np.ndarray, attn: np.ndarray) -> None:
+        positions = np.ascontiguousarray(positions, dtype=np.int32)
+        step = aggregate(require_attn(type(self).__name__, positions, attn), head_reduce=self.head_reduce)
+        self._add(positions, step)
+        body = slice(min(self.sinks, len(positions)), max(len(positions) - self.protected, 0))
+        if body.stop <= body.start:
+            return
+        self._recent = [*self._recent[-(self.steps - 1):], int(positions[body][int(np.argmax(step[body]))])]
+        if len(self._recent) == self.steps:
+            self._frontier = max(self._frontier, int(np.median(self._recent)))
+
+    def reindex(self, old: np.ndarray, new: np.ndarray) -> None:
+        super().reindex(old, new)
+
+        def moved(p: int) -> int:
+            i = int(np.searchsorted(old, p, side="right")) - 1
+            return int(new[i]) if i >= 0 else -1
+
+        self._recent = [moved(p) for p in self._recent]
+        if self._frontier >= 0:
+            self._frontier = moved(self._frontier)
+
+    def score(self, positions: np.ndarray, attn: np.ndarray) -> np.ndarray:
+        scores = super().score(positions, attn)
+        positions = np.asarray(positions)
+        behind = positions < self._frontier - self.margin
+        # Behind the frontier: below every cell ahead, and the older the lower.
+        # Ahead: accumulated attention, offset above anything behind.
+        order = np.linspace(-1.0, -0.5, num=len(positions)) if len(positions) else scores
+        return np.where(behind, order, scores)
+
+
+LENDERS: dict[str, type[Lend]] = {cls.name: cls for cls in (LendAccumulated, LendRecent, LendPassed, LendProgress)}

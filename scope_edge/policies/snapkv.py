@@ -37,6 +37,11 @@ class SnapKV(ScoredPrefill):
         the later tokens of an attended span inherit its score. The window
         is [j - kernel // 2 - lookback, j + kernel // 2].
     head_reduce: "sum" or "max" over heads before summing layers.
+    probe: under a chunked prefill, score each earlier chunk with the
+        prompt's own last `window` tokens run after it as probe queries (then
+        removed), so every chunk is selected by the question at the prompt's
+        end, as a one-shot prefill is. False: an earlier chunk is scored by
+        its own last `window` rows.
     """
 
     name: ClassVar[str] = "snapkv"
@@ -45,6 +50,7 @@ class SnapKV(ScoredPrefill):
     kernel: int = 1
     lookback: int = 6
     head_reduce: str = "max"
+    probe: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -54,10 +60,16 @@ class SnapKV(ScoredPrefill):
             raise ValueError(f"SnapKV.kernel must be odd, got {self.kernel}")
         require_int("SnapKV", "lookback", self.lookback, lo=0)
         require_head_reduce("SnapKV", self.head_reduce)
+        if not isinstance(self.probe, bool):
+            raise ValueError(f"SnapKV.probe must be True or False, got {self.probe!r}")
 
     @property
     def protected(self) -> int:
         return self.window
+
+    @property
+    def probe_tokens(self) -> int:
+        return self.window if self.probe else 0
 
     def capture_from(self, n_prompt: int) -> int | None:
         return max(0, n_prompt - self.window)

@@ -140,13 +140,16 @@ class Session:
 @dataclass
 class Plan:
     """How one generation uses the context: its policy (None: full cache),
-    prompt tokens reused from the cache, prefill chunk size (None: one shot)
-    and cells needed."""
+    prompt tokens reused from the cache, prompt tokens per prefill chunk
+    (None: one shot), cells needed, and the probe tokens run after each
+    earlier chunk (PrefillSelector.probe_tokens, carved out of the
+    configured chunk; 0 in a one-shot prefill)."""
 
     policy: Policy | None
     reuse: int
     chunk: int | None
     cells: int
+    probe: int = 0
 
 
 class Cache:
@@ -213,10 +216,14 @@ class Cache:
         forced = self.settings.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk
         decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens)
+        # A chunk's probe comes out of the chunk, so it costs no cell; a
+        # chunk too small to carry one is scored by its own rows.
+        probe = policy.prefill.probe_tokens if chunked else 0
+        probe = probe if probe < chunk else 0
         # The first chunk lands on every cell held before (the last turn's
         # reply included, so possibly more than keep); later ones on keep.
         prefill_cells = min(one_shot, max(held_before, keep) + chunk) if chunked else one_shot
-        return Plan(policy, reuse, chunk if chunked else None, max(prefill_cells, decode_cells))
+        return Plan(policy, reuse, chunk - probe if chunked else None, max(prefill_cells, decode_cells), probe)
 
     def _cells_for(self, n_prompt: int, plan: Plan) -> tuple[int, int]:
         """Cells to allocate for plan, and the most allowed: n_ctx if fixed,

@@ -169,13 +169,18 @@ class Generation:
         t0 = time.perf_counter()
         new = prompt[self.plan.reuse :]
         chunk = self.plan.chunk or len(new)
+        probe = prompt[len(prompt) - self.plan.probe :] if self.plan.probe else ()
+        # The last chunk needs no probe, so it takes the probe's room too.
+        tail = min(len(new), chunk + len(probe)) if probe else 0
+        head = len(new) - tail
         # Cells are lent only at the last selection, from what is held then:
         # under a lend the short chunk comes first, so the last one is whole.
-        first = len(new) % chunk if self.policy is not None and self.policy.lend is not None else 0
-        bounds = [0, *range(first or chunk, len(new), chunk), len(new)]
+        first = head % chunk if self.policy is not None and self.policy.lend is not None else 0
+        bounds = sorted({0, *range(first or chunk, head, chunk), head, len(new)})
         try:
             for lo, hi in zip(bounds, bounds[1:]):
-                self._prefill_chunk(new[lo:hi], last=hi == len(new))
+                last = hi == len(new)
+                self._prefill_chunk(new[lo:hi], last=last, probe=() if last else probe)
         except PositionLimit:
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) passes the model's trained context of {self.pos_limit} "
@@ -189,30 +194,48 @@ class Generation:
         self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
         self.stats.prefilled_tokens = len(new)
 
-    def _prefill_chunk(self, tokens: Sequence[int], *, last: bool) -> None:
+    def _prefill_chunk(self, tokens: Sequence[int], *, last: bool, probe: Sequence[int]) -> None:
+        """Decode one chunk of the prompt, then select. probe: tokens run
+        after the chunk as the queries that score it, then removed."""
         policy = self.policy
-        self._make_room(len(tokens))
+        self._make_room(len(tokens) + len(probe))
         end = self.session.next_pos + len(tokens)
-        capture_from = policy.prefill.capture_from(end) if policy else None
-        with self.ctx.capturing(capture_from) if capture_from is not None else nullcontext():
-            for i in range(0, len(tokens), N_BATCH):
-                self._check_open()  # backends that do not poll the abort callback stop here
-                self._decode(tokens[i : i + N_BATCH], want_logits=last and i + N_BATCH >= len(tokens))
-        self.stats.prefill_cells_peak = max(self.stats.prefill_cells_peak, self.n_held)
-        if policy is not None:
-            self._select_prompt(policy, captured=capture_from is not None, last=last)
+        capture_from = end if probe else policy.prefill.capture_from(end) if policy else None
+        try:
+            with self.ctx.capturing(capture_from) if capture_from is not None else nullcontext():
+                for i in range(0, len(tokens), N_BATCH):
+                    self._check_open()  # backends that do not poll the abort callback stop here
+                    self._decode(tokens[i : i + N_BATCH], want_logits=last and i + N_BATCH >= len(tokens))
+                for i in range(0, len(probe), N_BATCH):
+                    self._check_open()
+                    piece = probe[i : i + N_BATCH]
+                    self.ctx.decode(piece, list(range(end + i, end + i + len(piece))), want_logits=False)
+            self.stats.prefill_cells_peak = max(self.stats.prefill_cells_peak, self.n_held + len(probe))
+            if policy is not None:
+                self._select_prompt(policy, captured=capture_from is not None, last=last, probed=len(probe))
+        finally:
+            if probe:  # the probe's cells were never the prompt's: gone whatever happened
+                self.ctx.truncate(end)
 
-    def _select_prompt(self, policy: Policy, *, captured: bool, last: bool) -> None:
-        """Select the prompt cells; earlier chunks keep the floor, the last
-        selection lends the decode room too (so the chunked peak does not grow)."""
+    def _select_prompt(self, policy: Policy, *, captured: bool, last: bool, probed: int) -> None:
+        """Select the prompt cells. The last selection keeps the floor plus
+        the cells lent (Policy.lend); an earlier one keeps as many as leave
+        room for the next chunk and its probe inside the plan's cells, and
+        at least the floor."""
         if captured:
             cap = self.ctx.capture()
             positions, attn = cap.positions, cap.attn
+            if probed:  # the probe's own cells are not the prompt's
+                n = len(positions) - probed
+                positions, attn = positions[:n], attn[:, :, :n]
             policy.decode.observe(positions, attn)
         else:
             positions, attn = self.ctx.positions(), None
         self.prompt_floor = policy.prompt_floor(len(positions))
-        keep = policy.prefill_keep(len(positions)) if last else self.prompt_floor
+        keep = policy.prefill_keep(len(positions))
+        if not last:
+            room = self.plan.cells - (self.plan.chunk or 0) - self.plan.probe
+            keep = max(self.prompt_floor, min(keep, room))
         if len(positions) > keep:
             self._evict(policy.prefill.select(positions, attn, keep=keep))
 
