@@ -323,7 +323,7 @@ def run(sizes: list[int], n_prompts: int, strategies: list[str], prefill: int, d
     t_start = time.perf_counter()
     tasks: list[dict] = []
     runs: list[dict] = []
-    with ScopeLlama(path) as full:  # the full cache; also tokenizes for everyone
+    with ScopeLlama(path, budget=None) as full:  # the full cache; also tokenizes for everyone
         for size in sizes:
             for seed in range(n_prompts):  # the records of prompt `seed` of each size differ
                 task = sized_task(full, prefill * size, 1000 * size + seed, size)

@@ -52,7 +52,7 @@ def test_stock_logits_are_the_full_cache_logits(model_path):
     path = str(model_path)
     prompt = logbook_prompt(path, 200)
     stock = run_stock(path, prompt, 6, "f16", keep_logits=True)
-    with ScopeLlama(path) as llm:
+    with ScopeLlama(path, budget=None) as llm:
         ours = np.stack(list(llm.teacher_force(prompt, stock.tokens)))
     np.testing.assert_allclose(ours, stock.logits, atol=1e-3)
 
@@ -119,7 +119,7 @@ def test_lookback_keeps_every_key_token_of_an_ordered_prompt(model_path):
     every item's "name: quantity" tokens, where the paper's centred window
     of 7 loses some (a quantity's second digit, mostly): issue #17."""
     ordered = _script("ordered")
-    with ScopeLlama(str(model_path)) as full:
+    with ScopeLlama(str(model_path), budget=None) as full:
         task = ordered.sized_task(full, 512, 2001, 2)
         tokens = full.tokenize(full.render_chat(task.messages))
         keys = {p for k in ordered.key_positions(full, tokens, task) for p in k}

@@ -212,10 +212,13 @@ class Cache:
         chunk = self.settings.prefill_chunk
         forced = self.settings.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk
-        decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens)
         # The first chunk lands on every cell held before (the last turn's
         # reply included, so possibly more than keep); later ones on keep.
         prefill_cells = min(one_shot, max(held_before, keep) + chunk) if chunked else one_shot
+        # The loan is taken at the last selection, from the cells held then.
+        last = min(one_shot, keep + chunk) if chunked and n_new > chunk else one_shot
+        lent = policy.prefill_keep(last) - policy.prompt_floor(last)
+        decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens, lent=lent)
         return Plan(policy, reuse, chunk if chunked else None, max(prefill_cells, decode_cells))
 
     def _cells_for(self, n_prompt: int, plan: Plan) -> tuple[int, int]:
