@@ -82,7 +82,7 @@ def main() -> None:
     path = str(models.fetch())
     budgets = [Budget(prefill=prefill, decode=decode, recent_window=max(1, decode // 2))
                for prefill, decode in budget_pairs(args.budgets)]
-    with ScopeLlama(path) as llm:
+    with ScopeLlama(path, budget=None) as llm:
         sets = layer_sets(llm.model.n_layer)
     rows = []
     for seed in args.seeds:

@@ -106,7 +106,7 @@ def time_ours(path: str, prompt: list[int], steps: list[int], mode: str) -> floa
             return _drive(bare, prompt, steps, capture=False)
         finally:
             bare.close()
-    with ScopeLlama(path, n_ctx=N_CTX) as llm:  # a fixed n_ctx: the context exists from the start
+    with ScopeLlama(path, budget=None, n_ctx=N_CTX) as llm:  # a fixed n_ctx: the context exists from the start
         ctx = llm.context
         assert ctx is not None and ctx.n_cells == N_CTX
         return _drive(ctx, prompt, steps, capture=mode == "capture")

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._cache_dir import place_numba_cache
+
+place_numba_cache()  # before any kernel compiles: never write caches into the installed package
+
 __version__ = "0.1.0"
 __all__ = ["ScopeLlama", "Budget", "Policy", "Sampling", "Sketch", "Completion", "Chunk", "GenerationStats"]
 

@@ -597,6 +597,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which lent prompt cells go back first (none: the paper, the decode room stays empty)")
     p.add_argument("--prefill-budget", type=int, default=d.prefill_budget)
     p.add_argument("--decode-budget", type=int, default=d.decode_budget)
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="size both budgets by KV memory for the model and --type-k, e.g. 48MiB (overrides "
+                        "--prefill-budget/--decode-budget; docs/budgets.md)")
     p.add_argument("--observation-window", type=int, default=d.observation_window)
     p.add_argument("--recent-window", type=int, default=d.recent_window)
     p.add_argument("--type-k", default=d.type_k, help="K cache type: f16|q8_0|q4_0")
@@ -612,9 +615,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    prefill, decode = args.prefill_budget, args.decode_budget
+    if args.kv_memory is not None:
+        geometry = memory.read_geometry(models.resolve_model_path(args.model))
+        sized = Budget.for_memory(args.kv_memory, geometry, type_k=args.type_k, prefill_chunk=args.prefill_chunk)
+        prefill, decode = sized.prefill, sized.decode
     return BenchConfig(
         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=args.strategy,
-        prefill_selector=args.selector, lend=args.lend, prefill_budget=args.prefill_budget, decode_budget=args.decode_budget,
+        prefill_selector=args.selector, lend=args.lend, prefill_budget=prefill, decode_budget=decode,
         observation_window=args.observation_window, recent_window=args.recent_window, type_k=args.type_k,
         model=args.model, ideal_steps=args.ideal_steps, prefill_chunk=args.prefill_chunk,
         fidelity=not args.no_fidelity, reference=args.reference,

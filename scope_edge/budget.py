@@ -3,11 +3,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import memory
+
 # Defaults chosen by measurement (bench/fidelity.py, RESULTS.md "Score
 # aggregation"): a 32-token observation window votes better than the paper's 8
 # on this model; half the decode budget, at most the paper's 256, stays recent.
 OBSERVATION_WINDOW = 32
 RECENT_WINDOW = 256
+
+# Budgets from a cell count (Budget.for_cells): a quarter of the cells for the
+# generated text, as the paper's 2048 + 512 setting; the smallest budget keeps
+# one observation window of prompt and of output.
+DECODE_SHARE = 4
+MIN_PREFILL = OBSERVATION_WINDOW
+MIN_DECODE = OBSERVATION_WINDOW
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,3 +68,51 @@ class Budget:
     def total(self) -> int:
         """Prefill plus decode cells: the unified budget of the baselines."""
         return self.prefill + self.decode
+
+    @classmethod
+    def for_cells(cls, cells: int, *, prefill_chunk: int = memory.N_BATCH) -> Budget:
+        """The budget whose largest allocation is `cells` KV cells.
+
+        A generation allocates the larger of its decode phase (prefill +
+        decode cells) and its chunked prefill's peak (prefill + prefill_chunk
+        cells, for prompts longer than prefill + prefill_chunk). Rule: decode
+        = cells // DECODE_SHARE, prefill = cells - max(decode, prefill_chunk).
+        ValueError if that leaves less than MIN_PREFILL / MIN_DECODE cells."""
+        decode = cells // DECODE_SHARE
+        prefill = cells - max(decode, prefill_chunk)
+        if prefill < MIN_PREFILL or decode < MIN_DECODE:
+            raise ValueError(
+                f"{cells} KV cells are too few for a budget: the smallest keeps {MIN_PREFILL} prompt cells "
+                f"plus the larger of {MIN_DECODE} decode cells and a {prefill_chunk}-token prefill chunk, "
+                f"{min_cells(prefill_chunk)} cells once padded to {memory.KV_CELL_PADDING}"
+            )
+        return cls(prefill=prefill, decode=decode)
+
+    @classmethod
+    def for_memory(cls, size: int | str, geometry: memory.KvGeometry, *, type_k: memory.KvType = "f16",
+                   type_v: memory.KvType = "f16", prefill_chunk: int = memory.N_BATCH) -> Budget:
+        """The budget whose allocation fits in `size` ("512MiB", "1.5GiB" or
+        bytes) for a model of this geometry (memory.read_geometry) and these
+        cache types: the most cells that fit, rounded down to llama.cpp's
+        padding of 256, at most the model's trained context (positions stay
+        below it, so more cells are never used), split by for_cells()."""
+        nbytes = memory.parse_bytes(size)
+        per_cell = memory.bytes_per_cell(geometry, type_k, type_v)
+        padding = memory.KV_CELL_PADDING
+        cells = min(nbytes // per_cell // padding * padding, memory.padded_cells(geometry.n_ctx_train))
+        need = min_cells(prefill_chunk)
+        if cells < need:
+            raise ValueError(
+                f"kv_memory={size!r} ({nbytes:,} B) holds {nbytes // per_cell} KV cells of {per_cell:,} B "
+                f"({geometry.architecture}: {geometry.n_kv_layers} layers x {geometry.n_head_kv} KV heads, "
+                f"K {type_k}, V {type_v}); the smallest budget needs {need} cells = "
+                f"{need * per_cell / 2**20:.1f} MiB ({MIN_PREFILL} prompt cells plus the larger of {MIN_DECODE} "
+                f"decode cells and a {prefill_chunk}-token prefill chunk, padded to {padding})"
+            )
+        return cls.for_cells(cells, prefill_chunk=prefill_chunk)
+
+
+def min_cells(prefill_chunk: int = memory.N_BATCH) -> int:
+    """The smallest allocation Budget.for_cells accepts, padded."""
+    least = MIN_PREFILL + max(MIN_DECODE, prefill_chunk)
+    return memory.padded_cells(max(least, MIN_DECODE * DECODE_SHARE))

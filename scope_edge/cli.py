@@ -13,13 +13,18 @@ log = logging.getLogger("scope_edge")
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
-    g.add_argument("--prefill-budget", type=int, default=None, help="prompt cells kept (omit both budgets for the full cache)")
+    g.add_argument("--prefill-budget", type=int, default=None,
+                   help="prompt cells kept (omit both budgets and --kv-memory for the model's default budget)")
     g.add_argument("--decode-budget", type=int, default=None, help="generated-token cells kept")
+    _add_kv_memory_arg(g.add_argument)
+    g.add_argument("--full-cache", action="store_true",
+                   help="no budget: the stock llama.cpp cache, nothing evicted (budget=None)")
     g.add_argument("--observation-window", type=int, default=None,
                    help="last prompt tokens always kept (alpha2; default min(32, prefill budget))")
     g.add_argument("--recent-window", type=int, default=None,
                    help="last generated tokens always kept (beta2; default min(256, decode budget / 2))")
-    g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
+    g.add_argument("--strategy", default=None,
+                   help="slide|adaptive|discontinuous|streaming|h2o|full (default: the package's default strategy)")
     g.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
     g.add_argument("--lend", default=None,
                    help="which prompt cells borrowing the decode room go back first: accumulated|recent|passed, "
@@ -32,6 +37,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="layers to offload to GPUs / RPC servers (-1: every layer and the output layer)")
     d.add_argument("--rpc", action="append", default=None, metavar="HOST:PORT",
                    help="llama.cpp RPC server whose device takes offloaded layers (repeatable)")
+
+
+def _add_kv_memory_arg(add_argument: Callable[..., argparse.Action]) -> None:
+    add_argument("--kv-memory", default=None, metavar="SIZE",
+                 help="size the budgets by KV memory for this model and cache types, e.g. 512MiB, 1.5GiB "
+                      "(instead of --prefill-budget/--decode-budget; docs/budgets.md)")
 
 
 def _add_cache_type_args(add_argument: Callable[..., argparse.Action]) -> None:
@@ -72,13 +83,28 @@ def _sampling(args: argparse.Namespace):
                     presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed)
 
 
+def _budget_args(args: argparse.Namespace) -> dict:
+    """ScopeLlama's budget= / kv_memory= from the flags (neither: the model's default budget)."""
+    given = [name for name, on in (("--prefill-budget/--decode-budget", _budget(args) is not None),
+                                   ("--kv-memory", args.kv_memory is not None), ("--full-cache", args.full_cache))
+             if on]
+    if len(given) > 1:
+        raise ValueError(f"give one of {' '.join(given)}, not several")
+    if args.full_cache:
+        return {"budget": None}
+    if args.kv_memory is not None:
+        return {"kv_memory": args.kv_memory}
+    budget = _budget(args)
+    return {} if budget is None else {"budget": budget}
+
+
 def _budget(args: argparse.Namespace):
     from .budget import Budget
 
     if args.prefill_budget is None and args.decode_budget is None:
         return None
     if args.prefill_budget is None or args.decode_budget is None:
-        raise ValueError("give both --prefill-budget and --decode-budget, or neither for the full cache")
+        raise ValueError("give both --prefill-budget and --decode-budget, or neither (the default budget)")
     return Budget(
         prefill=args.prefill_budget,
         decode=args.decode_budget,
@@ -92,8 +118,8 @@ def _open(args: argparse.Namespace):
 
     return ScopeLlama(
         args.model,
-        budget=_budget(args),
-        strategy=args.strategy,
+        **_budget_args(args),
+        **({} if args.strategy is None else {"strategy": args.strategy}),
         prefill_selector=args.selector,
         **({} if args.lend is None else {"lend": args.lend}),
         n_ctx=args.n_ctx,
@@ -120,9 +146,16 @@ def _summary(stats) -> str:
     return (
         f"[{stats.prompt_tokens} prompt + {stats.generated_tokens} generated tokens | "
         f"KV {stats.kv_bytes_allocated / 2**20:.1f} MiB ({stats.kv_cells_allocated} cells, peak "
-        f"{stats.kv_cells_peak}) vs stock {stats.stock_kv_bytes / 2**20:.1f} MiB | "
+        f"{stats.kv_cells_peak}) vs stock {stats.stock_kv_bytes / 2**20:.1f} MiB | {_evictions(stats)} | "
         f"prefill {stats.prefill_tokens_per_s:.0f} tok/s, decode {stats.decode_tokens_per_s:.1f} tok/s]"
     )
+
+
+def _evictions(stats) -> str:
+    if not stats.evicted_cells:
+        return "nothing evicted"
+    return (f"evicted {stats.evicted_cells} cells ({stats.evicted_prefill_cells} prefill, "
+            f"{stats.evicted_decode_cells} decode)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -168,7 +201,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if last is not None and last.stats is not None:
                 st = last.stats
                 print(f"[turn: {st.prefilled_tokens} new prompt tokens, {st.reused_prompt_tokens} reused from "
-                      f"the cache | KV {st.kv_bytes_allocated / 2**20:.1f} MiB]", file=sys.stderr)
+                      f"the cache | KV {st.kv_bytes_allocated / 2**20:.1f} MiB | {_evictions(st)}]",
+                      file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -189,15 +223,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise RuntimeError(f"serve needs FastAPI and uvicorn ({e}); install them with: "
                            "pip install 'scope-edge[server]'") from None
-    from . import models
+    from . import memory, models
     from .budget import Budget
 
     path = str(models.resolve_model_path(args.model))
-    budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget,
-                    observation_window=args.observation_window, recent_window=args.recent_window)
+    if args.kv_memory is not None:
+        if args.prefill_budget is not None or args.decode_budget is not None:
+            raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
+        budget = Budget.for_memory(args.kv_memory, memory.read_geometry(path), type_k=args.type_k, type_v=args.type_v)
+    else:
+        budget = Budget(prefill=1024 if args.prefill_budget is None else args.prefill_budget,
+                        decode=512 if args.decode_budget is None else args.decode_budget,
+                        observation_window=args.observation_window, recent_window=args.recent_window)
     settings = server.ServerSettings(
         model_path=path, model_name=args.model_name or server.model_name_of(path), budget=budget,
-        strategy=args.strategy, slots=args.slots, slot_cells=args.slot_cells, step_tokens=args.step_tokens,
+        **({} if args.strategy is None else {"strategy": args.strategy}), slots=args.slots,
+        slot_cells=args.slot_cells, step_tokens=args.step_tokens,
         max_tokens=args.max_tokens, queue_size=args.queue_size, n_threads=args.threads, type_k=args.type_k,
         type_v=args.type_v, flash_attn=args.flash_attn, scoring=_scoring(args),
         api_key=args.api_key or None, host=args.host, port=args.port)
@@ -210,11 +251,15 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and cache")
     g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
     g.add_argument("--model-name", default=None, help="the id clients ask for (default: the file name without .gguf)")
-    g.add_argument("--prefill-budget", type=int, default=1024, help="prompt cells kept per conversation (default 1024)")
-    g.add_argument("--decode-budget", type=int, default=512, help="generated-token cells kept (default 512)")
+    g.add_argument("--prefill-budget", type=int, default=None, help="prompt cells kept per conversation (default 1024)")
+    g.add_argument("--decode-budget", type=int, default=None, help="generated-token cells kept (default 512)")
+    g.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="size each conversation's budgets by KV memory for this model and cache types, e.g. 64MiB "
+                        "(instead of --prefill-budget/--decode-budget; docs/budgets.md)")
     g.add_argument("--observation-window", type=int, default=None)
     g.add_argument("--recent-window", type=int, default=None)
-    g.add_argument("--strategy", default="slide", help="slide|adaptive|discontinuous|streaming|h2o|full")
+    g.add_argument("--strategy", default=None,
+                   help="slide|adaptive|discontinuous|streaming|h2o|full (default: the package's default strategy)")
     _add_cache_type_args(g.add_argument)
     g.add_argument("--threads", type=int, default=None)
     s = p.add_argument_group("serving")

@@ -8,6 +8,7 @@ frees llama.cpp's memory exactly once.
 from __future__ import annotations
 
 import ctypes
+import enum
 import logging
 import os
 import threading
@@ -20,11 +21,11 @@ from . import memory, models
 from .budget import Budget
 from .devices import Devices
 from .policies import Policy, build, validate_names
-from .policies.registry import DEFAULT_LEND, validate_lend
+from .policies.registry import DEFAULT_LEND, DEFAULT_STRATEGY, default_budget, validate_lend
 from .policies.checks import is_int, require_head_reduce
 from .runtime.cache import Cache, CacheSettings
 from .runtime.context import N_BATCH, Context, check_kv_types, default_capture_layers, layer_flags
-from .runtime.generation import Chunk, Completion, FinishReason, Generation, GenerationStats, Limits
+from .runtime.generation import Chunk, Completion, EvictionNotice, FinishReason, Generation, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.sampling import GREEDY, Sampler, Sampling
 from .runtime.sketch import Sketch, SketchBasis, basis_for
@@ -34,6 +35,15 @@ __all__ = ["ScopeLlama", "Chunk", "Completion", "FinishReason", "GenerationStats
 log = logging.getLogger(__name__)
 
 _CLOSE_WAIT = 10.0  # seconds close() waits for another thread's generation to let go before leaving it the free
+
+
+class _Default(enum.Enum):
+    """budget= not given: tells "the default budget" apart from budget=None (the stock cache)."""
+
+    BUDGET = "the default budget"
+
+
+DEFAULT = _Default.BUDGET
 
 
 def _limits(max_tokens: int, stop: str | Sequence[str] | None, ignore_eos: bool) -> Limits:
@@ -58,11 +68,20 @@ class ScopeLlama:
     """A GGUF model whose KV cache stays inside a prefill and a decode budget.
 
     The policy: policy=Policy(prefill=..., decode=...) composed from
-    scope_edge.policies, or the short form budget=Budget(...) with
-    strategy / prefill_selector / head_reduce naming the parts. Neither
-    keeps the full cache (stock llama.cpp behaviour). Exact attention capture
-    needs flash attention off (the default); with flash_attn=True a policy
-    that reads scores needs scoring=Sketch(...).
+    scope_edge.policies, or the short form budget=Budget(...) (or
+    kv_memory="512MiB", a budget sized by memory) with strategy /
+    prefill_selector / head_reduce naming the parts. Neither: the default
+    budget for the model (policies.registry.default_budget, docs/budgets.md):
+    a generation whose prompt and output fit in it is the stock cache's, token
+    for token; longer ones are held at the bound, and the first eviction of a
+    generation logs one line. budget=None: the full cache (stock llama.cpp
+    behaviour). Exact attention capture needs flash attention off (the
+    default); with flash_attn=True a policy that reads scores needs
+    scoring=Sketch(...).
+
+    kv_memory: the KV cache's size as bytes or a str ("512MiB", "1.5GiB"):
+        Budget.for_memory sizes the budget for this model and type_k / type_v,
+        so a generation allocates at most that (docs/budgets.md).
 
     head_reduce: how a cell's score aggregates attention heads per layer: "max"
         (default; measured closer to the full cache, see README Results) or "sum".
@@ -107,8 +126,9 @@ class ScopeLlama:
         model_path: str | os.PathLike[str] | None = None,
         *,
         policy: Policy | None = None,
-        budget: Budget | None = None,
-        strategy: str = "slide",
+        budget: Budget | None | _Default = DEFAULT,
+        kv_memory: int | str | None = None,
+        strategy: str = DEFAULT_STRATEGY,
         prefill_selector: str | None = None,
         head_reduce: str = "max",
         lend: str = DEFAULT_LEND,
@@ -128,7 +148,7 @@ class ScopeLlama:
         position_limit: int | None = None,
         verbose: bool = False,
     ) -> None:
-        self._policy = self._policy_from(policy, budget, strategy, prefill_selector, head_reduce, lend)
+        self._check_policy_args(policy, budget, kv_memory, strategy, prefill_selector, head_reduce, lend)
         if n_ctx is not None and (not is_int(n_ctx) or n_ctx < 1):
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
         if n_threads is not None and (not is_int(n_threads) or n_threads < 1):
@@ -145,13 +165,25 @@ class ScopeLlama:
         if scoring is not None and not isinstance(scoring, Sketch):
             raise ValueError(f"scoring must be None (exact attention) or a scope_edge.Sketch, got {scoring!r}")
         self.flash_attn, self.scoring = flash_attn, scoring
-        self._check_scoring(self._policy)
+        if policy is not None:
+            self._check_scoring(policy)
         if position_limit is not None and (not is_int(position_limit) or position_limit < 2):
             raise ValueError(f"position_limit must be an int >= 2 or None (the trained context), "
                              f"got {position_limit!r}")
         path = models.resolve_model_path(model_path)
         self.model_path = str(path)
         self.geometry = memory.read_geometry(path)
+        # whether the budget is the default one (its evictions are announced louder)
+        self.default_budget = policy is None and budget is DEFAULT and kv_memory is None
+        if kv_memory is not None:
+            budget = Budget.for_memory(kv_memory, self.geometry, type_k=type_k, type_v=type_v,
+                                       prefill_chunk=prefill_chunk)
+        elif budget is DEFAULT:
+            budget = None if policy is not None else default_budget(self.geometry, n_ctx=n_ctx,
+                                                                    prefill_chunk=prefill_chunk)
+        self._policy = policy if policy is not None else self._policy_from(budget, strategy, prefill_selector,
+                                                                           head_reduce, lend)
+        self._check_scoring(self._policy)
         self.devices = devices
         self.budget = budget
         self.strategy = strategy
@@ -204,24 +236,34 @@ class ScopeLlama:
             raise ValueError(
                 f"policy {type(policy.prefill).__name__}+{type(policy.decode).__name__} scores cells by attention "
                 "probabilities, which flash attention never computes: pass scoring=Sketch() (scores from key "
-                "sketches), or flash_attn=False"
+                "sketches), flash_attn=False, or budget=None (the full cache)"
             )
 
     @staticmethod
-    def _policy_from(policy: Policy | None, budget: Budget | None, strategy: str, prefill_selector: str | None,
-                     head_reduce: str, lend: str) -> Policy | None:
-        """The policy given, or the one the short form names (None: full cache)."""
+    def _check_policy_args(policy: Policy | None, budget: Budget | None | _Default, kv_memory: int | str | None,
+                           strategy: str, prefill_selector: str | None, head_reduce: str, lend: str) -> None:
+        """Refuse bad or conflicting policy arguments before the model file is opened."""
         validate_names(strategy, prefill_selector)
         validate_lend(lend)
         require_head_reduce("ScopeLlama", head_reduce)
-        if budget is not None and not isinstance(budget, Budget):
-            raise ValueError(f"budget must be a scope_edge.Budget or None, got {type(budget).__name__}")
+        if budget is not DEFAULT and budget is not None and not isinstance(budget, Budget):
+            raise ValueError(f"budget must be a scope_edge.Budget or None (the full cache), "
+                             f"got {type(budget).__name__}")
+        if kv_memory is not None:
+            memory.parse_bytes(kv_memory)
+            if budget is not DEFAULT:
+                raise ValueError("give either kv_memory= (a budget sized by memory) or budget=, not both")
         if policy is not None:
             if not isinstance(policy, Policy):
                 raise ValueError(f"policy must be a scope_edge.policies.Policy or None, got {type(policy).__name__}")
-            if budget is not None:
-                raise ValueError("give either policy= or budget= (the short form that builds one), not both")
-            return policy
+            if budget is not DEFAULT and budget is not None or kv_memory is not None:
+                raise ValueError("give either policy= or budget= / kv_memory= (the short forms that build one), "
+                                 "not both")
+
+    @staticmethod
+    def _policy_from(budget: Budget | None, strategy: str, prefill_selector: str | None, head_reduce: str,
+                     lend: str) -> Policy | None:
+        """The policy the short form names (None: full cache)."""
         if budget is None:
             return None
         return build(budget, strategy=strategy, prefill_selector=prefill_selector, head_reduce=head_reduce,
@@ -410,7 +452,18 @@ class ScopeLlama:
                                 kv_bytes_allocated=self._kv_bytes(ctx.n_cells, padded=False),
                                 reused_prompt_tokens=plan.reuse)
         return Generation(self.model, ctx, plan, session, stats, position_limit=self._cache.position_limit,
-                          check_open=self._check_open, kv_bytes=self._kv_bytes)
+                          check_open=self._check_open, kv_bytes=self._kv_bytes, notice=self._notice())
+
+    def _notice(self) -> EvictionNotice:
+        """What the first eviction of a generation says: WARNING under the
+        default budget (the user asked for nothing), INFO under one they chose."""
+        if self.budget is None:
+            return EvictionNotice(holder="this ScopeLlama's policy")
+        b = self.budget
+        size = self._kv_bytes(b.total) / 2**20
+        kind = "the default budget" if self.default_budget else "the budget"
+        return EvictionNotice(holder=f"{kind} (prefill={b.prefill} + decode={b.decode} cells, {size:.1f} MiB of KV)",
+                              level=logging.WARNING if self.default_budget else logging.INFO)
 
     def _kv_bytes(self, n_cells: int, *, padded: bool = True) -> int:
         cells = memory.padded_cells(n_cells) if padded else n_cells

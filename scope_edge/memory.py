@@ -22,6 +22,7 @@ import math
 import mmap
 import operator
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,14 @@ logger = logging.getLogger(__name__)
 
 KV_CELL_PADDING = 256
 """llama.cpp rounds the number of KV cells (n_ctx) up to a multiple of this."""
+
+N_BATCH = 512
+"""Tokens per llama_decode call: llama-cpp-python's default, so prefill matches stock ubatch for
+ubatch; also the default prefill chunk under a budget."""
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
 
 _T = gguf.GGMLQuantizationType
 KV_TYPES: dict[str, gguf.GGMLQuantizationType] = {
@@ -209,6 +218,21 @@ def kv_bytes(geometry: KvGeometry, n_cells: int, type_k: KvType = "f16",
     if cells < 0:
         raise ValueError(f"n_cells must be >= 0, got {cells}")
     return cells * bytes_per_cell(geometry, type_k, type_v)
+
+
+def parse_bytes(size: int | str) -> int:
+    """Bytes in a memory figure: an int, or a str such as "512MiB", "1.5 GiB", "800MB", "64M".
+    KiB/MiB/GiB and bare K/M/G are powers of 1024; KB/MB/GB powers of 1000."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        nbytes = size
+    elif isinstance(size, str) and (m := _SIZE.fullmatch(size)) and m.group(2).lower() in _UNITS:
+        nbytes = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"a memory figure is an int of bytes or a str like '512MiB', '1.5GiB', '800MB', "
+                         f"got {size!r}")
+    if nbytes < 1:
+        raise ValueError(f"a memory figure must be at least 1 byte, got {size!r}")
+    return nbytes
 
 
 def padded_cells(n: int) -> int:

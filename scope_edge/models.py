@@ -35,6 +35,8 @@ from typing import BinaryIO, Callable, Iterator
 
 from tqdm import tqdm
 
+from ._cache_dir import user_cache_dir
+
 logger = logging.getLogger(__name__)
 
 ENV_MODELS_DIR = "SCOPE_EDGE_MODELS"
@@ -174,17 +176,6 @@ def models_dir() -> Path:
     if checkout is not None:
         return checkout / "models"
     return user_cache_dir() / "models"
-
-
-def user_cache_dir() -> Path:
-    """scope-edge's per-user cache directory for this platform."""
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "scope-edge"
-    if sys.platform == "win32" and os.environ.get("LOCALAPPDATA"):
-        return Path(os.environ["LOCALAPPDATA"]) / "scope-edge" / "Cache"
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache"  # XDG: ignore relative
-    return base / "scope-edge"
 
 
 def is_checkout(directory: Path) -> bool:

@@ -43,6 +43,7 @@ from .budget import Budget
 from .openai import ChatChunk, ChatResponse, CompletionResponse, Usage
 from .policies import Policy, build, validate_names
 from .policies.checks import is_int
+from .policies.registry import DEFAULT_STRATEGY
 from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
 from .runtime.generation import Chunk, GenerationStats, Limits
 from .runtime.model import Model
@@ -68,7 +69,7 @@ class ServerSettings:
     model_path: str
     model_name: str
     budget: Budget
-    strategy: str = "slide"
+    strategy: str = DEFAULT_STRATEGY
     slots: int = 4
     slot_cells: int | None = None
     step_tokens: int | None = None

@@ -85,7 +85,7 @@ def part_api(model: str) -> None:
     from scope_edge import ScopeLlama
     from scope_edge.hook import Hook, HookError
 
-    with ScopeLlama(model, n_ctx=1024, n_threads=1) as m:
+    with ScopeLlama(model, budget=None, n_ctx=1024, n_threads=1) as m:
         prompt = m.tokenize(LONG_TEXT)[:600]  # two ubatches
         m.generate(prompt, max_tokens=3)
         ctx = m.context

@@ -31,7 +31,7 @@ STORY = [{"role": "user", "content": "Write a long story about a lighthouse keep
 @pytest.fixture(scope="module")
 def llm(model_path):
     """One full-cache instance for the checks that need no policy."""
-    with ScopeLlama(model_path, n_threads=T) as m:
+    with ScopeLlama(model_path, budget=None, n_threads=T) as m:
         yield m
 
 
@@ -262,7 +262,7 @@ class _Boom(Exception):
 
 
 def test_capturing_disarms_when_the_block_raises(model_path):
-    with ScopeLlama(model_path, n_ctx=512, n_threads=T) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=512, n_threads=T) as llm:
         prompt = llm.tokenize(PROMPT)
         llm.generate(prompt, max_tokens=2)
         ctx = llm.context
@@ -295,7 +295,7 @@ def test_capturing_disarms_when_the_block_raises(model_path):
 
 
 def test_context_is_none_before_the_first_generation_and_after_close(model_path):
-    llm = ScopeLlama(model_path, n_threads=T)
+    llm = ScopeLlama(model_path, budget=None, n_threads=T)
     assert llm.context is None and llm.n_ctx == 0 and len(llm.kv_positions()) == 0 and llm.history() == []
     llm.generate("Hello", max_tokens=2)
     assert llm.context is not None and llm.n_ctx == llm.context.n_cells >= 256

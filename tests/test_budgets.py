@@ -93,7 +93,7 @@ def check_invariants_every_step(model_path: str, strategy: str, selector: str, *
 @pytest.mark.parametrize("strategy,selector", COMBINATIONS)
 def test_large_budgets_are_token_identical_to_full_cache(model_path, strategy, selector):
     big = Budget(prefill=512, decode=512, observation_window=8, recent_window=64)
-    with ScopeLlama(model_path) as full:
+    with ScopeLlama(model_path, budget=None) as full:
         prompt = _prompt(full)
         want = full.generate(prompt, max_tokens=48, ignore_eos=True)
     with ScopeLlama(model_path, budget=big, strategy=strategy, prefill_selector=selector) as llm:

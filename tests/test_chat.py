@@ -20,7 +20,7 @@ def _second(reply: dict) -> list[dict]:
 
 
 def test_chat_plain_and_streamed_agree(model_path):
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         plain = create_chat_completion(llm, FIRST, max_tokens=40)
         chunks = list(create_chat_completion(llm, FIRST, max_tokens=40, stream=True))
     assert plain["object"] == "chat.completion" and plain["id"].startswith("chatcmpl-")
@@ -37,7 +37,7 @@ def test_chat_plain_and_streamed_agree(model_path):
 
 def test_completion_plain_and_streamed_agree(model_path):
     prompt = render_chat_text(model_path, FIRST)
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         plain = create_completion(llm, prompt, max_tokens=30)
         streamed = list(create_completion(llm, prompt, max_tokens=30, stream=True))
         direct = llm.generate(prompt, max_tokens=30)
@@ -48,7 +48,7 @@ def test_completion_plain_and_streamed_agree(model_path):
 
 
 def render_chat_text(model_path: str, messages: list[dict]) -> str:
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         return llm.render_chat(messages)
 
 
@@ -67,7 +67,7 @@ def test_second_turn_prefills_only_new_messages(model_path, budget):
         # the cache holds the whole conversation, as a fresh run over it would
         n = len(history) + r2["usage"]["completion_tokens"] - (r2["choices"][0]["finish_reason"] == "length")
         np.testing.assert_array_equal(llm.kv_positions(), np.arange(n))
-    with ScopeLlama(model_path) as fresh:
+    with ScopeLlama(model_path, budget=None) as fresh:
         whole = create_chat_completion(fresh, _second(r1), max_tokens=40)
         assert whole["scope_edge"]["reused_prompt_tokens"] == 0
     # llama.cpp computes a batch and one-token steps with slightly different
@@ -88,7 +88,7 @@ def test_large_budget_conversation_equals_full_cache_conversation(model_path):
 
 
 def test_edited_history_truncates_the_cache(model_path):
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         r1 = create_chat_completion(llm, FIRST, max_tokens=40)
         edited = [{"role": "user", "content": "Name three fruits."}]
         r2 = create_chat_completion(llm, edited, max_tokens=20)
@@ -159,7 +159,7 @@ def test_chunked_turn_fits_on_the_last_reply(model_path):
 
 
 def test_bad_messages(model_path):
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         with pytest.raises(ValueError, match="empty"):
             create_chat_completion(llm, [])
         with pytest.raises(ValueError, match=r"messages\[0\]"):

@@ -57,7 +57,7 @@ def _kv_buffers(run) -> list[str]:
 
 def test_cache_lives_on_the_device(model_path, device):
     def run() -> None:
-        with ScopeLlama(model_path, n_ctx=512, **device) as llm:
+        with ScopeLlama(model_path, budget=None, n_ctx=512, **device) as llm:
             llm.generate(PROMPT, max_tokens=4)
 
     buffers = _kv_buffers(run)
@@ -81,7 +81,7 @@ def test_full_cache_is_token_identical_to_stock_on_the_device(model_path, device
             stock.close()
 
     assert any("RPC" in b for b in _kv_buffers(run_stock))  # stock really ran on the device
-    with ScopeLlama(model_path, n_ctx=n_ctx, **device) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=n_ctx, **device) as llm:
         got = llm.generate(PROMPT, max_tokens=max_tokens)
     assert got.text == want["choices"][0]["text"]
     assert len(got.tokens) == max_tokens
@@ -139,7 +139,7 @@ def test_sketch_agrees_with_the_cpu_on_the_device(model_path, endpoint):
 
 
 def test_captured_rows_sum_to_one_on_the_device(model_path, device):
-    with ScopeLlama(model_path, n_ctx=1024, **device) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=1024, **device) as llm:
         llm.generate(PROMPT, max_tokens=2)
         ctx = llm.context
         pos = int(llm.kv_positions()[-1]) + 1
@@ -154,7 +154,7 @@ def test_captured_rows_sum_to_one_on_the_device(model_path, device):
 
 def test_reindexing_on_the_device(model_path, device):
     b = Budget(prefill=64, decode=64, observation_window=8, recent_window=16)
-    with ScopeLlama(model_path) as tokenizer:
+    with ScopeLlama(model_path, budget=None) as tokenizer:
         prompt = tokenizer.tokenize(PROMPT * 8)
     assert len(prompt) + 20 > b.total + 32
     with ScopeLlama(model_path, budget=b, position_limit=len(prompt) + 20, **device) as llm:  # re-index early and often
@@ -193,7 +193,7 @@ def test_sequences_in_their_own_streams_on_the_device(model_path, endpoint):
     """A step of three sequences that llama.cpp reorders into ubatches, every
     layer on the device: each sequence's cells and captured attention are what
     its tokens give alone on the CPU."""
-    with ScopeLlama(model_path) as llm, Model(model_path) as cpu, \
+    with ScopeLlama(model_path, budget=None) as llm, Model(model_path) as cpu, \
             Model(model_path, devices=Devices(rpc_servers=(endpoint,), n_gpu_layers=-1)) as on_device:
         check_reordered_step(on_device, cpu, reordered_prompts(llm))
 
@@ -201,7 +201,7 @@ def test_sequences_in_their_own_streams_on_the_device(model_path, endpoint):
 def test_unreachable_server_fails_fast_with_the_endpoint(model_path):
     endpoint = rpc.free_endpoint()  # bound, then released: nothing listens there
     with pytest.raises(rpc.RPCError, match=f"cannot reach an RPC server at {endpoint}"):
-        ScopeLlama(model_path, rpc_servers=[endpoint], n_gpu_layers=-1)
+        ScopeLlama(model_path, budget=None, rpc_servers=[endpoint], n_gpu_layers=-1)
 
 
 def test_silent_server_times_out_with_the_endpoint(model_path):
@@ -270,4 +270,4 @@ def test_default_capture_layers():
 @pytest.mark.parametrize("layers", [[], [30], [-1], [3, 3], "12", [1.0]])
 def test_bad_capture_layers(model_path, layers):
     with pytest.raises(ValueError, match=r"capture_layers must be distinct layer indices in \[0, 30\)"):
-        ScopeLlama(model_path, capture_layers=layers)
+        ScopeLlama(model_path, budget=None, capture_layers=layers)

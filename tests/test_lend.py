@@ -31,7 +31,7 @@ def _attn(scores: list[float]) -> np.ndarray:
 
 # -- the rules on arrays ----------------------------------------------------
 
-def test_policy_lends_room_minus_one_and_allocates_the_same():
+def test_policy_lends_room_minus_one_and_allocates_at_most_the_budget():
     policy = Policy(prefill=SnapKV(budget=64, window=8), decode=Slide(decode=32, recent=8), lend=LendRecent())
     assert policy.prefill_keep(1000) == 64  # unbound: nothing is lent
     bound = policy.for_generation(100)
@@ -39,10 +39,14 @@ def test_policy_lends_room_minus_one_and_allocates_the_same():
     assert bound.prompt_floor(1000) == 64
     assert bound.prefill_keep(1000) == 64 + 31
     assert bound.prefill_keep(80) == 80 and bound.prefill_keep(30) == 30
-    short = policy.for_generation(10)  # the room is what the generation can use
-    assert short.lend.room == 10 and short.prefill_keep(1000) == 64 + 9
     paper = Policy(prefill=policy.prefill, decode=policy.decode).for_generation(100)
-    assert bound.decode_cells(kept=64, max_tokens=100) == paper.decode_cells(kept=64, max_tokens=100) == 96
+    assert bound.decode_cells(kept=64, max_tokens=100, lent=31) == paper.decode_cells(kept=64, max_tokens=100) == 96
+    # a short generation lends the whole decode room too: a prompt that fits
+    # with its output in prefill + decode cells keeps every cell
+    short = policy.for_generation(10)
+    assert short.lend.room == 32 and short.prefill_keep(80) == 80 and short.prefill_keep(1000) == 64 + 31
+    assert short.decode_cells(kept=64, max_tokens=10, lent=16) == 64 + 16 + 10  # the stock cache's cells
+    assert short.decode_cells(kept=64, max_tokens=10, lent=31) == 64 + 32  # never past the budget
 
 
 def test_policy_refuses_lending_to_a_unified_baseline_or_a_non_lend():
@@ -164,7 +168,7 @@ def test_lending_keeps_the_whole_prompt_until_the_output_needs_the_room(model_pa
     """A prompt just over the prefill budget fits with the loan: decoding
     matches the full cache until the first cell goes back, where the paper's
     policy already differs at the first token's cells."""
-    with ScopeLlama(model_path) as full:
+    with ScopeLlama(model_path, budget=None) as full:
         prompt = _prompt(full, n_words=15)
         want = full.generate(prompt, max_tokens=40, ignore_eos=True).tokens
     b = Budget(prefill=len(prompt) - 8, decode=32, observation_window=8, recent_window=8)
@@ -201,7 +205,7 @@ def test_chunked_prefill_lends_only_at_the_last_chunk(model_path, lend):
 def test_lending_survives_reindexing(model_path):
     """Positions renumbered while cells are on loan: the lend state follows
     and every held cell stays visible to llama.cpp."""
-    with ScopeLlama(model_path) as full:
+    with ScopeLlama(model_path, budget=None) as full:
         prompt = _prompt(full)
     limit = len(prompt) + 20  # passed while cells are still on loan
     with ScopeLlama(model_path, budget=BUDGET, lend="passed", position_limit=limit) as llm:

@@ -75,7 +75,7 @@ def test_reindexing_renumbers_positions_and_keeps_decoding(model_path, monkeypat
 def test_model_that_cannot_shift_stops_with_length(model_path, monkeypatch, caplog):
     b = Budget(prefill=64, decode=64, observation_window=8, recent_window=16)
     monkeypatch.setattr(llama_cpp, "llama_memory_can_shift", lambda mem: False)
-    with ScopeLlama(model_path) as tokenizer:
+    with ScopeLlama(model_path, budget=None) as tokenizer:
         prompt = _document(tokenizer, 200)
     with ScopeLlama(model_path, budget=b, position_limit=len(prompt) + 50) as llm:
         with caplog.at_level(logging.WARNING, logger="scope_edge"):

@@ -63,7 +63,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def llm(model_path):
     """One full-cache instance shared by the cheap input checks."""
-    with ScopeLlama(model_path, n_threads=T) as m:
+    with ScopeLlama(model_path, budget=None, n_threads=T) as m:
         yield m
 
 
@@ -222,7 +222,7 @@ def test_refused_models_leak_no_file_descriptors(tiny):
     for _ in range(20):
         for arch in ("mamba", "gemma3"):
             with pytest.raises(ValueError):
-                ScopeLlama(tiny[arch], n_threads=T)
+                ScopeLlama(tiny[arch], budget=None, n_threads=T)
     gc.collect()
     assert _n_fds() <= before + 1
 
@@ -283,7 +283,7 @@ def test_any_unicode_prompt_tokenizes_as_stock_and_decodes_consistently(model_pa
 def test_model_path_with_unicode_and_spaces(model_path, tmp_path):
     path = tmp_path / "mödel 日本 ✓.gguf"
     path.symlink_to(model_path)
-    with ScopeLlama(path, n_threads=T) as m:
+    with ScopeLlama(path, budget=None, n_threads=T) as m:
         assert m.generate("Hi", max_tokens=2).stats.generated_tokens == 2
         assert m.model_path.endswith(".gguf")
 
@@ -398,7 +398,7 @@ def test_keyboard_interrupt_in_prefill_tiny(tiny, monkeypatch, budget, where):
 
 
 def test_keyboard_interrupt_in_prefill_real_model(model_path, monkeypatch):
-    with ScopeLlama(model_path, n_threads=T) as m:
+    with ScopeLlama(model_path, budget=None, n_threads=T) as m:
         prompt = m.tokenize(_text_of(560))[:530]
     assert len(prompt) > 512
     _interrupt_case(model_path, B, "after", prompt, monkeypatch)
@@ -408,7 +408,7 @@ def test_keyboard_interrupt_in_prefill_real_model(model_path, monkeypatch):
 @pytest.mark.parametrize("where", ["before", "after"])
 @pytest.mark.parametrize("budget", [None, B], ids=["full", "budget"])
 def test_keyboard_interrupt_in_prefill_real_model_matrix(model_path, monkeypatch, budget, where):
-    with ScopeLlama(model_path, n_threads=T) as m:
+    with ScopeLlama(model_path, budget=None, n_threads=T) as m:
         prompt = m.tokenize(_text_of(1200))[:1100]
     _interrupt_case(model_path, budget, where, prompt, monkeypatch)
 
@@ -482,7 +482,7 @@ except RuntimeError as exc:
     print("ok: closed" if "closed" in str(exc) else f"unclear: {{exc}}")
 del s
 for _ in range(20):  # the heap must still be sound
-    with ScopeLlama({path!r}, n_threads=1) as k:
+    with ScopeLlama({path!r}, budget=None, n_threads=1) as k:
         k.generate("hello " * 50, max_tokens=20)
 print("survived")
 """
@@ -659,7 +659,7 @@ def test_two_instances_in_two_threads_match_single_thread_runs(model_path):
 CLOSE_DURING_GENERATION = """
 import threading, time
 from scope_edge import ScopeLlama
-llm = ScopeLlama({path!r}, n_threads=1)
+llm = ScopeLlama({path!r}, budget=None, n_threads=1)
 def run():
     try:
         out = llm.generate("Hello there " * 150, max_tokens=200, ignore_eos=True)
@@ -689,7 +689,7 @@ def test_close_from_another_thread_during_generation_does_not_crash(model_path, 
 CLOSE_DURING_LONG_PREFILL = """
 import threading, time
 from scope_edge import ScopeLlama
-llm = ScopeLlama({path!r}, n_threads=1)
+llm = ScopeLlama({path!r}, budget=None, n_threads=1)
 prompt = llm.tokenize({text!r})
 def run():
     try:
@@ -714,7 +714,7 @@ def test_close_stops_a_long_prefill_mid_decode(model_path):
     # 512-token decodes with no check between them. Now llama.cpp's abort
     # callback stops the running decode, and close() frees after it let go.
     text = _text_of(6000)
-    with ScopeLlama(model_path, n_threads=T) as m:
+    with ScopeLlama(model_path, budget=None, n_threads=T) as m:
         n = len(m.tokenize(text))
     assert 5000 < n < 8000  # unchunked (full cache), inside the trained context
     script = CLOSE_DURING_LONG_PREFILL.format(path=model_path, text=text, n=n)
@@ -1056,7 +1056,7 @@ def test_hook_checks_strides_layers_and_call_order():
 
 
 def test_hook_evict_refusals_change_nothing(tiny):
-    with ScopeLlama(tiny["llama"], n_ctx=512, n_threads=T) as m:
+    with ScopeLlama(tiny["llama"], budget=None, n_ctx=512, n_threads=T) as m:
         m.generate([1] + list(range(3, 103)), max_tokens=4)
         ctx = m.context
         before = m.kv_positions()
@@ -1084,7 +1084,7 @@ def test_hook_reads_the_schedulers_copies_of_its_inputs(idx_name, mask_name):
 
 def test_hook_detects_a_cache_changed_behind_its_back(model_path):
     # Regression (issue #14.4): evict/shift/truncate verify llama.cpp's view afterwards.
-    with ScopeLlama(model_path, n_ctx=512) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=512) as llm:
         llm.generate("Tell me about the sea.", max_tokens=8)
         ctx = llm.context
         with pytest.raises(HookError, match=r"shift: positions up to .* would pass the int32 range"):

@@ -39,7 +39,7 @@ def _llama_view(llm: ScopeLlama) -> tuple[set[int], int, int]:
 
 
 def test_cell_map_matches_positions_across_ubatches_and_evictions(model_path):
-    with ScopeLlama(model_path, n_ctx=2048) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=2048) as llm:
         prompt = llm.tokenize(_text_of(1300))
         assert len(prompt) > 1024  # three ubatches of 512
         out = llm.generate(prompt, max_tokens=4)
@@ -73,7 +73,7 @@ def test_cell_map_and_stock_identity_across_ubatches_of_one_decode(model_path, m
     # index tensor, which the hook must read in order.
     monkeypatch.setattr(se_cache, "Context", functools.partial(Context, n_ubatch=128))
     n_ctx, max_tokens = 1024, 32
-    with ScopeLlama(model_path, n_ctx=n_ctx) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=n_ctx) as llm:
         prompt = llm.tokenize(PROMPT.replace("a message in a bottle", _text_of(700)))
         assert 640 < len(prompt) < 896  # a 512-token decode (4 ubatches), then 2 more ubatches
         got = llm.generate(prompt, max_tokens=max_tokens)
@@ -119,7 +119,7 @@ def test_kv_bytes_allocated_is_what_llama_cpp_allocated(model_path, type_k):
 
 
 def test_evicted_cells_are_invisible_and_reused(model_path):
-    with ScopeLlama(model_path, n_ctx=1024) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=1024) as llm:
         prompt = llm.tokenize(_text_of(300))
         llm.generate(prompt, max_tokens=2)
         ctx = llm.context
@@ -143,7 +143,7 @@ def test_held_cells_come_in_position_order_after_reuse_and_shifts(model_path):
     # capture() lays cells out by position; the hook sorts them (a radix sort
     # over as many bytes as the largest position needs). Make cell order and
     # position order differ, and positions need three bytes.
-    with ScopeLlama(model_path, n_ctx=1024) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=1024) as llm:
         prompt = llm.tokenize(_text_of(600))
         llm.generate(prompt, max_tokens=2)
         ctx = llm.context
@@ -223,7 +223,7 @@ def test_session_matches_the_cache_over_a_long_budgeted_run(model_path):
 
 
 def test_hook_refuses_bad_evictions(model_path):
-    with ScopeLlama(model_path, n_ctx=512) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=512) as llm:
         llm.generate("Hello there", max_tokens=3)
         ctx = llm.context
         last = int(llm.kv_positions()[-1])
@@ -236,7 +236,7 @@ def test_hook_refuses_bad_evictions(model_path):
 
 
 def test_captured_rows_sum_to_one_per_head_and_layer(model_path):
-    with ScopeLlama(model_path, n_ctx=1024) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=1024) as llm:
         prompt = llm.tokenize(_text_of(700))
         llm.generate(prompt, max_tokens=2)
         ctx = llm.context
@@ -260,7 +260,7 @@ def test_captured_rows_sum_to_one_per_head_and_layer(model_path):
 
 
 def test_capture_with_heads_reduced_natively_equals_reducing_the_full_capture(model_path):
-    with ScopeLlama(model_path, n_ctx=1024) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=1024) as llm:
         prompt = llm.tokenize(_text_of(600))
         llm.generate(prompt, max_tokens=2)
         ctx = llm.context
@@ -289,7 +289,7 @@ def test_full_cache_is_token_identical_to_stock(model_path):
         want = stock.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0)
     finally:
         stock.close()
-    with ScopeLlama(model_path, n_ctx=n_ctx) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=n_ctx) as llm:
         got = llm.generate(PROMPT, max_tokens=max_tokens)
     assert got.text == want["choices"][0]["text"]
     assert len(got.tokens) == want["usage"]["completion_tokens"] == max_tokens  # a real, full-length run
@@ -297,7 +297,7 @@ def test_full_cache_is_token_identical_to_stock(model_path):
 
 
 def test_stream_equals_generate_and_last_chunk_carries_stats(model_path):
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         chunks = list(llm.stream(PROMPT, max_tokens=40))
         full = llm.generate(PROMPT, max_tokens=40)
         n_prompt = len(llm.tokenize(PROMPT))
@@ -317,7 +317,7 @@ def test_stream_equals_generate_and_last_chunk_carries_stats(model_path):
 
 def test_utf8_stream_never_splits_characters(model_path):
     prompt = "<|im_start|>user\nTranslate to Japanese and Chinese: I love the sea.<|im_end|>\n<|im_start|>assistant\n"
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         chunks = list(llm.stream(prompt, max_tokens=60))
         full = llm.generate(prompt, max_tokens=60)
     text = "".join(c.text for c in chunks)
@@ -340,7 +340,7 @@ def test_text_stream_joins_split_utf8_and_holds_stop_prefixes():
 
 
 def test_stop_string_ends_generation(model_path):
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         free = llm.generate(PROMPT, max_tokens=40)
         words = free.text.split()
         assert len(words) > 4
@@ -359,7 +359,7 @@ def test_bad_input(model_path, tmp_path):
     notgguf.write_bytes(b"PK\x03\x04" + b"\0" * 100)
     with pytest.raises(ValueError, match="GGUF"):
         ScopeLlama(notgguf)
-    with ScopeLlama(model_path, n_ctx=256) as llm:
+    with ScopeLlama(model_path, budget=None, n_ctx=256) as llm:
         with pytest.raises(ValueError, match=r"300 tokens.*256"):
             llm.generate([1] * 300, max_tokens=5)
         with pytest.raises(ValueError, match="max_tokens"):
@@ -372,7 +372,7 @@ def test_bad_input(model_path, tmp_path):
 
 
 def test_interrupted_stream_leaves_instance_usable(model_path):
-    with ScopeLlama(model_path) as llm:
+    with ScopeLlama(model_path, budget=None) as llm:
         want = llm.generate(PROMPT, max_tokens=20).text
         for i, _ in enumerate(llm.stream(PROMPT, max_tokens=200)):
             if i == 5:

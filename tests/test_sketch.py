@@ -236,7 +236,7 @@ def test_flash_attention_full_cache_matches_stock(model_path):
                 break
     finally:
         stock.close()
-    with ScopeLlama(model_path, flash_attn=True, type_k="q8_0", type_v="q8_0") as llm:
+    with ScopeLlama(model_path, budget=None, flash_attn=True, type_k="q8_0", type_v="q8_0") as llm:
         got = llm.generate(prompt, max_tokens=40, ignore_eos=True)
     assert got.tokens == want
 
@@ -253,12 +253,12 @@ def test_bad_flash_attention_settings_are_refused_with_the_fix(model_path):
     with pytest.raises(ValueError, match="flash attention never computes.*scoring=Sketch"):
         ScopeLlama(model_path, budget=b, flash_attn=True)
     with pytest.raises(ValueError, match="quantizes the V cache only with flash attention"):
-        ScopeLlama(model_path, type_v="q8_0")
+        ScopeLlama(model_path, budget=None, type_v="q8_0")
     with pytest.raises(ValueError, match="scoring must be None"):
         ScopeLlama(model_path, budget=b, scoring="sketch")
     with pytest.raises(ValueError, match="at most the head dimension 64"):
         ScopeLlama(model_path, budget=b, scoring=Sketch(rank=65))
-    with ScopeLlama(model_path, flash_attn=True) as llm:  # the full cache reads no scores
+    with ScopeLlama(model_path, budget=None, flash_attn=True) as llm:  # the full cache reads no scores
         with pytest.raises(ValueError, match="flash attention never computes"):
             llm.policy = build(b)
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .lend import Lend
 
 EMPTY = np.zeros(0, dtype=np.int32)
+WHOLE_ROOM = 2**31 - 1  # a max_tokens past any generation: cells(kept=0) is then a strategy's whole room
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,14 +248,18 @@ class Policy:
         floor = self.prompt_floor(n_prompt)
         return floor if self.lend is None else floor + self.lend.lent(floor=floor, n_prompt=n_prompt)
 
-    def decode_cells(self, *, kept: int, max_tokens: int) -> int:
+    def decode_cells(self, *, kept: int, max_tokens: int, lent: int = 0) -> int:
         """Cells the decode phase needs, `kept` (the prompt floor) included.
-        Cells on loan come out of the decode room, so they add nothing."""
-        return self.decode.cells(kept=kept, max_tokens=max_tokens)
+        Cells on loan share the decode room with the output: they take what
+        max_tokens leaves of it."""
+        return self.decode.cells(kept=kept, max_tokens=max_tokens + lent)
 
     def for_generation(self, max_tokens: int) -> Policy:
-        """The policy one generation of at most max_tokens tokens runs."""
+        """The policy one generation of at most max_tokens tokens runs. The
+        lend's room is the whole decode room, however short the generation:
+        a prompt that fits in prefill + decode cells with its output keeps
+        every cell (the allocation grows to hold it, never past the budget)."""
         require_int("Policy", "max_tokens", max_tokens, lo=1)
         decode = self.decode.bind(max_tokens)
-        lend = None if self.lend is None else self.lend.bind(decode.cells(kept=0, max_tokens=max_tokens))
+        lend = None if self.lend is None else self.lend.bind(decode.cells(kept=0, max_tokens=WHOLE_ROOM))
         return Policy(prefill=self.prefill, decode=decode, lend=lend)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..budget import Budget
+from .. import memory
+from ..budget import Budget, min_cells
 from .adaptive import Adaptive
 from .base import DecodeStrategy, Policy, PrefillSelector
 from .discontinuous import Discontinuous
@@ -66,6 +67,12 @@ PREFILL_SELECTORS: tuple[str, ...] = tuple(_SELECTORS)
 # "none" is the paper's behaviour.
 LEND_RULES: tuple[str, ...] = (*LENDERS, "none")
 DEFAULT_LEND = "passed"  # measured best on bench/ordered.py (README); "none" is the paper
+# The strategy a budget runs when none is named, the default budget's included.
+DEFAULT_STRATEGY = "slide"
+# The default budget: a quarter of the model's trained context, at least
+# DEFAULT_MIN_CELLS (docs/budgets.md).
+DEFAULT_CONTEXT_SHARE = 4
+DEFAULT_MIN_CELLS = 2048
 STRATEGIES: tuple[str, ...] = tuple(_STRATEGIES)
 # Unified-budget baselines: each runs only with its own prefill selector.
 _BASELINES = ("streaming", "h2o")
@@ -103,7 +110,7 @@ def validate_names(strategy: str, prefill_selector: str | None) -> str:
 def build(
     budget: Budget,
     *,
-    strategy: str = "slide",
+    strategy: str = DEFAULT_STRATEGY,
     prefill_selector: str | None = None,
     head_reduce: str = "max",
     lend: str = DEFAULT_LEND,
@@ -125,6 +132,23 @@ def build(
         lend=None if unified or lend == "none" else LENDERS[lend](
             protected=budget.observation_window, head_reduce=head_reduce),
     )
+
+
+def default_budget(geometry: memory.KvGeometry, *, n_ctx: int | None = None,
+                   prefill_chunk: int = memory.N_BATCH) -> Budget | None:
+    """The budget ScopeLlama(model_path) runs when given no policy arguments
+    (with DEFAULT_STRATEGY and DEFAULT_LEND): cells for a quarter of the
+    model's trained context, at least DEFAULT_MIN_CELLS and at most the whole
+    context (or a fixed n_ctx), split by Budget.for_cells. A generation whose
+    prompt and output fit in budget.total cells evicts nothing, so it is the
+    stock cache's. None (the stock cache) when those cells are fewer than the
+    smallest budget needs: the cache is then small anyway."""
+    cells = max(geometry.n_ctx_train // DEFAULT_CONTEXT_SHARE, DEFAULT_MIN_CELLS)
+    cells = min(cells, memory.padded_cells(geometry.n_ctx_train), n_ctx or cells)
+    cells = cells // memory.KV_CELL_PADDING * memory.KV_CELL_PADDING
+    if cells < min_cells(prefill_chunk):
+        return None
+    return Budget.for_cells(cells, prefill_chunk=prefill_chunk)
 
 
 def validate_lend(lend: str) -> None:

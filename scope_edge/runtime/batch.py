@@ -38,7 +38,7 @@ from ..policies import Policy
 from ..policies.checks import is_int
 from .cache import Cache, CacheSettings
 from .context import N_BATCH, Context, check_kv_types
-from .generation import Chunk, Generation, GenerationStats, Limits
+from .generation import Chunk, EvictionNotice, Generation, GenerationStats, Limits
 from .model import Model
 from .sampling import Sampler, Sampling
 from .sketch import Sketch, SketchBasis, basis_for
@@ -109,8 +109,9 @@ class BatchSettings:
 def slot_cells_for(policy: Policy, *, max_tokens: int, prefill_chunk: int = N_BATCH) -> int:
     """KV cells one slot needs for any prompt under policy: the kept prompt
     plus a prefill chunk, or the decode phase, whichever is more (padded)."""
-    keep = policy.prefill_keep(2**30)
-    decode = policy.for_generation(max_tokens).decode_cells(kept=keep, max_tokens=max_tokens)
+    bound = policy.for_generation(max_tokens)
+    keep = bound.prompt_floor(2**30)
+    decode = bound.decode_cells(kept=keep, max_tokens=max_tokens, lent=bound.prefill_keep(2**30) - keep)
     return memory.padded_cells(max(keep + prefill_chunk, decode))
 
 
@@ -501,8 +502,9 @@ class BatchRunner:
         stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
                                 kv_bytes_allocated=self.kv_bytes(ctx.n_cells), reused_prompt_tokens=plan.reuse)
         req_check = self._check_open_for(slot.seq)
+        notice = EvictionNotice(holder=f"slot {slot.seq}'s policy", off="a request's \"scope\" sets its budget")
         return Generation(self.model, ctx, plan, session, stats, position_limit=cache.position_limit,
-                          check_open=req_check, kv_bytes=self.kv_bytes)
+                          check_open=req_check, kv_bytes=self.kv_bytes, notice=notice)
 
     def _check_open_for(self, seq: int) -> Callable[[], None]:
         def check() -> None:

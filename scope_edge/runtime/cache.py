@@ -215,7 +215,6 @@ class Cache:
         chunk = self.settings.prefill_chunk
         forced = self.settings.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk
-        decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens)
         # A chunk's probe comes out of the chunk, so it costs no cell; a
         # chunk too small to carry one is scored by its own rows.
         probe = policy.prefill.probe_tokens if chunked else 0
@@ -223,6 +222,11 @@ class Cache:
         # The first chunk lands on every cell held before (the last turn's
         # reply included, so possibly more than keep); later ones on keep.
         prefill_cells = min(one_shot, max(held_before, keep) + chunk) if chunked else one_shot
+        # The loan is taken at the last selection, from the cells held then
+        # (at least keep + a chunk; Generation caps it at the plan's cells).
+        last = min(one_shot, keep + chunk) if chunked and n_new > chunk else one_shot
+        lent = policy.prefill_keep(last) - policy.prompt_floor(last)
+        decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens, lent=lent)
         return Plan(policy, reuse, chunk - probe if chunked else None, max(prefill_cells, decode_cells), probe)
 
     def _cells_for(self, n_prompt: int, plan: Plan) -> tuple[int, int]:

@@ -14,13 +14,13 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .. import memory
+from ..memory import N_BATCH
 from ..hook import EVAL_CALLBACK, Capture, Hook
 from ..policies.checks import is_int
 from .model import Model
 from .sampling import Sampler
 from .sketch import SketchBasis
 
-N_BATCH = 512  # llama-cpp-python's default, so prefill matches stock ubatch for ubatch
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 

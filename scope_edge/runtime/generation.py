@@ -31,9 +31,11 @@ FinishReason = Literal["stop", "length"]
 class GenerationStats:
     """Memory and speed of one generation. kv_cells_peak counts the cells
     held while decoding (after the prefill selection); prefill_cells_peak the
-    cells held during prefill. hook_reads / hook_bytes_read: tensor reads the
-    hook made (cell indices, mask rows, captured attention): with offloaded
-    layers, transfers from the device."""
+    cells held during prefill. evicted_cells: every cell the policy evicted,
+    evicted_prefill_cells + evicted_decode_cells (by when: prompt cells given
+    back while decoding count as decode). hook_reads / hook_bytes_read:
+    tensor reads the hook made (cell indices, mask rows, captured attention):
+    with offloaded layers, transfers from the device."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -43,6 +45,8 @@ class GenerationStats:
     kv_bytes_allocated: int = 0
     stock_kv_bytes: int = 0
     evicted_cells: int = 0
+    evicted_prefill_cells: int = 0
+    evicted_decode_cells: int = 0
     captured_steps: int = 0
     hook_reads: int = 0
     hook_bytes_read: int = 0
@@ -77,6 +81,20 @@ class Completion:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvictionNotice:
+    """The one line a generation's first eviction logs on logger scope_edge:
+    holder names what bounds the cache (a budget, a policy), at level."""
+
+    holder: str
+    level: int = logging.INFO
+    off: str = "pass budget=None for the full cache (nothing evicted)"
+
+    def log(self, *, phase: str, position: int, n_tokens: int) -> None:
+        log.log(self.level, "evicting KV cells (first during %s, position %d, %d tokens so far): %s holds the "
+                "cache; %s", phase, position, n_tokens, self.holder, self.off)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Limits:
     """When a generation ends, besides an end-of-generation token.
 
@@ -101,13 +119,16 @@ class Generation:
 
     position_limit: positions stay below it under a policy (re-indexed);
     check_open raises once the owner is closed; kv_bytes(cells) sizes a
-    cache of that many cells, for the stock comparison in the stats."""
+    cache of that many cells, for the stock comparison in the stats; notice:
+    what the first eviction logs."""
 
     def __init__(self, model: Model, ctx: Context, plan: Plan, session: Session, stats: GenerationStats, *,
-                 position_limit: int, check_open: Callable[[], None], kv_bytes: Callable[[int], int]) -> None:
+                 position_limit: int, check_open: Callable[[], None], kv_bytes: Callable[[int], int],
+                 notice: EvictionNotice = EvictionNotice(holder="the policy")) -> None:
         self.model, self.ctx, self.plan, self.session, self.stats = model, ctx, plan, session, stats
         self.policy = plan.policy
-        self._check_open, self._kv_bytes = check_open, kv_bytes
+        self._check_open, self._kv_bytes, self._notice = check_open, kv_bytes, notice
+        self.decoding = False  # which phase's count an eviction adds to
         self.n_held = len(ctx.positions())
         self.gen_start = session.next_pos  # first position of this run's generated text
         self.n_eligible = 0  # cells the decode strategy may evict
@@ -160,8 +181,15 @@ class Generation:
     def _evict(self, positions: np.ndarray) -> None:
         if len(positions):
             freed = self.ctx.evict(positions)
+            if freed and not self.stats.evicted_cells:
+                self._notice.log(phase="decode" if self.decoding else "prefill", position=int(positions[0]),
+                                 n_tokens=len(self.session.tokens))
             self.n_held -= freed
             self.stats.evicted_cells += freed
+            if self.decoding:
+                self.stats.evicted_decode_cells += freed
+            else:
+                self.stats.evicted_prefill_cells += freed
             self.session.forget(positions)
 
     # prefill -------------------------------------------------------------
@@ -193,6 +221,7 @@ class Generation:
         self.n_lent = max(0, self.n_held - self.prompt_floor) if lends else 0
         self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
         self.stats.prefilled_tokens = len(new)
+        self.decoding = True
 
     def _prefill_chunk(self, tokens: Sequence[int], *, last: bool, probe: Sequence[int]) -> None:
         """Decode one chunk of the prompt, then select. probe: tokens run
@@ -232,7 +261,8 @@ class Generation:
         else:
             positions, attn = self.ctx.positions(), None
         self.prompt_floor = policy.prompt_floor(len(positions))
-        keep = policy.prefill_keep(len(positions))
+        # Never more than the plan's cells less one, the first token's.
+        keep = min(policy.prefill_keep(len(positions)), max(self.plan.cells - 1, self.prompt_floor))
         if not last:
             room = self.plan.cells - (self.plan.chunk or 0) - self.plan.probe
             keep = max(self.prompt_floor, min(keep, room))
@@ -283,7 +313,9 @@ class Generation:
         the next step still has a free cell in the allocation."""
         lend = self.policy.lend
         lend.observe(prompt, attn)
-        due = min(self.n_lent, self.n_held - (self.prompt_floor + lend.room - 1))
+        # The loan never takes the next token's cell, in the lend's room or the plan's.
+        limit = min(self.prompt_floor + lend.room, self.plan.cells) - 1
+        due = min(self.n_lent, self.n_held - limit)
         if due > 0:
             before = self.n_held
             self._evict(lend.select(prompt, attn, len(prompt) - due))

@@ -1,0 +1,152 @@
+"""ScopeLlama(model_path) with no policy arguments: the default budget, sized
+by memory or by the model, never evicting silently (docs/budgets.md)."""
+from __future__ import annotations
+
+import logging
+import re
+import subprocess
+import sys
+
+import pytest
+from llama_log import llama_log
+
+from scope_edge import Budget, ScopeLlama, memory
+from scope_edge.policies.registry import DEFAULT_STRATEGY, default_budget
+
+STORY = "Write a long story about a lighthouse keeper."
+
+
+def _messages(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if r.name == "scope_edge" and "evicting KV cells" in r.getMessage()]
+
+
+def _long_prompt(llm: ScopeLlama, n_tokens: int) -> list[int]:
+    """A chat prompt of about n_tokens: a logbook to summarise."""
+    entries = " ".join(f"Day {i}: the lamp was lit at {6 + i % 5} pm and {i * 7 % 40} ships passed." for i in range(400))
+    head = llm.tokenize(f"<|im_start|>user\nHere is a lighthouse logbook. {entries}")[: n_tokens - 20]
+    return head + llm.tokenize("\nSummarise it.<|im_end|>\n<|im_start|>assistant\n")[1:]
+
+
+def test_default_budget_rule_and_strategy(model_path):
+    geometry = memory.read_geometry(model_path)
+    budget = default_budget(geometry)
+    # a quarter of the trained 8192 positions, a quarter of it for the output
+    assert geometry.n_ctx_train == 8192 and budget == Budget(prefill=1536, decode=512)
+    with ScopeLlama(model_path) as llm:
+        assert llm.budget == budget and llm.default_budget and llm.strategy == DEFAULT_STRATEGY
+        assert llm.policy is not None
+    with ScopeLlama(model_path, budget=None) as stock:
+        assert stock.budget is None and stock.policy is None and not stock.default_budget
+    # a fixed n_ctx bounds the default; one too small for any budget keeps the stock cache
+    assert default_budget(geometry, n_ctx=1024) == Budget.for_cells(1024)
+    assert default_budget(geometry, n_ctx=512) is None
+
+
+def test_short_generation_is_stock_token_for_token(model_path, caplog):
+    with ScopeLlama(model_path, budget=None) as stock:
+        prompt = stock.render_chat([{"role": "user", "content": STORY}])
+        want = stock.generate(prompt, max_tokens=120, ignore_eos=True)
+    with caplog.at_level(logging.INFO, logger="scope_edge"), ScopeLlama(model_path) as llm:
+        got = llm.generate(prompt, max_tokens=120, ignore_eos=True)
+    assert got.tokens == want.tokens
+    assert got.stats.kv_cells_allocated <= want.stats.kv_cells_allocated
+    assert got.stats.evicted_cells == 0 and not _messages(caplog.records)
+
+
+def test_prompt_past_the_prefill_budget_that_fits_with_its_output_is_stock(model_path, caplog):
+    """The decode room is lent to the prompt, whatever max_tokens: prompt +
+    output within the budget's total evicts nothing, even past its prefill."""
+    with ScopeLlama(model_path) as llm:
+        budget = llm.budget
+        prompt = _long_prompt(llm, budget.prefill + 200)
+        assert budget.prefill < len(prompt) and len(prompt) + 40 <= budget.total
+        with caplog.at_level(logging.INFO, logger="scope_edge"):
+            got = llm.generate(prompt, max_tokens=40, ignore_eos=True)
+    with ScopeLlama(model_path, budget=None) as stock:
+        want = stock.generate(prompt, max_tokens=40, ignore_eos=True)
+    assert got.tokens == want.tokens and got.stats.evicted_cells == 0 and not _messages(caplog.records)
+    assert got.stats.kv_cells_allocated <= want.stats.kv_cells_allocated
+
+
+def test_long_generation_is_held_at_the_bound_and_logs_once(model_path, caplog):
+    with ScopeLlama(model_path) as llm:
+        budget = llm.budget
+        prompt = _long_prompt(llm, budget.total - 100)
+        with caplog.at_level(logging.INFO, logger="scope_edge"):
+            out = llm.generate(prompt, max_tokens=300, ignore_eos=True)
+        held = len(llm.kv_positions())
+    st = out.stats
+    assert len(prompt) + st.generated_tokens > budget.total
+    assert held <= budget.total and st.kv_cells_allocated <= memory.padded_cells(budget.total)
+    assert st.evicted_cells == st.evicted_prefill_cells + st.evicted_decode_cells > 0
+    assert st.evicted_decode_cells > 0  # the prompt fitted; the output pushed past the bound
+    [line] = _messages(caplog.records)  # exactly once, at WARNING: the user asked for no budget
+    assert [r.levelno for r in caplog.records if "evicting KV cells" in r.getMessage()] == [logging.WARNING]
+    assert "default budget" in line and f"prefill={budget.prefill}" in line and "budget=None" in line
+
+
+def test_a_chosen_budget_logs_its_first_eviction_at_info(model_path, caplog):
+    b = Budget(prefill=64, decode=32, observation_window=8, recent_window=8)
+    with caplog.at_level(logging.INFO, logger="scope_edge"), ScopeLlama(model_path, budget=b) as llm:
+        st = llm.generate(_long_prompt(llm, 200), max_tokens=60, ignore_eos=True).stats
+    assert st.evicted_prefill_cells > 0 and st.evicted_decode_cells > 0
+    records = [r for r in caplog.records if "evicting KV cells" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.INFO] and "during prefill" in records[0].getMessage()
+
+
+def _kv_buffer_bytes(lines: list[str]) -> int:
+    """llama.cpp's own "KV buffer size = N MiB" lines, summed."""
+    sizes = [float(m.group(1)) for line in lines if (m := re.search(r"KV buffer size =\s*([\d.]+) MiB", line))]
+    assert sizes, lines
+    return round(sum(sizes) * 2**20)
+
+
+@pytest.mark.parametrize("type_k", ["f16", "q8_0"])
+def test_kv_memory_allocates_within_5_percent_of_the_figure(model_path, type_k):
+    figure = "40MiB"  # 1,792 cells at f16, 2,304 with a q8_0 K: 1.6% and 3.1% under it
+    with ScopeLlama(model_path, kv_memory=figure, type_k=type_k) as llm:
+        budget = llm.budget
+        assert budget == Budget.for_memory(figure, memory.read_geometry(model_path), type_k=type_k)
+        prompt = _long_prompt(llm, budget.prefill + 100)  # past the prefill budget: the loan fills the room
+        with llama_log() as lines:
+            stream = llm.stream(prompt, max_tokens=4 * budget.decode, ignore_eos=True)
+            next(stream)  # the context is made for the whole generation before the first token
+        stream.close()
+    allocated = _kv_buffer_bytes(lines)
+    asked = memory.parse_bytes(figure)
+    assert 0.95 * asked <= allocated <= asked, (allocated, asked)
+
+
+def test_kv_memory_refuses_a_figure_below_the_smallest_budget(model_path):
+    with pytest.raises(ValueError, match=r"kv_memory='8MiB' .* holds 364 KV cells of 23,040 B .* smallest budget "
+                                         r"needs 768 cells = 16\.9 MiB"):
+        ScopeLlama(model_path, kv_memory="8MiB")
+    with pytest.raises(ValueError, match="either kv_memory= .* or budget="):
+        ScopeLlama(model_path, kv_memory="64MiB", budget=None)
+    with pytest.raises(ValueError, match="memory figure"):
+        ScopeLlama(model_path, kv_memory="lots")
+
+
+@pytest.mark.parametrize(("figure", "nbytes"), [("512MiB", 512 * 2**20), ("1.5 GiB", 3 * 2**29), ("800MB", 8 * 10**8),
+                                                ("64M", 64 * 2**20), (4096, 4096)])
+def test_parse_bytes(figure, nbytes):
+    assert memory.parse_bytes(figure) == nbytes
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scope_edge.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_kv_memory_and_the_summary_shows_evictions(model_path):
+    prompt = "Tell me about lighthouses. " * 60  # 421 tokens
+    gen = _cli("generate", prompt, "--model", model_path, "--kv-memory", "17MiB", "--max-tokens", "200",
+               "--temperature", "0")
+    assert gen.returncode == 0, gen.stderr
+    # 17 MiB: at most 768 cells, Budget(prefill=256, decode=192); the prompt and output pass 448 cells
+    summary = re.search(r"KV [\d.]+ MiB \((\d+) cells.*evicted \d+ cells \(0 prefill, [1-9]\d* decode\)", gen.stderr)
+    assert summary and int(summary.group(1)) <= 768, gen.stderr
+    small = _cli("generate", "hi", "--model", model_path, "--kv-memory", "8MiB")
+    assert small.returncode == 2 and "smallest budget needs 768 cells" in small.stderr
+    both = _cli("generate", "hi", "--model", model_path, "--kv-memory", "64MiB", "--full-cache")
+    assert both.returncode == 2 and "--kv-memory --full-cache" in both.stderr
