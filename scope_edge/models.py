@@ -189,7 +189,8 @@ _PART_KEYS = ("package", "version", "member", "size")
 
 def _parse_spec(entry: object, where: str) -> ModelSpec:
     multi = isinstance(entry, dict) and "parts" in entry
-    required = ("name", "filename", "size", "sha256", *(("parts",) if multi else _PART_KEYS))
+    required = (("name", "filename", "size", "sha256", "parts") if multi
+                else ("name", "package", "version", "member", "filename", "size", "sha256"))
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected an object with keys {list(required)}")
     missing = [key for key in required if key not in entry]
