@@ -19,12 +19,14 @@ from scope_edge import Budget, ScopeLlama, memory
 from scope_edge.bench import run_stock
 from scope_edge.policies import COMBINATIONS
 from llama_log import llama_log
+from test_device import endpoint  # noqa: F401  (the RPC server fixture)
 from tiny_gguf import write_tiny_gguf
 
 WINDOW = 16
 TINY_BUDGET = Budget(prefill=32, decode=24, observation_window=4, recent_window=4)
 MAX_TOKENS = 3 * TINY_BUDGET.decode + 10
 T = 2
+DEVICE_TOKENS = 128  # on the RPC device (512 verified by hand: docs/models.md)
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +184,37 @@ def test_gemma3_budget_keeps_the_window_and_the_bound(gemma_path: str) -> None:
     stock_mib = sum(float(line.split("=")[1].split("MiB")[0]) for line in lines if "KV buffer size" in line)
     assert stock_mib == pytest.approx(stock.kv_bytes / 2**20, abs=0.02)
     assert st.stock_kv_bytes == memory.kv_bytes(geometry, memory.padded_cells(len(prompt) + 24))
+
+
+# -- every layer on llama.cpp's RPC device ---------------------------------------
+
+def test_on_the_device_the_mask_shows_exactly_the_policys_cells(tiny_iswa: Path, endpoint: str) -> None:
+    """The inputs reach the device split as the scheduler's copies (both
+    caches' under the same names): the hook still follows the full-attention
+    layer, and the full cache matches the CPU's tokens."""
+    device = {"rpc_servers": [endpoint], "n_gpu_layers": -1}
+    prompt = _tiny_prompt(80)
+    with ScopeLlama(tiny_iswa, n_threads=T) as cpu:
+        want = cpu.generate(prompt, max_tokens=40, ignore_eos=True).tokens
+    with ScopeLlama(tiny_iswa, n_threads=T, **device) as llm:
+        assert llm.generate(prompt, max_tokens=40, ignore_eos=True).tokens == want
+    with ScopeLlama(tiny_iswa, budget=TINY_BUDGET, strategy="slide", prefill_selector="snapkv", lend="none",
+                    n_threads=T, **device) as llm:
+        assert llm.capture_layers == [5]  # offloaded: the full-attention layers only
+        before = None
+        for chunk in llm.stream(prompt, max_tokens=MAX_TOKENS, ignore_eos=True):
+            cells, (visible, _) = llm.context.cells(), llm.context.visible()
+            newest = int(llm.kv_positions()[-1])
+            if before is not None:
+                mine = set(np.flatnonzero(before >= 0).tolist()) | set(np.flatnonzero(cells == newest).tolist())
+                assert set(visible.tolist()) == mine
+            before = cells
+        assert chunk.stats.evicted_cells > 0
+
+
+@pytest.mark.network
+def test_gemma3_full_cache_on_the_device_is_token_identical_to_stock(gemma_path: str, endpoint: str) -> None:
+    with ScopeLlama(gemma_path, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
+        prompt = llm.tokenize(GEMMA_TEXT)
+        ours = llm.generate(prompt, max_tokens=DEVICE_TOKENS, ignore_eos=True)
+    assert ours.tokens == run_stock(gemma_path, prompt, DEVICE_TOKENS, "f16", n_gpu_layers=-1).tokens
