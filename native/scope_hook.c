@@ -1042,8 +1042,8 @@ int32_t scope_hook_end(scope_hook * h) {
     }
     if (h->written == 0) {
         return fail(h, SCOPE_HOOK_E_GRAPH, "no '%s' write into '%s%d' was seen (the lowest full-attention "
-                    "layer's): the graph is not a KV-cached attention graph this hook understands", K_IDXS_NAME, K_CACHE_PREFIX,
-                    h->k_layer);
+                    "layer's): the graph is not a KV-cached attention graph this hook understands", K_IDXS_NAME,
+                    K_CACHE_PREFIX, h->k_layer);
     }
     if (h->written != h->batch_n) {
         return fail(h, SCOPE_HOOK_E_STATE, "%d of %d batch tokens were written to the cache (decode failed?)",

@@ -203,8 +203,8 @@ class Hook:
         """Flag the sliding-window layers (bool [n_layer]) of an iSWA model: the
         hook then maps, shows and evicts the full-attention cache's cells and
         never captures those layers. Before the first decode."""
-        self._check(_lib.scope_hook_swa_layers(self._ptr, np.ascontiguousarray(swa, dtype=np.uint8).tobytes(),
-                                               self.n_layer))
+        flags = np.ascontiguousarray(swa, dtype=np.uint8).ravel()
+        self._check(_lib.scope_hook_swa_layers(self._ptr, flags.tobytes(), flags.size))
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""
