@@ -51,6 +51,10 @@ struct scope_hook {
     int32_t   n_armed;       /* sequences whose capture is on */
     uint8_t * capture_layer; /* [n_layer] 1: layer il is captured */
     int32_t   first_layer;   /* lowest captured layer */
+    uint8_t * swa_layer;     /* [n_layer] 1: a sliding-window layer, whose cells are llama.cpp's SWA cache's */
+    int32_t   k_layer;       /* the lowest full-attention layer: its K write and mask are the map's */
+    bool      iswa;          /* some layer is a sliding-window one (llama.cpp's iSWA memory) */
+    const struct ggml_tensor * k_idxs; /* its write-index input in the latest graph */
     float   * acc;           /* [n_layer][n_head][n_cells]; a cell's sums are its sequence's */
     int32_t * rows;          /* [n_seq][n_layer] query rows summed */
     float   * scratch;
@@ -140,11 +144,12 @@ scope_hook * scope_hook_new_seqs(int32_t n_cells, int32_t n_layer, int32_t n_hea
     h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
     h->rows     = calloc((size_t) n_seq * n_layer, sizeof(int32_t));
     h->capture_layer = malloc((size_t) n_layer);
+    h->swa_layer = calloc((size_t) n_layer, 1);
     h->k_cache  = calloc((size_t) n_layer, sizeof(struct ggml_tensor *));
     h->vis      = malloc(sizeof(float) * (size_t) n_cells);
     if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->seq_next ||
         !h->capture_from ||
-        !h->acc || !h->rows || !h->capture_layer || !h->k_cache || !h->vis) {
+        !h->acc || !h->rows || !h->capture_layer || !h->swa_layer || !h->k_cache || !h->vis) {
         scope_hook_free(h);
         return NULL;
     }
@@ -178,6 +183,7 @@ void scope_hook_free(scope_hook * h) {
     free(h->acc);
     free(h->rows);
     free(h->capture_layer);
+    free(h->swa_layer);
     free(h->scratch);
     free(h->sk_basis);
     free(h->sk_basis_q);
@@ -343,14 +349,15 @@ static bool ubatch_shape(const scope_hook * h, int64_t n_kv, int64_t n_rows, int
            (h->stream_cells || n_stream == 1);
 }
 
-/* Attention mask of layer 0 (m: an operand of its softmax or flash-attention
- * node): which cells each sequence's last query row in the ubatch sees. */
+/* Attention mask of the map's layer (m: an operand of its softmax or
+ * flash-attention node): which cells each sequence's last query row in the
+ * ubatch sees. */
 static bool on_mask(scope_hook * h, const struct ggml_tensor * m) {
     if (h->n_mask != h->n_ubatch - 1) {
         return false; /* this ubatch's K write failed or was not seen: scope_hook_end reports that */
     }
     if (!is_input(m, MASK_NAME) || !m->buffer) {
-        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer 0's attention has no '%s' operand", MASK_NAME);
+        return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer %d's attention has no '%s' operand", h->k_layer, MASK_NAME);
     }
     const int64_t n_kv = m->ne[0], n_rows = m->ne[1];
     /* one row per ubatch token (a padded mask would put padding in the last row) */
@@ -868,8 +875,33 @@ static int attn_layer(const struct ggml_tensor * t) {
     return t->op == GGML_OP_MUL_MAT ? parse_layer(ggml_get_name(t), KQ_PREFIX) : -1;
 }
 
+/* Sliding-window layers are never captured: their columns are the SWA cache's cells. */
 static bool wants_layer(const scope_hook * h, int il) {
-    return h->n_armed > 0 && h->capture_layer[il];
+    return h->n_armed > 0 && h->capture_layer[il] && !h->swa_layer[il];
+}
+
+/* A K write (SET_ROWS into cache_k_l<il>) at ask time. The map follows the
+ * lowest full-attention layer's: llama.cpp's iSWA memory gives the
+ * sliding-window layers a cache of their own, written through an index
+ * input of the same name (so names cannot tell them apart), and a
+ * sliding-window layer sharing that layer's index tensor means the layer
+ * flags do not describe this graph. */
+static bool on_k_cache(scope_hook * h, const struct ggml_tensor * t, int il) {
+    /* k_idxs is this graph's only for the layers after k_layer (graph order is layer order) */
+    if (h->swa_layer[il]) {
+        if (il > h->k_layer && t->src[1] == h->k_idxs) {
+            return fail_cb(h, SCOPE_HOOK_E_GRAPH, "layer %d is flagged sliding-window but writes its K through "
+                           "the full-attention layer %d's indices: the layer flags do not match llama.cpp's caches",
+                           il, h->k_layer);
+        }
+        return false;
+    }
+    h->k_cache[il] = t->src[2]; /* the cache tensor itself: it outlives the graph */
+    if (il != h->k_layer || !is_input(t->src[1], K_IDXS_NAME)) {
+        return false;
+    }
+    h->k_idxs = t->src[1];
+    return on_k_write(h, t);
 }
 
 bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
@@ -887,10 +919,7 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     }
     if (t->op == GGML_OP_SET_ROWS) {
         const int il = t->src[2] ? parse_layer(ggml_get_name(t->src[2]), K_CACHE_PREFIX) : -1;
-        if (il >= 0 && il < h->n_layer) {
-            h->k_cache[il] = t->src[2]; /* the cache tensor itself: it outlives the graph */
-        }
-        return il == 0 && is_input(t->src[1], K_IDXS_NAME) ? on_k_write(h, t) : false;
+        return il >= 0 && il < h->n_layer ? on_k_cache(h, t, il) : false;
     }
     const bool fattn = t->op == GGML_OP_FLASH_ATTN_EXT;
     const bool softmax = t->op == GGML_OP_SOFT_MAX;
@@ -904,11 +933,11 @@ bool scope_hook_eval(struct ggml_tensor * t, bool ask, void * user_data) {
     if (il >= h->n_layer) {
         return fail_cb(h, SCOPE_HOOK_E_GRAPH, "attention of layer %d but the model has %d layers", il, h->n_layer);
     }
-    if (il == 0 && (fattn || softmax)) {
+    if (il == h->k_layer && (fattn || softmax)) {
         on_mask(h, t->src[fattn ? 3 : 1]);
     }
     if (h->sk_rank > 0) {
-        if ((fattn || softmax) && !check_scale(h, t, il)) {
+        if ((fattn || softmax) && !h->swa_layer[il] && !check_scale(h, t, il)) {
             return false;
         }
         return !softmax && wants_layer(h, il);
@@ -989,7 +1018,7 @@ static int32_t check_rows(scope_hook * h, int32_t s) {
     const int32_t * rows = h->rows + (size_t) s * h->n_layer;
     const int32_t want = rows[h->first_layer];
     for (int32_t il = 0; il < h->n_layer; il++) {
-        if (h->capture_layer[il] && (rows[il] == 0 || rows[il] != want)) {
+        if (wants_layer(h, il) && (rows[il] == 0 || rows[il] != want)) {
             return fail(h, SCOPE_HOOK_E_GRAPH, "layer %d gave %d captured rows (layer %d: %d) of sequence %d: %s",
                         il, rows[il], h->first_layer, want, s, h->sk_rank > 0
                         ? "key sketches need the standard attention graph (flash attention's node or kq-<il>)"
@@ -1012,17 +1041,18 @@ int32_t scope_hook_end(scope_hook * h) {
         return h->err;
     }
     if (h->written == 0) {
-        return fail(h, SCOPE_HOOK_E_GRAPH, "no '%s' write into '%s0' was seen: the graph is not a KV-cached "
-                    "attention graph this hook understands", K_IDXS_NAME, K_CACHE_PREFIX);
+        return fail(h, SCOPE_HOOK_E_GRAPH, "no '%s' write into '%s%d' was seen (the lowest full-attention "
+                    "layer's): the graph is not a KV-cached attention graph this hook understands", K_IDXS_NAME,
+                    K_CACHE_PREFIX, h->k_layer);
     }
     if (h->written != h->batch_n) {
         return fail(h, SCOPE_HOOK_E_STATE, "%d of %d batch tokens were written to the cache (decode failed?)",
                     h->written, h->batch_n);
     }
     if (h->n_mask != h->n_ubatch) {
-        return fail(h, SCOPE_HOOK_E_GRAPH, "layer 0's attention with its '%s' operand was seen in %d of %d "
+        return fail(h, SCOPE_HOOK_E_GRAPH, "layer %d's attention with its '%s' operand was seen in %d of %d "
                     "ubatches: llama.cpp renamed its attention nodes; the hook needs the standard attention graph",
-                    MASK_NAME, h->n_mask, h->n_ubatch);
+                    h->k_layer, MASK_NAME, h->n_mask, h->n_ubatch);
     }
     for (int32_t i = 0; i < h->batch_n; i++) {
         const bool last_of_seq = i == h->batch_n - 1 || h->batch_seq[i + 1] != h->batch_seq[i];
@@ -1040,16 +1070,46 @@ int32_t scope_hook_capture_layers(scope_hook * h, const uint8_t * layers, int32_
                  : SCOPE_HOOK_E_ARG;
     }
     int32_t first = -1;
-    for (int32_t il = n_layer - 1; layers && il >= 0; il--) {
-        first = layers[il] ? il : first;
+    for (int32_t il = n_layer - 1; il >= 0; il--) {
+        first = (!layers || layers[il]) && !h->swa_layer[il] ? il : first;
     }
-    if (layers && first < 0) {
-        return fail(h, SCOPE_HOOK_E_ARG, "capture_layers: no layer chosen");
+    if (first < 0) {
+        return fail(h, SCOPE_HOOK_E_ARG, "capture_layers: no full-attention layer chosen (sliding-window layers "
+                    "are never captured)");
     }
     for (int32_t il = 0; il < n_layer; il++) {
         h->capture_layer[il] = layers ? layers[il] != 0 : 1;
     }
-    h->first_layer = layers ? first : 0;
+    h->first_layer = first;
+    return SCOPE_HOOK_OK;
+}
+
+int32_t scope_hook_swa_layers(scope_hook * h, const uint8_t * swa, int32_t n_layer) {
+    if (!h || !swa || n_layer != h->n_layer || h->in_decode) {
+        return h ? fail(h, SCOPE_HOOK_E_ARG, "swa_layers: %d flags for %d layers, or inside a decode", n_layer,
+                        h->n_layer) : SCOPE_HOOK_E_ARG;
+    }
+    int32_t k_layer = -1;
+    for (int32_t il = n_layer - 1; il >= 0; il--) {
+        k_layer = swa[il] ? k_layer : il;
+    }
+    if (k_layer < 0) {
+        return fail(h, SCOPE_HOOK_E_ARG, "swa_layers: every layer is a sliding-window layer; the hook maps the "
+                    "cells of a full-attention layer");
+    }
+    for (int32_t il = 0; il < n_layer; il++) {
+        h->swa_layer[il] = swa[il] != 0;
+        h->k_cache[il] = swa[il] ? NULL : h->k_cache[il];
+    }
+    h->k_layer = k_layer;
+    h->k_idxs = NULL;
+    h->iswa = false;
+    for (int32_t il = 0; il < n_layer; il++) {
+        h->iswa = h->iswa || swa[il];
+    }
+    if (h->swa_layer[h->first_layer]) { /* the default (every layer) starts at the first full-attention one */
+        h->first_layer = k_layer;
+    }
     return SCOPE_HOOK_OK;
 }
 
@@ -1250,7 +1310,9 @@ static int32_t verify(scope_hook * h, struct llama_context * ctx, int32_t seq, c
     }
     llama_memory_t mem = llama_get_memory(ctx);
     const llama_pos got_lo = llama_memory_seq_pos_min(mem, seq), got_hi = llama_memory_seq_pos_max(mem, seq);
-    if (got_lo != lo || got_hi != hi) {
+    /* llama.cpp's iSWA memory answers from its SWA cache, which holds a suffix of the full-attention cache's
+     * positions (it overwrites the ones that left the window): its lowest may be above the map's */
+    if (got_hi != hi || (h->iswa ? got_lo < lo || (lo < 0) != (got_lo < 0) : got_lo != lo)) {
         return fail(h, SCOPE_HOOK_E_LLAMA, "%s: llama.cpp holds positions [%d, %d] of sequence %d but the map "
                     "holds [%d, %d]; the cell map no longer matches the cache (clear it)", op, got_lo, got_hi, seq,
                     lo, hi);
@@ -1527,7 +1589,7 @@ int32_t scope_hook_sketch_gather_seq(scope_hook * h, int32_t seq, const int32_t 
     }
     h->err = SCOPE_HOOK_OK;
     for (int32_t il = 0; il < h->n_layer; il++) {
-        if (!sketch_layer(h, il)) {
+        if (!h->swa_layer[il] && !sketch_layer(h, il)) {
             return take_error(h);
         }
     }

@@ -5,10 +5,11 @@
  * cb_eval_user_data). While the graph runs it
  *   - maps every KV cell written to the (sequence, position) of its token,
  *     reading the K-cache write indices (input `attn_inp_k_idxs` of the
- *     layer-0 SET_ROWS);
+ *     SET_ROWS of the lowest full-attention layer: layer 0, unless
+ *     scope_hook_swa_layers says otherwise);
  *   - records which cells the attention of each sequence's last token in the
  *     ubatch can see, reading the attention mask (`attn_inp_kq_mask`, src[1]
- *     of kq_soft_max-0);
+ *     of that layer's kq_soft_max-<il>);
  *   - when armed for a sequence, accumulates attention probabilities of its
  *     chosen query rows from every layer's `kq_soft_max-<il>` node into per
  *     (layer, head, cell) sums; or, with key sketches set
@@ -130,6 +131,21 @@ int32_t scope_hook_end(scope_hook * hook);
  * it. SCOPE_HOOK_E_ARG: from_pos < -1, seq outside [0, n_seq). */
 int32_t scope_hook_capture_arm(scope_hook * hook, int32_t from_pos);
 int32_t scope_hook_capture_arm_seq(scope_hook * hook, int32_t seq, int32_t from_pos);
+
+/* Sliding-window models (llama.cpp's iSWA memory: a full-attention cache
+ * and a smaller sliding-window cache behind one llama_memory): swa[n_layer]
+ * flags the sliding-window layers. Their K writes and masks name their
+ * inputs as the full-attention ones do, so the caller says which they are
+ * (the hook checks what it can: a flagged layer writing through the
+ * full-attention layer's indices is SCOPE_HOOK_E_GRAPH at end). The map,
+ * visibility and evictions are then the full-attention cache's, read at its
+ * lowest layer; sliding-window layers are never captured (their columns are
+ * the other cache's cells). llama_memory_seq_rm / seq_add act on both caches,
+ * and llama_memory_seq_pos_min answers from the sliding-window one (a suffix
+ * of the positions), which evict / shift / truncate's check allows for. Call
+ * before the first decode. SCOPE_HOOK_E_ARG: wrong count, every layer
+ * flagged, inside a decode. */
+int32_t scope_hook_swa_layers(scope_hook * hook, const uint8_t * swa, int32_t n_layer);
 
 /* Capture only the layers whose flag is non-zero (layers[n_layer]; NULL:
  * every layer, the default). The sums of the other layers stay 0. Each

@@ -58,6 +58,7 @@ def _load() -> ctypes.CDLL:
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
         "scope_hook_capture_arm_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_capture_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
+        "scope_hook_swa_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_capture_gather_seq": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
         "scope_hook_capture_reduce_seq": (
@@ -197,6 +198,13 @@ class Hook:
         """Capture only the layers flagged in layers (bool [n_layer]); None: every layer."""
         flags = None if layers is None else np.ascontiguousarray(layers, dtype=np.uint8).tobytes()
         self._check(_lib.scope_hook_capture_layers(self._ptr, flags, self.n_layer))
+
+    def swa_layers(self, swa: np.ndarray) -> None:
+        """Flag the sliding-window layers (bool [n_layer]) of an iSWA model: the
+        hook then maps, shows and evicts the full-attention cache's cells and
+        never captures those layers. Before the first decode."""
+        flags = np.ascontiguousarray(swa, dtype=np.uint8).ravel()
+        self._check(_lib.scope_hook_swa_layers(self._ptr, flags.tobytes(), flags.size))
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""

@@ -199,8 +199,10 @@ class ScopeLlama:
         cpus = os.cpu_count() or 1
         try:
             self.model.check_supported()
+            self._check_window(budget)
             if capture_layers is None:
-                capture_layers = default_capture_layers(self.model.n_layer, offloaded=devices.offloads())
+                capture_layers = default_capture_layers(self.model.n_layer, offloaded=devices.offloads(),
+                                                        swa=self.model.swa_layers)
             flags = layer_flags(capture_layers, self.model.n_layer)
             # the captured layers (None: every one)
             self.capture_layers: list[int] | None = None if flags is None else np.flatnonzero(flags).tolist()
@@ -238,6 +240,17 @@ class ScopeLlama:
                 "probabilities, which flash attention never computes: pass scoring=Sketch() (scores from key "
                 "sketches), flash_attn=False, or budget=None (the full cache)"
             )
+
+    def _check_window(self, budget: Budget | None) -> None:
+        """A sliding-window model's budgets must hold its window: evicting a
+        position removes it from the window's cache too (llama_memory_seq_rm
+        acts on both), so the last n_swa - 1 positions always stay."""
+        n_swa = self.model.n_swa
+        if n_swa and budget is not None and min(budget.prefill, budget.decode) < n_swa:
+            raise ValueError(
+                f"{self.model_path}: sliding window of {n_swa} positions, whose cells an eviction would take from "
+                f"the sliding-window layers too; budgets must hold it: got prefill={budget.prefill}, "
+                f"decode={budget.decode}, need each >= {n_swa}")
 
     @staticmethod
     def _check_policy_args(policy: Policy | None, budget: Budget | None | _Default, kv_memory: int | str | None,
@@ -448,8 +461,9 @@ class ScopeLlama:
         policy = self._policy.for_generation(max_tokens) if self._policy is not None else None
         plan = self._cache.plan(prompt, max_tokens=max_tokens, policy=policy, resume=resume)
         ctx, session = self._cache.start(len(prompt), plan)
+        full, swa = memory.kv_bytes_split(self.geometry, ctx.n_cells, self.type_k, self.type_v)
         stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
-                                kv_bytes_allocated=self._kv_bytes(ctx.n_cells, padded=False),
+                                kv_bytes_allocated=full + swa, kv_bytes_full=full, kv_bytes_swa=swa,
                                 reused_prompt_tokens=plan.reuse)
         return Generation(self.model, ctx, plan, session, stats, position_limit=self._cache.position_limit,
                           check_open=self._check_open, kv_bytes=self._kv_bytes, notice=self._notice())
@@ -465,9 +479,10 @@ class ScopeLlama:
         return EvictionNotice(holder=f"{kind} (prefill={b.prefill} + decode={b.decode} cells, {size:.1f} MiB of KV)",
                               level=logging.WARNING if self.default_budget else logging.INFO)
 
-    def _kv_bytes(self, n_cells: int, *, padded: bool = True) -> int:
-        cells = memory.padded_cells(n_cells) if padded else n_cells
-        return memory.kv_bytes(self.geometry, cells, self.type_k, self.type_v)
+    def _kv_bytes(self, n_cells: int) -> int:
+        """Stock llama-cpp-python's KV bytes for n_cells tokens (its sliding-window cache, if any, as big
+        as the full one: llama.cpp's default swa_full)."""
+        return memory.kv_bytes(self.geometry, memory.padded_cells(n_cells), self.type_k, self.type_v)
 
     def _guard(self, gen: Iterator) -> Iterator:
         """One generation at a time (other threads wait for the lock); an

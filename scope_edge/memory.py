@@ -6,8 +6,10 @@ types store each row in blocks (q8_0: 34 bytes per 32 elements, q4_0: 18 per 32)
 is the sum of those tensors, the "KV self size" llama.cpp reports; the context size llama.cpp
 uses is ``padded_cells(n_ctx)``.
 
-Sliding-window and recurrent/hybrid models have other memory layouts: ``read_geometry`` flags
-them and ``KvGeometry.unsupported_reason`` says why a plain KV cache does not describe them.
+Sliding-window (iSWA) models have two caches: their full-attention layers' of n_cells cells and
+their sliding-window layers' of ``swa_cells`` cells (``kv_bytes_split``; stock llama.cpp makes the
+second as big as the first unless told ``swa_full = false``). Recurrent/hybrid models have other
+memory: ``read_geometry`` flags them and ``KvGeometry.unsupported_reason`` says why.
 
 The metadata is read by a small GGUF parser here rather than ``gguf.GGUFReader``: the reader
 builds numpy views of every tokenizer string and takes 3-6 s on the 100 MB default model
@@ -60,6 +62,11 @@ RECURRENT_ARCHITECTURES = frozenset({
 })
 _RECURRENT_KEY_PARTS = (".ssm.", ".wkv.", ".shortconv.", ".kda.")
 
+SWA_PATTERNS = {"gemma3": 6}
+"""Sliding-window layouts verified against llama.cpp's (its hparams.set_swa_pattern(n), which no
+GGUF key or API exposes): every n-th layer (il % n == n - 1) is full-attention, the rest use the
+window. Gemma 3 270M's log shows layers 5, 11 and 17 in the non-SWA cache."""
+
 _GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 
 
@@ -79,6 +86,14 @@ class KvGeometry:
     recurrent: bool = False  # has recurrent (SSM/RWKV/conv) state, alone or beside attention
 
     @property
+    def swa_layers(self) -> tuple[bool, ...] | None:
+        """Which layers use the sliding window (None: no window, or a layout not in SWA_PATTERNS)."""
+        pattern = SWA_PATTERNS.get(self.architecture)
+        if not self.sliding_window or pattern is None:
+            return None
+        return tuple(il % pattern != pattern - 1 for il in range(self.n_layer))
+
+    @property
     def n_kv_layers(self) -> int:
         """Layers that have a KV cache."""
         return sum(1 for n in self.n_head_kv_per_layer if n > 0)
@@ -88,9 +103,12 @@ class KvGeometry:
         if self.recurrent:
             return (f"{self.architecture} keeps recurrent state (SSM/RWKV/conv layers) instead of "
                     "or beside a KV cache; only attention-only models have a plain KV cache")
-        if self.sliding_window:
-            return (f"{self.architecture} uses sliding-window attention (window "
-                    f"{self.sliding_window}); llama.cpp gives those layers a separate SWA cache")
+        if self.sliding_window and self.swa_layers is None:
+            return (f"{self.architecture} uses sliding-window attention (window {self.sliding_window}) "
+                    "with a layer layout scope-edge has not verified (verified: "
+                    f"{', '.join(sorted(SWA_PATTERNS))}); llama.cpp gives those layers a separate SWA cache")
+        if self.swa_layers is not None and all(self.swa_layers):
+            return f"{self.architecture} has no full-attention layer: its sliding-window cache is bounded already"
         return None
 
 
@@ -233,6 +251,31 @@ def parse_bytes(size: int | str) -> int:
     if nbytes < 1:
         raise ValueError(f"a memory figure must be at least 1 byte, got {size!r}")
     return nbytes
+
+
+def swa_cells(n_cells: int, sliding_window: int, *, n_seq: int = 1, n_ubatch: int = 512,
+              swa_full: bool = False) -> int:
+    """Cells of llama.cpp's sliding-window cache beside a full-attention cache of n_cells: the
+    window of each sequence plus a ubatch, padded to 256, at most n_cells (llama_kv_cache_iswa;
+    n_cells itself with swa_full, llama.cpp's default)."""
+    if swa_full:
+        return n_cells
+    return min(n_cells, -(-(sliding_window * n_seq + n_ubatch) // KV_CELL_PADDING) * KV_CELL_PADDING)
+
+
+def kv_bytes_split(geometry: KvGeometry, n_cells: int, type_k: KvType = "f16", type_v: KvType = "f16", *,
+                   swa_full: bool = False, n_seq: int = 1, n_ubatch: int = 512) -> tuple[int, int]:
+    """(full-attention cache bytes, sliding-window cache bytes) llama.cpp allocates for a
+    context of n_cells cells; (kv_bytes, 0) for a model without sliding-window layers."""
+    swa = geometry.swa_layers
+    if swa is None:
+        return kv_bytes(geometry, n_cells, type_k, type_v), 0
+    k, v = kv_type(type_k), kv_type(type_v)
+    per_layer = [_row_bytes(k, n * geometry.head_dim_k) + _row_bytes(v, n * geometry.head_dim_v)
+                 for n in geometry.n_head_kv_per_layer]
+    n_swa = swa_cells(n_cells, geometry.sliding_window or 0, n_seq=n_seq, n_ubatch=n_ubatch, swa_full=swa_full)
+    full = sum(b for b, is_swa in zip(per_layer, swa) if not is_swa) * n_cells
+    return full, sum(b for b, is_swa in zip(per_layer, swa) if is_swa) * n_swa
 
 
 def padded_cells(n: int) -> int:

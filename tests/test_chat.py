@@ -190,7 +190,7 @@ def test_cli_generate_chat_models_and_errors(model_path):
     assert chat.stderr.count("[turn:") == 2 and "reused from the cache" in chat.stderr
 
     models = _cli("models", "list")
-    assert models.returncode == 0 and "smollm2" in models.stdout
+    assert models.returncode == 0 and "smollm2" in models.stdout and "gemma3-270m-q4_k_m" in models.stdout
 
     bad = _cli("generate", "hi", "--model", model_path, "--max-tokens", "0")
     assert bad.returncode != 0

@@ -23,12 +23,13 @@ def memcheck():
 
 
 def test_workload_parts_run_without_a_checker(memcheck, model_path, capsys):
-    memcheck.workload(model_path, ["api", "streams", "flash", "hooks"])
+    memcheck.workload(model_path, ["api", "streams", "flash", "iswa", "hooks"])
     out = capsys.readouterr().out
     assert "stream 1: 50 cells captured over 50 rows, 46 held after eviction" in out
     assert out.count("refused:") == 6, out  # three bad evictions, three calls out of order
     assert "flash attention:" in out and "closed hook:" in out
     assert "captured rows: 5 over" in out
+    assert "iswa: " in out and "every layer is a sliding-window layer" in out and "2 flags for 3 layers" in out
     assert out.rstrip().endswith("workload done")
 
 

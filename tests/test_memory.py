@@ -144,11 +144,27 @@ def test_explicit_key_and_value_lengths(tmp_path: Path) -> None:
     assert memory.bytes_per_cell(g) == 4 * 2 * (128 + 96) * 2
 
 
-def test_sliding_window_is_flagged(tmp_path: Path) -> None:
-    g = memory.read_geometry(write_gguf(tmp_path / "g3.gguf", "gemma3",
-                                        extra=lambda w: w.add_sliding_window(512)))
-    assert g.sliding_window == 512
-    assert "sliding-window attention (window 512)" in (g.unsupported_reason() or "")
+def test_sliding_window_layouts(tmp_path: Path) -> None:
+    """gemma3's layout is llama.cpp's (every 6th layer full-attention); one
+    with no full-attention layer, or an architecture whose layout is not
+    verified, is refused with its reason."""
+    window = lambda w: w.add_sliding_window(512)  # noqa: E731
+    g = memory.read_geometry(write_gguf(tmp_path / "g3.gguf", "gemma3", n_layer=12, extra=window))
+    assert g.sliding_window == 512 and g.unsupported_reason() is None
+    assert [il for il, swa in enumerate(g.swa_layers) if not swa] == [5, 11]
+    # two caches: the full-attention layers' of n_cells, the window's of 512 + a ubatch, padded
+    per_layer = memory.bytes_per_cell(g) // 12
+    assert memory.kv_bytes_split(g, 4096) == (2 * per_layer * 4096, 10 * per_layer * 1024)
+    assert memory.kv_bytes_split(g, 768) == (2 * per_layer * 768, 10 * per_layer * 768)
+    assert memory.kv_bytes_split(g, 4096, swa_full=True) == (2 * per_layer * 4096, 10 * per_layer * 4096)
+    assert sum(memory.kv_bytes_split(g, 4096, swa_full=True)) == memory.kv_bytes(g, 4096)
+    short = memory.read_geometry(write_gguf(tmp_path / "g3s.gguf", "gemma3", n_layer=4, extra=window))
+    assert "no full-attention layer" in (short.unsupported_reason() or "")
+    other = memory.read_geometry(write_gguf(tmp_path / "g2.gguf", "gemma2", extra=window))
+    assert "sliding-window attention (window 512) with a layer layout scope-edge has not verified" in (
+        other.unsupported_reason() or "")
+    assert memory.kv_bytes_split(memory.read_geometry(write_gguf(tmp_path / "l.gguf", "llama")), 256) == (
+        memory.kv_bytes(memory.read_geometry(tmp_path / "l.gguf"), 256), 0)
 
 
 @pytest.mark.parametrize("arch, extra", [

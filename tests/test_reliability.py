@@ -113,9 +113,9 @@ BAD_INPUT: list[tuple[str, Callable[[Env], Any], type[BaseException], str]] = [
      rf"\({SIZE - 4096:,} bytes\).*truncated \(its tensor data ends at byte {SIZE:,}\)"),
     # -- architectures whose memory this runtime cannot evict from, refused at load
     ("recurrent (mamba)", lambda e: ScopeLlama(e.tiny["mamba"]), ValueError,
-     r"mamba\.gguf: recurrent and hybrid models keep state that cannot be evicted.*attention-only"),
-    ("sliding window (gemma3 iSWA)", lambda e: ScopeLlama(e.tiny["gemma3"], budget=B), ValueError,
-     r"gemma3\.gguf: sliding-window attention \(n_swa=64.*iSWA.*full-attention model"),
+     r"mamba\.gguf: recurrent and hybrid models keep state that cannot be evicted.*attention models"),
+    ("sliding window only (gemma3, 2 layers)", lambda e: ScopeLlama(e.tiny["gemma3"], budget=B), ValueError,
+     r"gemma3\.gguf: sliding-window attention \(n_swa=64, an iSWA cache\): gemma3 has no full-attention layer"),
     # -- budgets
     ("Budget float", lambda e: Budget(prefill=64.0, decode=32), ValueError, r"Budget\.prefill must be an int, got 64\.0"),
     ("Budget bool", lambda e: Budget(prefill=64, decode=True), ValueError, r"Budget\.decode must be an int, got True"),
@@ -209,7 +209,7 @@ def test_bad_input_table(env, call, exc, match):
 def test_read_geometry_flags_what_the_facade_refuses(tiny):
     mamba, gemma, llama = (read_geometry(tiny[a]) for a in ("mamba", "gemma3", "llama"))
     assert mamba.recurrent and "recurrent state" in mamba.unsupported_reason()
-    assert gemma.sliding_window == 64 and "window 64" in gemma.unsupported_reason()
+    assert gemma.sliding_window == 64 and "no full-attention layer" in gemma.unsupported_reason()
     assert llama.unsupported_reason() is None
     # the positive control: the same writer makes a model that loads and runs under a budget
     with ScopeLlama(tiny["llama"], budget=SMALL, n_threads=T) as m:

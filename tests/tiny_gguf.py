@@ -34,10 +34,13 @@ def _vocab(w: gguf.GGUFWriter) -> int:
 
 
 def write_tiny_gguf(
-    path: str | Path, arch: str, *, n_ctx_train: int = 512, sliding_window: int = 64, seed: int = 0
+    path: str | Path, arch: str, *, n_ctx_train: int = 512, sliding_window: int = 64, seed: int = 0,
+    n_layer: int = N_LAYER,
 ) -> Path:
     """Write a tiny `arch` model ("llama", "mamba" or "gemma3" with an
-    iSWA sliding window of `sliding_window`) to `path`; returns the path."""
+    iSWA sliding window of `sliding_window`; llama.cpp makes every 6th of its
+    layers full-attention, so n_layer=6 gives it one) of n_layer layers to
+    `path`; returns the path."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
     rng = np.random.default_rng(seed)
@@ -50,7 +53,7 @@ def write_tiny_gguf(
 
     path = Path(path)
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(N_LAYER)
+    w.add_block_count(n_layer)
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(N_EMBD)
     w.add_layer_norm_rms_eps(1e-6)
@@ -66,7 +69,7 @@ def write_tiny_gguf(
         w.add_ssm_inner_size(d_inner)
         w.add_ssm_state_size(d_state)
         w.add_ssm_time_step_rank(dt_rank)
-        for i in range(N_LAYER):
+        for i in range(n_layer):
             p = f"blk.{i}."
             w.add_tensor(p + "attn_norm.weight", ones(N_EMBD))
             w.add_tensor(p + "ssm_in.weight", rand(2 * d_inner, N_EMBD))
@@ -88,7 +91,7 @@ def write_tiny_gguf(
             w.add_sliding_window(sliding_window)
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
-        for i in range(N_LAYER):
+        for i in range(n_layer):
             p = f"blk.{i}."
             w.add_tensor(p + "attn_norm.weight", ones(N_EMBD))
             for name in ("attn_q", "attn_k", "attn_v", "attn_output"):

@@ -403,6 +403,9 @@ class BatchRunner:
 
     def __init__(self, model: Model, settings: BatchSettings) -> None:
         self.model, self.settings = model, settings
+        if model.n_swa:
+            raise ValueError(f"{model.path}: sliding-window (iSWA) models run one sequence at a time (ScopeLlama); "
+                             "batched slots, each a stream of both caches, are not verified for them")
         self._geometry = memory.read_geometry(model.path)
         self._closing = ctypes.c_bool(False)
         sketch = None if settings.scoring is None else on_own_thread(lambda: basis_for(
@@ -500,7 +503,8 @@ class BatchRunner:
         except ValueError as why:
             raise ValueError(f"{why} (here n_ctx is the {self.settings.slot_cells} cells of one slot)") from None
         stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
-                                kv_bytes_allocated=self.kv_bytes(ctx.n_cells), reused_prompt_tokens=plan.reuse)
+                                kv_bytes_allocated=self.kv_bytes(ctx.n_cells),
+                                kv_bytes_full=self.kv_bytes(ctx.n_cells), reused_prompt_tokens=plan.reuse)
         req_check = self._check_open_for(slot.seq)
         notice = EvictionNotice(holder=f"slot {slot.seq}'s policy", off="a request's \"scope\" sets its budget")
         return Generation(self.model, ctx, plan, session, stats, position_limit=cache.position_limit,

@@ -188,6 +188,10 @@ class Cache:
     def plan(self, prompt: Sequence[int], *, max_tokens: int, policy: Policy | None, resume: bool) -> Plan:
         """Decide what to reuse, whether to chunk, and how many cells."""
         reuse = self.session.common_prefix(prompt) if resume and self.session is not None else 0
+        if reuse and self.model.n_swa and not reuse == len(self.session.tokens) < len(prompt):
+            # llama.cpp's window cache overwrites what the next position no longer sees, so it can
+            # continue where it stands but not step back (llama-server re-processes the prompt too)
+            reuse = 0
         plan = self._plan_from(prompt, max_tokens, policy, reuse)
         if plan.reuse and self._grows(len(prompt), plan):
             # A bigger context starts empty: llama.cpp moves cells between

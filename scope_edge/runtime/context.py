@@ -51,13 +51,16 @@ def check_kv_types(type_k: str, type_v: str, flash_attn: bool) -> None:
 DEVICE_CAPTURE_START, DEVICE_CAPTURE_STRIDE = 2, 4
 
 
-def default_capture_layers(n_layer: int, *, offloaded: bool) -> list[int] | None:
+def default_capture_layers(n_layer: int, *, offloaded: bool, swa: np.ndarray | None = None) -> list[int] | None:
     """The layers captured when the caller names none. On the CPU every
     layer (None). With offloaded layers each captured layer makes llama.cpp
     stop the device's graph and wait for it once per captured step, so every
     4th layer from layer 2 (7 of the default model's 30): measured in README
     "Offload" at the same top-1 as every layer at 192:128, 0.7 points below
-    at 320:192, for 0.23x the synchronisations."""
+    at 320:192, for 0.23x the synchronisations. A sliding-window model
+    (swa: its flags) offers only its few full-attention layers: those."""
+    if offloaded and swa is not None:
+        return np.flatnonzero(~swa).tolist()
     if not offloaded or n_layer <= DEVICE_CAPTURE_START:
         return None
     return list(range(DEVICE_CAPTURE_START, n_layer, DEVICE_CAPTURE_STRIDE))
@@ -139,6 +142,8 @@ class Context:
         params.n_ubatch = n_ubatch
         params.n_seq_max = n_seq
         params.kv_unified = n_seq == 1
+        # llama.cpp's default sizes a sliding-window cache like the full one; its own cells are the window's
+        params.swa_full = False
         params.n_threads = n_threads
         params.n_threads_batch = n_threads_batch
         # Never AUTO: whether kq_soft_max exists must be known, and it exists only with flash attention off.
@@ -158,6 +163,8 @@ class Context:
         if self.n_cells != n_cells:
             self.close()
             raise RuntimeError(f"asked llama.cpp for {n_cells} cells, got {self.n_cells}")
+        if model.swa_layers is not None:
+            self._hook.swa_layers(model.swa_layers)
         self._hook.capture_layers(capture_layers)
         self.flash_attn = flash_attn
         self.sketch = sketch

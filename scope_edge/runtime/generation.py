@@ -33,9 +33,14 @@ class GenerationStats:
     held while decoding (after the prefill selection); prefill_cells_peak the
     cells held during prefill. evicted_cells: every cell the policy evicted,
     evicted_prefill_cells + evicted_decode_cells (by when: prompt cells given
-    back while decoding count as decode). hook_reads / hook_bytes_read:
-    tensor reads the hook made (cell indices, mask rows, captured attention):
-    with offloaded layers, transfers from the device."""
+    back while decoding count as decode). kv_bytes_allocated is the KV
+    cache's bytes: kv_bytes_full of the full-attention layers
+    (kv_cells_allocated cells) plus kv_bytes_swa of a sliding-window model's
+    window cache (llama.cpp's own size for it); stock_kv_bytes is stock
+    llama-cpp-python's for the same tokens (its window cache as big as the
+    full one). hook_reads / hook_bytes_read: tensor reads the hook made (cell
+    indices, mask rows, captured attention): with offloaded layers, transfers
+    from the device."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -43,6 +48,8 @@ class GenerationStats:
     kv_cells_peak: int = 0
     prefill_cells_peak: int = 0
     kv_bytes_allocated: int = 0
+    kv_bytes_full: int = 0
+    kv_bytes_swa: int = 0
     stock_kv_bytes: int = 0
     evicted_cells: int = 0
     evicted_prefill_cells: int = 0
@@ -139,6 +146,7 @@ class Generation:
         # Positions past the limit are re-indexed under a policy; the full
         # cache behaves as stock and simply runs on.
         self.pos_limit = position_limit if plan.policy is not None else 2**31 - 1
+        self.n_swa = model.n_swa
 
     # feeding ---------------------------------------------------------------
     def _make_room(self, n: int) -> None:
@@ -177,6 +185,29 @@ class Generation:
         self.stats.position_resets += 1
         log.info("re-indexed %d held positions (max %d -> %d) to continue past %d",
                  len(old), int(old[-1]), len(old) - 1, self.pos_limit)
+
+    def _outside_window(self, positions: np.ndarray, attn: np.ndarray | None,
+                        keep: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The positions a selector may evict under a sliding window, their
+        scores, and how many of them to keep. llama_memory_seq_rm removes a
+        position from the sliding-window cache too, so the last n_swa - 1
+        positions, which the next token's window still sees, are never
+        offered: they count against keep (which never drops below them)."""
+        if not self.n_swa:
+            return positions, attn, keep
+        split = int(np.searchsorted(positions, self.session.next_pos - self.n_swa + 1))
+        in_window = len(positions) - split
+        if in_window > keep:
+            log.debug("keeping the %d positions the sliding window sees, %d above the policy's %d",
+                      in_window, in_window - keep, keep)
+        return positions[:split], None if attn is None else attn[:, :, :split], max(keep - in_window, 0)
+
+    def _select(self, select: Callable[[np.ndarray, np.ndarray | None, int], np.ndarray], positions: np.ndarray,
+                attn: np.ndarray | None, keep: int) -> None:
+        """Evict what select(positions, attn, keep) picks, the window left out."""
+        positions, attn, keep = self._outside_window(positions, attn, keep)
+        if len(positions) > keep:
+            self._evict(select(positions, attn, keep))
 
     def _evict(self, positions: np.ndarray) -> None:
         if len(positions):
@@ -267,7 +298,7 @@ class Generation:
             room = self.plan.cells - (self.plan.chunk or 0) - self.plan.probe
             keep = max(self.prompt_floor, min(keep, room))
         if len(positions) > keep:
-            self._evict(policy.prefill.select(positions, attn, keep=keep))
+            self._select(lambda p, a, k: policy.prefill.select(p, a, keep=k), positions, attn, keep)
 
     # decode --------------------------------------------------------------
     def feed(self, token: int, step: int) -> None:
@@ -303,7 +334,7 @@ class Generation:
             decode.observe(positions, attn)
         if keep is not None and len(positions) > keep:
             before = self.n_held
-            self._evict(decode.select(positions, attn, keep))
+            self._select(decode.select, positions, attn, keep)
             self.n_eligible -= before - self.n_held
         if self.n_lent:
             self._repay(prompt, prompt_attn)
@@ -318,7 +349,7 @@ class Generation:
         due = min(self.n_lent, self.n_held - limit)
         if due > 0:
             before = self.n_held
-            self._evict(lend.select(prompt, attn, len(prompt) - due))
+            self._select(lend.select, prompt, attn, len(prompt) - due)
             self.n_lent -= before - self.n_held
 
     def logits_after(self, prompt: Sequence[int], forced: Sequence[int]) -> Iterator[np.ndarray]:

@@ -5,6 +5,7 @@ import ctypes
 from collections.abc import Mapping, Sequence
 
 import llama_cpp
+import numpy as np
 
 from .. import memory
 from ..devices import Devices
@@ -47,6 +48,8 @@ class Model:
         # llama.cpp aborts on n_head of a vocab-only model (no layers loaded)
         self.n_head: int = llama_cpp.llama_model_n_head(self.ptr) if self.n_layer > 0 else 0
         self.n_ctx_train: int = llama_cpp.llama_model_n_ctx_train(self.ptr)
+        # sliding-window attention: the window (0: none) and, once check_supported passed, its layers
+        self.n_swa: int = llama_cpp.llama_model_n_swa(self.ptr) if self.n_layer > 0 else 0
         self._eog: list[int] | None = None
 
     @property
@@ -68,18 +71,29 @@ class Model:
         if not self.ptr:
             raise RuntimeError("this ScopeLlama is closed")
 
+    @property
+    def swa_layers(self) -> np.ndarray | None:
+        """Flags [n_layer] of the sliding-window layers (None: a model without them)."""
+        if self.n_swa == 0:
+            return None
+        return np.array(memory.read_geometry(self.path).swa_layers, dtype=bool)
+
     def check_supported(self) -> None:
-        """Raise ValueError for architectures whose cache cannot be evicted per token."""
+        """Raise ValueError for memory this runtime cannot manage, naming why: recurrent and hybrid
+        state, and sliding-window layouts not verified (memory.SWA_PATTERNS)."""
         if llama_cpp.llama_model_is_recurrent(self.ptr) or llama_cpp.llama_model_is_hybrid(self.ptr):
             raise ValueError(
                 f"{self.path}: recurrent and hybrid models keep state that cannot be evicted per token; "
-                "scope-edge supports attention-only models (llama, qwen2, mistral, ...)"
+                "scope-edge supports attention models (llama, qwen2, gemma3 iSWA, ...)"
             )
-        if llama_cpp.llama_model_n_swa(self.ptr) > 0:
-            raise ValueError(
-                f"{self.path}: sliding-window attention (n_swa={llama_cpp.llama_model_n_swa(self.ptr)}, e.g. "
-                "Gemma 3) uses an iSWA cache this runtime does not manage yet; use a full-attention model"
-            )
+        if self.n_swa > 0:
+            geometry = memory.read_geometry(self.path)
+            reason = geometry.unsupported_reason()
+            if reason is None and geometry.sliding_window != self.n_swa:
+                reason = f"the GGUF's window {geometry.sliding_window} is not llama.cpp's n_swa={self.n_swa}"
+            if reason is not None:
+                raise ValueError(f"{self.path}: sliding-window attention (n_swa={self.n_swa}, an iSWA cache): "
+                                 f"{reason}")
 
     # -- text <-> tokens -------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
