@@ -19,7 +19,7 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from test_server import Server, _start, _stop
+from served import Served, start_server
 
 EVICT = {"prefill_budget": 24, "decode_budget": 10}  # the answer outgrows the decode budget: it is evicted from
 SAMPLED = {"temperature": 0.9, "top_p": 0.95}
@@ -40,13 +40,13 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 
 
 @pytest.fixture(scope="module")
-def server(model_path) -> Iterator[Server]:
-    srv = _start(model_path, "--slots", "4", "--queue-size", "64", "--threads", "1", "--slot-cells", "512",
+def server(model_path) -> Iterator[Served]:
+    srv = start_server(model_path, "--slots", "4", "--queue-size", "64", "--slot-cells", "512",
                  "--prefill-budget", "256", "--decode-budget", "128")
     try:
         yield srv
     finally:
-        assert _stop(srv) == 0
+        assert srv.stop() == 0
 
 
 def _cases() -> list[tuple[str, bool, bool]]:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import jsonschema
 
-from test_server import _start, _stop
+from served import Served, start_server
 
 SLOTS, QUEUE, THREADS, MIXED, FLOOD, ROUNDS = 4, 16, 16, 80, 48, 2
 RSS_BOUND = 96 * 2**20  # growth allowed after the warm-up (allocator arenas of new threads, caches)
@@ -23,13 +22,6 @@ RSS_ROUND_BOUND = 16 * 2**20  # growth allowed in the last round: flat, no leak 
 SCHEMA = {"type": "object", "properties": {"word": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}},
           "required": ["word", "n"]}
 KINDS = ("stream", "structured", "cancel", "malformed", "completion")
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
 
 
 def _sse(resp: httpx.Response) -> list:
@@ -74,30 +66,28 @@ def _one(http: httpx.Client, url: str, model: str, i: int) -> str:
 
 
 def test_soak_mixed_load_and_a_flood(model_path):
-    srv = _start(model_path, "--slots", str(SLOTS), "--queue-size", str(QUEUE), "--threads", "1",
-                 "--slot-cells", "512", "--prefill-budget", "64", "--decode-budget", "32")
+    srv = start_server(model_path, "--slots", str(SLOTS), "--queue-size", str(QUEUE), "--slot-cells", "512",
+                       "--prefill-budget", "64", "--decode-budget", "32")
     try:
         with httpx.Client() as http:
             for i in range(2 * len(KINDS)):  # warm-up: every kind of request, grammars compiled, pools grown
                 _one(http, srv.url, srv.model, i)
         assert srv.wait_free(SLOTS)
-        rss0 = _rss(srv.process.pid)
-
-        rss = [rss0]
+        rss = [srv.rss()]
         refused = 0
         for _ in range(ROUNDS):
             refused += _round(srv)
             assert srv.wait_free(SLOTS, timeout=60), srv.health()
             assert srv.health()["queued"] == 0
-            rss.append(_rss(srv.process.pid))
+            rss.append(srv.rss())
         print(f"RSS after the warm-up and after each round of {MIXED} + {FLOOD} requests: "
               f"{[round(r / 2**20, 1) for r in rss]} MiB; {refused} of {ROUNDS * FLOOD} flooded requests got 429")
         assert rss[-1] - rss[0] < RSS_BOUND and rss[-1] - rss[-2] < RSS_ROUND_BOUND
     finally:
-        assert _stop(srv) == 0
+        assert srv.stop() == 0
 
 
-def _round(srv) -> int:
+def _round(srv: Served) -> int:
     """MIXED requests from THREADS threads, then FLOOD at once; the 429s."""
     local = threading.local()
 

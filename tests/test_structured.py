@@ -4,9 +4,11 @@ greedy fast path, the sampler chain, batched slots and under budgets that
 evict during the answer; logprobs against llama.cpp's own logits; tool calls."""
 from __future__ import annotations
 
+import ctypes
 import json
 
 import jsonschema
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ from scope_edge.runtime.batch import BatchRunner, BatchSettings
 from scope_edge.runtime.generation import Limits
 from scope_edge.runtime.grammar import JSON_OBJECT, json_schema_grammar
 from scope_edge.runtime.model import Model
-from scope_edge.runtime.sampling import Sampler
+from scope_edge.runtime.sampling import TOKEN_DATA, Sampler
 
 T = 1  # n_threads: one OpenMP thread keeps a shared 2-core machine from stalling at barriers (test_reliability.py)
 PERSON = {"type": "object", "properties": {
@@ -66,16 +68,28 @@ def test_a_schema_grammar_gives_valid_json_greedy_and_sampled_with_and_without_e
             assert st.evicted_cells > st.prompt_tokens - SMALL.prefill
 
 
-def test_greedy_under_a_grammar_is_the_best_allowed_token(full):
-    """The fast path (argmax, then a shortlist) chooses as llama.cpp's chain
-    does with the grammar applied to every token (a zero logit bias forces
-    the chain): the same tokens, step for step."""
+def test_greedy_under_a_grammar_is_the_best_allowed_token(full, model_path):
+    """The fast path (argmax, shortlists, first bytes) chooses what llama.cpp's
+    grammar sampler applied to every token of the vocabulary leaves best,
+    step for step (the steps' logits from a teacher-forced run)."""
     prompt = full.render_chat(_ask("a sailor"))
-    for grammar in (JSON_OBJECT, json_schema_grammar(PERSON)):
-        fast = full.generate(prompt, max_tokens=48, sampling=Sampling(grammar=grammar))
-        chain = full.generate(prompt, max_tokens=48, sampling=Sampling(grammar=grammar, logit_bias=((0, 0.0),)))
-        assert fast.tokens == chain.tokens
-        assert fast.text.lstrip().startswith("{")
+    grammar = json_schema_grammar(PERSON)
+    fast = full.generate(prompt, max_tokens=40, sampling=Sampling(grammar=grammar))
+    with ScopeLlama(model_path, n_ctx=512, n_threads=T) as ref:
+        steps = list(ref.teacher_force(prompt, fast.tokens))
+        sampler = llama_cpp.llama_sampler_init_grammar(ref.model.vocab, grammar.encode(), b"root")
+        try:
+            for logits, token in zip(steps, fast.tokens):
+                data = np.zeros(len(logits), dtype=TOKEN_DATA)
+                data["id"], data["logit"] = np.arange(len(logits)), logits
+                cur = llama_cpp.llama_token_data_array(data=data.ctypes.data_as(llama_cpp.llama_token_data_p),
+                                                       size=len(data), selected=-1, sorted=False)
+                llama_cpp.llama_sampler_apply(sampler, ctypes.byref(cur))
+                assert data["logit"][token] == logits[token] == data["logit"].max()  # allowed, and the best
+                llama_cpp.llama_sampler_accept(sampler, token)
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+    assert fast.finish_reason == "stop"
 
 
 def test_grammar_in_batched_slots_with_eviction(model_path):
