@@ -147,6 +147,9 @@ def test_langchain_structured_output_tool_call_and_stream(server):
 
 def test_logprobs_tool_calls_and_stream_options_with_the_openai_client(server):
     c = server.client
+    parsed = c.beta.chat.completions.parse(model=server.model, messages=_ask("a poet"), max_tokens=60,
+                                           temperature=0, response_format=Person)
+    assert isinstance(parsed.choices[0].message.parsed, Person)
     r = c.chat.completions.create(model=server.model, messages=_ask("a poet"), max_tokens=12, temperature=0,
                                   logprobs=True, top_logprobs=3)
     content = r.choices[0].logprobs.content
