@@ -4,10 +4,12 @@ share one llama.cpp context, decoded together, each inside its own budgets.
     POST /v1/chat/completions, POST /v1/completions (plain, or SSE with "stream": true)
     GET  /v1/models, GET /health
 
-Request fields as OpenAI's (max_tokens / max_completion_tokens, temperature,
-top_p, stop, seed, stream, presence_penalty, frequency_penalty) plus an
-optional "scope" object: {"prefill_budget", "decode_budget", "strategy", "lend",
-"observation_window", "recent_window"}. Every response carries "usage" and
+Request fields as OpenAI's (every field a current openai client sends is
+used, accepted or refused with a 400 naming it: see COMMON_USED and
+docs/clients.md), structured output (response_format, llama-server's
+"grammar"), logprobs and tool calls (scope_edge.openai holds their shapes),
+plus an optional "scope" object: {"prefill_budget", "decode_budget",
+"strategy", "lend", "observation_window", "recent_window"}. Every response carries "usage" and
 "scope_edge" (the cache stats of the generation and its slot), so eviction is
 never silent. Errors have OpenAI's shape, {"error": {"message", "type",
 "param", "code"}}, and a 4xx status.
@@ -48,7 +50,7 @@ from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSl
 from .runtime.generation import Chunk, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.context import check_kv_types
-from .runtime.sampling import RANDOM_SEED, Sampling, TokenLogprobs, check_grammar
+from .runtime.sampling import RANDOM_SEED, Sampling, check_grammar
 from .runtime.sketch import Sketch
 
 log = logging.getLogger("scope_edge")
@@ -358,7 +360,6 @@ class Answer:
                      "model": model_name}
         self.reply = ChatReply(model, job.tools, logprobs=job.logprobs is not None) if job.chat else None
         self._offset = 0  # of the next completion token in the text (logprobs' text_offset)
-        self._lps: list[TokenLogprobs] = []
 
     def whole(self, chunks: list[Chunk]) -> ChatResponse | CompletionResponse:
         last = chunks[-1]
