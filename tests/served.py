@@ -16,6 +16,7 @@ import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parents[1]
+STARTUP = 300  # seconds to answer /health: loading takes seconds, but a shared machine can stall it for minutes
 
 
 @dataclass
@@ -62,7 +63,7 @@ def start_server(model_path: str, *args: str) -> Served:
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={k: v for k, v in os.environ.items() if k != "SCOPE_EDGE_API_KEY"})
     url = f"http://127.0.0.1:{port}"
-    end = time.monotonic() + 90
+    end = time.monotonic() + STARTUP
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}: {proc.stderr.read()}")
@@ -73,6 +74,6 @@ def start_server(model_path: str, *args: str) -> Served:
             time.sleep(0.2)
     else:
         proc.kill()
-        raise RuntimeError("the server did not answer /health within 90 s")
+        raise RuntimeError(f"the server did not answer /health within {STARTUP} s")
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     return Served(proc, url, Path(model_path).name.removesuffix(".gguf"), client)
