@@ -4,10 +4,12 @@ share one llama.cpp context, decoded together, each inside its own budgets.
     POST /v1/chat/completions, POST /v1/completions (plain, or SSE with "stream": true)
     GET  /v1/models, GET /health
 
-Request fields as OpenAI's (max_tokens / max_completion_tokens, temperature,
-top_p, stop, seed, stream, presence_penalty, frequency_penalty) plus an
-optional "scope" object: {"prefill_budget", "decode_budget", "strategy", "lend",
-"observation_window", "recent_window"}. Every response carries "usage" and
+Request fields as OpenAI's (every field a current openai client sends is
+used, accepted or refused with a 400 naming it: see COMMON_USED and
+docs/clients.md), structured output (response_format, llama-server's
+"grammar"), logprobs and tool calls (scope_edge.openai holds their shapes),
+plus an optional "scope" object: {"prefill_budget", "decode_budget",
+"strategy", "lend", "observation_window", "recent_window"}. Every response carries "usage" and
 "scope_edge" (the cache stats of the generation and its slot), so eviction is
 never silent. Errors have OpenAI's shape, {"error": {"message", "type",
 "param", "code"}}, and a 4xx status.
@@ -40,7 +42,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .budget import Budget
-from .openai import ChatChunk, ChatResponse, CompletionResponse, Usage
+from .openai import (ChatChunk, ChatOptions, ChatReply, ChatResponse, CompletionResponse, FieldError, Tools, Usage,
+                     chat_options, completion_logprobs)
 from .policies import Policy, build, validate_names
 from .policies.checks import is_int
 from .policies.registry import DEFAULT_STRATEGY
@@ -48,7 +51,7 @@ from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSl
 from .runtime.generation import Chunk, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.context import check_kv_types
-from .runtime.sampling import RANDOM_SEED, Sampling
+from .runtime.sampling import RANDOM_SEED, Sampling, check_grammar
 from .runtime.sketch import Sketch
 
 log = logging.getLogger("scope_edge")
@@ -129,7 +132,11 @@ class APIError(Exception):
 
 @dataclass(frozen=True)
 class Job:
-    """One parsed request: the prompt, how to generate, how to answer."""
+    """One parsed request: the prompt, how to generate, how to answer.
+
+    tools: what a chat reply may call (None: nothing). logprobs: report the
+    chosen tokens' log-probabilities with this many alternatives (None: no).
+    include_usage: stream_options.include_usage (None: not given)."""
 
     chat: bool
     prompt: list[int]
@@ -137,9 +144,56 @@ class Job:
     limits: Limits
     sampling: Sampling
     stream: bool
+    tools: Tools | None = None
+    logprobs: int | None = None
+    include_usage: bool | None = None
 
 
 # -- parsing --------------------------------------------------------------------
+# Every field of a current openai client's chat.completions.create and
+# completions.create, and what is done with it. Used: read below. Accepted:
+# informational (they identify the caller or an OpenAI-side cache, and change
+# nothing here). Refused: answered 400 naming the field unless absent, null
+# or the value given (what the field means cannot be done here). Anything
+# else, but "scope" and the llama-server extensions, is an unknown field (400).
+COMMON_USED = {"model", "stream", "stream_options", "n", "max_tokens", "temperature", "top_p", "seed", "stop",
+               "presence_penalty", "frequency_penalty", "logit_bias", "logprobs", "scope"}
+EXTENSIONS = {"top_k", "min_p", "repeat_penalty", "grammar"}  # llama-server's sampling fields
+CHAT_USED = {"messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice",
+             "parallel_tool_calls"}
+CHAT_ACCEPTED = {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+CHAT_REFUSED: dict[str, tuple[Any, ...]] = {
+    "store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],), "audio": (),
+    "prediction": (), "web_search_options": (), "functions": (), "function_call": (), "reasoning_effort": (),
+    "verbosity": ()}
+COMPLETION_USED = {"prompt"}
+COMPLETION_ACCEPTED = {"user"}
+COMPLETION_REFUSED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "echo": (False,), "suffix": ("",)}
+REFUSED_WHY = {
+    "store": "nothing is stored here", "service_tier": "this server has one tier",
+    "modalities": "this model reads and writes text only", "audio": "this model writes text only",
+    "prediction": "predicted outputs are not supported", "web_search_options": "there is no web search here",
+    "functions": "use 'tools' (functions is deprecated)", "function_call": "use 'tool_choice' (function_call is "
+    "deprecated)", "reasoning_effort": "this model does not reason", "verbosity": "this model has no verbosity "
+    "setting", "best_of": "only best_of = 1 is supported", "echo": "echo is not supported",
+    "suffix": "suffix (insertion) is not supported"}
+
+
+def _check_fields(body: Mapping[str, Any], *, chat: bool) -> None:
+    used = COMMON_USED | EXTENSIONS | (CHAT_USED if chat else COMPLETION_USED)
+    accepted = CHAT_ACCEPTED if chat else COMPLETION_ACCEPTED
+    refused = CHAT_REFUSED if chat else COMPLETION_REFUSED
+    for name, value in body.items():
+        if name in used or name in accepted:
+            continue
+        if name in refused:
+            if value is None or value in refused[name]:
+                continue
+            raise APIError(400, f"'{name}' = {value!r} is not supported: {REFUSED_WHY[name]}", param=name,
+                           code="unsupported_field")
+        raise APIError(400, f"unknown field '{name}'", param=name, code="unknown_field")
+
+
 def _field(body: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -172,14 +226,36 @@ def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
     return policy
 
 
-def _sampling(body: Mapping[str, Any]) -> Sampling:
+def _logit_bias(body: Mapping[str, Any], n_vocab: int) -> tuple[tuple[int, float], ...]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    try:
+        out = tuple((int(token), float(value)) for token, value in bias.items())
+    except (AttributeError, TypeError, ValueError):
+        out = None
+    if out is None or any(not 0 <= t < n_vocab or not -100 <= v <= 100 for t, v in out):
+        raise APIError(400, f"'logit_bias' must map token ids in [0, {n_vocab}) to numbers in [-100, 100], got {bias!r}",
+                       param="logit_bias")
+    return out
+
+
+def _sampling(body: Mapping[str, Any], model: Model, *, grammar: str | None, logprobs: int | None) -> Sampling:
     cli = Sampling.llama_cli()
+    if body.get("grammar") is not None:
+        if grammar is not None:
+            raise APIError(400, "give 'grammar' or response_format / tools, not both", param="grammar")
+        grammar = _field(body, "grammar", str, None)
     try:
         return Sampling(temperature=float(_field(body, "temperature", (int, float), cli.temperature)),
-                        top_k=cli.top_k, top_p=float(_field(body, "top_p", (int, float), cli.top_p)),
-                        min_p=cli.min_p, seed=_field(body, "seed", int, RANDOM_SEED) % 2**32,
+                        top_k=_field(body, "top_k", int, cli.top_k),
+                        top_p=float(_field(body, "top_p", (int, float), cli.top_p)),
+                        min_p=float(_field(body, "min_p", (int, float), cli.min_p)),
+                        repeat_penalty=float(_field(body, "repeat_penalty", (int, float), 1.0)),
+                        seed=_field(body, "seed", int, RANDOM_SEED) % 2**32,
                         presence_penalty=float(_field(body, "presence_penalty", (int, float), 0.0)),
-                        frequency_penalty=float(_field(body, "frequency_penalty", (int, float), 0.0)))
+                        frequency_penalty=float(_field(body, "frequency_penalty", (int, float), 0.0)),
+                        logit_bias=_logit_bias(body, model.n_vocab), grammar=grammar, logprobs=logprobs)
     except ValueError as why:
         raise APIError(400, str(why)) from None
 
@@ -198,23 +274,36 @@ def _limits(body: Mapping[str, Any], settings: ServerSettings) -> Limits:
         raise APIError(400, str(why), param="max_tokens") from None
 
 
-def _messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # content parts: only text is understood
-            if any(not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str)
-                   for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise APIError(400, f"messages[{i}] must be an object with a string 'role' and 'content', got {m!r}",
-                           param="messages")
-        out.append({"role": m["role"], "content": content})
-    return out
+def _include_usage(body: Mapping[str, Any], stream: bool) -> bool | None:
+    options = body.get("stream_options")
+    if options is None:
+        return None
+    if not stream:
+        raise APIError(400, "'stream_options' is only allowed with 'stream': true", param="stream_options")
+    if (not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"}
+            or any(not isinstance(v, bool) for v in options.values())):
+        raise APIError(400, "'stream_options' must be {\"include_usage\": bool, \"include_obfuscation\": bool}, "
+                       f"got {options!r}", param="stream_options")
+    return options.get("include_usage")
+
+
+def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
+    n = body.get("logprobs")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 5):
+        raise APIError(400, f"'logprobs' must be an int in [0, 5], got {n!r}", param="logprobs")
+    return n
+
+
+def _chat_options(body: Mapping[str, Any]) -> ChatOptions:
+    if body.get("parallel_tool_calls") not in (None, True, False):
+        raise APIError(400, f"'parallel_tool_calls' must be a boolean, got {body['parallel_tool_calls']!r}",
+                       param="parallel_tool_calls")
+    try:
+        return chat_options(body.get("messages"), response_format=body.get("response_format"),
+                            tools=body.get("tools"), tool_choice=body.get("tool_choice"),
+                            logprobs=body.get("logprobs") or False, top_logprobs=body.get("top_logprobs"))
+    except FieldError as why:
+        raise APIError(400, str(why), param=why.param) from None
 
 
 def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> Job:
@@ -225,12 +314,15 @@ def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> J
     if name != settings.model_name:
         raise APIError(404, f"model {name!r} does not exist; this server serves {settings.model_name!r} "
                        "(GET /v1/models)", param="model", code="model_not_found")
+    _check_fields(body, chat=chat)
     stream = _field(body, "stream", bool, False)
     if _field(body, "n", int, 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n")
+    opts = _chat_options(body) if chat else None
+    logprobs = opts.top_logprobs if opts is not None else _completion_logprobs(body)
     try:
-        if chat:
-            text = model.render_chat(_messages(body))
+        if opts is not None:
+            text = model.render_chat(opts.messages)
         else:
             text = body.get("prompt")
             if not isinstance(text, str) or not text:
@@ -238,7 +330,15 @@ def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> J
         prompt = model.tokenize(text)
     except ValueError as why:
         raise APIError(400, str(why), param="messages" if chat else "prompt") from None
-    return Job(chat, prompt, _policy(body, settings), _limits(body, settings), _sampling(body), stream)
+    sampling = _sampling(body, model, grammar=opts.grammar if opts is not None else None, logprobs=logprobs)
+    if sampling.grammar is not None:
+        try:
+            check_grammar(model, sampling.grammar)
+        except ValueError as why:
+            raise APIError(400, str(why), param="grammar") from None
+    return Job(chat, prompt, _policy(body, settings), _limits(body, settings), sampling, stream,
+               tools=opts.tools if opts is not None else None, logprobs=logprobs,
+               include_usage=_include_usage(body, stream))
 
 
 # -- responses --------------------------------------------------------------------
@@ -252,22 +352,33 @@ def _stats(stats: GenerationStats, slot: int) -> dict[str, float | int]:
 
 
 class Answer:
-    """OpenAI-shaped bodies for one job's chunks."""
+    """OpenAI-shaped bodies for one job's chunks (stateful: a chat reply may
+    hold back a tool call until its end)."""
 
-    def __init__(self, job: Job, *, model_name: str, slot: int) -> None:
-        self.job, self.slot = job, slot
+    def __init__(self, job: Job, *, model: Model, model_name: str, slot: int) -> None:
+        self.job, self.slot, self.model = job, slot, model
         self.base = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                      "model": model_name}
+        self.reply = ChatReply(model, job.tools, logprobs=job.logprobs is not None) if job.chat else None
+        self._offset = 0  # of the next completion token in the text (logprobs' text_offset)
 
-    def whole(self, text: str, last: Chunk) -> ChatResponse | CompletionResponse:
+    def whole(self, chunks: list[Chunk]) -> ChatResponse | CompletionResponse:
+        last = chunks[-1]
         assert last.stats is not None  # the last chunk carries them
         extra = {"usage": _usage(last.stats), "scope_edge": _stats(last.stats, self.slot)}
-        if self.job.chat:
+        if self.reply is not None:
+            reason = None
+            for chunk in chunks:
+                pushed = self.reply.push(chunk)
+                reason = pushed[2] if pushed is not None else None
             return {**self.base, "object": "chat.completion", **extra, "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": last.finish_reason}]}
+                {"index": 0, "message": self.reply.message(), "logprobs": self.reply.all_logprobs(),
+                 "finish_reason": reason}]}
+        lps = None if self.job.logprobs is None else completion_logprobs(
+            self.model, [c.logprobs for c in chunks if c.logprobs is not None])
         return {**self.base, "object": "text_completion", **extra, "choices": [
-            {"text": text, "index": 0, "logprobs": None, "finish_reason": last.finish_reason}]}
+            {"text": "".join(c.text for c in chunks), "index": 0, "logprobs": lps,
+             "finish_reason": last.finish_reason}]}
 
     def first(self) -> ChatChunk | None:
         if not self.job.chat:
@@ -275,18 +386,32 @@ class Answer:
         return {**self.base, "object": "chat.completion.chunk",
                 "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
 
-    def part(self, chunk: Chunk) -> ChatChunk | CompletionResponse:
+    def parts(self, chunk: Chunk) -> list[ChatChunk | CompletionResponse]:
+        """The bodies to stream for chunk (none while a tool call is held
+        back; with include_usage, a last one carrying only the usage)."""
         out: Any
-        if self.job.chat:
+        if self.reply is not None:
+            pushed = self.reply.push(chunk)
+            if pushed is None:
+                return []  # held back: a tool call is sent whole at its end
+            delta, logprobs, reason = pushed
             out = {**self.base, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": {"content": chunk.text} if chunk.text else {}, "logprobs": None,
-                 "finish_reason": chunk.finish_reason}]}
+                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
         else:
+            lps = None if self.job.logprobs is None else completion_logprobs(
+                self.model, [chunk.logprobs] if chunk.logprobs is not None else [], self._offset)
+            self._offset += len(chunk.text)
             out = {**self.base, "object": "text_completion", "choices": [
-                {"text": chunk.text, "index": 0, "logprobs": None, "finish_reason": chunk.finish_reason}]}
-        if chunk.stats is not None:
-            out["usage"], out["scope_edge"] = _usage(chunk.stats), _stats(chunk.stats, self.slot)
-        return out
+                {"text": chunk.text, "index": 0, "logprobs": lps, "finish_reason": chunk.finish_reason}]}
+        if chunk.stats is None:
+            return [out]
+        usage, stats = _usage(chunk.stats), _stats(chunk.stats, self.slot)
+        if self.job.include_usage:  # OpenAI's shape: a last chunk with no choices carries the usage
+            return [out, {**self.base, "object": out["object"], "choices": [], "usage": usage, "scope_edge": stats}]
+        out["scope_edge"] = stats
+        if self.job.include_usage is None:
+            out["usage"] = usage
+        return [out]
 
 
 def _sse(data: Mapping[str, Any] | str) -> bytes:
@@ -383,7 +508,7 @@ def _check_key(request: Request, settings: ServerSettings) -> None:
 
 
 async def _whole(request: Request, answer: Answer, items: asyncio.Queue[Item], req: Run) -> JSONResponse:
-    parts: list[str] = []
+    parts: list[Chunk] = []
     try:
         while True:
             try:
@@ -394,9 +519,9 @@ async def _whole(request: Request, answer: Answer, items: asyncio.Queue[Item], r
                 continue
             if isinstance(item, BaseException):
                 raise _failure(item)
-            parts.append(item.text)
+            parts.append(item)
             if item.finish_reason is not None:
-                return JSONResponse(answer.whole("".join(parts), item))
+                return JSONResponse(answer.whole(parts))
     finally:
         req.cancel()  # a client that left frees its slot at the next step (no-op once finished)
 
@@ -411,7 +536,8 @@ async def _streamed(answer: Answer, items: asyncio.Queue[Item], req: Run) -> Asy
             if isinstance(item, BaseException):
                 yield _sse(_failure(item).body())
                 return
-            yield _sse(answer.part(item))
+            for body in answer.parts(item):
+                yield _sse(body)
             if item.finish_reason is not None:
                 yield _sse("[DONE]")
                 return
@@ -462,7 +588,7 @@ def create_app(engine: Engine) -> FastAPI:
         _check_key(request, settings)
         job = parse(await _body(request), chat=chat, model=engine.model, settings=settings)
         slot, items, req = await engine.start(job)
-        answer = Answer(job, model_name=settings.model_name, slot=slot)
+        answer = Answer(job, model=engine.model, model_name=settings.model_name, slot=slot)
         if job.stream:
             return StreamingResponse(_streamed(answer, items, req), media_type="text/event-stream")
         return await _whole(request, answer, items, req)

@@ -19,7 +19,7 @@ from ..policies import Policy
 from .cache import Plan, Session
 from .context import N_BATCH, Context
 from .model import Model
-from .sampling import Sampler
+from .sampling import Sampler, TokenLogprobs
 from .text import TextStream
 
 log = logging.getLogger("scope_edge")
@@ -71,12 +71,14 @@ class GenerationStats:
 class Chunk:
     """One streamed step: the text it adds and its token. The last chunk
     carries finish_reason and stats; its token is None when the run ended on
-    an end-of-generation token (which is neither text nor in tokens)."""
+    an end-of-generation token (which is neither text nor in tokens).
+    logprobs: the token's, when Sampling.logprobs asked for them."""
 
     text: str
     token: int | None
     finish_reason: FinishReason | None = None
     stats: GenerationStats | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -374,14 +376,14 @@ class Generation:
                 yield self._final(text.flush(), None, "stop", n_fed, t0, generated)
                 return
             generated += 1
-            piece = text.push(model.piece(token))
+            piece, logprobs = text.push(model.piece(token)), sampler.logprobs
             if text.stopped:
-                yield self._final(piece, token, "stop", n_fed, t0, generated)
+                yield self._final(piece, token, "stop", n_fed, t0, generated, logprobs)
                 return
             if generated == limits.max_tokens or (self.policy is None and self.session.next_pos >= self.ctx.n_cells):
-                yield self._final(piece + text.flush(), token, "length", n_fed, t0, generated)
+                yield self._final(piece + text.flush(), token, "length", n_fed, t0, generated, logprobs)
                 return
-            yield Chunk(piece, token)
+            yield Chunk(piece, token, logprobs=logprobs)
             try:
                 self.feed(token, n_fed + 1)
             except PositionLimit as why:
@@ -392,7 +394,7 @@ class Generation:
             n_fed += 1
 
     def _final(self, piece: str, token: int | None, reason: FinishReason, n_fed: int, t0: float,
-               generated: int) -> Chunk:
+               generated: int, logprobs: TokenLogprobs | None = None) -> Chunk:
         st = self.stats
         st.generated_tokens = generated
         st.decode_tokens_per_s = n_fed / max(time.perf_counter() - t0, 1e-9) if n_fed else 0.0
@@ -401,7 +403,7 @@ class Generation:
             st.kv_cells_peak = self.n_held
         reads, size = self.ctx.transfers()
         st.hook_reads, st.hook_bytes_read = reads - self.transfers_before[0], size - self.transfers_before[1]
-        return Chunk(piece, token, reason, st)
+        return Chunk(piece, token, reason, st, logprobs)
 
 
 def _decode_head_reduction(policy: Policy | None) -> str | None:

@@ -51,6 +51,7 @@ class Model:
         # sliding-window attention: the window (0: none) and, once check_supported passed, its layers
         self.n_swa: int = llama_cpp.llama_model_n_swa(self.ptr) if self.n_layer > 0 else 0
         self._eog: list[int] | None = None
+        self._first_bytes: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def n_embd_k(self) -> int:
@@ -136,6 +137,22 @@ class Model:
         if self._eog is None:
             self._eog = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)]
         return self._eog
+
+    def first_bytes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the first byte of each token's bytes, -1 if it has none;
+        for each byte value, a token that is exactly that byte, -1 if none),
+        computed once: a grammar checks the tokens that can start right first."""
+        if self._first_bytes is None:
+            first = np.full(self.n_vocab, -1, dtype=np.int16)
+            single = np.full(256, -1, dtype=np.int32)
+            for t in range(self.n_vocab):
+                raw = self.piece(t)
+                if raw:
+                    first[t] = raw[0]
+                    if len(raw) == 1 and single[raw[0]] < 0:
+                        single[raw[0]] = t
+            self._first_bytes = (first, single)
+        return self._first_bytes
 
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> str:
         """The prompt text for messages through the GGUF's own chat template,
