@@ -47,7 +47,9 @@ def modes(seed: int) -> dict[str, tuple[Sampling, bool]]:
                                         top_p=cli.top_p, min_p=cli.min_p, seed=seed), False)}
 
 
-def run(path: str, *, cached: int, tokens: int, rounds: int) -> dict:
+def run(path: str, *, cached: int, tokens: int, rounds: int, out: str | None = None) -> dict:
+    """The measurements; after each round the results so far are written to
+    out (a shared machine may not let a long run finish)."""
     prompt = logbook_prompt(path, cached)
     ms: dict[str, list[float]] = {}
     cpu_ms: dict[str, list[float]] = {}
@@ -69,9 +71,15 @@ def run(path: str, *, cached: int, tokens: int, rounds: int) -> dict:
                 generated.setdefault(name, []).append(st.generated_tokens)
                 log.info("round %d %-15s %6.2f ms/token wall, %6.2f CPU, over %d tokens", r, name, ms[name][-1],
                          cpu_ms[name][-1], st.generated_tokens)
+            save_results(out, _summary(ms, cpu_ms, generated, cached=len(prompt), tokens=tokens, rounds=r + 1))
+    return _summary(ms, cpu_ms, generated, cached=len(prompt), tokens=tokens, rounds=rounds)
+
+
+def _summary(ms: dict[str, list[float]], cpu_ms: dict[str, list[float]], generated: dict[str, list[int]], *,
+             cached: int, tokens: int, rounds: int) -> dict:
     median = {name: statistics.median(v) for name, v in ms.items()}
     cpu_median = {name: statistics.median(v) for name, v in cpu_ms.items()}
-    return {"cached_tokens": len(prompt), "max_tokens": tokens, "rounds": rounds,
+    return {"cached_tokens": cached, "max_tokens": tokens, "rounds": rounds,
             "ms_per_token_median": median, "cpu_ms_per_token_median": cpu_median,
             "overhead": _overhead(median), "cpu_overhead": _overhead(cpu_median), "target": TARGET,
             "meets_target": {"wall": all(v < TARGET for v in _overhead(median).values()),
@@ -96,7 +104,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = str(models.resolve_model_path(args.model))
-    res = run(path, cached=args.cached, tokens=args.tokens, rounds=args.rounds)
+    res = run(path, cached=args.cached, tokens=args.tokens, rounds=args.rounds, out=args.out)
     save_results(args.out, res, table=lambda r: "\n".join(
         [f"{name:15s} {v:6.2f} ms/token wall {r['cpu_ms_per_token_median'][name]:6.2f} CPU"
          for name, v in r["ms_per_token_median"].items()] +
