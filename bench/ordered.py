@@ -428,9 +428,10 @@ class Job:
     seed: int
 
 
-def _work(args: tuple[str, list[Job], float]) -> list[dict]:
-    """A worker: one ScopeLlama per configuration, every job of it in turn."""
-    path, jobs, max_factor = args
+def _work(args: tuple[str, list[Job], float, str]) -> list[dict]:
+    """A worker: one ScopeLlama per configuration, every job of it in turn;
+    each run is also appended to `partial` (JSON lines) as it ends."""
+    path, jobs, max_factor, partial = args
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = []
     by_config: dict[str, list[Job]] = {}
@@ -445,6 +446,8 @@ def _work(args: tuple[str, list[Job], float]) -> list[dict]:
                 r = run_one(llm, task, tokens, max_tokens)
                 out.append({"config": config, "family": job.family, "size": job.size, "seed": job.seed,
                             "prompt_tokens": len(tokens), "n_fields": task.fields, "max_tokens": max_tokens, **r})
+                with open(partial, "a") as f:
+                    f.write(json.dumps(out[-1]) + "\n")
                 log.info("%s %s %dx seed %d: %.2f, %d tokens, %s, %d cells, %.0f s", config, job.family, job.size,
                          job.seed, r["score"], r["generated_tokens"], r["finish_reason"], r["kv_cells_allocated"],
                          r["seconds"])
@@ -452,12 +455,12 @@ def _work(args: tuple[str, list[Job], float]) -> list[dict]:
 
 
 def run(configs: list[str], families: list[str], sizes: list[int], seeds: list[int], *, workers: int,
-        max_factor: float) -> dict:
+        max_factor: float, partial: str) -> dict:
     path = str(models.fetch())
     jobs = [Job(c, f, s, seed) for c in [FULL, *configs] for f in families for s in sizes for seed in seeds
             if not (c in BASELINES and s < 3)]
     # Round-robin by job, so each worker gets a share of every configuration.
-    shares = [(path, jobs[w::workers], max_factor) for w in range(workers)]
+    shares = [(path, jobs[w::workers], max_factor, partial) for w in range(workers)]
     t0 = time.perf_counter()
     with mp.get_context("spawn").Pool(workers) as pool:
         runs = [r for part in pool.map(_work, shares) for r in part]
@@ -562,9 +565,9 @@ def main() -> None:
     n = args.prompts or (5 if tuning else 20)
     seeds = args.seeds or ([TUNING_SEED + j for j in range(n)] if tuning else list(range(n)))
     sizes = args.sizes or ([3, 4] if tuning else [1, 2, 3, 4])
-    res = run(args.configs or (TUNE if tuning else EVAL), args.families, sizes, seeds, workers=args.workers,
-              max_factor=args.max_factor)
     out = args.out or str(RESULTS / f"ordered_{args.mode}.json")
+    res = run(args.configs or (TUNE if tuning else EVAL), args.families, sizes, seeds, workers=args.workers,
+              max_factor=args.max_factor, partial=str(Path(out).with_suffix(".partial.jsonl")))
     save_results(out, res, table=table)
 
 
