@@ -538,6 +538,19 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def _load(path: Path) -> dict:
+    """A result file, or the runs a stopped run appended to its .partial.jsonl."""
+    if path.suffix != ".jsonl":
+        return json.loads(path.read_text())
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    configs = list(dict.fromkeys(r["config"] for r in runs))
+    return {"config": {"prefill": PREFILL, "allocated_cells": ALLOC, "window": WINDOW,
+                       "configs": [FULL, *(c for c in configs if c != FULL)],
+                       "families": list(dict.fromkeys(r["family"] for r in runs)),
+                       "sizes": sorted({r["size"] for r in runs}), "seeds": sorted({r["seed"] for r in runs})},
+            "runtime_s": 0.0, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["tune", "eval", "report"])
@@ -553,7 +566,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.mode == "report":
-        parts = [json.loads(Path(p).read_text()) for p in args.files]
+        parts = [_load(Path(p)) for p in args.files]
         res = parts[0]
         for p in parts[1:]:
             res["runs"] += [r for r in p["runs"] if r["config"] != FULL]

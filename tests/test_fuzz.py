@@ -297,14 +297,14 @@ def check_long_run(inst: Instances, s: dict) -> None:
             next(_run(m, s, prompt))
         return
     keep = _prompt_keep(s, len(prompt))
-    if strategy in UNIFIED:
-        bound = b.total
-    elif strategy == "full":
-        bound = keep + s["max_tokens"]
-    else:
-        bound = keep + b.decode + (_delta(s) if strategy == "discontinuous" else 0)
     bound_policy = m.policy.for_generation(s["max_tokens"])
     room = bound_policy.lend.room if bound_policy.lend is not None else 0  # cells on loan (lend)
+    if strategy in UNIFIED:
+        bound = b.total
+    elif strategy == "full":  # no decode bound: the loan (the whole room) stays with the output
+        bound = (min(len(prompt), keep + room - 1) if room else keep) + s["max_tokens"]
+    else:
+        bound = keep + b.decode + (_delta(s) if strategy == "discontinuous" else 0)
     steps = 0
     for chunk in _run(m, s, prompt):
         held = _llama_agrees(m)
