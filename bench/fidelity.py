@@ -135,6 +135,39 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
     return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
 
 
+# (label, probe, prefill_chunk): the default policy's prefill as before #33
+# (no probe, chunks of 512), with the probe, and with chunks of half the
+# decode room (the shape the ordered suite chose).
+CHUNKINGS = [("no probe, chunk 512", False, 512), ("probe, chunk 512", True, 512), ("probe, chunk 256", True, 256)]
+
+
+def chunking(prompt_tokens: int, max_tokens: int, seeds: list[int]) -> list[dict]:
+    """The default budget's chunked prefill, teacher-forced against stock:
+    each CHUNKINGS variant of ScopeLlama(path)'s own policy, per prompt."""
+    path = BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens).model_path()
+    rows = []
+    for seed in seeds:
+        prompt = logbook_prompt(path, prompt_tokens, seed)
+        stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
+        with ScopeLlama(path) as default:
+            policy = default.policy
+        if policy is None:
+            raise ValueError(f"{path} gets no default budget (its context is small): nothing to compare")
+        llms = [ScopeLlama(path, policy=dataclasses.replace(policy, prefill=dataclasses.replace(policy.prefill,
+                                                                                                  probe=probe)),
+                           prefill_chunk=chunk) for _, probe, chunk in CHUNKINGS]
+        eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
+        try:
+            res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)
+        finally:
+            for llm in llms:
+                llm.close()
+        for (label, probe, chunk), r in zip(CHUNKINGS, res):
+            rows.append({"seed": seed, "variant": label, "probe": probe, "prefill_chunk": chunk, **r.as_dict()})
+            log.info("seed %d %s: top-1 %.3f, KL %.4f", seed, label, rows[-1]["top1_agreement"], rows[-1]["mean_kl"])
+    return rows
+
+
 def _sweep_key(r: dict) -> tuple:
     c = r["config"]
     return c["prefill_budget"], c["decode_budget"], c["strategy"] + "/" + c.get("lend", "none"), scoring_name(c)
@@ -169,6 +202,8 @@ def table(out: dict) -> str:
         for m in out["sweep_means"]:
             lines.append(f"{m['budget']:>9} {m['strategy']:18} {m['scoring']:12} {m['top1_agreement']:6.1%} "
                          f"({m['top1_min']:.1%}..{m['top1_max']:.1%}) KL {m['mean_kl']:.4f}, {m['prompts']} prompts")
+    for r in out.get("chunking", []):
+        lines.append(f"seed {r['seed']} {r['variant']:22} top-1 {r['top1_agreement']:6.1%} mean KL {r['mean_kl']:.4f}")
     for r in out.get("aggregation", []):
         lines.append(f"{r['variant']['name']:24} top-1 {r['top1_agreement']:6.1%} mean KL {r['mean_kl']:.4f} "
                      f"max KL {r['max_kl']:.2f}")
@@ -188,12 +223,17 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="logbook prompts to run (their seeds)")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-aggregation", action="store_true")
+    ap.add_argument("--chunking", action="store_true", help="only the default budget's prefill chunking variants")
     ap.add_argument("--out", default=str(RESULTS / "fidelity.json"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     budgets = budget_pairs(args.budgets)
     out: dict = {"prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "machine": machine()}
+    if args.chunking:
+        out["chunking"] = chunking(args.prompt_tokens, args.max_tokens, args.seeds)
+        save_results(args.out, out, print_json=args.json, table=table)
+        return
     if not args.skip_sweep:
         out["sweep"] = sweep(args.prompt_tokens, args.max_tokens, budgets, args.strategies,
                              args.scoring, args.seeds)

@@ -358,6 +358,7 @@ CONFIGS: dict[str, Callable[[], dict]] = {
     "scope/recent": lambda: _scope(lend="recent"),
     "scope/recent128": lambda: _scope(recent=128),
     "scope/q8": lambda: _scope(type_k="q8_0"),
+    "scope/chunk256/q8": lambda: _scope(chunk=256, type_k="q8_0"),  # the default's shape: chunk = decode room
     "scope/window64": lambda: _scope(window=64),
     "scope/window16": lambda: _scope(window=16),
     "scope/lookback12": lambda: _scope(lookback=12),
@@ -455,10 +456,10 @@ def _work(args: tuple[str, list[Job], float, str]) -> list[dict]:
 
 
 def run(configs: list[str], families: list[str], sizes: list[int], seeds: list[int], *, workers: int,
-        max_factor: float, partial: str) -> dict:
+        max_factor: float, partial: str, full: bool = True) -> dict:
     path = str(models.fetch())
-    jobs = [Job(c, f, s, seed) for c in [FULL, *configs] for f in families for s in sizes for seed in seeds
-            if not (c in BASELINES and s < 3)]
+    jobs = [Job(c, f, s, seed) for c in [FULL, *configs] if full or c != FULL for f in families for s in sizes
+            for seed in seeds if not (c in BASELINES and s < 3)]
     # Round-robin by job, so each worker gets a share of every configuration.
     shares = [(path, jobs[w::workers], max_factor, partial) for w in range(workers)]
     t0 = time.perf_counter()
@@ -563,6 +564,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-factor", type=float, default=1.5, help="max_tokens = this x the ideal answer's tokens")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-full", action="store_true",
+                    help="do not run the full cache (another run set holds it; report merges them)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.mode == "report":
@@ -580,7 +583,8 @@ def main() -> None:
     sizes = args.sizes or ([3, 4] if tuning else [1, 2, 3, 4])
     out = args.out or str(RESULTS / f"ordered_{args.mode}.json")
     res = run(args.configs or (TUNE if tuning else EVAL), args.families, sizes, seeds, workers=args.workers,
-              max_factor=args.max_factor, partial=str(Path(out).with_suffix(".partial.jsonl")))
+              max_factor=args.max_factor, partial=str(Path(out).with_suffix(".partial.jsonl")),
+              full=not args.skip_full)
     save_results(out, res, table=table)
 
 
