@@ -21,7 +21,7 @@ from scope_edge import ScopeLlama
 from scope_edge.openai import chat_options, create_chat_completion, parse_tools, prompt_messages
 from scope_edge.runtime.grammar import tool_call_grammar
 from scope_edge.runtime.model import Model
-from scope_edge.runtime.template import HERMES, call_syntax, takes_tools, tool_template
+from scope_edge.runtime.template import HERMES, ToolTemplate, call_syntax, takes_tools, tool_template
 from served import Served, start_server
 
 T = 1  # one OpenMP thread: a shared 2-core machine
@@ -93,24 +93,24 @@ LATER = [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
          {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"}]
 
 
-@pytest.fixture(scope="session")
-def tool_model_path(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The default model with HERMES_TEMPLATE as its chat template (as
-    gguf-py's gguf_new_metadata does it: every other key and tensor copied)."""
-    reader = gguf.GGUFReader(model_path)
-    out = tmp_path_factory.mktemp("tools") / "SmolLM2-135M-Instruct.Q4_1.hermes-tools.gguf"
+def copy_gguf(src: str, dst: Path, strings: dict[str, str]) -> str:
+    """A copy of the GGUF src with these string keys set (replaced or added),
+    every other key and every tensor as they are (as gguf-py's
+    gguf_new_metadata writes one)."""
+    reader = gguf.GGUFReader(src)
     arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
-    writer = gguf.GGUFWriter(str(out), arch=arch, endianess=reader.endianess)
+    writer = gguf.GGUFWriter(str(dst), arch=arch, endianess=reader.endianess)
     alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = alignment.contents()
     for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue  # the writer writes these itself
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF.") or field.name in strings:
+            continue  # the writer writes the first ones itself
         kind = field.types[0]
-        value = HERMES_TEMPLATE if field.name == gguf.Keys.Tokenizer.CHAT_TEMPLATE else field.contents()
-        writer.add_key_value(field.name, value, kind,
+        writer.add_key_value(field.name, field.contents(), kind,
                              sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    for key, value in strings.items():
+        writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
     for t in reader.tensors:
         writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
     writer.write_header_to_file()
@@ -119,7 +119,14 @@ def tool_model_path(model_path: str, tmp_path_factory: pytest.TempPathFactory) -
     for t in reader.tensors:
         writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
     writer.close()
-    return str(out)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def tool_model_path(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The default model with HERMES_TEMPLATE as its chat template."""
+    return copy_gguf(model_path, tmp_path_factory.mktemp("tools") / "SmolLM2-135M-Instruct.Q4_1.hermes-tools.gguf",
+                     {gguf.Keys.Tokenizer.CHAT_TEMPLATE: HERMES_TEMPLATE})
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +150,11 @@ def direct(messages: list[dict], tools: list[dict] | None) -> str:
     return env.from_string(HERMES_TEMPLATE).render(messages=hf, tools=tools, add_generation_prompt=True)
 
 
+def _raw(field: gguf.ReaderField) -> bytes:
+    """A key/value's bytes as stored (type, length and value)."""
+    return b"".join(part.tobytes() for part in field.parts)
+
+
 def test_the_copy_differs_from_the_default_model_only_in_its_chat_template(model_path, tool_model_path):
     old, new = gguf.GGUFReader(model_path), gguf.GGUFReader(tool_model_path)
     key = gguf.Keys.Tokenizer.CHAT_TEMPLATE
@@ -150,7 +162,7 @@ def test_the_copy_differs_from_the_default_model_only_in_its_chat_template(model
     assert set(old.fields) == set(new.fields)
     for name, field in old.fields.items():
         if name != key and not name.startswith("GGUF."):
-            assert new.fields[name].contents() == field.contents(), name
+            assert _raw(new.fields[name]) == _raw(field), name
     assert [t.name for t in old.tensors] == [t.name for t in new.tensors]
     for a, b in zip(old.tensors, new.tensors):
         assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
@@ -166,6 +178,26 @@ def test_which_templates_render_tools(model_path, tool_vocab):
     assert tool_template(tool_vocab).syntax is HERMES
     with Model(model_path, vocab_only=True) as smol:  # SmolLM2's own template takes no tools
         assert tool_template(smol) is None
+
+
+def test_a_tool_use_template_beside_the_default_one_is_used(model_path, tmp_path):
+    path = copy_gguf(model_path, tmp_path / "tool-use.gguf", {"tokenizer.chat_template.tool_use": HERMES_TEMPLATE})
+    with Model(path, vocab_only=True) as model:
+        template = tool_template(model)
+        assert template is not None and template.source == HERMES_TEMPLATE
+        assert chat_options(LATER, model=model, tools=TOOLS).prompt == direct(LATER, TOOLS)
+
+
+def test_a_rendered_bos_is_dropped_when_the_tokenizer_adds_it_and_template_errors_are_value_errors():
+    source = "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}<tool_call>{% endif %}"
+    hi = [{"role": "user", "content": "hi"}]
+    for strip_bos, want in [(True, "hi"), (False, "<s>hi")]:
+        t = ToolTemplate(source, HERMES, bos_token="<s>", eos_token="</s>", strip_bos=strip_bos)
+        assert t.render(hi, None) == want
+    refuses = ToolTemplate("{{ raise_exception('roles must alternate') }}{{ tools }}<tool_call>", HERMES,
+                           bos_token="", eos_token="", strip_bos=False)
+    with pytest.raises(ValueError, match="roles must alternate"):
+        refuses.render(hi, [WEATHER])
 
 
 def test_the_prompt_is_the_template_rendered_with_the_tools_calls_and_results(tool_vocab):

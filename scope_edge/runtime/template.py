@@ -82,22 +82,28 @@ class ToolTemplate:
         assistant's turn opened. ValueError if the template refuses them."""
         try:
             text = self._formatter(messages=list(messages), tools=list(tools) if tools else None).prompt
-        except (jinja2.TemplateError, TypeError, KeyError) as why:
+        # ValueError: the template's raise_exception; the others: a template reading what is not there
+        except (jinja2.TemplateError, TypeError, KeyError, ValueError) as why:
             raise ValueError(f"the GGUF's chat template cannot render these messages: {why}") from None
         return text[len(self._bos):] if self._bos and text.startswith(self._bos) else text
 
 
 def tool_template(model: Model) -> ToolTemplate | None:
-    """The model's chat template if it renders tools in a known syntax; None:
-    no template, one without tools, or calls in a syntax not known here."""
+    """The model's chat template if it renders tools in a known syntax (its
+    "tool_use" template first, tokenizer.chat_template.tool_use, which some
+    GGUFs carry beside the default one, as llama-server does); None: no such
+    template, or calls in a syntax not known here."""
     if model.closed:
         raise RuntimeError("this ScopeLlama is closed")
-    raw = llama_cpp.llama_model_chat_template(model.ptr, None)
-    if not raw:
-        return None
     vocab = model.vocab
-    return _compiled(raw.decode("utf-8", errors="replace"), _token_text(vocab, llama_cpp.llama_vocab_bos(vocab)),
-                     _token_text(vocab, llama_cpp.llama_vocab_eos(vocab)), bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
+    bos, eos = (_token_text(vocab, t) for t in (llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)))
+    for name in (b"tool_use", None):
+        raw = llama_cpp.llama_model_chat_template(model.ptr, name)
+        found = raw and _compiled(raw.decode("utf-8", errors="replace"), bos, eos,
+                                  bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
+        if found:
+            return found
+    return None
 
 
 @functools.lru_cache(maxsize=8)  # parsed once per template, not per request
