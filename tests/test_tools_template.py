@@ -287,6 +287,12 @@ def test_the_openai_client_against_the_server(server, tool_vocab):
                                         tool_choice={"type": "function", "function": {"name": "get_weather"}},
                                         temperature=0.9, top_p=0.95)
     _check_call(sampled.choices[0].message.model_dump(), sampled.choices[0].finish_reason, {"get_weather"})
+    parts = list(c.chat.completions.create(model=server.model, messages=ASK, tools=TOOLS, tool_choice="required",
+                                           max_tokens=80, temperature=0, stream=True))
+    deltas = [p.choices[0].delta.tool_calls for p in parts if p.choices and p.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and parts[-1].choices[0].finish_reason == "tool_calls"
+    streamed = deltas[0][0].model_dump()  # the call handed over whole
+    _check_call({"content": None, "tool_calls": [streamed]}, "tool_calls", set(SCHEMAS))
     later = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
              {"role": "tool", "tool_call_id": call["id"], "content": "sunny, 24 C"}]
     after = c.chat.completions.create(model=server.model, messages=later, tools=TOOLS, max_tokens=80, temperature=0)
