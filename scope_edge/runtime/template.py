@@ -99,10 +99,10 @@ def tool_template(model: Model) -> ToolTemplate | None:
     bos, eos = (_token_text(vocab, t) for t in (llama_cpp.llama_vocab_bos(vocab), llama_cpp.llama_vocab_eos(vocab)))
     for name in (b"tool_use", None):
         raw = llama_cpp.llama_model_chat_template(model.ptr, name)
-        found = raw and _compiled(raw.decode("utf-8", errors="replace"), bos, eos,
-                                  bool(llama_cpp.llama_vocab_get_add_bos(vocab)))
-        if found:
-            return found
+        template = _compiled(raw.decode("utf-8", errors="replace"), bos, eos,
+                             bool(llama_cpp.llama_vocab_get_add_bos(vocab))) if raw else None
+        if template is not None:
+            return template
     return None
 
 
@@ -114,7 +114,7 @@ def _compiled(source: str, bos_token: str, eos_token: str, strip_bos: bool) -> T
     return ToolTemplate(source, syntax, bos_token=bos_token, eos_token=eos_token, strip_bos=strip_bos)
 
 
-def _token_text(vocab: Any, token: int) -> str:
+def _token_text(vocab: llama_cpp.llama_vocab_p, token: int) -> str:
     if token < 0:  # LLAMA_TOKEN_NULL: the model has none
         return ""
     return (llama_cpp.llama_vocab_get_text(vocab, token) or b"").decode("utf-8", errors="replace")
