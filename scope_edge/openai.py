@@ -13,14 +13,19 @@ below, with our memory stats under the extra key "scope_edge". Both calls
 continue the cache like llama-cpp-python: a prompt (or conversation) that
 extends the previous call's prompt and output prefills only the new tokens.
 
-Tools: llama.cpp's built-in chat templates (which render_chat uses) have no
-tool syntax, so the tools are described in a system message (appended to the
-conversation's first system message, or a new first one) and a call is the
-JSON object {"name": ..., "arguments": {...}}, constrained by a grammar to a
-valid call of one of the given functions (tool_choice "required" or a named
-function: only a call; "auto": a call, or text that does not start with "{"
-or whitespace; "none": no tools described, plain text). Earlier calls in the
-conversation are rendered in that same JSON, tool results as "tool" turns.
+Tools: when the GGUF's own Jinja chat template takes tools and writes calls
+in a syntax known here (scope_edge.runtime.template: Hermes / Qwen's
+<tool_call>{"name": ..., "arguments": {...}}</tool_call>), every chat is
+rendered by that template, with the tools and earlier calls and results as it
+expects them, and a call is written in its syntax. Otherwise (llama.cpp's
+built-in templates, which render_chat uses, have no tool syntax) the fallback:
+the tools are described in a system message (appended to the conversation's
+first system message, or a new first one) and a call is the JSON object
+{"name": ..., "arguments": {...}}; earlier calls are rendered in that same
+JSON, tool results as "tool" turns. Either way a grammar constrains the reply
+to a valid call of one of the given functions (tool_choice "required" or a
+named function: only a call; "auto": a call, or text that does not start with
+whitespace or the call's first character; "none": no tools offered, plain text).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from .llama import Chunk, ScopeLlama
 from .runtime.grammar import JSON_OBJECT, json_schema_grammar, tool_call_grammar
 from .runtime.model import Model
 from .runtime.sampling import TokenLogprobs, Sampling
+from .runtime.template import BARE_JSON, CallSyntax, tool_template
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
@@ -191,15 +197,19 @@ class Tools:
 
     functions: (name, description, parameters JSON schema) of each.
     choice: "auto" (a call or text), "required" (a call), or the one
-    function's name that must be called."""
+    function's name that must be called. specs: the tools as the request
+    gave them (a chat template renders these). syntax: how a call is written."""
 
     functions: tuple[tuple[str, str, Mapping[str, Any]], ...]
     choice: str
+    specs: tuple[Mapping[str, Any], ...] = ()
+    syntax: CallSyntax = BARE_JSON
 
     def grammar(self) -> str:
         functions = [f for f in self.functions if self.choice in ("auto", "required", f[0])]
         return tool_call_grammar([(name, params) for name, _, params in functions],
-                                 allow_text=self.choice == "auto")
+                                 allow_text=self.choice == "auto", prefix=self.syntax.prefix,
+                                 suffix=self.syntax.suffix)
 
     def system_text(self) -> str:
         lines = [json.dumps({"name": n, "description": d, "parameters": p}) for n, d, p in self.functions]
@@ -210,8 +220,9 @@ class Tools:
                 f"<its arguments>}}. {must}")
 
 
-def parse_tools(tools: Any, tool_choice: Any) -> Tools | None:
-    """OpenAI's tools / tool_choice, checked; None when no tool may be called."""
+def parse_tools(tools: Any, tool_choice: Any, *, syntax: CallSyntax = BARE_JSON) -> Tools | None:
+    """OpenAI's tools / tool_choice, checked; None when no tool may be called.
+    syntax: how the model writes a call."""
     if tools is None:
         if tool_choice not in (None, "none"):
             raise FieldError("tool_choice", f"tool_choice {tool_choice!r} needs 'tools'")
@@ -242,7 +253,7 @@ def parse_tools(tools: Any, tool_choice: Any) -> Tools | None:
     else:
         raise FieldError("tool_choice", 'tool_choice must be "none", "auto", "required" or {"type": "function", '
                          f'"function": {{"name": one of {names}}}}}, got {tool_choice!r}')
-    out = Tools(tuple(functions), choice)
+    out = Tools(tuple(functions), choice, tuple(tools), syntax)
     try:
         out.grammar()
     except ValueError as why:
@@ -255,8 +266,7 @@ def prompt_messages(messages: Any, tools: Tools | None) -> list[dict[str, str]]:
     renders: text parts joined, "developer" as "system", an assistant's
     tool calls as the JSON objects the model would write, the tools
     described in the first system message."""
-    if not isinstance(messages, list) or not messages:
-        raise FieldError("messages", "'messages' must be a non-empty list of {role, content} objects")
+    _check_messages(messages)
     out = [_message(i, m) for i, m in enumerate(messages)]
     if tools is not None:
         if out[0]["role"] == "system":
@@ -266,7 +276,41 @@ def prompt_messages(messages: Any, tools: Tools | None) -> list[dict[str, str]]:
     return out
 
 
+def template_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI chat messages as a Jinja chat template reads them (as Hugging
+    Face's apply_chat_template takes them): text parts joined, "developer" as
+    "system", an assistant's tool_calls with their arguments as objects, a
+    tool result's tool_call_id (and name, if given)."""
+    _check_messages(messages)
+    out: list[dict[str, Any]] = []
+    for i, m in enumerate(messages):
+        role, content, calls = _parts(i, m)
+        msg: dict[str, Any] = {"role": role, "content": content or ""}
+        if calls:
+            msg["tool_calls"] = [{"id": call_id, "type": "function", "function": {"name": name, "arguments": args}}
+                                 for call_id, name, args in calls]
+        for key in ("tool_call_id", "name") if role == "tool" else ():
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
+    return out
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("messages", "'messages' must be a non-empty list of {role, content} objects")
+
+
 def _message(i: int, m: Any) -> dict[str, str]:
+    role, content, calls = _parts(i, m)
+    text = "\n".join([*([content] if content else []),
+                      *(json.dumps({"name": name, "arguments": args}) for _, name, args in calls)])
+    return {"role": role, "content": text}
+
+
+def _parts(i: int, m: Any) -> tuple[str, str | None, list[tuple[str, str, Any]]]:
+    """messages[i]'s role ("developer" as "system"), text (None: only
+    calls) and tool calls (id, name, arguments as JSON values)."""
     role = m.get("role") if isinstance(m, Mapping) else None
     if role not in ("system", "developer", "user", "assistant", "tool"):
         raise FieldError("messages", f"messages[{i}] must be an object with a role among system, developer, user, "
@@ -277,31 +321,34 @@ def _message(i: int, m: Any) -> dict[str, str]:
                for p in content):
             raise FieldError("messages", f"messages[{i}].content: only text parts are supported")
         content = "".join(p["text"] for p in content)
-    calls = m.get("tool_calls") if role == "assistant" else None
-    if calls:
-        content = "\n".join([*([content] if content else []), *(_call_text(i, c) for c in calls)])
-    if not isinstance(content, str):
+    calls = [_call(i, c) for c in (m.get("tool_calls") or [] if role == "assistant" else [])]
+    if not isinstance(content, str) and not (calls and content is None):
         raise FieldError("messages", f"messages[{i}] needs a string 'content' (or, from the assistant, "
                          f"'tool_calls'), got {m!r}")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return "system" if role == "developer" else role, content, calls
 
 
-def _call_text(i: int, call: Any) -> str:
+def _call(i: int, call: Any) -> tuple[str, str, Any]:
     fn = call.get("function") if isinstance(call, Mapping) else None
     try:
-        return json.dumps({"name": fn["name"], "arguments": json.loads(fn.get("arguments") or "{}")})
-    except (TypeError, KeyError, ValueError):
+        name, args = fn["name"], json.loads(fn.get("arguments") or "{}")
+        if not isinstance(name, str):
+            raise TypeError(name)
+    except (TypeError, KeyError, ValueError, AttributeError):
         raise FieldError("messages", f"messages[{i}].tool_calls: each must be {{\"type\": \"function\", "
                          f"\"function\": {{\"name\", \"arguments\": <JSON text>}}}}, got {call!r}") from None
+    call_id = call.get("id")
+    return call_id if isinstance(call_id, str) else f"call_{i}", name, args
 
 
 def parse_tool_call(text: str, tools: Tools) -> ToolCall | None:
     """The tool call text makes, or None if it is not one (plain text, or a
     call cut off by max_tokens)."""
-    if not text.startswith("{"):
+    prefix, suffix = tools.syntax.prefix, tools.syntax.suffix
+    if not text.startswith(prefix or "{") or not text.endswith(suffix):
         return None
     try:
-        call = json.loads(text)
+        call = json.loads(text[len(prefix):len(text) - len(suffix)])
     except ValueError:
         return None
     if not isinstance(call, dict) or call.get("name") not in {f[0] for f in tools.functions}:
@@ -359,7 +406,7 @@ class ChatReply:
             return False
         if self.tools.choice != "auto":
             return True
-        return self.text.startswith("{") if self.text else None
+        return self.text.startswith((self.tools.syntax.prefix or "{")[0]) if self.text else None
 
     def push(self, chunk: Chunk) -> tuple[ChatDelta, ChatLogprobs | None, FinishReason | None] | None:
         """The delta, logprobs and finish reason to send for chunk; None
@@ -394,20 +441,23 @@ class ChatReply:
 
 @dataclass(frozen=True)
 class ChatOptions:
-    """A chat request's OpenAI options: the messages to render, the grammar
-    (response_format or tools), the tools, and the top logprobs asked for
-    (None: no logprobs)."""
+    """A chat request's OpenAI options: the prompt (the messages rendered),
+    the grammar (response_format or tools), the tools, and the top logprobs
+    asked for (None: no logprobs)."""
 
-    messages: list[dict[str, str]]
+    prompt: str
     grammar: str | None
     tools: Tools | None
     top_logprobs: int | None
 
 
-def chat_options(messages: Any, *, response_format: Any = None, tools: Any = None, tool_choice: Any = None,
-                 logprobs: Any = False, top_logprobs: Any = None) -> ChatOptions:
-    """ChatOptions from OpenAI's request fields; FieldError names a bad one."""
-    offered = parse_tools(tools, tool_choice)
+def chat_options(messages: Any, *, model: Model, response_format: Any = None, tools: Any = None,
+                 tool_choice: Any = None, logprobs: Any = False, top_logprobs: Any = None) -> ChatOptions:
+    """ChatOptions from OpenAI's request fields, the messages rendered for
+    model (the module doc says which template is used); FieldError names a
+    bad field, ValueError if the chat template cannot render the messages."""
+    template = tool_template(model)
+    offered = parse_tools(tools, tool_choice, syntax=template.syntax if template is not None else BARE_JSON)
     grammar = response_format_grammar(response_format)
     if offered is not None and grammar is not None:
         raise FieldError("response_format", "response_format cannot be combined with tools a reply may call "
@@ -419,8 +469,12 @@ def chat_options(messages: Any, *, response_format: Any = None, tools: Any = Non
             raise FieldError("top_logprobs", "'top_logprobs' needs 'logprobs': true")
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
             raise FieldError("top_logprobs", f"'top_logprobs' must be an int in [0, 20], got {top_logprobs!r}")
-    return ChatOptions(prompt_messages(messages, offered), grammar if offered is None else offered.grammar(),
-                       offered, (top_logprobs or 0) if logprobs else None)
+    if template is not None:
+        prompt = template.render(template_messages(messages), offered.specs if offered is not None else None)
+    else:
+        prompt = model.render_chat(prompt_messages(messages, offered))
+    return ChatOptions(prompt, grammar if offered is None else offered.grammar(), offered,
+                       (top_logprobs or 0) if logprobs else None)
 
 
 # -- over a ScopeLlama ----------------------------------------------------------------
@@ -452,16 +506,17 @@ def create_chat_completion(
     tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str | Mapping[str, Any] | None = None,
     logprobs: bool = False, top_logprobs: int | None = None,
 ) -> ChatResponse | Iterator[ChatChunk]:
-    """A chat completion through the GGUF's chat template (ScopeLlama.chat
-    says how turns reuse the cache), streamed as chunks if stream.
+    """A chat completion through the GGUF's chat template (continued on the
+    cache as ScopeLlama.chat is), streamed as chunks if stream.
     response_format, tools, tool_choice, logprobs, top_logprobs: as OpenAI's
     (the module doc says how tools are offered); FieldError names a bad one."""
-    opts = chat_options(list(messages), response_format=response_format, tools=list(tools) if tools else None,
+    opts = chat_options(list(messages), model=llm.model, response_format=response_format,
+                        tools=list(tools) if tools else None,
                         tool_choice=tool_choice, logprobs=logprobs, top_logprobs=top_logprobs)
     sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
                         grammar=opts.grammar, logprobs=opts.top_logprobs)
-    chunks = llm.chat(opts.messages, max_tokens=max_tokens, stop=stop, sampling=sampling)
+    chunks = llm.stream(opts.prompt, max_tokens=max_tokens, stop=stop, sampling=sampling, resume=True)
     reply = ChatReply(llm.model, opts.tools, logprobs=opts.top_logprobs is not None)
     return _chat_stream(llm, chunks, reply) if stream else _chat(llm, chunks, reply)
 

@@ -294,16 +294,18 @@ def _completion_logprobs(body: Mapping[str, Any]) -> int | None:
     return n
 
 
-def _chat_options(body: Mapping[str, Any]) -> ChatOptions:
+def _chat_options(body: Mapping[str, Any], model: Model) -> ChatOptions:
     if body.get("parallel_tool_calls") not in (None, True, False):
         raise APIError(400, f"'parallel_tool_calls' must be a boolean, got {body['parallel_tool_calls']!r}",
                        param="parallel_tool_calls")
     try:
-        return chat_options(body.get("messages"), response_format=body.get("response_format"),
+        return chat_options(body.get("messages"), model=model, response_format=body.get("response_format"),
                             tools=body.get("tools"), tool_choice=body.get("tool_choice"),
                             logprobs=body.get("logprobs") or False, top_logprobs=body.get("top_logprobs"))
     except FieldError as why:
         raise APIError(400, str(why), param=why.param) from None
+    except ValueError as why:  # the chat template cannot render these messages
+        raise APIError(400, str(why), param="messages") from None
 
 
 def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> Job:
@@ -318,11 +320,11 @@ def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> J
     stream = _field(body, "stream", bool, False)
     if _field(body, "n", int, 1) != 1:
         raise APIError(400, "only n = 1 is supported", param="n")
-    opts = _chat_options(body) if chat else None
+    opts = _chat_options(body, model) if chat else None
     logprobs = opts.top_logprobs if opts is not None else _completion_logprobs(body)
     try:
         if opts is not None:
-            text = model.render_chat(opts.messages)
+            text = opts.prompt
         else:
             text = body.get("prompt")
             if not isinstance(text, str) or not text:

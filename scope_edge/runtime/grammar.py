@@ -8,6 +8,7 @@ grammar sampler.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,8 @@ JSON_OBJECT = llama_grammar.JSON_GBNF
 _CHAR = "char ::= " + llama_grammar.PRIMITIVE_RULES["char"].content
 _JSON_CHAR = _CHAR.replace(r'[^"\\]', r'[^"\\\x7F\x00-\x1F]', 1)
 
-_TOOL_CALL, _FREE_TEXT = "scope-edge-call", "scope-edge-text"
+_TOOL_CALL, _CALL_JSON, _FREE_TEXT = "scope-edge-call", "scope-edge-call-json", "scope-edge-text"
+_ROOT = re.compile(r"^root ::=", re.MULTILINE)
 
 
 def json_schema_grammar(schema: Mapping[str, Any]) -> str:
@@ -39,17 +41,29 @@ def json_schema_grammar(schema: Mapping[str, Any]) -> str:
     return gbnf.replace(_CHAR, _JSON_CHAR)
 
 
-def tool_call_grammar(functions: Sequence[tuple[str, Mapping[str, Any]]], *, allow_text: bool) -> str:
+def tool_call_grammar(functions: Sequence[tuple[str, Mapping[str, Any]]], *, allow_text: bool,
+                      prefix: str = "", suffix: str = "") -> str:
     """GBNF for a call of one of functions ((name, parameters JSON schema)):
-    the JSON object {"name": <name>, "arguments": <object valid under its
-    parameters>}. allow_text: or else plain text, which then must not start
-    with '{' or whitespace, so the first character tells a call from text."""
+    prefix, the JSON object {"name": <name>, "arguments": <object valid
+    under its parameters>}, suffix (a model family's markers around a call,
+    e.g. "<tool_call>\\n" and "\\n</tool_call>"). allow_text: or else plain
+    text, which then must not start with whitespace or the call's first
+    character, so the first character tells a call from text."""
     if not functions:
         raise ValueError("a tool-call grammar needs at least one function")
     call = {"oneOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": params},
                        "required": ["name", "arguments"]} for name, params in functions]}
     gbnf = json_schema_grammar(call)
-    if not allow_text:
+    if not (allow_text or prefix or suffix):
         return gbnf
-    rules = gbnf.replace("root ::=", f"{_TOOL_CALL} ::=", 1)
-    return f"root ::= {_TOOL_CALL} | {_FREE_TEXT}\n{_FREE_TEXT} ::= [^{{ \\t\\r\\n] .*\n{rules}"
+    rules = _ROOT.sub(f"{_CALL_JSON} ::=", gbnf, count=1)
+    marked = " ".join(part for part in (_literal(prefix), _CALL_JSON, _literal(suffix)) if part)
+    root = f"root ::= {_TOOL_CALL}" + (f" | {_FREE_TEXT}" if allow_text else "")
+    lead = ord((prefix or "{")[0])  # escaped as \UXXXXXXXX: any character is then safe in a class
+    text = f"{_FREE_TEXT} ::= [^\\U{lead:08X} \\t\\r\\n] .*\n" if allow_text else ""
+    return f"{root}\n{_TOOL_CALL} ::= {marked}\n{text}{rules}"
+
+
+def _literal(text: str) -> str:
+    """text as a GBNF string literal ("" for none)."""
+    return json.dumps(text, ensure_ascii=False) if text else ""
