@@ -148,14 +148,16 @@ def chunking(prompt_tokens: int, max_tokens: int, seeds: list[int]) -> list[dict
     rows = []
     for seed in seeds:
         prompt = logbook_prompt(path, prompt_tokens, seed)
-        stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
+        # One thread each: results do not depend on it, and ggml's spinning
+        # threads crawl on a loaded 2-core machine.
+        stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True, n_threads=1)
         with ScopeLlama(path) as default:
             policy = default.policy
         if policy is None:
             raise ValueError(f"{path} gets no default budget (its context is small): nothing to compare")
         llms = [ScopeLlama(path, policy=dataclasses.replace(policy, prefill=dataclasses.replace(policy.prefill,
                                                                                                   probe=probe)),
-                           prefill_chunk=chunk) for _, probe, chunk in CHUNKINGS]
+                           prefill_chunk=chunk, n_threads=1) for _, probe, chunk in CHUNKINGS]
         eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
         try:
             res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)

@@ -228,6 +228,11 @@ def segments(text: str) -> list[str]:
     return out
 
 
+def n_lines(text: str) -> int:
+    """Numbered lines ("N. " or "N) ") in an output."""
+    return len(re.findall(r"(?m)^\s*\d+[.)]", text))
+
+
 def matched(items: list[tuple[str, int]], text: str) -> list[bool]:
     """Which items the output gives, in order (longest common subsequence of
     items and segments, an item matching a segment that holds its name and
@@ -505,6 +510,9 @@ def summary(res: dict) -> dict:
                                     for r, x in zip(rs, fr)),
                     "stops_with_full": (sum(r["finish_reason"] == "stop" for r, x in zip(rs, fr)
                                             if x["finish_reason"] == "stop") / len(stopped)) if stopped else None,
+                    # where the full cache stopped right after its last item, not after a run of repeats
+                    "full_stops_on_time": sum(n_lines(x["text"]) <= x["n_items"] for x in stopped),
+                    "full_stops": len(stopped),
                 }
     return out
 
@@ -527,6 +535,9 @@ def table(res: dict) -> str:
                 stops = "-" if x["stops_with_full"] is None else f"{x['stops_with_full']:.0%}"
                 lines.append(f"   {c:20} {x['mean']:6.1%} ± {x['ci95']:5.1%} | {x['vs_full']:6.1%} | "
                              f"{x['kv_vs_stock']:6.1%} ({x['cells']} cells) | {stops:>4} | {x['past_end']}/{x['n']}")
+                if c == FULL:
+                    lines[-1] += (f" | stopped on {x['full_stops']} of {x['n']}, {x['full_stops_on_time']} of them "
+                                  "right after the last item")
     lines += ["", "prompt token classes held after the prefill selection (mean share), compressed sizes:"]
     for c in cfg["configs"]:
         if c == FULL:
@@ -544,6 +555,8 @@ def _load(path: Path) -> dict:
     if path.suffix != ".jsonl":
         return json.loads(path.read_text())
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A job run again (a resumed run set) counts once: its last run.
+    runs = list({(r["config"], r["family"], r["size"], r["seed"]): r for r in runs}.values())
     configs = list(dict.fromkeys(r["config"] for r in runs))
     return {"config": {"prefill": PREFILL, "allocated_cells": ALLOC, "window": WINDOW,
                        "configs": [FULL, *(c for c in configs if c != FULL)],
