@@ -106,3 +106,16 @@ def test_readme_headline_numbers_are_held_by_the_cited_files():
 ])
 def test_a_number_the_file_does_not_hold_is_caught(row, bad):
     assert unheld_numbers(row)[1] == bad
+
+
+def test_ci_runs_the_readme_setup_commands():
+    """.ci/run's fresh set-up runs the README's first command and its test run the second, with the
+    same CMAKE_ARGS: the README's set-up block is what CI proves."""
+    setup = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("CMAKE_ARGS=")]
+    assert len(setup) >= 2, setup
+    ci = (ROOT / ".ci/run").read_text()
+    for command in setup[:2]:
+        cmake, rest = re.fullmatch(r'(CMAKE_ARGS="[^"]*") (.*)', command).groups()
+        assert f"export {cmake}\n" in ci
+        install, run = rest.split(" && ", 1)
+        assert run in ci, f".ci/run does not run the README's {run!r}"
