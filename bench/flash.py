@@ -29,7 +29,7 @@ import numpy as np
 
 from device import time_ours
 from scope_edge import Budget, ScopeLlama, Sketch, memory, models, rpc
-from scope_edge.bench import logbook_prompt, machine, save_results
+from scope_edge.bench import eog_tokens, logbook_prompt, machine, save_results
 from scope_edge.runtime.context import KV_TYPES
 
 log = logging.getLogger("bench.flash")
@@ -53,11 +53,13 @@ def time_stock(path: str, prompt: list[int], *, max_tokens: int, timed: int, fla
     """Stock llama_cpp.Llama (n_ctx = prompt + max_tokens): decode tok/s over the last `timed` greedy steps."""
     llm = llama_cpp.Llama(path, n_ctx=len(prompt) + max_tokens, flash_attn=flash_attn, type_k=KV_TYPES[type_kv],
                           type_v=KV_TYPES[type_kv], n_gpu_layers=n_gpu_layers, verbose=False)
+    eog = eog_tokens(path)  # masked, as ours ignores end-of-generation: both decode every step
     try:
         llm.eval(prompt)
         stamps = []
         for _ in range(max_tokens - 1):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+            logits[eog] = -np.inf
             llm.eval([int(logits.argmax())])
             stamps.append(time.perf_counter())
         tail = stamps[-timed - 1:]

@@ -13,6 +13,12 @@ tuning prompts, then the evaluation prompts of both families), fidelity.py with 
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; then memory at 4096 + 4096), plots.py, then
 report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
+
+Stored files this does not re-create (older one-off runs; bench/README.md says what made
+each): aggregation_512.json, aggregation_1024.json, fidelity_default.json,
+fidelity_sketch_random.json, fidelity_sketch_rank.json, iswa.json (bench/iswa.py, needs
+Gemma 3), structured.json (bench/structured.py) and the ordered evaluation's logs.
+Several files that it does re-create were made with older defaults (CHANGELOG.md).
 """
 from __future__ import annotations
 

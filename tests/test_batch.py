@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import threading
 
 import llama_cpp
@@ -30,6 +31,7 @@ TOPICS = ["a lighthouse keeper", "a dragon who loves tea", "the history of bread
 # holds for the scores that choose which cells to evict: when a near tie
 # there keeps another cell, the caches part, and the tokens may part later.
 NEAR_TIE = 0.5
+log = logging.getLogger(__name__)
 
 
 def _story(llm: ScopeLlama, topic: str, *, words: int = 0) -> list[int]:
@@ -106,18 +108,35 @@ def test_concurrent_sequences_match_their_runs_alone_up_to_near_ties(llm, model)
         assert runner.batcher.steps < 4 * n  # decoded together, not in turn
     finally:
         runner.close()
-    same_cache_parts = 0
+    parts = {"identical": 0, "token": 0, "cell": 0}
     for prompt, (a_tokens, a_held), g in zip(prompts, alone, got):
         b_tokens = [t for t, _ in g]
         assert len(b_tokens) == n
         # the first step where the token or the cache after it differs
         k = next((i for i in range(n) if a_tokens[i] != b_tokens[i] or not np.array_equal(a_held[i], g[i][1])), None)
-        if k is None or a_tokens[k] == b_tokens[k]:
-            continue  # identical, or a near-tie cell choice parted the caches first
-        same_cache_parts += 1
-        logits = list(llm.teacher_force(prompt, a_tokens[: k + 1]))[k]  # the alone run's own logits there
-        assert logits[a_tokens[k]] - logits[b_tokens[k]] < NEAR_TIE, f"step {k}: batched chose a token ranked far below"
-    print(f"{same_cache_parts} of {len(prompts)} sequences parted on a token near tie")
+        if k is None:
+            parts["identical"] += 1
+        elif a_tokens[k] != b_tokens[k]:  # the same cache held, another token chosen
+            parts["token"] += 1
+            logits = list(llm.teacher_force(prompt, a_tokens[: k + 1]))[k]  # the alone run's own logits there
+            assert logits[a_tokens[k]] - logits[b_tokens[k]] < NEAR_TIE, f"step {k}: batched chose a token ranked far below"
+        else:  # the same token, but the step's selection kept another cell
+            parts["cell"] += 1
+            check_one_cell_choice(a_held[k], g[k][1], step=k)
+    log.info("batched against alone: %s", parts)
+    assert parts["identical"] + parts["token"] + parts["cell"] == len(prompts)
+
+
+def check_one_cell_choice(alone: np.ndarray, batched: np.ndarray, *, step: int) -> None:
+    """Caches that part on a near-tie score differ by a choice between cells
+    of equal number: the same count held, a cell or two swapped, and the
+    newest cells (the recent window, which no score evicts) the same."""
+    only_alone, only_batched = np.setdiff1d(alone, batched), np.setdiff1d(batched, alone)
+    assert len(alone) == len(batched), f"step {step}: {len(batched)} cells held batched, {len(alone)} alone"
+    assert 1 <= len(only_alone) <= 2, f"step {step}: caches differ by {len(only_alone)} cells, not one choice"
+    recent = np.sort(alone)[-BUDGET.recent_window:]
+    assert np.isin(recent, batched).all(), f"step {step}: batched lost recent cells {np.setdiff1d(recent, batched)}"
+    assert only_batched.max() < recent[0], f"step {step}: batched kept {only_batched}, inside the recent window"
 
 
 def test_each_sequence_cells_as_llama_cpp_sees_them(llm, model):
@@ -341,3 +360,13 @@ def test_a_runner_that_fails_to_build_leaves_no_decode_thread(model, monkeypatch
     with pytest.raises(MemoryError, match="no room"):
         _runner(model, 2)
     assert "scope-edge-decode" not in {t.name for t in threading.enumerate()}
+
+
+def test_the_cell_choice_check_refuses_caches_that_part_otherwise():
+    alone = np.r_[0:40, 50:90]  # 80 cells: prompt cells then the recent window's 24 among them
+    check_one_cell_choice(alone, np.r_[0:39, 45, 50:90], step=3)  # cell 39 swapped for 45: one choice
+    for batched, why in [(np.r_[0:40, 50:91], "cells held"),            # one more cell held
+                         (np.r_[0:37, 41:44, 50:90], "differ by 3"),    # three cells swapped
+                         (np.r_[0:41, 50:89], "lost recent")]:          # the newest cell evicted
+        with pytest.raises(AssertionError, match=why):
+            check_one_cell_choice(alone, batched, step=3)

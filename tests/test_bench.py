@@ -3,6 +3,7 @@ the prompt through the GGUF's chat template, the scripts' shared pieces.
 No timing assertions (the machine is shared)."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -28,7 +29,8 @@ def result(model_path):
     return run_bench(BenchConfig(model=str(model_path), **TINY), progress=False)
 
 
-def test_keys_and_arithmetic(result):
+def check_result(result: dict) -> None:
+    """Keys present and every derived number equal to what it is derived from."""
     for part in ("stock", "ours", "ideal"):
         for key in ("decode_tokens_per_s",):
             assert result[part][key] > 0
@@ -36,6 +38,15 @@ def test_keys_and_arithmetic(result):
         assert result[part]["kv_bytes"] > 0 and result[part]["prefill_tokens_per_s"] > 0
     assert result["ours"]["kv_bytes"] < result["stock"]["kv_bytes"]
     assert result["ideal"]["n_ctx"] == result["ours"]["kv_cells"]
+    # KV is cells x the same bytes a cell: stock holds the whole context
+    s, o, i, r = result["stock"], result["ours"], result["ideal"], result["ratios"]
+    assert s["n_ctx"] >= TINY["prompt_tokens"] + TINY["max_tokens"]
+    assert o["kv_bytes"] * s["n_ctx"] == s["kv_bytes"] * o["kv_cells"]
+    # every ratio is ours over its reference, from the numbers reported beside it
+    assert r["kv_bytes"] == pytest.approx(o["kv_bytes"] / s["kv_bytes"], rel=1e-12)
+    assert r["decode_speedup"] == pytest.approx(o["decode_tokens_per_s"] / s["decode_tokens_per_s"], rel=1e-12)
+    assert r["prefill_speedup"] == pytest.approx(o["prefill_tokens_per_s"] / s["prefill_tokens_per_s"], rel=1e-12)
+    assert r["decode_vs_ideal"] == pytest.approx(o["decode_tokens_per_s"] / i["decode_tokens_per_s"], rel=1e-12)
     f = result["fidelity"]
     assert f["steps"] == 64
     assert 0.0 <= f["top1_agreement"] <= 1.0
@@ -44,6 +55,18 @@ def test_keys_and_arithmetic(result):
     assert 0 <= f["identical_prefix"] <= 64 and 0.0 <= f["rouge_l"] <= 1.0
     assert result["config"]["strategy"] == "slide"
     json.dumps(result)  # JSON-able
+
+
+def test_keys_and_arithmetic(result):
+    check_result(result)
+
+
+@pytest.mark.parametrize("ratio", ["kv_bytes", "decode_speedup", "prefill_speedup", "decode_vs_ideal"])
+def test_a_ratio_off_by_a_percent_is_caught(result, ratio):
+    wrong = copy.deepcopy(result)
+    wrong["ratios"][ratio] *= 1.01
+    with pytest.raises(AssertionError):
+        check_result(wrong)
 
 
 def test_stock_logits_are_the_full_cache_logits(model_path):

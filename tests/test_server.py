@@ -3,6 +3,7 @@ openai client (and httpx for what the client would not send)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from scope_edge import Budget, ScopeLlama
 
 ROOT = Path(__file__).resolve().parents[1]
 SCOPE = {"prefill_budget": 64, "decode_budget": 32}  # small: conversations evict
+log = logging.getLogger(__name__)
 NEAR_TIE = 0.5  # tests/test_batch.py: batched greedy choices differ from alone ones only at near ties
 TOPICS = ["a lighthouse keeper", "a dragon who loves tea", "the history of bread", "a robot learning to paint"]
 
@@ -125,9 +127,12 @@ def _agrees_up_to_a_near_tie(llm: ScopeLlama, messages, served: list[str], max_t
     tokens = [c.token for c in alone if c.token is not None]
     assert k < len(tokens), "the served stream runs past the alone one"
     logits = list(llm.teacher_force(prompt, tokens[: k + 1]))[k]
-    top = np.sort(logits)[::-1]
-    assert top[0] - top[1] < NEAR_TIE, (f"streams part at token {k} where the alone run had a clear choice: "
-                                        f"{list(zip(texts, served))[max(0, k - 4):k + 2]}")
+    # the served chunk is the text of a token that nearly ties the alone run's choice
+    near = np.flatnonzero(logits >= logits[tokens[k]] - NEAR_TIE)
+    pieces = {llm.detokenize([int(t)]) for t in near if t != tokens[k]}
+    held = served[k] == "" and any("\ufffd" in p for p in pieces)  # part of a character, printed later
+    assert served[k] in pieces or held, (f"streams part at token {k} where the served text is no near tie of the "
+                                         f"alone run's: {list(zip(texts, served))[max(0, k - 4):k + 2]}")
     return False
 
 
@@ -193,7 +198,9 @@ def test_concurrent_conversations_match_each_run_alone(model_path):
         assert all(_stats(f)["evicted_cells"] == 0 for f in finals)
         identical = sum(_agrees_up_to_a_near_tie(llm, m, [ch.choices[0].delta.content or "" for ch in r[1:]], n)
                         for m, r in zip(convs, replies))
-        print(f"{identical} of {len(convs)} conversations identical to their runs alone")
+        # near ties are rare: a runtime that parted every conversation would be batching them wrongly
+        log.info("%d of %d conversations identical to their runs alone", identical, len(convs))
+        assert identical >= len(convs) // 2, f"only {identical} of {len(convs)} conversations identical to alone"
     finally:
         llm.close()
         assert _stop(srv) == 0

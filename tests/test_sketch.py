@@ -130,7 +130,16 @@ def test_sketch_reads_flash_attention_queries_and_stored_keys(model, type_k):
     sketch = _captures(model, tokens, type_k=type_k, type_v=type_k, flash_attn=True, sketch=_identity(model))
     for e, s in zip(exact, sketch):
         np.testing.assert_allclose(s.attn[0], e.attn[0], atol=5e-3)
-        assert np.abs(s.attn - e.attn).max() < 0.5  # deeper layers differ only by flash attention's rounding
+        check_rounding_only(e, s)
+
+
+def check_rounding_only(exact, sketch) -> None:
+    """Deeper layers differ only by flash attention's rounding, compounded
+    layer by layer: in every layer and head at most a tenth of a row's
+    attention lands on other cells (measured: at most 0.045)."""
+    moved = 0.5 * np.abs(sketch.attn - exact.attn).sum(-1) / exact.rows[:, None]
+    worst = np.unravel_index(moved.argmax(), moved.shape)
+    assert moved.max() < 0.1, f"layer {worst[0]}, head {worst[1]}: {moved.max():.3f} of the attention moved"
 
 
 def test_exact_capture_under_flash_attention_is_refused(model):
