@@ -4,7 +4,11 @@ the prefill budget, on two task families, tuning and evaluation prompts apart.
 
     python bench/ordered.py tune       # parameters, on the tuning prompts
     python bench/ordered.py eval       # the chosen configuration and the baselines
-    python bench/ordered.py report bench/results/ordered_eval.json
+    python bench/ordered.py report bench/results/ordered_eval.jsonl
+
+--out: a .json file gets the whole run set at the end (and its runs as they
+end in <out>.partial.jsonl); a .jsonl file (emptied first) gets only the runs,
+one per line as each ends, and report reads either.
 
 Families (each record's first words are the line the output needs; every
 item's name and value are unique to it and needed exactly once):
@@ -550,7 +554,7 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _load(path: Path) -> dict:
+def load(path: Path) -> dict:
     """A result file, or the runs a stopped run appended to its .partial.jsonl."""
     if path.suffix != ".jsonl":
         return json.loads(path.read_text())
@@ -582,7 +586,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.mode == "report":
-        parts = [_load(Path(p)) for p in args.files]
+        parts = [load(Path(p)) for p in args.files]
         res = parts[0]
         for p in parts[1:]:
             res["runs"] += [r for r in p["runs"] if r["config"] != FULL]
@@ -594,11 +598,17 @@ def main() -> None:
     n = args.prompts or (5 if tuning else 20)
     seeds = args.seeds or ([TUNING_SEED + j for j in range(n)] if tuning else list(range(n)))
     sizes = args.sizes or ([3, 4] if tuning else [1, 2, 3, 4])
-    out = args.out or str(RESULTS / f"ordered_{args.mode}.json")
+    out = Path(args.out or RESULTS / f"ordered_{args.mode}.json")
+    lines_only = out.suffix == ".jsonl"
+    partial = out if lines_only else out.with_suffix(".partial.jsonl")
+    if lines_only:
+        partial.write_text("")
     res = run(args.configs or (TUNE if tuning else EVAL), args.families, sizes, seeds, workers=args.workers,
-              max_factor=args.max_factor, partial=str(Path(out).with_suffix(".partial.jsonl")),
-              full=not args.skip_full)
-    save_results(out, res, table=table)
+              max_factor=args.max_factor, partial=str(partial), full=not args.skip_full)
+    if lines_only:
+        print(table(load(out)))
+    else:
+        save_results(str(out), res, table=table)
 
 
 if __name__ == "__main__":

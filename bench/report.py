@@ -244,10 +244,10 @@ def server(d: dict) -> str:
     return "\n".join(out)
 
 
-def ordered_suite(d: dict) -> str:
-    from ordered import table  # bench/ordered.py renders its own suite
+def ordered_suite(path: Path) -> str:
+    from ordered import load, table  # bench/ordered.py reads and renders its own suite
 
-    return table(d)
+    return table(load(path))
 
 
 REPORTS: dict[str, Callable] = {
@@ -262,8 +262,7 @@ REPORTS: dict[str, Callable] = {
     "fidelity_sketch_lookback_prompts.json": fidelity_prompts,
     "fidelity_sketch_lookback_rank32_prompts.json": fidelity_prompts,
     "server.json": server, "server_q8.json": server, "server_flash.json": server,
-    "ordered_tune.json": ordered_suite, "ordered_eval_inventory.json": ordered_suite,
-    "ordered_eval_teams.json": ordered_suite,
+    "ordered_tune.json": ordered_suite, "ordered_tune_chunk.json": ordered_suite, "ordered_eval.jsonl": ordered_suite,
 }
 
 
@@ -285,7 +284,8 @@ def render(results: Path) -> str:
     for name, fn in REPORTS.items():
         src = results / name
         if src.exists():
-            parts.append(f"### {name}\n\n{fn(json.loads(src.read_text()))}\n")
+            data = src if fn is ordered_suite else json.loads(src.read_text())
+            parts.append(f"### {name}\n\n{fn(data)}\n")
     return "\n".join(parts)
 
 

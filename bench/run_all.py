@@ -17,7 +17,7 @@ report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end 
 Stored files this does not re-create (older one-off runs; bench/README.md says what made
 each): aggregation_512.json, aggregation_1024.json, fidelity_default.json,
 fidelity_sketch_random.json, fidelity_sketch_rank.json, iswa.json (bench/iswa.py, needs
-Gemma 3), structured.json (bench/structured.py) and the ordered evaluation's logs.
+Gemma 3), structured.json (bench/structured.py) and ordered_tune.json (an earlier runtime's tuning).
 Several files that it does re-create were made with older defaults (CHANGELOG.md).
 """
 from __future__ import annotations
@@ -53,15 +53,13 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                    "--out", "RESULTS/server_flash.json"],
      ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--flash-attn", "--type-k", "q8_0", "--type-v",
       "q8_0", "--sketch-rank", "8"]),
-    ("ordered.py", ["tune", "--families", "inventory"],
-     ["tune", "--prompts", "1", "--sizes", "3", "--configs", "scope", "--families", "inventory", "--workers", "1"]),
-    ("ordered.py", ["eval", "--families", "inventory", "--out", "RESULTS/ordered_eval_inventory.json"],
-     ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "inventory", "--workers", "1",
-      "--out", "RESULTS/ordered_eval_inventory.json"]),
-    ("ordered.py", ["eval", "--families", "teams", "--sizes", "3", "4", "--prompts", "10", "--configs", "scope/q8",
-                    "slide/q8", "--workers", "1", "--out", "RESULTS/ordered_eval_teams.json"],
+    ("ordered.py", ["tune", "--configs", "scope/q8", "scope/chunk256/q8", "--families", "inventory", "--sizes", "3",
+                    "4", "--out", "RESULTS/ordered_tune_chunk.json"],
+     ["tune", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "inventory", "--workers", "1",
+      "--out", "RESULTS/ordered_tune_chunk.json"]),
+    ("ordered.py", ["eval", "--out", "RESULTS/ordered_eval.jsonl"],
      ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "teams", "--workers", "1",
-      "--out", "RESULTS/ordered_eval_teams.json"]),
+      "--out", "RESULTS/ordered_eval.jsonl"]),
     ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "adaptive", "discontinuous",
                      "--out", "RESULTS/fidelity_lookback.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
