@@ -368,6 +368,8 @@ CONFIGS: dict[str, Callable[[], dict]] = {
     "scope/recent128": lambda: _scope(recent=128),
     "scope/q8": lambda: _scope(type_k="q8_0"),
     "scope/chunk256/q8": lambda: _scope(chunk=256, type_k="q8_0"),  # the default's shape: chunk = decode room
+    "scope/recent128/q8": lambda: _scope(recent=128, type_k="q8_0"),
+    "scope/nolend/q8": lambda: _scope(lend=None, type_k="q8_0"),
     "scope/window64": lambda: _scope(window=64),
     "scope/window16": lambda: _scope(window=16),
     "scope/lookback12": lambda: _scope(lookback=12),
