@@ -61,7 +61,7 @@ from . import memory, models
 from .budget import Budget
 from .llama import ScopeLlama
 from .policies import DEFAULT_LEND, LEND_RULES, STRATEGIES, validate_lend, validate_names
-from .policies.checks import is_int
+from .checks import is_int
 from .runtime.context import KV_TYPES, check_kv_types
 from .runtime.sketch import BASES as SKETCH_BASES
 from .runtime.sketch import SCORES as SKETCH_SCORES

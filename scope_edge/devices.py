@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import llama_cpp
 
 from . import rpc
-from .policies.checks import is_int
+from .checks import is_int
 
 _GPU_TYPES = (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
 

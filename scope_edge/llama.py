@@ -22,13 +22,15 @@ from .budget import Budget
 from .devices import Devices
 from .policies import Policy, build, validate_names
 from .policies.registry import DEFAULT_LEND, DEFAULT_STRATEGY, default_budget, validate_lend
-from .policies.checks import is_int, require_head_reduce
+from .checks import is_int
+from .policies.checks import require_head_reduce
 from .runtime.cache import Cache, CacheSettings
 from .runtime.context import N_BATCH, Context, check_kv_types, default_capture_layers, layer_flags
 from .runtime.generation import Chunk, Completion, EvictionNotice, FinishReason, Generation, GenerationStats, Limits
 from .runtime.model import Model
 from .runtime.sampling import GREEDY, Sampler, Sampling
-from .runtime.sketch import Sketch, SketchBasis, basis_for
+from .runtime.calibrate import basis_for
+from .runtime.sketch import Sketch, SketchBasis
 
 __all__ = ["ScopeLlama", "Chunk", "Completion", "FinishReason", "GenerationStats", "Sampling", "Sketch", "Limits"]
 
@@ -341,7 +343,7 @@ class ScopeLlama:
         """The llama.cpp context and its cache (None before the first
         generation, or after close()): cells(), visible(), memory for
         llama.cpp's own view. Use it between generations, not during one."""
-        return self._cache.context
+        return self._cache.own_context
 
     @property
     def n_ctx(self) -> int:

@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import signal
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -42,13 +40,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .budget import Budget
-from .openai import (ChatChunk, ChatOptions, ChatReply, ChatResponse, CompletionResponse, FieldError, Tools, Usage,
-                     chat_options, completion_logprobs)
+from .openai_wire import Answer, ChatOptions, FieldError, Tools, chat_options
 from .policies import Policy, build, validate_names
-from .policies.checks import is_int
+from .checks import is_int
 from .policies.registry import DEFAULT_STRATEGY
 from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
-from .runtime.generation import Chunk, GenerationStats, Limits
+from .runtime.generation import Chunk, Limits
 from .runtime.model import Model
 from .runtime.context import check_kv_types
 from .runtime.sampling import RANDOM_SEED, Sampling, check_grammar
@@ -342,78 +339,6 @@ def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> J
 
 
 # -- responses --------------------------------------------------------------------
-def _usage(stats: GenerationStats) -> Usage:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
-
-
-def _stats(stats: GenerationStats, slot: int) -> dict[str, float | int]:
-    return {**stats.as_dict(), "slot": slot}
-
-
-class Answer:
-    """OpenAI-shaped bodies for one job's chunks (stateful: a chat reply may
-    hold back a tool call until its end)."""
-
-    def __init__(self, job: Job, *, model: Model, model_name: str, slot: int) -> None:
-        self.job, self.slot, self.model = job, slot, model
-        self.base = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                     "model": model_name}
-        self.reply = ChatReply(model, job.tools, logprobs=job.logprobs is not None) if job.chat else None
-        self._offset = 0  # of the next completion token in the text (logprobs' text_offset)
-
-    def whole(self, chunks: list[Chunk]) -> ChatResponse | CompletionResponse:
-        last = chunks[-1]
-        assert last.stats is not None  # the last chunk carries them
-        extra = {"usage": _usage(last.stats), "scope_edge": _stats(last.stats, self.slot)}
-        if self.reply is not None:
-            reason = None
-            for chunk in chunks:
-                pushed = self.reply.push(chunk)
-                reason = pushed[2] if pushed is not None else None
-            return {**self.base, "object": "chat.completion", **extra, "choices": [
-                {"index": 0, "message": self.reply.message(), "logprobs": self.reply.all_logprobs(),
-                 "finish_reason": reason}]}
-        lps = None if self.job.logprobs is None else completion_logprobs(
-            self.model, [c.logprobs for c in chunks if c.logprobs is not None])
-        return {**self.base, "object": "text_completion", **extra, "choices": [
-            {"text": "".join(c.text for c in chunks), "index": 0, "logprobs": lps,
-             "finish_reason": last.finish_reason}]}
-
-    def first(self) -> ChatChunk | None:
-        if not self.job.chat:
-            return None
-        return {**self.base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
-
-    def parts(self, chunk: Chunk) -> list[ChatChunk | CompletionResponse]:
-        """The bodies to stream for chunk (none while a tool call is held
-        back; with include_usage, a last one carrying only the usage)."""
-        out: Any
-        if self.reply is not None:
-            pushed = self.reply.push(chunk)
-            if pushed is None:
-                return []  # held back: a tool call is sent whole at its end
-            delta, logprobs, reason = pushed
-            out = {**self.base, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
-        else:
-            lps = None if self.job.logprobs is None else completion_logprobs(
-                self.model, [chunk.logprobs] if chunk.logprobs is not None else [], self._offset)
-            self._offset += len(chunk.text)
-            out = {**self.base, "object": "text_completion", "choices": [
-                {"text": chunk.text, "index": 0, "logprobs": lps, "finish_reason": chunk.finish_reason}]}
-        if chunk.stats is None:
-            return [out]
-        usage, stats = _usage(chunk.stats), _stats(chunk.stats, self.slot)
-        if self.job.include_usage:  # OpenAI's shape: a last chunk with no choices carries the usage
-            return [out, {**self.base, "object": out["object"], "choices": [], "usage": usage, "scope_edge": stats}]
-        out["scope_edge"] = stats
-        if self.job.include_usage is None:
-            out["usage"] = usage
-        return [out]
-
-
 def _sse(data: Mapping[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
@@ -588,7 +513,8 @@ def create_app(engine: Engine) -> FastAPI:
         _check_key(request, settings)
         job = parse(await _body(request), chat=chat, model=engine.model, settings=settings)
         slot, items, req = await engine.start(job)
-        answer = Answer(job, model=engine.model, model_name=settings.model_name, slot=slot)
+        answer = Answer(chat=job.chat, model=engine.model, model_name=settings.model_name, tools=job.tools,
+                        logprobs=job.logprobs, include_usage=job.include_usage, extra_stats={"slot": slot})
         if job.stream:
             return StreamingResponse(_streamed(answer, items, req), media_type="text/event-stream")
         return await _whole(request, answer, items, req)

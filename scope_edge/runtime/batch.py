@@ -35,13 +35,15 @@ import numpy as np
 from .. import memory
 from ..hook import Capture
 from ..policies import Policy
-from ..policies.checks import is_int
+from ..checks import is_int
 from .cache import Cache, CacheSettings
 from .context import N_BATCH, Context, check_kv_types
 from .generation import Chunk, EvictionNotice, Generation, GenerationStats, Limits
 from .model import Model
 from .sampling import Sampler, Sampling
-from .sketch import Sketch, SketchBasis, basis_for
+from .sequence import SequenceCache
+from .calibrate import basis_for
+from .sketch import Sketch, SketchBasis
 
 log = logging.getLogger("scope_edge")
 T = TypeVar("T")
@@ -251,9 +253,9 @@ class Batcher:
         self.lock.notify_all()
 
 
-class SeqView:
-    """Sequence `seq` of a shared context, with Context's interface as the
-    single-sequence runtime (Cache, Session, Generation) uses it. Decodes go
+class SeqView(SequenceCache):
+    """Sequence `seq` of a shared context, as the single-sequence runtime
+    (Cache, Session, Generation) uses one (SequenceCache). Decodes go
     through the Batcher; everything holds its lock. transfers() counts the
     hook's reads for every sequence of the context."""
 

@@ -10,7 +10,6 @@ import ctypes
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,10 +17,8 @@ from .. import memory
 from ..policies import Policy
 from .context import N_BATCH, Context
 from .model import Model
+from .sequence import SequenceCache
 from .sketch import SketchBasis
-
-if TYPE_CHECKING:
-    from .batch import SeqView
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +106,7 @@ class Session:
         self._append(np.arange(first, len(self.tokens), dtype=np.int64), np.asarray(positions, dtype=np.int32))
         self.next_pos = int(positions[-1]) + 1
 
-    def truncate(self, ctx: Context | SeqView, n: int) -> None:
+    def truncate(self, ctx: SequenceCache, n: int) -> None:
         """Keep the first n tokens: drop the cells of the rest."""
         if len(self.tokens) <= n:
             return
@@ -156,14 +153,15 @@ class Cache:
     """The context (re-created bigger when a generation needs more cells)
     and the session of tokens it holds.
 
-    context: a given one (one sequence of a shared context, batch.SeqView)
-    instead of one made here; settings.n_ctx must then be its cell count, so
-    it is never replaced."""
+    context: a given sequence (one of a shared context, batch.SeqView)
+    instead of a Context made and owned here; settings.n_ctx must then be
+    its cell count, so it is never replaced."""
 
     def __init__(self, model: Model, settings: CacheSettings, *, abort: ctypes.c_bool,
-                 context: SeqView | None = None) -> None:
+                 context: SequenceCache | None = None) -> None:
         self.model, self.settings, self._abort = model, settings, abort
-        self.context: Context | SeqView | None = context
+        self.context: SequenceCache | None = context
+        self._owned: Context | None = None  # the context made here (closed with the cache)
         self.session: Session | None = None
         if context is not None and settings.n_ctx != context.n_cells:
             raise ValueError(f"a given context needs n_ctx = its {context.n_cells} cells, got {settings.n_ctx}")
@@ -171,13 +169,19 @@ class Cache:
             self._ensure_context(settings.n_ctx)
 
     @property
+    def own_context(self) -> Context | None:
+        """The Context this cache made and owns (None: none yet, or a given sequence)."""
+        return self._owned
+
+    @property
     def position_limit(self) -> int:
         return self.settings.position_limit or self.model.n_ctx_train
 
     def close(self) -> None:
         self.session = None
-        if self.context is not None:
-            self.context.close()
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
             self.context = None
 
     def forget_session(self) -> None:
@@ -247,7 +251,7 @@ class Cache:
         return self.context is None or self.context.n_cells < memory.padded_cells(need)
 
     # -- starting a generation ----------------------------------------------
-    def start(self, n_prompt: int, plan: Plan) -> tuple[Context | SeqView, Session]:
+    def start(self, n_prompt: int, plan: Plan) -> tuple[SequenceCache, Session]:
         """The context for plan, its session truncated to the reused tokens
         (or a fresh one on an emptied cache)."""
         ctx = self._context_for(n_prompt, plan)
@@ -260,7 +264,7 @@ class Cache:
         self.session = session
         return ctx, session
 
-    def _context_for(self, n_prompt: int, plan: Plan) -> Context | SeqView:
+    def _context_for(self, n_prompt: int, plan: Plan) -> SequenceCache:
         need, limit = self._cells_for(n_prompt, plan)
         if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
             raise ValueError(
@@ -274,7 +278,7 @@ class Cache:
             )
         return self._ensure_context(need)  # a new context drops the session: plan() reuses only when none is needed
 
-    def _ensure_context(self, n_cells: int) -> Context | SeqView:
+    def _ensure_context(self, n_cells: int) -> SequenceCache:
         """A context of at least n_cells; a bigger one replaces the old (and
         its session)."""
         n_cells = memory.padded_cells(n_cells)
@@ -282,7 +286,8 @@ class Cache:
             return self.context
         self.close()
         s = self.settings
-        self.context = Context(self.model, n_cells=n_cells, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                               type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers,
-                               type_v=s.type_v, flash_attn=s.flash_attn, sketch=s.sketch)
+        self._owned = Context(self.model, n_cells=n_cells, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
+                              type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers,
+                              type_v=s.type_v, flash_attn=s.flash_attn, sketch=s.sketch)
+        self.context = self._owned
         return self.context

@@ -16,9 +16,10 @@ from numba import carray, cfunc, types
 from .. import memory
 from ..memory import N_BATCH
 from ..hook import EVAL_CALLBACK, Capture, Hook
-from ..policies.checks import is_int
+from ..checks import is_int
 from .model import Model
 from .sampling import Sampler
+from .sequence import SequenceCache
 from .sketch import SketchBasis
 
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
@@ -100,8 +101,9 @@ def fill_batch_seqs(batch: llama_cpp.llama_batch, tokens: Sequence[int], positio
     batch.n_tokens = len(tokens)
 
 
-class Context:
-    """A llama_context of n_cells KV cells with our hook as its eval callback.
+class Context(SequenceCache):
+    """A llama_context of n_cells KV cells with our hook as its eval callback
+    (sequence 0 of it: a SequenceCache, for the single-sequence runtime).
 
     n_seq > 1: sequences [0, n_seq) each own a stream of n_cells / n_seq
     cells (llama.cpp's kv_unified = false: a token attends over its own

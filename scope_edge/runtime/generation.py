@@ -17,9 +17,10 @@ import numpy as np
 
 from ..policies import Policy
 from .cache import Plan, Session
-from .context import N_BATCH, Context
+from .context import N_BATCH
 from .model import Model
 from .sampling import Sampler, TokenLogprobs
+from .sequence import SequenceCache
 from .text import TextStream
 
 log = logging.getLogger("scope_edge")
@@ -131,7 +132,7 @@ class Generation:
     cache of that many cells, for the stock comparison in the stats; notice:
     what the first eviction logs."""
 
-    def __init__(self, model: Model, ctx: Context, plan: Plan, session: Session, stats: GenerationStats, *,
+    def __init__(self, model: Model, ctx: SequenceCache, plan: Plan, session: Session, stats: GenerationStats, *,
                  position_limit: int, check_open: Callable[[], None], kv_bytes: Callable[[int], int],
                  notice: EvictionNotice = EvictionNotice(holder="the policy")) -> None:
         self.model, self.ctx, self.plan, self.session, self.stats = model, ctx, plan, session, stats
