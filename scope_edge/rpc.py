@@ -237,6 +237,11 @@ class Server:
                     raise RPCError(f"the RPC server for {self.endpoint} did not start within {timeout:g} s") from None
                 time.sleep(0.1)
 
+    @property
+    def pid(self) -> int:
+        """The server process's id (its memory holds the offloaded weights and KV cache)."""
+        return self._proc.pid
+
     def stop(self) -> None:
         if self._proc.poll() is None:
             self._proc.terminate()

@@ -43,13 +43,12 @@ from .budget import Budget
 from .openai_wire import Answer, ChatOptions, FieldError, Tools, chat_options
 from .policies import Policy, build, validate_names
 from .checks import is_int
-from .policies.registry import DEFAULT_STRATEGY
+from .policies.registry import DEFAULT_LEND, DEFAULT_STRATEGY
 from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
 from .runtime.generation import Chunk, Limits
+from .runtime.config import EngineConfig
 from .runtime.model import Model
-from .runtime.context import check_kv_types
 from .runtime.sampling import RANDOM_SEED, Sampling, check_grammar
-from .runtime.sketch import Sketch
 
 log = logging.getLogger("scope_edge")
 
@@ -58,61 +57,55 @@ SCOPE_KEYS = {"prefill_budget", "decode_budget", "strategy", "lend", "observatio
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
-    """Everything `scope-edge serve` is configured with.
+    """Everything `scope-edge serve` is configured with: the engine's
+    configuration (EngineConfig: model, devices, cache types, scoring, ...)
+    and the serving fields.
 
-    budget / strategy: the default policy; a request's "scope" may change them.
-    slots: conversations decoded together. slot_cells: KV cells per slot
-    (None: what the default budget needs, slot_cells_for()). max_tokens: when a
-    request gives none. queue_size: requests that may wait for a slot.
-    api_key: required as "Authorization: Bearer <key>" on /v1 when set."""
+    budget / strategy / prefill_selector / lend: the default policy, by
+    name; a request's "scope" may change them (a scope naming another
+    strategy runs that strategy's own selector). slots: conversations decoded together. slot_cells: KV cells
+    per slot (None: what the default budget needs, slot_cells_for()).
+    max_tokens: when a request gives none. queue_size: requests that may wait
+    for a slot. api_key: required as "Authorization: Bearer <key>" on /v1
+    when set."""
 
-    model_path: str
+    engine: EngineConfig
     model_name: str
     budget: Budget
     strategy: str = DEFAULT_STRATEGY
+    prefill_selector: str | None = None
+    lend: str = DEFAULT_LEND
     slots: int = 4
     slot_cells: int | None = None
     step_tokens: int | None = None
     max_tokens: int = 512
     queue_size: int = 16
-    n_threads: int | None = None
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
-    scoring: Sketch | None = None
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self) -> None:
-        validate_names(self.strategy, None)
+        if not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
+        validate_names(self.strategy, self.prefill_selector)
         for name in ("max_tokens", "port"):
             if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'port' else 1}, got {getattr(self, name)!r}")
         if not is_int(self.queue_size) or self.queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0, got {self.queue_size!r}")
-        check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        unscored = self.unscored_reason(self.policy())
-        if unscored:
-            raise ValueError(unscored)
+        self.engine.check_policy(self.policy())
 
-    def unscored_reason(self, policy: Policy) -> str | None:
-        """Why this server cannot run policy (it reads scores, flash attention
-        is on and no key sketches are kept), or None."""
-        if self.flash_attn and self.scoring is None and policy.scored:
-            return (f"strategy {policy.decode.name} scores cells by attention, which flash attention never "
-                    "computes; this server keeps no key sketches (start it with --sketch-rank), so only "
-                    "streaming and full run here")
-        return None
-
-    def policy(self) -> Policy:
-        return build(self.budget, strategy=self.strategy)
+    def policy(self, budget: Budget | None = None, strategy: str | None = None, lend: str | None = None) -> Policy:
+        """The default policy, or the one a request's scope names (its
+        budget, strategy, lend; the server's for what it leaves out)."""
+        strategy = strategy or self.strategy
+        selector = self.prefill_selector if strategy == self.strategy else None
+        return build(budget or self.budget, strategy=strategy, prefill_selector=selector, lend=lend or self.lend)
 
     def batch_settings(self) -> BatchSettings:
-        cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens)
-        return BatchSettings(slots=self.slots, slot_cells=cells, n_threads=self.n_threads, type_k=self.type_k,
-                             type_v=self.type_v, flash_attn=self.flash_attn, scoring=self.scoring,
-                             step_tokens=self.step_tokens)
+        cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens,
+                                                  prefill_chunk=self.engine.prefill_chunk)
+        return BatchSettings(slots=self.slots, slot_cells=cells, step_tokens=self.step_tokens, engine=self.engine)
 
 
 class APIError(Exception):
@@ -213,13 +206,10 @@ def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
     try:
         budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
                         observation_window=scope.get("observation_window"), recent_window=scope.get("recent_window"))
-        policy = build(budget, strategy=scope.get("strategy", settings.strategy),
-                       **({"lend": scope["lend"]} if "lend" in scope else {}))
+        policy = settings.policy(budget, scope.get("strategy"), scope.get("lend"))
+        settings.engine.check_policy(policy)
     except ValueError as why:
         raise APIError(400, f"bad 'scope': {why}", param="scope", code="invalid_budget") from None
-    unscored = settings.unscored_reason(policy)
-    if unscored:
-        raise APIError(400, f"bad 'scope': {unscored}", param="scope", code="invalid_budget")
     return policy
 
 
@@ -357,7 +347,7 @@ class Engine:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.model = Model(settings.model_path)
+        self.model = Model(settings.engine.path(), devices=settings.engine.devices)
         try:
             self.model.check_supported()
             self.runner = BatchRunner(self.model, settings.batch_settings())
@@ -405,9 +395,12 @@ class Engine:
                 self.waiting -= 1
 
     def health(self) -> dict[str, Any]:
+        devices = self.settings.engine.devices
         return {"status": "ok", "model": self.settings.model_name, "slots": self.settings.slots,
                 "free_slots": self.runner.free_slots(), "queued": self.waiting,
-                "slot_cells": self.runner.settings.slot_cells}
+                "slot_cells": self.runner.settings.slot_cells,
+                "devices": {"n_gpu_layers": devices.n_gpu_layers, "rpc_servers": list(devices.rpc_servers),
+                            "offloaded": devices.offloads(), "capture_layers": self.runner.capture_layers}}
 
     def cancel_all(self) -> None:
         self.runner.cancel_all()
@@ -558,8 +551,12 @@ def serve(settings: ServerSettings) -> None:
     """Load the model and serve until SIGTERM / SIGINT."""
     engine = Engine(settings)
     bs = engine.runner.settings
-    log.warning("serving %s on http://%s:%d/v1: %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s",
-                settings.model_name, settings.host, settings.port, bs.slots, bs.slot_cells,
+    devices = settings.engine.devices
+    where = (f"{devices.n_gpu_layers} layers offloaded" + (f" to {', '.join(devices.rpc_servers)}"
+                                                           if devices.rpc_servers else "")
+             if devices.offloads() else "the CPU")
+    log.warning("serving %s on http://%s:%d/v1 (%s): %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s",
+                settings.model_name, settings.host, settings.port, where, bs.slots, bs.slot_cells,
                 engine.runner.kv_bytes(bs.slots * bs.slot_cells) / 2**20, settings.budget.prefill,
                 settings.budget.decode, settings.strategy)
     config = uvicorn.Config(create_app(engine), host=settings.host, port=settings.port, log_level="warning",

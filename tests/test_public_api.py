@@ -62,7 +62,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wire", ("scope_edge.openai_wire",)),
     ("facade", ("scope_edge.llama",)),
     ("server", ("scope_edge.server",)),
-    ("adapters", ("scope_edge.openai", "scope_edge.bench")),
+    ("adapters", ("scope_edge.openai", "scope_edge.bench", "scope_edge.flags")),
     ("package", ("scope_edge",)),
     ("cli", ("scope_edge.cli",)),
 )
@@ -72,7 +72,7 @@ PEERS = {"facade": 5, "server": 5, "adapters": 6, "package": 6}
 # What a user imports (documented); everything else is internal and may change.
 PUBLIC = {"scope_edge", "scope_edge.budget", "scope_edge.policies", "scope_edge.memory", "scope_edge.models",
           "scope_edge.openai", "scope_edge.rpc", "scope_edge.devices", "scope_edge.server", "scope_edge.bench",
-          "scope_edge.cli", "scope_edge.config"}
+          "scope_edge.cli"}
 # Layers that never load llama.cpp: a policy sees positions and scores only.
 NO_LLAMA_CPP = {"foundation", "policies"}
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from .. import memory
 from ..policies import Policy
-from .context import N_BATCH, Context
+from .config import EngineConfig
+from .context import Context
 from .model import Model
 from .sequence import SequenceCache
 from .sketch import SketchBasis
@@ -23,29 +24,18 @@ from .sketch import SketchBasis
 
 @dataclass(frozen=True, kw_only=True)
 class CacheSettings:
-    """How contexts are made and sized.
+    """How contexts are made and sized: the engine's configuration, and what
+    it resolves to once the model is loaded.
 
     n_ctx: fixed KV cells; None sizes the context per generation.
-    prefill_chunk / chunked_prefill: under a policy, a prompt longer than
-        the kept prompt + prefill_chunk is prefilled in chunks of
-        prefill_chunk tokens (None: automatic; True/False force).
     capture_layers: flags [n_layer] of the captured layers (None: all).
-    position_limit: positions stay below it under a policy (re-indexed when
-        they would pass it); None: the model's trained context.
-    type_v, flash_attn, sketch: as Context takes them (sketch: captures score
-        from key sketches on this basis; None: exact attention).
+    sketch: captures score from key sketches on this basis (the basis
+        computed for engine.scoring; None: exact attention).
     """
 
-    n_ctx: int | None
-    n_threads: int
-    n_threads_batch: int
-    type_k: str
-    prefill_chunk: int = N_BATCH
-    chunked_prefill: bool | None = None
+    engine: EngineConfig
+    n_ctx: int | None = None
     capture_layers: np.ndarray | None = None
-    position_limit: int | None = None
-    type_v: str = "f16"
-    flash_attn: bool = False
     sketch: SketchBasis | None = None
 
 
@@ -175,7 +165,7 @@ class Cache:
 
     @property
     def position_limit(self) -> int:
-        return self.settings.position_limit or self.model.n_ctx_train
+        return self.settings.engine.position_limit or self.model.n_ctx_train
 
     def close(self) -> None:
         self.session = None
@@ -220,8 +210,8 @@ class Cache:
         if policy is None:
             return Plan(policy, reuse, None, one_shot + max_tokens)
         keep = policy.prompt_floor(one_shot)  # cells on loan (Policy.lend) come out of the decode room
-        chunk = self.settings.prefill_chunk
-        forced = self.settings.chunked_prefill
+        chunk = self.settings.engine.prefill_chunk
+        forced = self.settings.engine.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk
         # A chunk's probe comes out of the chunk, so it costs no cell; a
         # chunk too small to carry one is scored by its own rows.
@@ -285,9 +275,10 @@ class Cache:
         if self.context is not None and self.context.n_cells >= n_cells:
             return self.context
         self.close()
-        s = self.settings
-        self._owned = Context(self.model, n_cells=n_cells, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                              type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers,
-                              type_v=s.type_v, flash_attn=s.flash_attn, sketch=s.sketch)
+        s, e = self.settings, self.settings.engine
+        n_threads, n_threads_batch = e.threads()
+        self._owned = Context(self.model, n_cells=n_cells, n_threads=n_threads, n_threads_batch=n_threads_batch,
+                              type_k=e.type_k, abort=self._abort, capture_layers=s.capture_layers,
+                              type_v=e.type_v, flash_attn=e.flash_attn, sketch=s.sketch)
         self.context = self._owned
         return self.context
