@@ -28,7 +28,8 @@ from .policies.checks import require_head_reduce
 from .runtime.cache import Cache, CacheSettings
 from .runtime.config import EngineConfig
 from .runtime.context import Context, default_capture_layers, layer_flags
-from .runtime.generation import Chunk, Completion, EvictionNotice, FinishReason, Generation, GenerationStats, Limits
+from .runtime.generation import (Chunk, Completion, EvictionNotice, FinishReason, Generation, GenerationStats, Limits,
+                                 start_generation)
 from .runtime.model import Model
 from .runtime.sampling import GREEDY, Sampler, Sampling
 from .runtime.calibrate import basis_for
@@ -411,16 +412,8 @@ class ScopeLlama:
         return self._guard(run())
 
     def _generation(self, prompt: list[int], max_tokens: int, *, resume: bool) -> Generation:
-        """A generation of at most max_tokens on a context sized for it."""
-        policy = self._policy.for_generation(max_tokens) if self._policy is not None else None
-        plan = self._cache.plan(prompt, max_tokens=max_tokens, policy=policy, resume=resume)
-        ctx, session = self._cache.start(len(prompt), plan)
-        full, swa = memory.kv_bytes_split(self.geometry, ctx.n_cells, self.config.type_k, self.config.type_v)
-        stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
-                                kv_bytes_allocated=full + swa, kv_bytes_full=full, kv_bytes_swa=swa,
-                                reused_prompt_tokens=plan.reuse)
-        return Generation(self.model, ctx, plan, session, stats, position_limit=self._cache.position_limit,
-                          check_open=self._check_open, kv_bytes=self._kv_bytes, notice=self._notice())
+        return start_generation(self._cache, prompt, policy=self._policy, max_tokens=max_tokens, resume=resume,
+                                check_open=self._check_open, notice=self._notice())
 
     def _notice(self) -> EvictionNotice:
         """What the first eviction of a generation says: WARNING under the
@@ -428,15 +421,10 @@ class ScopeLlama:
         if self.budget is None:
             return EvictionNotice(holder="this ScopeLlama's policy")
         b = self.budget
-        size = self._kv_bytes(b.total) / 2**20
+        size = self._cache.stock_kv_bytes(b.total) / 2**20
         kind = "the default budget" if self.default_budget else "the budget"
         return EvictionNotice(holder=f"{kind} (prefill={b.prefill} + decode={b.decode} cells, {size:.1f} MiB of KV)",
                               level=logging.WARNING if self.default_budget else logging.INFO)
-
-    def _kv_bytes(self, n_cells: int) -> int:
-        """Stock llama-cpp-python's KV bytes for n_cells tokens (its sliding-window cache, if any, as big
-        as the full one: llama.cpp's default swa_full)."""
-        return memory.kv_bytes(self.geometry, memory.padded_cells(n_cells), self.config.type_k, self.config.type_v)
 
     def _guard(self, gen: Iterator) -> Iterator:
         """One generation at a time (other threads wait for the lock); an

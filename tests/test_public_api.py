@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The runtime itself (scope_edge/ but its CLI, OpenAI shapes and bench) may reach inside.
 OUTSIDE = sorted(
     [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("examples/*.py"),
-     ROOT / "scope_edge" / "cli.py", ROOT / "scope_edge" / "openai.py", ROOT / "scope_edge" / "bench.py"]
+     ROOT / "scope_edge" / "cli.py", ROOT / "scope_edge" / "openai.py", ROOT / "scope_edge" / "bench.py",
+     ROOT / "scope_edge" / "flags.py"]
 )
 
 

@@ -5,11 +5,13 @@
     sketch.py      Sketch (scoring from key sketches) and the bases' linear algebra
     sequence.py    SequenceCache: one sequence's cache, the protocol the layers above use
     context.py     a llama_context with our hook: decode, capture, evict, shift
+    config.py      EngineConfig: how an engine runs a model, validated once
     calibrate.py   learning a sketch basis by decoding a calibration text
     cache.py       what the cache holds across calls (Session), sizing (Cache, Plan)
     grammar.py     GBNF for JSON objects, JSON schemas and tool calls (llama-cpp-python's converter)
     text.py        token bytes to streamed text, stop strings
-    generation.py  one generation: prefill, the decode loop, Chunk and stats
+    generation.py  one generation: start_generation (the one way one starts), prefill,
+                   the decode loop, Chunk and stats
     batch.py       several sequences of one context decoded together (the server's engine)
 
 A policy (scope_edge.policies) appears only in cache.py (a generation's

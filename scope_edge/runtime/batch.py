@@ -38,7 +38,7 @@ from ..checks import is_int
 from .cache import Cache, CacheSettings
 from .config import EngineConfig
 from .context import N_BATCH, Context, default_capture_layers, layer_flags
-from .generation import Chunk, EvictionNotice, Generation, GenerationStats, Limits
+from .generation import Chunk, EvictionNotice, Generation, Limits, start_generation
 from .model import Model
 from .sampling import Sampler, Sampling
 from .sequence import SequenceCache
@@ -387,7 +387,6 @@ class BatchRunner:
         if model.n_swa:
             raise ValueError(f"{model.path}: sliding-window (iSWA) models run one sequence at a time (ScopeLlama); "
                              "batched slots, each a stream of both caches, are not verified for them")
-        self._geometry = memory.read_geometry(model.path)
         self._closing = ctypes.c_bool(False)
         engine = settings.engine
         n_threads, n_threads_batch = engine.threads()
@@ -437,8 +436,8 @@ class BatchRunner:
         return self.slots[slot].history()
 
     def kv_bytes(self, n_cells: int) -> int:
-        """KV bytes of n_cells cells of this model and K type (V f16)."""
-        return memory.kv_bytes(self._geometry, n_cells, self.settings.engine.type_k, self.settings.engine.type_v)
+        """KV bytes of n_cells cells of this model and cache types."""
+        return sum(self.slots[0].cache.kv_bytes(n_cells))
 
     # -- requests ----------------------------------------------------------
     def start(self, prompt: Sequence[int], *, policy: Policy, limits: Limits, sampling: Sampling,
@@ -482,21 +481,12 @@ class BatchRunner:
             self.on_free()
 
     def _generation(self, slot: Slot, prompt: list[int], policy: Policy, max_tokens: int) -> Generation:
-        """The slot's generation of prompt (ScopeLlama._generation on one sequence)."""
-        cache = slot.cache
-        run_policy = policy.for_generation(max_tokens)
-        plan = cache.plan(prompt, max_tokens=max_tokens, policy=run_policy, resume=True)
+        notice = EvictionNotice(holder=f"slot {slot.seq}'s policy", off="a request's \"scope\" sets its budget")
         try:
-            ctx, session = cache.start(len(prompt), plan)
+            return start_generation(slot.cache, prompt, policy=policy, max_tokens=max_tokens, resume=True,
+                                    check_open=self._check_open_for(slot.seq), notice=notice)
         except ValueError as why:
             raise ValueError(f"{why} (here n_ctx is the {self.settings.slot_cells} cells of one slot)") from None
-        stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
-                                kv_bytes_allocated=self.kv_bytes(ctx.n_cells),
-                                kv_bytes_full=self.kv_bytes(ctx.n_cells), reused_prompt_tokens=plan.reuse)
-        req_check = self._check_open_for(slot.seq)
-        notice = EvictionNotice(holder=f"slot {slot.seq}'s policy", off="a request's \"scope\" sets its budget")
-        return Generation(self.model, ctx, plan, session, stats, position_limit=cache.position_limit,
-                          check_open=req_check, kv_bytes=self.kv_bytes, notice=notice)
 
     def _check_open_for(self, seq: int) -> Callable[[], None]:
         def check() -> None:

@@ -150,6 +150,7 @@ class Cache:
     def __init__(self, model: Model, settings: CacheSettings, *, abort: ctypes.c_bool,
                  context: SequenceCache | None = None) -> None:
         self.model, self.settings, self._abort = model, settings, abort
+        self.geometry = memory.read_geometry(model.path)
         self.context: SequenceCache | None = context
         self._owned: Context | None = None  # the context made here (closed with the cache)
         self.session: Session | None = None
@@ -157,6 +158,17 @@ class Cache:
             raise ValueError(f"a given context needs n_ctx = its {context.n_cells} cells, got {settings.n_ctx}")
         if context is None and settings.n_ctx is not None:
             self._ensure_context(settings.n_ctx)
+
+    def kv_bytes(self, n_cells: int) -> tuple[int, int]:
+        """(full-attention, sliding-window) KV bytes of a context of n_cells cells."""
+        e = self.settings.engine
+        return memory.kv_bytes_split(self.geometry, n_cells, e.type_k, e.type_v)
+
+    def stock_kv_bytes(self, n_tokens: int) -> int:
+        """Stock llama-cpp-python's KV bytes for n_tokens tokens (its sliding-window cache, if any, as big
+        as the full one: llama.cpp's default swa_full)."""
+        e = self.settings.engine
+        return memory.kv_bytes(self.geometry, memory.padded_cells(n_tokens), e.type_k, e.type_v)
 
     @property
     def own_context(self) -> Context | None:

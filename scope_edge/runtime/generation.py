@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from ..policies import Policy
-from .cache import Plan, Session
+from .cache import Cache, Plan, Session
 from .context import N_BATCH
 from .model import Model
 from .sampling import Sampler, TokenLogprobs
@@ -121,6 +121,22 @@ class Limits:
             raise ValueError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
         if not isinstance(self.stop, tuple) or any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError(f"stop strings must be non-empty str, got {list(self.stop)!r}")
+
+
+def start_generation(cache: Cache, prompt: list[int], *, policy: Policy | None, max_tokens: int, resume: bool,
+                     check_open: Callable[[], None], notice: EvictionNotice) -> Generation:
+    """A generation of at most max_tokens on cache's context, sized for it:
+    the one way a generation starts, for ScopeLlama and for each slot of a
+    BatchRunner. policy: the engine's (None: the full cache); a fresh copy
+    runs (Policy.for_generation). resume: continue the cache's session."""
+    run_policy = policy.for_generation(max_tokens) if policy is not None else None
+    plan = cache.plan(prompt, max_tokens=max_tokens, policy=run_policy, resume=resume)
+    ctx, session = cache.start(len(prompt), plan)
+    full, swa = cache.kv_bytes(ctx.n_cells)
+    stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells, kv_bytes_allocated=full + swa,
+                            kv_bytes_full=full, kv_bytes_swa=swa, reused_prompt_tokens=plan.reuse)
+    return Generation(cache.model, ctx, plan, session, stats, position_limit=cache.position_limit,
+                      check_open=check_open, kv_bytes=cache.stock_kv_bytes, notice=notice)
 
 
 class Generation:
