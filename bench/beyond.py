@@ -42,7 +42,7 @@ def targets(args: argparse.Namespace) -> dict:
     log.info("stock f16: KV %.1f MiB, decode %.1f tok/s", stock.kv_bytes / 2**20, stock.decode_tokens_per_s)
     rows = []
     for type_k in ("f16", "q8_0"):
-        cfg = dataclasses.replace(base, type_k=type_k)
+        cfg = dataclasses.replace(base, engine=dataclasses.replace(base.engine, type_k=type_k))
         stats, _ = run_ours(cfg, path, prompt, progress=True)
         ideal = run_ideal(path, int(stats["kv_cells_allocated"]), prompt + stock.tokens, cfg.ideal_steps, type_k)
         row = {

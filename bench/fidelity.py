@@ -31,7 +31,7 @@ import numpy as np
 
 from scope_edge import Budget, ScopeLlama
 from scope_edge.bench import (BenchConfig, budget_pairs, lockstep, logbook_prompt, machine, run_many, run_stock,
-                               save_results, scoring_fields, scoring_name)
+                               save_results, scoring_engine, scoring_name)
 from scope_edge.policies import Policy, SnapKV, build
 
 log = logging.getLogger("bench.fidelity")
@@ -101,7 +101,7 @@ def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
 def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], strategies: list[str],
           scorings: list[str], seeds: list[int]) -> list[dict]:
     """strategies: names, or "strategy/lend" for a SCOPE strategy under a
-    lend rule; each runs under every scoring of scorings (scoring_fields),
+    lend rule; each runs under every scoring of scorings (scoring_engine),
     on the logbook of every seed."""
     rows = []
     for seed, (prefill, decode) in itertools.product(seeds, budgets):
@@ -109,7 +109,7 @@ def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], s
                             strategy=s.partition("/")[0],
                             **({"lend": s.partition("/")[2]} if "/" in s else {}), prefill_budget=prefill,
                             decode_budget=decode, recent_window=max(1, decode // 2), ideal_steps=64,
-                            **scoring_fields(sc))
+                            engine=scoring_engine(sc))
                 for s in strategies for sc in scorings]
         for r in run_many(cfgs):
             r["memory_ratio"] = (prefill + decode) / (prompt_tokens + max_tokens)

@@ -38,7 +38,7 @@ import threading
 import time
 from pathlib import Path
 
-from scope_edge import Budget, Sketch, memory, models
+from scope_edge import Budget, EngineConfig, Sketch, memory, models
 from scope_edge.bench import logbook_prompt, machine, run_stock, save_results
 from scope_edge.policies import build
 from scope_edge.runtime.batch import BatchRunner, BatchSettings, on_own_thread, slot_cells_for
@@ -65,12 +65,12 @@ def run_stock_in_turn(path: str, prompts: list[list[int]], tokens: int, *, n_thr
 def run_ours_together(model: Model, prompts: list[list[int]], *, tokens: int, budget: Budget,
                       prefill_chunk: int, **cache: object) -> dict:
     """All prompts at once on len(prompts) slots of one context. cache: further
-    BatchSettings (type_k, type_v, flash_attn, scoring); kv_bytes counts the
+    EngineConfig fields (type_k, type_v, flash_attn, scoring); kv_bytes counts the
     key sketches' host memory too."""
     policy = build(budget, strategy="slide")
     cells = slot_cells_for(policy, max_tokens=tokens, prefill_chunk=prefill_chunk)
-    runner = BatchRunner(model, BatchSettings(slots=len(prompts), slot_cells=cells, prefill_chunk=prefill_chunk,
-                                              **cache))  # type: ignore[arg-type]
+    engine = EngineConfig(prefill_chunk=prefill_chunk, **cache)  # type: ignore[arg-type]
+    runner = BatchRunner(model, BatchSettings(slots=len(prompts), slot_cells=cells, engine=engine))
     sketch_bytes = runner.context.n_cells * runner.sketch.bytes_per_cell if runner.sketch else 0
     stamps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}  # one per generated token
     peaks: dict[int, int] = {}

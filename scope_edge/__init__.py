@@ -5,7 +5,9 @@
         print(llm.generate("Hello", max_tokens=64).text)
 
 A policy composed from parts: ScopeLlama(policy=Policy(prefill=SnapKV(...),
-decode=Slide(...))) with scope_edge.policies.
+decode=Slide(...))) with scope_edge.policies. How the engine runs (devices,
+cache types, flash attention, scoring, ...): ScopeLlama(config=EngineConfig(...)),
+or its fields as keywords.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from ._cache_dir import place_numba_cache
 place_numba_cache()  # before any kernel compiles: never write caches into the installed package
 
 __version__ = "0.1.0"
-__all__ = ["ScopeLlama", "Budget", "Policy", "Sampling", "Sketch", "Completion", "Chunk", "GenerationStats"]
+__all__ = ["ScopeLlama", "EngineConfig", "Budget", "Policy", "Sampling", "Sketch", "Completion", "Chunk", "GenerationStats"]
 
 if TYPE_CHECKING:
     from .budget import Budget
     from .llama import Chunk, Completion, GenerationStats, ScopeLlama
     from .policies import Policy
+    from .runtime.config import EngineConfig
     from .runtime.sampling import Sampling
     from .runtime.sketch import Sketch
 
@@ -36,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from .policies import Policy
 
         return Policy
+    if name == "EngineConfig":
+        from .runtime.config import EngineConfig
+
+        return EngineConfig
     if name == "Sketch":
         from .runtime.sketch import Sketch
 

@@ -48,7 +48,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +57,14 @@ import numpy as np
 from numba import njit
 from tqdm import tqdm
 
-from . import memory, models
+from . import memory, rpc
 from .budget import Budget
+from .checks import is_int
+from .flags import add_engine_args, add_policy_args, budget_of, engine_config
 from .llama import ScopeLlama
-from .policies import DEFAULT_LEND, LEND_RULES, STRATEGIES, validate_lend, validate_names
-from .policies.checks import is_int
-from .runtime.context import KV_TYPES, check_kv_types
+from .policies import DEFAULT_LEND, Policy, build, validate_lend, validate_names
+from .runtime.config import EngineConfig
+from .runtime.context import KV_TYPES
 from .runtime.sketch import BASES as SKETCH_BASES
 from .runtime.sketch import SCORES as SKETCH_SCORES
 from .runtime.sketch import Sketch
@@ -83,7 +85,9 @@ _BODY_MARK = "<<scope-edge-bench-body>>"
 # -- configuration -------------------------------------------------------------
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark configuration. Windows left None take Budget's defaults,
+    """One benchmark configuration: the engine (EngineConfig: model, devices,
+    cache types, flash attention, scoring, chunking, ...), the policy by name
+    and budgets, and the run. Windows left None take Budget's defaults,
     which fit any budget."""
 
     prompt_tokens: int = 2048
@@ -96,21 +100,14 @@ class BenchConfig:
     decode_budget: int = 512
     observation_window: int | None = None  # None: Budget's default
     recent_window: int | None = None
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
-    sketch_rank: int = 0  # 0: exact attention scores; else Sketch(rank, basis, scores) from the sketch_ fields
-    sketch_basis: str = "qk"
-    sketch_scores: str = "attention"
-    model: str | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
     ideal_steps: int = 256
-    prefill_chunk: int = 512
     fidelity: bool = True
     reference: str = "stock"
 
     def __post_init__(self) -> None:
         for name in ("prompt_tokens", "max_tokens", "prefill_budget", "decode_budget",
-                     "observation_window", "recent_window", "ideal_steps", "prefill_chunk"):
+                     "observation_window", "recent_window", "ideal_steps"):
             value = getattr(self, name)
             if value is None and name.endswith("_window"):
                 continue
@@ -123,21 +120,14 @@ class BenchConfig:
                              f"take 70 on the default model; chat_prompt checks the real number), got {self.prompt_tokens}")
         if self.decode_budget < 2:
             raise ValueError(f"decode_budget must be >= 2, got {self.decode_budget}")
+        if not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
         validate_names(self.strategy, self.prefill_selector)
         validate_lend(self.lend)
-        check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        self.scoring()  # raises ValueError for a bad rank or basis
         if self.reference not in ("stock", "full"):
             raise ValueError(f"reference must be 'stock' (kept stock logits) or 'full' (ScopeLlama(budget=None) "
                              f"teacher-forced alongside), got {self.reference!r}")
-        self.budget()  # raises ValueError with the numbers
-
-    def scoring(self) -> Sketch | None:
-        if not is_int(self.sketch_rank) or self.sketch_rank < 0:
-            raise ValueError(f"sketch_rank must be an int >= 0 (0: exact attention), got {self.sketch_rank!r}")
-        if not self.sketch_rank:
-            return None
-        return Sketch(rank=self.sketch_rank, basis=self.sketch_basis, scores=self.sketch_scores)
+        self.engine.check_policy(self.policy())  # raises ValueError with the numbers, or for unscorable policies
 
     def budget(self) -> Budget:
         return Budget(
@@ -147,30 +137,47 @@ class BenchConfig:
             recent_window=self.recent_window,
         )
 
+    def policy(self) -> Policy:
+        return build(self.budget(), strategy=self.strategy, prefill_selector=self.prefill_selector, lend=self.lend)
+
     def model_path(self) -> str:
-        return str(models.resolve_model_path(self.model)) if self.model else str(models.fetch())
+        return self.engine.path()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The configuration as results record it: flat, the engine's fields
+        beside the run's (scoring as sketch_rank / sketch_basis / sketch_scores,
+        sketch_rank 0 for exact scores; devices as their own fields)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "engine"}
+        e = self.engine
+        sketch = e.scoring
+        return {**fields, "model": e.model_path, "type_k": e.type_k, "type_v": e.type_v, "flash_attn": e.flash_attn,
+                "sketch_rank": sketch.rank if sketch else 0, "sketch_basis": sketch.basis if sketch else "qk",
+                "sketch_scores": sketch.scores if sketch else "attention", "prefill_chunk": e.prefill_chunk,
+                "chunked_prefill": e.chunked_prefill, "position_limit": e.position_limit, "n_threads": e.n_threads,
+                "capture_layers": None if e.capture_layers is None else list(e.capture_layers),
+                **dataclasses.asdict(e.devices)}
 
 
 # -- scoring names (bench/fidelity.py --scoring, bench/ordered.py run@scoring) ---------
 KEY_ONLY = tuple(s for s in SKETCH_SCORES if s != "attention")
 
 
-def scoring_fields(scoring: str) -> dict:
-    """BenchConfig fields of a --scoring name: "exact", a sketch basis and its
-    rank ("qk16", "pca16", "random16"), or a key-only score and its rank on
-    the PCA basis ("keydiff16", "knorm16"); "+fa": flash attention on."""
+def scoring_engine(scoring: str, base: EngineConfig | None = None) -> EngineConfig:
+    """The engine a --scoring name asks for (base's other fields kept):
+    "exact", a sketch basis and its rank ("qk16", "pca16", "random16"), or a
+    key-only score and its rank on the PCA basis ("keydiff16", "knorm16");
+    "+fa": flash attention on."""
     name, _, fa = scoring.partition("+")
     match = re.fullmatch(r"([a-z]+)(\d+)", name)
     kind = match.group(1) if match else name
     if fa not in ("", "fa") or not (name == "exact" or (match and kind in SKETCH_BASES + KEY_ONLY)):
         raise ValueError(f"--scoring takes exact or <kind><rank> with kind in {SKETCH_BASES + KEY_ONLY}, "
                          f"optionally +fa; got {scoring!r}")
-    fields: dict = {"flash_attn": fa == "fa"}
+    sketch = None
     if match:
-        fields.update(sketch_rank=int(match.group(2)),
-                      **({"sketch_basis": "pca", "sketch_scores": kind} if kind in KEY_ONLY else
-                         {"sketch_basis": kind}))
-    return fields
+        rank = int(match.group(2))
+        sketch = Sketch(rank=rank, basis="pca", scores=kind) if kind in KEY_ONLY else Sketch(rank=rank, basis=kind)
+    return dataclasses.replace(base or EngineConfig(), flash_attn=fa == "fa", scoring=sketch)
 
 
 def budget_pairs(values: Sequence[str]) -> list[tuple[int, int]]:
@@ -361,11 +368,11 @@ def run_ideal(path: str, n_ctx: int, filler: Sequence[int], steps: int, type_k: 
 
 
 def open_ours(cfg: BenchConfig, path: str, *, full: bool = False) -> ScopeLlama:
+    """Ours under cfg, or (full) the full cache as stock runs it: K type and devices only."""
     if full:
-        return ScopeLlama(path, budget=None, type_k=cfg.type_k)
-    return ScopeLlama(path, budget=cfg.budget(), strategy=cfg.strategy, prefill_selector=cfg.prefill_selector,
-                      lend=cfg.lend, type_k=cfg.type_k, type_v=cfg.type_v, flash_attn=cfg.flash_attn,
-                      scoring=cfg.scoring(), prefill_chunk=cfg.prefill_chunk)
+        engine = EngineConfig(model_path=path, type_k=cfg.engine.type_k, devices=cfg.engine.devices)
+        return ScopeLlama(config=engine, budget=None)
+    return ScopeLlama(config=dataclasses.replace(cfg.engine, model_path=path), policy=cfg.policy())
 
 
 def run_ours(cfg: BenchConfig, path: str, prompt: list[int], *, progress: bool = False) -> tuple[dict, list[int]]:
@@ -480,9 +487,10 @@ def machine() -> dict[str, str | int | float]:
 
 
 def _check_shared(cfgs: Sequence[BenchConfig]) -> None:
-    keys = {(c.prompt_tokens, c.prompt_seed, c.max_tokens, c.type_k, c.model) for c in cfgs}
+    keys = {(c.prompt_tokens, c.prompt_seed, c.max_tokens, c.engine.type_k, c.engine.model_path, c.engine.devices)
+            for c in cfgs}
     if len(keys) != 1:
-        raise ValueError(f"run_many needs one prompt_tokens/prompt_seed/max_tokens/type_k/model for all configs, "
+        raise ValueError(f"run_many needs one prompt_tokens/prompt_seed/max_tokens/type_k/model/devices for all configs, "
                          f"got {sorted(map(str, keys))}")
 
 
@@ -499,14 +507,19 @@ def run_many(cfgs: Sequence[BenchConfig], *, progress: bool = True) -> list[dict
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     want = [i for i, c in enumerate(cfgs) if c.fidelity]
     keep_logits = bool(want) and c0.reference == "stock"
-    stock = run_stock(path, prompt, c0.max_tokens, c0.type_k, progress=progress, keep_logits=keep_logits)
+    devices = c0.engine.devices
+    for endpoint in devices.rpc_servers:  # stock offloads to llama.cpp's registered devices
+        rpc.register(endpoint)
+    type_k, n_gpu_layers = c0.engine.type_k, devices.n_gpu_layers
+    stock = run_stock(path, prompt, c0.max_tokens, type_k, progress=progress, keep_logits=keep_logits,
+                      n_gpu_layers=n_gpu_layers)
     log.info("stock: prefill %.0f tok/s, decode %.1f tok/s", stock.prefill_tokens_per_s, stock.decode_tokens_per_s)
     ours = [run_ours(cfg, path, prompt, progress=progress) for cfg in cfgs]
     ideals: dict[int, dict] = {}
     for cfg, (stats, _) in zip(cfgs, ours):
         cells = int(stats["kv_cells_allocated"])
         if cells not in ideals:
-            ideals[cells] = run_ideal(path, cells, prompt + stock.tokens, cfg.ideal_steps, cfg.type_k)
+            ideals[cells] = run_ideal(path, cells, prompt + stock.tokens, cfg.ideal_steps, type_k, n_gpu_layers)
     fids: list[dict | None] = [None] * len(cfgs)
     if want:
         full = None if keep_logits else open_ours(c0, path, full=True)
@@ -530,7 +543,7 @@ def _report(cfg: BenchConfig, stock: StockRun, stats: dict, ideal: dict, fid: di
     stock_d = {k: v for k, v in dataclasses.asdict(stock).items() if k != "tokens"}
     ours_d = {"kv_bytes": stats["kv_bytes_allocated"], "kv_cells": stats["kv_cells_allocated"], **stats}
     return {
-        "config": dataclasses.asdict(cfg),
+        "config": cfg.as_dict(),
         "stock": stock_d,
         "ours": ours_d,
         "ideal": ideal,
@@ -591,22 +604,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="generated tokens (EOS ignored)")
-    p.add_argument("--strategy", default=d.strategy, choices=STRATEGIES)
-    p.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
-    p.add_argument("--lend", default=d.lend, choices=LEND_RULES,
-                   help="which lent prompt cells go back first (none: the paper, the decode room stays empty)")
-    p.add_argument("--prefill-budget", type=int, default=d.prefill_budget)
-    p.add_argument("--decode-budget", type=int, default=d.decode_budget)
-    p.add_argument("--kv-memory", default=None, metavar="SIZE",
-                   help="size both budgets by KV memory for the model and --type-k, e.g. 48MiB (overrides "
-                        "--prefill-budget/--decode-budget; docs/budgets.md)")
-    p.add_argument("--observation-window", type=int, default=d.observation_window)
-    p.add_argument("--recent-window", type=int, default=d.recent_window)
-    p.add_argument("--type-k", default=d.type_k, help="K cache type: f16|q8_0|q4_0")
-    p.add_argument("--model", default=None, help="GGUF path (default: the default model)")
+    add_engine_args(p)
+    add_policy_args(p, full_cache=False, defaults=f" (default {d.prefill_budget}; decode {d.decode_budget}; "
+                                                  f"strategy {d.strategy}, lend {d.lend})")
     p.add_argument("--ideal-steps", type=int, default=d.ideal_steps, help="timed decode steps of the ideal run")
-    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
-                   help="prompt tokens prefilled between prefill selections (bounds the cells prefill needs)")
     p.add_argument("--no-fidelity", action="store_true", help="skip the lockstep fidelity pass")
     p.add_argument("--reference", default="stock", choices=["stock", "full"],
                    help="full-cache logits for the lockstep: kept from the stock run (fast, steps x vocab "
@@ -615,17 +616,21 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    prefill, decode = args.prefill_budget, args.decode_budget
+    d = BenchConfig()
+    engine = engine_config(args)
     if args.kv_memory is not None:
-        geometry = memory.read_geometry(models.resolve_model_path(args.model))
-        sized = Budget.for_memory(args.kv_memory, geometry, type_k=args.type_k, prefill_chunk=args.prefill_chunk)
-        prefill, decode = sized.prefill, sized.decode
+        if args.prefill_budget is not None or args.decode_budget is not None:
+            raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
+        geometry = memory.read_geometry(engine.path())
+        budget = Budget.for_memory(args.kv_memory, geometry, type_k=engine.type_k, type_v=engine.type_v,
+                                   prefill_chunk=engine.prefill_chunk)
+    else:
+        budget = budget_of(args, prefill=d.prefill_budget, decode=d.decode_budget)
     return BenchConfig(
-        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=args.strategy,
-        prefill_selector=args.selector, lend=args.lend, prefill_budget=prefill, decode_budget=decode,
-        observation_window=args.observation_window, recent_window=args.recent_window, type_k=args.type_k,
-        model=args.model, ideal_steps=args.ideal_steps, prefill_chunk=args.prefill_chunk,
-        fidelity=not args.no_fidelity, reference=args.reference,
+        prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=args.strategy or d.strategy,
+        prefill_selector=args.selector, lend=args.lend or d.lend, prefill_budget=budget.prefill,
+        decode_budget=budget.decode, observation_window=args.observation_window, recent_window=args.recent_window,
+        engine=engine, ideal_steps=args.ideal_steps, fidelity=not args.no_fidelity, reference=args.reference,
     )
 
 
@@ -635,7 +640,8 @@ def format_table(res: dict) -> str:
     mib = 2**20
     lines = [
         f"scope-edge bench: prompt {c['prompt_tokens']} + {c['max_tokens']} generated, strategy {c['strategy']} (lend {c['lend']}), "
-        f"budgets {c['prefill_budget']}/{c['decode_budget']}, K {c['type_k']}",
+        f"budgets {c['prefill_budget']}/{c['decode_budget']}, K {c['type_k']}, V {c['type_v']}"
+        f"{', flash attention' if c['flash_attn'] else ''}{', ' + scoring_name(c) if c['sketch_rank'] else ''}",
         f"{'':8} {'KV MiB':>8} {'cells':>6} {'prefill tok/s':>14} {'decode tok/s':>13}",
         f"{'stock':8} {s['kv_bytes'] / mib:8.1f} {s['n_ctx']:6d} {s['prefill_tokens_per_s']:14.1f} {s['decode_tokens_per_s']:13.1f}",
         f"{'ours':8} {o['kv_bytes'] / mib:8.1f} {o['kv_cells']:6d} {o['prefill_tokens_per_s']:14.1f} {o['decode_tokens_per_s']:13.1f}",

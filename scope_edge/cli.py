@@ -5,56 +5,14 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+from . import flags
+from .budget import Budget
 
 log = logging.getLogger("scope_edge")
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and cache")
-    g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
-    g.add_argument("--prefill-budget", type=int, default=None,
-                   help="prompt cells kept (omit both budgets and --kv-memory for the model's default budget)")
-    g.add_argument("--decode-budget", type=int, default=None, help="generated-token cells kept")
-    _add_kv_memory_arg(g.add_argument)
-    g.add_argument("--full-cache", action="store_true",
-                   help="no budget: the stock llama.cpp cache, nothing evicted (budget=None)")
-    g.add_argument("--observation-window", type=int, default=None,
-                   help="last prompt tokens always kept (alpha2; default min(32, prefill budget))")
-    g.add_argument("--recent-window", type=int, default=None,
-                   help="last generated tokens always kept (beta2; default min(256, decode budget / 2))")
-    g.add_argument("--strategy", default=None,
-                   help="slide|adaptive|discontinuous|streaming|h2o|full (default: the package's default strategy)")
-    g.add_argument("--selector", default=None, help="prefill selector: snapkv|h2o|streaming|full")
-    g.add_argument("--lend", default=None,
-                   help="which prompt cells borrowing the decode room go back first: accumulated|recent|passed, "
-                        "or none (the paper: the decode room stays empty until the output fills it)")
-    _add_cache_type_args(g.add_argument)
-    g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
-    d = p.add_argument_group("devices")
-    d.add_argument("--n-gpu-layers", type=int, default=0,
-                   help="layers to offload to GPUs / RPC servers (-1: every layer and the output layer)")
-    d.add_argument("--rpc", action="append", default=None, metavar="HOST:PORT",
-                   help="llama.cpp RPC server whose device takes offloaded layers (repeatable)")
-
-
-def _add_kv_memory_arg(add_argument: Callable[..., argparse.Action]) -> None:
-    add_argument("--kv-memory", default=None, metavar="SIZE",
-                 help="size the budgets by KV memory for this model and cache types, e.g. 512MiB, 1.5GiB "
-                      "(instead of --prefill-budget/--decode-budget; docs/budgets.md)")
-
-
-def _add_cache_type_args(add_argument: Callable[..., argparse.Action]) -> None:
-    """The cache-type and scoring flags, added with a parser's or group's add_argument."""
-    add_argument("--type-k", default="f16", help="K cache type: f16|q8_0|q4_0")
-    add_argument("--type-v", default="f16", help="V cache type: f16|q8_0|q4_0 (quantized needs --flash-attn)")
-    add_argument("--flash-attn", action="store_true",
-                 help="llama.cpp's fused attention; a policy that reads scores then needs --sketch-rank")
-    add_argument("--sketch-rank", type=int, default=0,
-                 help="score cells from key sketches of this rank instead of exact attention (0: exact)")
-    add_argument("--sketch-basis", default="qk", help="sketch basis: qk|pca|random")
-    add_argument("--sketch-scores", default="attention", help="sketch scores: attention|keydiff|knorm")
+SERVE_BUDGET = Budget(prefill=1024, decode=512)  # a conversation's, when serve is given no budget
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +43,8 @@ def _sampling(args: argparse.Namespace):
 
 def _budget_args(args: argparse.Namespace) -> dict:
     """ScopeLlama's budget= / kv_memory= from the flags (neither: the model's default budget)."""
-    given = [name for name, on in (("--prefill-budget/--decode-budget", _budget(args) is not None),
+    budget = flags.budget_of(args)
+    given = [name for name, on in (("--prefill-budget/--decode-budget", budget is not None),
                                    ("--kv-memory", args.kv_memory is not None), ("--full-cache", args.full_cache))
              if on]
     if len(given) > 1:
@@ -94,52 +53,21 @@ def _budget_args(args: argparse.Namespace) -> dict:
         return {"budget": None}
     if args.kv_memory is not None:
         return {"kv_memory": args.kv_memory}
-    budget = _budget(args)
     return {} if budget is None else {"budget": budget}
-
-
-def _budget(args: argparse.Namespace):
-    from .budget import Budget
-
-    if args.prefill_budget is None and args.decode_budget is None:
-        return None
-    if args.prefill_budget is None or args.decode_budget is None:
-        raise ValueError("give both --prefill-budget and --decode-budget, or neither (the default budget)")
-    return Budget(
-        prefill=args.prefill_budget,
-        decode=args.decode_budget,
-        observation_window=args.observation_window,
-        recent_window=args.recent_window,
-    )
 
 
 def _open(args: argparse.Namespace):
     from .llama import ScopeLlama
 
     return ScopeLlama(
-        args.model,
+        config=flags.engine_config(args),
         **_budget_args(args),
         **({} if args.strategy is None else {"strategy": args.strategy}),
         prefill_selector=args.selector,
         **({} if args.lend is None else {"lend": args.lend}),
         n_ctx=args.n_ctx,
-        n_threads=args.threads,
-        type_k=args.type_k,
-        type_v=args.type_v,
-        flash_attn=args.flash_attn,
-        scoring=_scoring(args),
-        n_gpu_layers=args.n_gpu_layers,
-        rpc_servers=args.rpc,
         verbose=args.verbose,
     )
-
-
-def _scoring(args: argparse.Namespace):
-    from .runtime.sketch import Sketch
-
-    if args.sketch_rank == 0:
-        return None
-    return Sketch(rank=args.sketch_rank, basis=args.sketch_basis, scores=args.sketch_scores)
 
 
 def _summary(stats) -> str:
@@ -224,45 +152,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RuntimeError(f"serve needs FastAPI and uvicorn ({e}); install them with: "
                            "pip install 'scope-edge[server]'") from None
     from . import memory, models
-    from .budget import Budget
 
     path = str(models.resolve_model_path(args.model))
+    engine = flags.engine_config(args, model_path=path)
     if args.kv_memory is not None:
         if args.prefill_budget is not None or args.decode_budget is not None:
             raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
-        budget = Budget.for_memory(args.kv_memory, memory.read_geometry(path), type_k=args.type_k, type_v=args.type_v)
+        budget = Budget.for_memory(args.kv_memory, memory.read_geometry(path), type_k=engine.type_k,
+                                   type_v=engine.type_v, prefill_chunk=engine.prefill_chunk)
     else:
-        budget = Budget(prefill=1024 if args.prefill_budget is None else args.prefill_budget,
-                        decode=512 if args.decode_budget is None else args.decode_budget,
-                        observation_window=args.observation_window, recent_window=args.recent_window)
+        budget = flags.budget_of(args, prefill=SERVE_BUDGET.prefill, decode=SERVE_BUDGET.decode)
+    policy_names = {name: value for name, value in (("strategy", args.strategy), ("prefill_selector", args.selector),
+                                                    ("lend", args.lend)) if value is not None}
     settings = server.ServerSettings(
-        model_path=path, model_name=args.model_name or server.model_name_of(path), budget=budget,
-        **({} if args.strategy is None else {"strategy": args.strategy}), slots=args.slots,
-        slot_cells=args.slot_cells, step_tokens=args.step_tokens,
-        max_tokens=args.max_tokens, queue_size=args.queue_size, n_threads=args.threads, type_k=args.type_k,
-        type_v=args.type_v, flash_attn=args.flash_attn, scoring=_scoring(args),
-        api_key=args.api_key or None, host=args.host, port=args.port)
+        engine=engine, model_name=args.model_name or server.model_name_of(path),
+        budget=budget, **policy_names, slots=args.slots, slot_cells=args.slot_cells, step_tokens=args.step_tokens,
+        max_tokens=args.max_tokens, queue_size=args.queue_size, api_key=args.api_key or None, host=args.host,
+        port=args.port)
     logging.getLogger("scope_edge").setLevel(logging.INFO if args.verbose else logging.WARNING)
     server.serve(settings)
     return 0
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and cache")
-    g.add_argument("--model", default=None, help="GGUF path (default: SmolLM2-135M-Instruct Q4_1, fetched once)")
-    g.add_argument("--model-name", default=None, help="the id clients ask for (default: the file name without .gguf)")
-    g.add_argument("--prefill-budget", type=int, default=None, help="prompt cells kept per conversation (default 1024)")
-    g.add_argument("--decode-budget", type=int, default=None, help="generated-token cells kept (default 512)")
-    g.add_argument("--kv-memory", default=None, metavar="SIZE",
-                   help="size each conversation's budgets by KV memory for this model and cache types, e.g. 64MiB "
-                        "(instead of --prefill-budget/--decode-budget; docs/budgets.md)")
-    g.add_argument("--observation-window", type=int, default=None)
-    g.add_argument("--recent-window", type=int, default=None)
-    g.add_argument("--strategy", default=None,
-                   help="slide|adaptive|discontinuous|streaming|h2o|full (default: the package's default strategy)")
-    _add_cache_type_args(g.add_argument)
-    g.add_argument("--threads", type=int, default=None)
+    flags.add_engine_args(p)
+    flags.add_policy_args(p, full_cache=False, defaults=f" per conversation (default {SERVE_BUDGET.prefill}; "
+                                                        f"decode {SERVE_BUDGET.decode})")
     s = p.add_argument_group("serving")
+    s.add_argument("--model-name", default=None, help="the id clients ask for (default: the file name without .gguf)")
     s.add_argument("--slots", type=int, default=4, help="conversations decoded together (default 4)")
     s.add_argument("--slot-cells", type=int, default=None,
                    help="KV cells per slot, a multiple of 256 (default: what the default budget needs)")
@@ -274,6 +191,12 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=os.environ.get("SCOPE_EDGE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $SCOPE_EDGE_API_KEY, else none)")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    flags.add_engine_args(p)
+    flags.add_policy_args(p, defaults=" (omit both budgets and --kv-memory for the model's default budget)")
+    p.add_argument("--n-ctx", type=int, default=None, help="fixed cell count (default: sized per generation)")
 
 
 def cmd_rpc_server(args: argparse.Namespace) -> int:
@@ -295,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion of PROMPT to stdout")
     g.add_argument("prompt")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the model's chat template")
-    _add_model_args(g)
+    _add_generate_args(g)
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat on stdin/stdout (/exit to quit)")
     c.add_argument("--system", default=None, help="system message")
-    _add_model_args(c)
+    _add_generate_args(c)
     _add_sampling_args(c)
     c.set_defaults(func=cmd_chat)
 

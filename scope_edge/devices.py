@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import llama_cpp
 
 from . import rpc
-from .policies.checks import is_int
+from .checks import is_int
 
 _GPU_TYPES = (1, 2)  # GGML_BACKEND_DEVICE_TYPE_GPU, _IGPU
 
@@ -28,7 +28,7 @@ class Devices:
     main_gpu: index into the device list of the device that holds the whole
         model when split_mode is none (llama.cpp's main_gpu).
     tensor_split: fraction of the offloaded layers per device, in device
-        order (empty: in proportion to free memory).
+        order (empty or None: in proportion to free memory).
     rpc_servers: 'host:port' of llama.cpp RPC servers; their devices come
         first in the device list (as in llama.cpp's own tools), local GPUs
         after them.
@@ -40,6 +40,12 @@ class Devices:
     rpc_servers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.rpc_servers, str):
+            raise ValueError(f"rpc_servers must be a list of 'host:port' strings, got the str {self.rpc_servers!r}")
+        for name in ("tensor_split", "rpc_servers"):  # lists as the keywords' short form gives them
+            value = getattr(self, name)
+            if value is None or isinstance(value, list):
+                object.__setattr__(self, name, tuple(value or ()))
         if not is_int(self.n_gpu_layers) or self.n_gpu_layers < -1:
             raise ValueError(f"n_gpu_layers must be an int >= -1 (-1: every layer), got {self.n_gpu_layers!r}")
         if not is_int(self.main_gpu) or self.main_gpu < 0:

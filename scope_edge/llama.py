@@ -14,23 +14,28 @@ import os
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from . import memory, models
+from . import memory
 from .budget import Budget
 from .devices import Devices
 from .policies import Policy, build, validate_names
 from .policies.registry import DEFAULT_LEND, DEFAULT_STRATEGY, default_budget, validate_lend
-from .policies.checks import is_int, require_head_reduce
+from .checks import is_int
+from .policies.checks import require_head_reduce
 from .runtime.cache import Cache, CacheSettings
-from .runtime.context import N_BATCH, Context, check_kv_types, default_capture_layers, layer_flags
-from .runtime.generation import Chunk, Completion, EvictionNotice, FinishReason, Generation, GenerationStats, Limits
+from .runtime.config import EngineConfig
+from .runtime.context import Context, default_capture_layers, layer_flags
+from .runtime.generation import (Chunk, Completion, EvictionNotice, FinishReason, Generation, GenerationStats, Limits,
+                                 start_generation)
 from .runtime.model import Model
 from .runtime.sampling import GREEDY, Sampler, Sampling
-from .runtime.sketch import Sketch, SketchBasis, basis_for
+from .runtime.calibrate import basis_for
+from .runtime.sketch import Sketch, SketchBasis
 
-__all__ = ["ScopeLlama", "Chunk", "Completion", "FinishReason", "GenerationStats", "Sampling", "Sketch", "Limits"]
+__all__ = ["ScopeLlama", "EngineConfig", "Chunk", "Completion", "FinishReason", "GenerationStats", "Sampling", "Sketch", "Limits"]
 
 log = logging.getLogger(__name__)
 
@@ -89,42 +94,26 @@ class ScopeLlama:
         the output needs it, and this rule picks which borrowed cell goes back
         first: "accumulated", "recent", "passed" (policies/lend.py) or "none"
         (the paper: the decode room stays empty until the output fills it).
-    capture_layers: the layers whose attention scores cells. Each captured
-        layer makes llama.cpp synchronise once per selection step and costs
-        one read: with offloaded layers, one device round trip. None: every
-        layer on the CPU, every 4th from layer 2 when layers are offloaded
-        (runtime.context.default_capture_layers; the README's "Offload"
-        measures both); range(n_layer) captures every layer anywhere.
-    n_gpu_layers, main_gpu, tensor_split, rpc_servers: offload, as
-        scope_edge.devices.Devices documents (rpc_servers: 'host:port' of
-        llama.cpp RPC servers, probed before use).
     n_ctx: fixed KV cells; None sizes the context per generation to what the
         policy needs (the full cache: prompt + max_tokens).
-    type_k, type_v: K and V cache types, "f16", "q8_0" or "q4_0". A quantized
-        V cache needs flash_attn=True.
-    flash_attn: llama.cpp's fused attention (off by default). It never computes
-        the attention probabilities the policies score with, so a policy that
-        reads scores then needs scoring=Sketch(...).
-    scoring: None scores cells with the exact attention probabilities (flash
-        attention off); Sketch(rank=..., basis=...) approximates them from
-        low-rank key sketches, with flash attention on or off
-        (scope_edge.runtime.sketch). The policies run unchanged on either.
-    prefill_chunk, chunked_prefill: under a policy, a prompt longer than the
-        kept prompt + prefill_chunk is prefilled in chunks of prefill_chunk
-        cells, selecting after each, so the cells needed do not grow with the
-        prompt (None: automatic; True/False force). A selector with a probe
-        (SnapKV's default) fills the last probe_tokens of each chunk with the
-        prompt's own tail, run as the queries that score the chunk and then
-        removed, so every chunk is selected by the question at the end.
-    position_limit: under a policy, positions are re-indexed when they would
-        reach it, so generation can continue indefinitely (None: the model's
-        trained context).
+
+    How the engine runs (scope_edge.EngineConfig, validated there): config=
+    EngineConfig(...), or its fields as keywords, the short form:
+    capture_layers, n_threads, type_k, type_v, flash_attn, scoring,
+    prefill_chunk, chunked_prefill, position_limit, and the devices'
+    n_gpu_layers, main_gpu, tensor_split, rpc_servers (scope_edge.devices).
+    With flash_attn=True a policy that reads scores needs scoring=Sketch(...).
+    A selector with a probe (SnapKV's default) fills the last probe_tokens of
+    each prefill chunk with the prompt's own tail, run as the queries that
+    score the chunk and then removed, so every chunk is selected by the
+    question at the end.
     """
 
     def __init__(
         self,
         model_path: str | os.PathLike[str] | None = None,
         *,
+        config: EngineConfig | None = None,
         policy: Policy | None = None,
         budget: Budget | None | _Default = DEFAULT,
         kv_memory: int | str | None = None,
@@ -132,114 +121,82 @@ class ScopeLlama:
         prefill_selector: str | None = None,
         head_reduce: str = "max",
         lend: str = DEFAULT_LEND,
-        capture_layers: Sequence[int] | None = None,
         n_ctx: int | None = None,
-        n_threads: int | None = None,
-        n_gpu_layers: int = 0,
-        main_gpu: int = 0,
-        tensor_split: Sequence[float] | None = None,
-        rpc_servers: Sequence[str] | None = None,
-        type_k: str = "f16",
-        type_v: str = "f16",
-        flash_attn: bool = False,
-        scoring: Sketch | None = None,
-        prefill_chunk: int = N_BATCH,
-        chunked_prefill: bool | None = None,
-        position_limit: int | None = None,
         verbose: bool = False,
+        **engine: Any,
     ) -> None:
+        if config is not None and (model_path is not None or engine):
+            raise ValueError("give config=EngineConfig(...) or model_path and engine keywords "
+                             f"({', '.join(sorted(engine)) or 'model_path'}), not both")
+        self.config = config if config is not None else EngineConfig.from_keywords(model_path, **engine)
+        if not isinstance(self.config, EngineConfig):
+            raise ValueError(f"config must be a scope_edge.EngineConfig, got {type(self.config).__name__}")
         self._check_policy_args(policy, budget, kv_memory, strategy, prefill_selector, head_reduce, lend)
         if n_ctx is not None and (not is_int(n_ctx) or n_ctx < 1):
             raise ValueError(f"n_ctx must be an int >= 1 or None (sized per generation), got {n_ctx!r}")
-        if n_threads is not None and (not is_int(n_threads) or n_threads < 1):
-            raise ValueError(f"n_threads must be an int >= 1 or None, got {n_threads!r}")
-        if isinstance(rpc_servers, str):
-            raise ValueError(f"rpc_servers must be a list of 'host:port' strings, got the str {rpc_servers!r}")
-        devices = Devices(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, tensor_split=tuple(tensor_split or ()),
-                          rpc_servers=tuple(rpc_servers or ()))
-        if not is_int(prefill_chunk) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
-        if chunked_prefill not in (None, True, False):
-            raise ValueError(f"chunked_prefill must be None (auto), True or False, got {chunked_prefill!r}")
-        check_kv_types(type_k, type_v, flash_attn)
-        if scoring is not None and not isinstance(scoring, Sketch):
-            raise ValueError(f"scoring must be None (exact attention) or a scope_edge.Sketch, got {scoring!r}")
-        self.flash_attn, self.scoring = flash_attn, scoring
-        if policy is not None:
-            self._check_scoring(policy)
-        if position_limit is not None and (not is_int(position_limit) or position_limit < 2):
-            raise ValueError(f"position_limit must be an int >= 2 or None (the trained context), "
-                             f"got {position_limit!r}")
-        path = models.resolve_model_path(model_path)
-        self.model_path = str(path)
-        self.geometry = memory.read_geometry(path)
+        cfg = self.config
+        cfg.check_policy(policy)
+        self.model_path = cfg.path()
+        self.geometry = memory.read_geometry(self.model_path)
         # whether the budget is the default one (its evictions are announced louder)
         self.default_budget = policy is None and budget is DEFAULT and kv_memory is None
         if kv_memory is not None:
-            budget = Budget.for_memory(kv_memory, self.geometry, type_k=type_k, type_v=type_v,
-                                       prefill_chunk=prefill_chunk)
+            budget = Budget.for_memory(kv_memory, self.geometry, type_k=cfg.type_k, type_v=cfg.type_v,
+                                       prefill_chunk=cfg.prefill_chunk)
         elif budget is DEFAULT:
             budget = None if policy is not None else default_budget(self.geometry, n_ctx=n_ctx,
-                                                                    prefill_chunk=prefill_chunk)
+                                                                    prefill_chunk=cfg.prefill_chunk)
         self._policy = policy if policy is not None else self._policy_from(budget, strategy, prefill_selector,
                                                                            head_reduce, lend)
-        self._check_scoring(self._policy)
-        self.devices = devices
-        self.budget = budget
-        self.strategy = strategy
-        self.prefill_selector = prefill_selector
-        self.head_reduce = head_reduce
-        self.lend = lend
-        self.type_k = type_k
-        self.type_v = type_v
+        cfg.check_policy(self._policy)
+        # The short form the policy was built from; all None when policy= named the parts.
+        short = policy is None
+        self.budget = budget if short else None
+        self.strategy = strategy if short else None
+        self.prefill_selector = prefill_selector if short else None
+        self.head_reduce = head_reduce if short else None
+        self.lend = lend if short else None
         self._lock = threading.Lock()
         self._active: tuple[weakref.ref[Iterator[Chunk]], int] | None = None
         self._closing = ctypes.c_bool(False)  # also read by llama.cpp's abort callback
-        self.model = Model(self.model_path, devices=devices, verbose=verbose)
-        cpus = os.cpu_count() or 1
+        self.model = Model(self.model_path, devices=cfg.devices, verbose=verbose)
         try:
             self.model.check_supported()
             self._check_window(budget)
+            capture_layers = cfg.capture_layers
             if capture_layers is None:
-                capture_layers = default_capture_layers(self.model.n_layer, offloaded=devices.offloads(),
+                capture_layers = default_capture_layers(self.model.n_layer, offloaded=cfg.devices.offloads(),
                                                         swa=self.model.swa_layers)
             flags = layer_flags(capture_layers, self.model.n_layer)
             # the captured layers (None: every one)
             self.capture_layers: list[int] | None = None if flags is None else np.flatnonzero(flags).tolist()
-            self.sketch: SketchBasis | None = None if scoring is None else basis_for(
-                self.model, scoring, type_k=type_k, flash_attn=flash_attn, n_threads=n_threads or cpus)
+            self.sketch: SketchBasis | None = None if cfg.scoring is None else basis_for(
+                self.model, cfg.scoring, type_k=cfg.type_k, flash_attn=cfg.flash_attn, n_threads=cfg.threads()[1])
         except ValueError:
             self.model.close()
             raise
-        # llama-cpp-python's thread defaults, so stock and ours compare like for like
-        settings = CacheSettings(n_ctx=n_ctx, n_threads=n_threads or max(cpus // 2, 1),
-                                 n_threads_batch=n_threads or cpus, type_k=type_k, prefill_chunk=prefill_chunk,
-                                 chunked_prefill=chunked_prefill, capture_layers=flags, position_limit=position_limit,
-                                 type_v=type_v, flash_attn=flash_attn, sketch=self.sketch)
+        settings = CacheSettings(engine=cfg, n_ctx=n_ctx, capture_layers=flags, sketch=self.sketch)
         self._cache = Cache(self.model, settings, abort=self._closing)
+
+    @property
+    def devices(self) -> Devices:
+        """Where the layers run (config.devices)."""
+        return self.config.devices
 
     @property
     def policy(self) -> Policy | None:
         """The policy every generation runs (a fresh copy each); None: the
-        full cache. budget / strategy / prefill_selector / head_reduce record
-        the short form it was built from and do not change it once set."""
+        full cache. budget / strategy / prefill_selector / head_reduce / lend
+        record the short form it was built from; setting a policy clears them
+        (None), so they never describe a policy that no longer runs."""
         return self._policy
 
     @policy.setter
     def policy(self, policy: Policy | None) -> None:
-        if policy is not None and not isinstance(policy, Policy):
-            raise ValueError(f"policy must be a scope_edge.policies.Policy or None, got {type(policy).__name__}")
-        self._check_scoring(policy)
+        self.config.check_policy(policy)
         self._policy = policy
-
-    def _check_scoring(self, policy: Policy | None) -> None:
-        """A policy that reads scores cannot have exact ones under flash attention."""
-        if self.flash_attn and self.scoring is None and policy is not None and policy.scored:
-            raise ValueError(
-                f"policy {type(policy.prefill).__name__}+{type(policy.decode).__name__} scores cells by attention "
-                "probabilities, which flash attention never computes: pass scoring=Sketch() (scores from key "
-                "sketches), flash_attn=False, or budget=None (the full cache)"
-            )
+        self.budget = self.strategy = self.prefill_selector = self.head_reduce = self.lend = None
+        self.default_budget = False
 
     def _check_window(self, budget: Budget | None) -> None:
         """A sliding-window model's budgets must hold its window: evicting a
@@ -267,8 +224,6 @@ class ScopeLlama:
             if budget is not DEFAULT:
                 raise ValueError("give either kv_memory= (a budget sized by memory) or budget=, not both")
         if policy is not None:
-            if not isinstance(policy, Policy):
-                raise ValueError(f"policy must be a scope_edge.policies.Policy or None, got {type(policy).__name__}")
             if budget is not DEFAULT and budget is not None or kv_memory is not None:
                 raise ValueError("give either policy= or budget= / kv_memory= (the short forms that build one), "
                                  "not both")
@@ -341,7 +296,7 @@ class ScopeLlama:
         """The llama.cpp context and its cache (None before the first
         generation, or after close()): cells(), visible(), memory for
         llama.cpp's own view. Use it between generations, not during one."""
-        return self._cache.context
+        return self._cache.own_context
 
     @property
     def n_ctx(self) -> int:
@@ -457,16 +412,8 @@ class ScopeLlama:
         return self._guard(run())
 
     def _generation(self, prompt: list[int], max_tokens: int, *, resume: bool) -> Generation:
-        """A generation of at most max_tokens on a context sized for it."""
-        policy = self._policy.for_generation(max_tokens) if self._policy is not None else None
-        plan = self._cache.plan(prompt, max_tokens=max_tokens, policy=policy, resume=resume)
-        ctx, session = self._cache.start(len(prompt), plan)
-        full, swa = memory.kv_bytes_split(self.geometry, ctx.n_cells, self.type_k, self.type_v)
-        stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
-                                kv_bytes_allocated=full + swa, kv_bytes_full=full, kv_bytes_swa=swa,
-                                reused_prompt_tokens=plan.reuse)
-        return Generation(self.model, ctx, plan, session, stats, position_limit=self._cache.position_limit,
-                          check_open=self._check_open, kv_bytes=self._kv_bytes, notice=self._notice())
+        return start_generation(self._cache, prompt, policy=self._policy, max_tokens=max_tokens, resume=resume,
+                                check_open=self._check_open, notice=self._notice())
 
     def _notice(self) -> EvictionNotice:
         """What the first eviction of a generation says: WARNING under the
@@ -474,15 +421,10 @@ class ScopeLlama:
         if self.budget is None:
             return EvictionNotice(holder="this ScopeLlama's policy")
         b = self.budget
-        size = self._kv_bytes(b.total) / 2**20
+        size = self._cache.stock_kv_bytes(b.total) / 2**20
         kind = "the default budget" if self.default_budget else "the budget"
         return EvictionNotice(holder=f"{kind} (prefill={b.prefill} + decode={b.decode} cells, {size:.1f} MiB of KV)",
                               level=logging.WARNING if self.default_budget else logging.INFO)
-
-    def _kv_bytes(self, n_cells: int) -> int:
-        """Stock llama-cpp-python's KV bytes for n_cells tokens (its sliding-window cache, if any, as big
-        as the full one: llama.cpp's default swa_full)."""
-        return memory.kv_bytes(self.geometry, memory.padded_cells(n_cells), self.type_k, self.type_v)
 
     def _guard(self, gen: Iterator) -> Iterator:
         """One generation at a time (other threads wait for the lock); an

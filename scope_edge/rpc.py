@@ -7,7 +7,7 @@ crosses the socket, as a GPU's cross PCIe. llama-cpp-python 0.3.36 has no
 RPC option of its own: this module registers servers the way llama.cpp's
 tools do (ggml_backend_rpc_add_server).
 
-    python -m scope_edge.rpc 127.0.0.1:50052        # or: scope-edge rpc-server ...
+    scope-edge rpc-server 127.0.0.1:50052           # in another process
     ScopeLlama(rpc_servers=["127.0.0.1:50052"], n_gpu_layers=-1)
 
 llama.cpp aborts the process when it cannot connect or its handshake fails,
@@ -204,7 +204,7 @@ def serve(endpoint: str, *, n_threads: int | None = None) -> None:
 
 
 class Server:
-    """An RPC server in a child process (`python -m scope_edge.rpc`), for
+    """An RPC server in a child process (`scope-edge rpc-server`), for
     tests, benchmarks and single-machine use; stopped on exit.
 
         with rpc.Server("127.0.0.1:50052") as server:
@@ -215,7 +215,7 @@ class Server:
         parse_endpoint(endpoint)
         _rpc_lib()  # fail here, with the rebuild command, rather than in the child
         self.endpoint = endpoint
-        cmd = [sys.executable, "-m", "scope_edge.rpc", endpoint]
+        cmd = [sys.executable, "-m", "scope_edge.cli", "rpc-server", endpoint]
         if n_threads:
             cmd += ["--threads", str(n_threads)]
         self._proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -236,6 +236,11 @@ class Server:
                     self.stop()
                     raise RPCError(f"the RPC server for {self.endpoint} did not start within {timeout:g} s") from None
                 time.sleep(0.1)
+
+    @property
+    def pid(self) -> int:
+        """The server process's id (its memory holds the offloaded weights and KV cache)."""
+        return self._proc.pid
 
     def stop(self) -> None:
         if self._proc.poll() is None:
@@ -260,14 +265,3 @@ def free_endpoint(host: str = "127.0.0.1") -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return f"{host}:{s.getsockname()[1]}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m scope_edge.rpc HOST:PORT`: the same as `scope-edge rpc-server`."""
-    from .cli import main as cli_main
-
-    return cli_main(["rpc-server", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

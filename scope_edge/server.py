@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import signal
-import time
-import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -42,17 +40,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from .budget import Budget
-from .openai import (ChatChunk, ChatOptions, ChatReply, ChatResponse, CompletionResponse, FieldError, Tools, Usage,
-                     chat_options, completion_logprobs)
+from .openai_wire import Answer, ChatOptions, FieldError, Tools, chat_options
 from .policies import Policy, build, validate_names
-from .policies.checks import is_int
-from .policies.registry import DEFAULT_STRATEGY
+from .checks import is_int
+from .policies.registry import DEFAULT_LEND, DEFAULT_STRATEGY
 from .runtime.batch import BatchRunner, BatchSettings, Cancelled, Item, NoFreeSlot, Request as Run, slot_cells_for
-from .runtime.generation import Chunk, GenerationStats, Limits
+from .runtime.generation import Chunk, Limits
+from .runtime.config import EngineConfig
 from .runtime.model import Model
-from .runtime.context import check_kv_types
 from .runtime.sampling import RANDOM_SEED, Sampling, check_grammar
-from .runtime.sketch import Sketch
 
 log = logging.getLogger("scope_edge")
 
@@ -61,61 +57,55 @@ SCOPE_KEYS = {"prefill_budget", "decode_budget", "strategy", "lend", "observatio
 
 @dataclass(frozen=True, kw_only=True)
 class ServerSettings:
-    """Everything `scope-edge serve` is configured with.
+    """Everything `scope-edge serve` is configured with: the engine's
+    configuration (EngineConfig: model, devices, cache types, scoring, ...)
+    and the serving fields.
 
-    budget / strategy: the default policy; a request's "scope" may change them.
-    slots: conversations decoded together. slot_cells: KV cells per slot
-    (None: what the default budget needs, slot_cells_for()). max_tokens: when a
-    request gives none. queue_size: requests that may wait for a slot.
-    api_key: required as "Authorization: Bearer <key>" on /v1 when set."""
+    budget / strategy / prefill_selector / lend: the default policy, by
+    name; a request's "scope" may change them (a scope naming another
+    strategy runs that strategy's own selector). slots: conversations decoded together. slot_cells: KV cells
+    per slot (None: what the default budget needs, slot_cells_for()).
+    max_tokens: when a request gives none. queue_size: requests that may wait
+    for a slot. api_key: required as "Authorization: Bearer <key>" on /v1
+    when set."""
 
-    model_path: str
+    engine: EngineConfig
     model_name: str
     budget: Budget
     strategy: str = DEFAULT_STRATEGY
+    prefill_selector: str | None = None
+    lend: str = DEFAULT_LEND
     slots: int = 4
     slot_cells: int | None = None
     step_tokens: int | None = None
     max_tokens: int = 512
     queue_size: int = 16
-    n_threads: int | None = None
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
-    scoring: Sketch | None = None
     api_key: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
 
     def __post_init__(self) -> None:
-        validate_names(self.strategy, None)
+        if not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
+        validate_names(self.strategy, self.prefill_selector)
         for name in ("max_tokens", "port"):
             if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'port' else 1}, got {getattr(self, name)!r}")
         if not is_int(self.queue_size) or self.queue_size < 0:
             raise ValueError(f"queue_size must be an int >= 0, got {self.queue_size!r}")
-        check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        unscored = self.unscored_reason(self.policy())
-        if unscored:
-            raise ValueError(unscored)
+        self.engine.check_policy(self.policy())
 
-    def unscored_reason(self, policy: Policy) -> str | None:
-        """Why this server cannot run policy (it reads scores, flash attention
-        is on and no key sketches are kept), or None."""
-        if self.flash_attn and self.scoring is None and policy.scored:
-            return (f"strategy {policy.decode.name} scores cells by attention, which flash attention never "
-                    "computes; this server keeps no key sketches (start it with --sketch-rank), so only "
-                    "streaming and full run here")
-        return None
-
-    def policy(self) -> Policy:
-        return build(self.budget, strategy=self.strategy)
+    def policy(self, budget: Budget | None = None, strategy: str | None = None, lend: str | None = None) -> Policy:
+        """The default policy, or the one a request's scope names (its
+        budget, strategy, lend; the server's for what it leaves out)."""
+        strategy = strategy or self.strategy
+        selector = self.prefill_selector if strategy == self.strategy else None
+        return build(budget or self.budget, strategy=strategy, prefill_selector=selector, lend=lend or self.lend)
 
     def batch_settings(self) -> BatchSettings:
-        cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens)
-        return BatchSettings(slots=self.slots, slot_cells=cells, n_threads=self.n_threads, type_k=self.type_k,
-                             type_v=self.type_v, flash_attn=self.flash_attn, scoring=self.scoring,
-                             step_tokens=self.step_tokens)
+        cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens,
+                                                  prefill_chunk=self.engine.prefill_chunk)
+        return BatchSettings(slots=self.slots, slot_cells=cells, step_tokens=self.step_tokens, engine=self.engine)
 
 
 class APIError(Exception):
@@ -216,13 +206,10 @@ def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
     try:
         budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
                         observation_window=scope.get("observation_window"), recent_window=scope.get("recent_window"))
-        policy = build(budget, strategy=scope.get("strategy", settings.strategy),
-                       **({"lend": scope["lend"]} if "lend" in scope else {}))
+        policy = settings.policy(budget, scope.get("strategy"), scope.get("lend"))
+        settings.engine.check_policy(policy)
     except ValueError as why:
         raise APIError(400, f"bad 'scope': {why}", param="scope", code="invalid_budget") from None
-    unscored = settings.unscored_reason(policy)
-    if unscored:
-        raise APIError(400, f"bad 'scope': {unscored}", param="scope", code="invalid_budget")
     return policy
 
 
@@ -344,78 +331,6 @@ def parse(body: Any, *, chat: bool, model: Model, settings: ServerSettings) -> J
 
 
 # -- responses --------------------------------------------------------------------
-def _usage(stats: GenerationStats) -> Usage:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
-
-
-def _stats(stats: GenerationStats, slot: int) -> dict[str, float | int]:
-    return {**stats.as_dict(), "slot": slot}
-
-
-class Answer:
-    """OpenAI-shaped bodies for one job's chunks (stateful: a chat reply may
-    hold back a tool call until its end)."""
-
-    def __init__(self, job: Job, *, model: Model, model_name: str, slot: int) -> None:
-        self.job, self.slot, self.model = job, slot, model
-        self.base = {"id": f"{'chatcmpl' if job.chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                     "model": model_name}
-        self.reply = ChatReply(model, job.tools, logprobs=job.logprobs is not None) if job.chat else None
-        self._offset = 0  # of the next completion token in the text (logprobs' text_offset)
-
-    def whole(self, chunks: list[Chunk]) -> ChatResponse | CompletionResponse:
-        last = chunks[-1]
-        assert last.stats is not None  # the last chunk carries them
-        extra = {"usage": _usage(last.stats), "scope_edge": _stats(last.stats, self.slot)}
-        if self.reply is not None:
-            reason = None
-            for chunk in chunks:
-                pushed = self.reply.push(chunk)
-                reason = pushed[2] if pushed is not None else None
-            return {**self.base, "object": "chat.completion", **extra, "choices": [
-                {"index": 0, "message": self.reply.message(), "logprobs": self.reply.all_logprobs(),
-                 "finish_reason": reason}]}
-        lps = None if self.job.logprobs is None else completion_logprobs(
-            self.model, [c.logprobs for c in chunks if c.logprobs is not None])
-        return {**self.base, "object": "text_completion", **extra, "choices": [
-            {"text": "".join(c.text for c in chunks), "index": 0, "logprobs": lps,
-             "finish_reason": last.finish_reason}]}
-
-    def first(self) -> ChatChunk | None:
-        if not self.job.chat:
-            return None
-        return {**self.base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]}
-
-    def parts(self, chunk: Chunk) -> list[ChatChunk | CompletionResponse]:
-        """The bodies to stream for chunk (none while a tool call is held
-        back; with include_usage, a last one carrying only the usage)."""
-        out: Any
-        if self.reply is not None:
-            pushed = self.reply.push(chunk)
-            if pushed is None:
-                return []  # held back: a tool call is sent whole at its end
-            delta, logprobs, reason = pushed
-            out = {**self.base, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
-        else:
-            lps = None if self.job.logprobs is None else completion_logprobs(
-                self.model, [chunk.logprobs] if chunk.logprobs is not None else [], self._offset)
-            self._offset += len(chunk.text)
-            out = {**self.base, "object": "text_completion", "choices": [
-                {"text": chunk.text, "index": 0, "logprobs": lps, "finish_reason": chunk.finish_reason}]}
-        if chunk.stats is None:
-            return [out]
-        usage, stats = _usage(chunk.stats), _stats(chunk.stats, self.slot)
-        if self.job.include_usage:  # OpenAI's shape: a last chunk with no choices carries the usage
-            return [out, {**self.base, "object": out["object"], "choices": [], "usage": usage, "scope_edge": stats}]
-        out["scope_edge"] = stats
-        if self.job.include_usage is None:
-            out["usage"] = usage
-        return [out]
-
-
 def _sse(data: Mapping[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
@@ -434,7 +349,7 @@ class Engine:
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
-        self.model = Model(settings.model_path)
+        self.model = Model(settings.engine.path(), devices=settings.engine.devices)
         try:
             self.model.check_supported()
             self.runner = BatchRunner(self.model, settings.batch_settings())
@@ -482,9 +397,12 @@ class Engine:
                 self.waiting -= 1
 
     def health(self) -> dict[str, Any]:
+        devices = self.settings.engine.devices
         return {"status": "ok", "model": self.settings.model_name, "slots": self.settings.slots,
                 "free_slots": self.runner.free_slots(), "queued": self.waiting,
-                "slot_cells": self.runner.settings.slot_cells}
+                "slot_cells": self.runner.settings.slot_cells,
+                "devices": {"n_gpu_layers": devices.n_gpu_layers, "rpc_servers": list(devices.rpc_servers),
+                            "offloaded": devices.offloads(), "capture_layers": self.runner.capture_layers}}
 
     def cancel_all(self) -> None:
         self.runner.cancel_all()
@@ -590,7 +508,8 @@ def create_app(engine: Engine) -> FastAPI:
         _check_key(request, settings)
         job = parse(await _body(request), chat=chat, model=engine.model, settings=settings)
         slot, items, req = await engine.start(job)
-        answer = Answer(job, model=engine.model, model_name=settings.model_name, slot=slot)
+        answer = Answer(chat=job.chat, model=engine.model, model_name=settings.model_name, tools=job.tools,
+                        logprobs=job.logprobs, include_usage=job.include_usage, extra_stats={"slot": slot})
         if job.stream:
             return StreamingResponse(_streamed(answer, items, req), media_type="text/event-stream")
         return await _whole(request, answer, items, req)
@@ -634,8 +553,12 @@ def serve(settings: ServerSettings) -> None:
     """Load the model and serve until SIGTERM / SIGINT."""
     engine = Engine(settings)
     bs = engine.runner.settings
-    log.warning("serving %s on http://%s:%d/v1: %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s",
-                settings.model_name, settings.host, settings.port, bs.slots, bs.slot_cells,
+    devices = settings.engine.devices
+    where = (f"{devices.n_gpu_layers} layers offloaded" + (f" to {', '.join(devices.rpc_servers)}"
+                                                           if devices.rpc_servers else "")
+             if devices.offloads() else "the CPU")
+    log.warning("serving %s on http://%s:%d/v1 (%s): %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s",
+                settings.model_name, settings.host, settings.port, where, bs.slots, bs.slot_cells,
                 engine.runner.kv_bytes(bs.slots * bs.slot_cells) / 2**20, settings.budget.prefill,
                 settings.budget.decode, settings.strategy)
     config = uvicorn.Config(create_app(engine), host=settings.host, port=settings.port, log_level="warning",

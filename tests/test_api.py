@@ -14,7 +14,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from scope_edge import Budget, Policy, Sampling, ScopeLlama
+from scope_edge import Budget, EngineConfig, Policy, Sampling, ScopeLlama
 from scope_edge.policies import H2O, LendPassed, Slide, SnapKV, build
 from scope_edge.runtime.sampling import GREEDY, RANDOM_SEED, Sampler
 
@@ -76,6 +76,29 @@ def test_a_stateful_policy_starts_fresh_each_generation(model_path):
         assert isinstance(composed.policy.decode, H2O)
         first, second = _steps(composed, PROMPT, 50), _steps(composed, PROMPT, 50)
     assert first[:2] == second[:2] == want[:2]
+
+
+def test_the_engine_configuration_is_one_value(model_path):
+    """ScopeLlama's keywords build the EngineConfig that config= takes, and
+    both forms run alike; the short form's record (strategy, budget) is
+    None once policy= or the policy setter names the policy instead."""
+    b = Budget(prefill=48, decode=24, observation_window=8, recent_window=8)
+    config = EngineConfig(model_path=model_path, n_threads=T, type_k="q8_0", prefill_chunk=256)
+    with ScopeLlama(model_path, budget=b, n_threads=T, type_k="q8_0", prefill_chunk=256, tensor_split=None) as short:
+        assert short.config == config
+        assert (short.strategy, short.budget, short.lend) == ("slide", b, "passed")
+        want = _steps(short, PROMPT, 30)
+        short.policy = build(b, strategy="h2o")
+        assert short.strategy is None and short.budget is None and short.lend is None
+    with ScopeLlama(config=config, policy=build(b)) as long:
+        assert long.config is config and long.strategy is None and long.budget is None
+        assert _steps(long, PROMPT, 30)[:2] == want[:2]
+    with pytest.raises(ValueError, match="not both"):
+        ScopeLlama(model_path, config=config)
+    with pytest.raises(ValueError, match="type_k.*not both"):
+        ScopeLlama(config=config, type_k="f16")
+    with pytest.raises(TypeError, match="typo_k"):
+        ScopeLlama("unused.gguf", typo_k="f16")
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from scope_edge import Budget, ScopeLlama
+from scope_edge import Budget, EngineConfig, ScopeLlama
 from scope_edge.hook import HookError
 from scope_edge.policies import build
 from scope_edge.runtime.batch import BatchRunner, BatchSettings, Cancelled, NoFreeSlot, on_own_thread
@@ -51,8 +51,9 @@ def model(model_path):
         yield model
 
 
-def _runner(model: Model, slots: int, **kw) -> BatchRunner:
-    return BatchRunner(model, BatchSettings(slots=slots, slot_cells=512, **kw))
+def _runner(model: Model, slots: int, *, step_tokens: int | None = None, **engine) -> BatchRunner:
+    return BatchRunner(model, BatchSettings(slots=slots, slot_cells=512, step_tokens=step_tokens,
+                                            engine=EngineConfig(**engine)))
 
 
 def _tokens(req) -> list[int]:

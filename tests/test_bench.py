@@ -14,19 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scope_edge import Budget, ScopeLlama
+from scope_edge import Budget, EngineConfig, ScopeLlama, Sketch
+from scope_edge.cli import build_parser
+from scope_edge.devices import Devices
+from scope_edge.flags import engine_config
 from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, budget_pairs, chat_prompt, eog_tokens, free_running,
-                              logbook_prompt, run_bench, run_many, run_stock, save_results, vocabulary)
+                              config_from_args, logbook_prompt, run_bench, run_many, run_stock, save_results,
+                              vocabulary)
 from scope_edge.policies import build
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-TINY = dict(prompt_tokens=300, max_tokens=64, prefill_budget=128, decode_budget=64, prefill_chunk=128, ideal_steps=16)
+TINY = dict(prompt_tokens=300, max_tokens=64, prefill_budget=128, decode_budget=64, ideal_steps=16,
+            engine=EngineConfig(prefill_chunk=128))
 
 
 @pytest.fixture(scope="module")
 def result(model_path):
-    return run_bench(BenchConfig(model=str(model_path), **TINY), progress=False)
+    return run_bench(BenchConfig(**{**TINY, "engine": EngineConfig(model_path=str(model_path), prefill_chunk=128)}),
+                     progress=False)
 
 
 def check_result(result: dict) -> None:
@@ -161,7 +167,7 @@ def test_lookback_keeps_every_key_token_of_an_ordered_prompt(model_path):
 
 def test_bad_type_k():
     with pytest.raises(ValueError, match="type_k must be one of"):
-        BenchConfig(type_k="q5_1")
+        BenchConfig(engine=EngineConfig(type_k="q5_1"))
 
 
 def test_free_running_scores():
@@ -215,3 +221,41 @@ def test_cli_json_last_line(model_path):
     for key in ("top1_agreement", "mean_kl", "max_kl"):
         assert key in res["fidelity"]
     assert res["config"]["max_tokens"] == 8
+
+
+def _every_engine_flag(model_path: str) -> tuple[list[str], EngineConfig]:
+    """A command line naming every engine setting (none at its default), and the EngineConfig it means."""
+    argv = ["--model", model_path, "--threads", "1", "--type-k", "q8_0", "--type-v", "q4_0", "--flash-attn",
+            "--sketch-rank", "8", "--sketch-basis", "pca", "--sketch-scores", "keydiff", "--capture-layers", "2,6",
+            "--prefill-chunk", "128", "--chunked-prefill", "on", "--position-limit", "4096",
+            "--n-gpu-layers", "-1", "--main-gpu", "1", "--tensor-split", "1,3", "--rpc", "127.0.0.1:50052"]
+    want = EngineConfig(model_path=model_path, n_threads=1, type_k="q8_0", type_v="q4_0", flash_attn=True,
+                        scoring=Sketch(rank=8, basis="pca", scores="keydiff"), capture_layers=(2, 6),
+                        prefill_chunk=128, chunked_prefill=True, position_limit=4096,
+                        devices=Devices(n_gpu_layers=-1, main_gpu=1, tensor_split=(1.0, 3.0),
+                                        rpc_servers=("127.0.0.1:50052",)))
+    return argv, want
+
+
+def test_the_command_line_exercises_every_engine_setting(model_path):
+    """A setting added to EngineConfig (or Devices) must join _every_engine_flag, so the tests below cover it."""
+    _, want = _every_engine_flag(str(model_path))
+    for obj, default in ((want, EngineConfig()), (want.devices, Devices())):
+        same = [f.name for f in dataclasses.fields(obj) if getattr(obj, f.name) == getattr(default, f.name)]
+        assert same == [], f"settings left at their default, so no flag is checked for them: {same}"
+
+
+def test_bench_takes_every_engine_flag(model_path):
+    argv, want = _every_engine_flag(str(model_path))
+    args = build_parser().parse_args(["bench", *argv, "--prompt-tokens", "128"])
+    cfg = config_from_args(args)
+    assert cfg.engine == want
+    assert cfg.as_dict()["type_v"] == "q4_0" and cfg.as_dict()["rpc_servers"] == ("127.0.0.1:50052",)
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
+def test_every_engine_command_takes_every_engine_flag(model_path, command):
+    """generate, chat and serve read the engine flags from the same place as bench (scope_edge.flags)."""
+    argv, want = _every_engine_flag(str(model_path))
+    args = build_parser().parse_args([*command, *argv])
+    assert engine_config(args) == want

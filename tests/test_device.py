@@ -21,6 +21,7 @@ from scope_edge.openai import create_chat_completion
 from scope_edge.runtime.context import default_capture_layers
 from scope_edge.runtime.model import Model
 from llama_log import llama_log
+from served import start_server
 from test_batch import check_reordered_step, reordered_prompts
 from test_budgets import check_invariants_every_step
 from test_lend import check_lending_every_step
@@ -279,3 +280,45 @@ def test_default_capture_layers():
 def test_bad_capture_layers(model_path, layers):
     with pytest.raises(ValueError, match=r"capture_layers must be distinct layer indices in \[0, 30\)"):
         ScopeLlama(model_path, budget=None, capture_layers=layers)
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS line")
+
+
+NOTES = "Remember these notes. " + " ".join(f"Note {i}: ship {i} passed the light at {i % 12} o'clock."
+                                           for i in range(30))
+
+
+def test_serve_offloads_every_layer_to_the_rpc_device(model_path):
+    """`scope-edge serve --rpc HOST:PORT --n-gpu-layers -1`, asked through the
+    real openai client: the weights and KV cache land in the RPC server's
+    memory (its resident set grows by more than the model file's weights),
+    /health and the startup log say where the layers are, and conversations
+    still evict inside their budgets."""
+    # A server of its own: llama.cpp's RPC server takes one client at a time.
+    with rpc.Server(rpc.free_endpoint(), n_threads=1) as device:
+        before = _rss(device.pid)
+        srv = start_server(model_path, "--rpc", device.endpoint, "--n-gpu-layers", "-1", "--slots", "2",
+                           "--prefill-budget", "64", "--decode-budget", "32", "--recent-window", "8",
+                           "--selector", "h2o", "--lend", "none")
+        try:
+            grown = _rss(device.pid) - before
+            health = srv.health()
+            reply = srv.client.chat.completions.create(
+                model=srv.model, messages=[{"role": "user", "content": NOTES}], max_tokens=40, temperature=0)
+        finally:
+            status = srv.stop()
+        log = srv.process.stderr.read()
+    assert status == 0, log
+    weights = os.path.getsize(model_path) * 0.8  # the weights, less the GGUF's metadata and vocabulary
+    assert grown > weights, f"the RPC server grew by {grown / 2**20:.1f} MiB only"
+    assert health["devices"] == {"n_gpu_layers": -1, "rpc_servers": [device.endpoint], "offloaded": True,
+                                 "capture_layers": default_capture_layers(30, offloaded=True)}
+    assert f"-1 layers offloaded to {device.endpoint}" in log
+    stats = reply.model_extra["scope_edge"]
+    assert reply.usage.completion_tokens > 0 and stats["evicted_cells"] > 0
+    assert stats["hook_reads"] > 0  # what the policy scored with was read back from the device

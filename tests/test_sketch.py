@@ -16,7 +16,8 @@ from scope_edge.hook import HookError
 from scope_edge.policies import build
 from scope_edge.runtime.context import Context
 from scope_edge.runtime.model import Model
-from scope_edge.runtime.sketch import SketchBasis, basis_for, pca_basis, qk_basis, random_basis
+from scope_edge.runtime.calibrate import basis_for
+from scope_edge.runtime.sketch import SketchBasis, pca_basis, qk_basis, random_basis
 
 from test_budgets import check_invariants_every_step
 from test_lend import check_lending_every_step

@@ -12,7 +12,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from scope_edge import Budget, Sampling, ScopeLlama
+from scope_edge import Budget, EngineConfig, Sampling, ScopeLlama
 from scope_edge.openai import FieldError, create_chat_completion, create_completion
 from scope_edge.policies import build
 from scope_edge.runtime.batch import BatchRunner, BatchSettings
@@ -94,7 +94,7 @@ def test_greedy_under_a_grammar_is_the_best_allowed_token(full, model_path):
 
 def test_grammar_in_batched_slots_with_eviction(model_path):
     model = Model(model_path)
-    runner = BatchRunner(model, BatchSettings(slots=4, slot_cells=256, n_threads=T))
+    runner = BatchRunner(model, BatchSettings(slots=4, slot_cells=256, engine=EngineConfig(n_threads=T)))
     try:
         grammar = json_schema_grammar(PERSON)
         policy = build(SMALL)

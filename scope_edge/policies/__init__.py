@@ -22,11 +22,12 @@ PrefillSelector / DecodeStrategy; see examples/tova.py.
 from __future__ import annotations
 
 from .adaptive import Adaptive
-from .base import EMPTY, DecodeStrategy, Policy, PrefillSelector, StepPlan, UnifiedDecode
+from .base import EMPTY, DecodeStrategy, PrefillSelector, StepPlan, UnifiedDecode
 from .discontinuous import Discontinuous
 from .full import Full, FullPrefill
 from .h2o import H2O, H2OPrefill
 from .lend import LENDERS, Lend, LendAccumulated, LendPassed, LendProgress, LendRecent
+from .policy import Policy
 from .registry import COMBINATIONS, DEFAULT_LEND, LEND_RULES, PREFILL_SELECTORS, STRATEGIES, build, validate_lend, validate_names
 from .scope import ScheduledScope, ScopeDecode
 from .scored import ScoredDecode, ScoredPrefill

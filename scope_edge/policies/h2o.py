@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from .base import EMPTY, ReducesHeads, StepPlan, UnifiedDecode
-from .checks import require_head_reduce, require_int
+from ..checks import require_int
+from .checks import require_head_reduce
 from .kernels import carry_scores
 from .scored import ScoredDecode, ScoredPrefill
 from .scores import aggregate, require_attn

@@ -22,7 +22,8 @@ from typing import ClassVar
 import numpy as np
 
 from .base import EMPTY, ReadsAttention, ReducesHeads
-from .checks import require_head_reduce, require_int
+from ..checks import require_int
+from .checks import require_head_reduce
 from .kernels import carry_scores
 from .scores import aggregate, evict_lowest, nothing_to_evict, require_attn
 

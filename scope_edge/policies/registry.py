@@ -15,11 +15,12 @@ from collections.abc import Callable
 from .. import memory
 from ..budget import Budget, min_cells
 from .adaptive import Adaptive
-from .base import DecodeStrategy, Policy, PrefillSelector
+from .base import DecodeStrategy, PrefillSelector
 from .discontinuous import Discontinuous
 from .full import Full, FullPrefill
 from .h2o import H2O, H2OPrefill
 from .lend import LENDERS
+from .policy import Policy
 from .slide import Slide
 from .snapkv import SnapKV
 from .streaming import Streaming, StreamingPrefill

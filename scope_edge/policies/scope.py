@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import ReducesHeads
-from .checks import require_head_reduce, require_int
+from ..checks import require_int
+from .checks import require_head_reduce
 from .scored import ScoredDecode
 from .scores import aggregate
 

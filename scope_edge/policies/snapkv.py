@@ -18,7 +18,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from .checks import require_head_reduce, require_int
+from ..checks import require_int
+from .checks import require_head_reduce
 from .kernels import max_pool_1d
 from .scored import ScoredPrefill
 from .scores import aggregate

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 
 from .base import EMPTY, PrefillSelector, StepPlan, UnifiedDecode
-from .checks import require_int
+from ..checks import require_int
 from .scores import nothing_to_evict
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import queue
 import threading
 import time
@@ -35,13 +34,15 @@ import numpy as np
 from .. import memory
 from ..hook import Capture
 from ..policies import Policy
-from ..policies.checks import is_int
+from ..checks import is_int
 from .cache import Cache, CacheSettings
-from .context import N_BATCH, Context, check_kv_types
-from .generation import Chunk, EvictionNotice, Generation, GenerationStats, Limits
+from .config import EngineConfig
+from .context import N_BATCH, Context, default_capture_layers, layer_flags
+from .generation import Chunk, EvictionNotice, Generation, Limits, start_generation
 from .model import Model
 from .sampling import Sampler, Sampling
-from .sketch import Sketch, SketchBasis, basis_for
+from .sequence import SequenceCache
+from .calibrate import basis_for
 
 log = logging.getLogger("scope_edge")
 T = TypeVar("T")
@@ -55,23 +56,15 @@ class BatchSettings:
     sequence may hold; a request whose plan needs more is refused
     (ValueError). step_tokens: prompt tokens one sequence adds to a step
     (None: N_BATCH // slots, so a step never exceeds one batch).
-    The rest as CacheSettings (prefill_chunk, chunked_prefill,
-    capture_layers, position_limit) and ScopeLlama (n_threads, type_k,
-    type_v, flash_attn, scoring).
+    engine: how the model runs (EngineConfig: threads, cache types, flash
+    attention, scoring, capture layers, chunking, position limit; its model
+    path and devices are the loaded Model's).
     """
 
     slots: int
     slot_cells: int
-    n_threads: int | None = None
-    type_k: str = "f16"
-    type_v: str = "f16"
-    flash_attn: bool = False
-    scoring: Sketch | None = None
     step_tokens: int | None = None
-    prefill_chunk: int = N_BATCH
-    chunked_prefill: bool | None = None
-    capture_layers: np.ndarray | None = None
-    position_limit: int | None = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         if not is_int(self.slots) or not 1 <= self.slots <= N_BATCH:
@@ -85,25 +78,13 @@ class BatchSettings:
                                              not 1 <= self.step_tokens <= N_BATCH // self.slots):
             raise ValueError(f"step_tokens must be an int in [1, {N_BATCH // self.slots}] (N_BATCH // slots) or "
                              f"None, got {self.step_tokens!r}")
-        if self.n_threads is not None and (not is_int(self.n_threads) or self.n_threads < 1):
-            raise ValueError(f"n_threads must be an int >= 1 or None, got {self.n_threads!r}")
-        check_kv_types(self.type_k, self.type_v, self.flash_attn)
-        if self.scoring is not None and not isinstance(self.scoring, Sketch):
-            raise ValueError(f"scoring must be None (exact attention) or a Sketch, got {self.scoring!r}")
+        if not isinstance(self.engine, EngineConfig):
+            raise ValueError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
 
     @property
     def piece(self) -> int:
         """Prompt tokens one sequence adds to a step."""
         return self.step_tokens or N_BATCH // self.slots
-
-    def cache_settings(self, sketch: SketchBasis | None = None) -> CacheSettings:
-        """The slots' CacheSettings; sketch: the basis computed for `scoring`."""
-        cpus = os.cpu_count() or 1
-        return CacheSettings(n_ctx=self.slot_cells, n_threads=self.n_threads or max(cpus // 2, 1),
-                             n_threads_batch=self.n_threads or cpus, type_k=self.type_k,
-                             prefill_chunk=self.prefill_chunk, chunked_prefill=self.chunked_prefill,
-                             capture_layers=self.capture_layers, position_limit=self.position_limit,
-                             type_v=self.type_v, flash_attn=self.flash_attn, sketch=sketch)
 
 
 def slot_cells_for(policy: Policy, *, max_tokens: int, prefill_chunk: int = N_BATCH) -> int:
@@ -251,9 +232,9 @@ class Batcher:
         self.lock.notify_all()
 
 
-class SeqView:
-    """Sequence `seq` of a shared context, with Context's interface as the
-    single-sequence runtime (Cache, Session, Generation) uses it. Decodes go
+class SeqView(SequenceCache):
+    """Sequence `seq` of a shared context, as the single-sequence runtime
+    (Cache, Session, Generation) uses one (SequenceCache). Decodes go
     through the Batcher; everything holds its lock. transfers() counts the
     hook's reads for every sequence of the context."""
 
@@ -406,17 +387,23 @@ class BatchRunner:
         if model.n_swa:
             raise ValueError(f"{model.path}: sliding-window (iSWA) models run one sequence at a time (ScopeLlama); "
                              "batched slots, each a stream of both caches, are not verified for them")
-        self._geometry = memory.read_geometry(model.path)
         self._closing = ctypes.c_bool(False)
-        sketch = None if settings.scoring is None else on_own_thread(lambda: basis_for(
-            model, settings.scoring, type_k=settings.type_k, flash_attn=settings.flash_attn,
-            n_threads=settings.n_threads or os.cpu_count() or 1))
+        engine = settings.engine
+        n_threads, n_threads_batch = engine.threads()
+        sketch = None if engine.scoring is None else on_own_thread(lambda: basis_for(
+            model, engine.scoring, type_k=engine.type_k, flash_attn=engine.flash_attn, n_threads=n_threads_batch))
         self.sketch = sketch  # the key-sketch basis (None: exact scores); its bytes_per_cell is host memory
-        cs = settings.cache_settings(sketch)
-        self.context = Context(model, n_cells=settings.slots * settings.slot_cells, n_threads=cs.n_threads,
-                               n_threads_batch=cs.n_threads_batch, type_k=cs.type_k, abort=self._closing,
-                               capture_layers=cs.capture_layers, n_seq=settings.slots, type_v=cs.type_v,
-                               flash_attn=cs.flash_attn, sketch=cs.sketch)
+        layers = engine.capture_layers
+        if layers is None:
+            layers = default_capture_layers(model.n_layer, offloaded=model.devices.offloads())
+        flags = layer_flags(layers, model.n_layer)
+        # the captured layers (None: every one)
+        self.capture_layers: list[int] | None = None if flags is None else np.flatnonzero(flags).tolist()
+        cs = CacheSettings(engine=engine, n_ctx=settings.slot_cells, capture_layers=flags, sketch=sketch)
+        self.context = Context(model, n_cells=settings.slots * settings.slot_cells, n_threads=n_threads,
+                               n_threads_batch=n_threads_batch, type_k=engine.type_k, abort=self._closing,
+                               capture_layers=cs.capture_layers, n_seq=settings.slots, type_v=engine.type_v,
+                               flash_attn=engine.flash_attn, sketch=sketch)
         self.batcher = Batcher(self.context, piece=settings.piece)
         try:
             self.slots = [Slot(seq, Cache(model, cs, abort=self._closing,
@@ -449,8 +436,8 @@ class BatchRunner:
         return self.slots[slot].history()
 
     def kv_bytes(self, n_cells: int) -> int:
-        """KV bytes of n_cells cells of this model and K type (V f16)."""
-        return memory.kv_bytes(self._geometry, n_cells, self.settings.type_k, self.settings.type_v)
+        """KV bytes of n_cells cells of this model and cache types."""
+        return sum(self.slots[0].cache.kv_bytes(n_cells))
 
     # -- requests ----------------------------------------------------------
     def start(self, prompt: Sequence[int], *, policy: Policy, limits: Limits, sampling: Sampling,
@@ -494,21 +481,12 @@ class BatchRunner:
             self.on_free()
 
     def _generation(self, slot: Slot, prompt: list[int], policy: Policy, max_tokens: int) -> Generation:
-        """The slot's generation of prompt (ScopeLlama._generation on one sequence)."""
-        cache = slot.cache
-        run_policy = policy.for_generation(max_tokens)
-        plan = cache.plan(prompt, max_tokens=max_tokens, policy=run_policy, resume=True)
+        notice = EvictionNotice(holder=f"slot {slot.seq}'s policy", off="a request's \"scope\" sets its budget")
         try:
-            ctx, session = cache.start(len(prompt), plan)
+            return start_generation(slot.cache, prompt, policy=policy, max_tokens=max_tokens, resume=True,
+                                    check_open=self._check_open_for(slot.seq), notice=notice)
         except ValueError as why:
             raise ValueError(f"{why} (here n_ctx is the {self.settings.slot_cells} cells of one slot)") from None
-        stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells,
-                                kv_bytes_allocated=self.kv_bytes(ctx.n_cells),
-                                kv_bytes_full=self.kv_bytes(ctx.n_cells), reused_prompt_tokens=plan.reuse)
-        req_check = self._check_open_for(slot.seq)
-        notice = EvictionNotice(holder=f"slot {slot.seq}'s policy", off="a request's \"scope\" sets its budget")
-        return Generation(self.model, ctx, plan, session, stats, position_limit=cache.position_limit,
-                          check_open=req_check, kv_bytes=self.kv_bytes, notice=notice)
 
     def _check_open_for(self, seq: int) -> Callable[[], None]:
         def check() -> None:

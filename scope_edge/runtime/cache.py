@@ -10,45 +10,32 @@ import ctypes
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import memory
 from ..policies import Policy
-from .context import N_BATCH, Context
+from .config import EngineConfig
+from .context import Context
 from .model import Model
+from .sequence import SequenceCache
 from .sketch import SketchBasis
-
-if TYPE_CHECKING:
-    from .batch import SeqView
 
 
 @dataclass(frozen=True, kw_only=True)
 class CacheSettings:
-    """How contexts are made and sized.
+    """How contexts are made and sized: the engine's configuration, and what
+    it resolves to once the model is loaded.
 
     n_ctx: fixed KV cells; None sizes the context per generation.
-    prefill_chunk / chunked_prefill: under a policy, a prompt longer than
-        the kept prompt + prefill_chunk is prefilled in chunks of
-        prefill_chunk tokens (None: automatic; True/False force).
     capture_layers: flags [n_layer] of the captured layers (None: all).
-    position_limit: positions stay below it under a policy (re-indexed when
-        they would pass it); None: the model's trained context.
-    type_v, flash_attn, sketch: as Context takes them (sketch: captures score
-        from key sketches on this basis; None: exact attention).
+    sketch: captures score from key sketches on this basis (the basis
+        computed for engine.scoring; None: exact attention).
     """
 
-    n_ctx: int | None
-    n_threads: int
-    n_threads_batch: int
-    type_k: str
-    prefill_chunk: int = N_BATCH
-    chunked_prefill: bool | None = None
+    engine: EngineConfig
+    n_ctx: int | None = None
     capture_layers: np.ndarray | None = None
-    position_limit: int | None = None
-    type_v: str = "f16"
-    flash_attn: bool = False
     sketch: SketchBasis | None = None
 
 
@@ -109,7 +96,7 @@ class Session:
         self._append(np.arange(first, len(self.tokens), dtype=np.int64), np.asarray(positions, dtype=np.int32))
         self.next_pos = int(positions[-1]) + 1
 
-    def truncate(self, ctx: Context | SeqView, n: int) -> None:
+    def truncate(self, ctx: SequenceCache, n: int) -> None:
         """Keep the first n tokens: drop the cells of the rest."""
         if len(self.tokens) <= n:
             return
@@ -156,28 +143,47 @@ class Cache:
     """The context (re-created bigger when a generation needs more cells)
     and the session of tokens it holds.
 
-    context: a given one (one sequence of a shared context, batch.SeqView)
-    instead of one made here; settings.n_ctx must then be its cell count, so
-    it is never replaced."""
+    context: a given sequence (one of a shared context, batch.SeqView)
+    instead of a Context made and owned here; settings.n_ctx must then be
+    its cell count, so it is never replaced."""
 
     def __init__(self, model: Model, settings: CacheSettings, *, abort: ctypes.c_bool,
-                 context: SeqView | None = None) -> None:
+                 context: SequenceCache | None = None) -> None:
         self.model, self.settings, self._abort = model, settings, abort
-        self.context: Context | SeqView | None = context
+        self.geometry = memory.read_geometry(model.path)
+        self.context: SequenceCache | None = context
+        self._owned: Context | None = None  # the context made here (closed with the cache)
         self.session: Session | None = None
         if context is not None and settings.n_ctx != context.n_cells:
             raise ValueError(f"a given context needs n_ctx = its {context.n_cells} cells, got {settings.n_ctx}")
         if context is None and settings.n_ctx is not None:
             self._ensure_context(settings.n_ctx)
 
+    def kv_bytes(self, n_cells: int) -> tuple[int, int]:
+        """(full-attention, sliding-window) KV bytes of a context of n_cells cells."""
+        e = self.settings.engine
+        return memory.kv_bytes_split(self.geometry, n_cells, e.type_k, e.type_v)
+
+    def stock_kv_bytes(self, n_tokens: int) -> int:
+        """Stock llama-cpp-python's KV bytes for n_tokens tokens (its sliding-window cache, if any, as big
+        as the full one: llama.cpp's default swa_full)."""
+        e = self.settings.engine
+        return memory.kv_bytes(self.geometry, memory.padded_cells(n_tokens), e.type_k, e.type_v)
+
+    @property
+    def own_context(self) -> Context | None:
+        """The Context this cache made and owns (None: none yet, or a given sequence)."""
+        return self._owned
+
     @property
     def position_limit(self) -> int:
-        return self.settings.position_limit or self.model.n_ctx_train
+        return self.settings.engine.position_limit or self.model.n_ctx_train
 
     def close(self) -> None:
         self.session = None
-        if self.context is not None:
-            self.context.close()
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
             self.context = None
 
     def forget_session(self) -> None:
@@ -216,8 +222,8 @@ class Cache:
         if policy is None:
             return Plan(policy, reuse, None, one_shot + max_tokens)
         keep = policy.prompt_floor(one_shot)  # cells on loan (Policy.lend) come out of the decode room
-        chunk = self.settings.prefill_chunk
-        forced = self.settings.chunked_prefill
+        chunk = self.settings.engine.prefill_chunk
+        forced = self.settings.engine.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk
         # A chunk's probe comes out of the chunk, so it costs no cell; a
         # chunk too small to carry one is scored by its own rows.
@@ -247,7 +253,7 @@ class Cache:
         return self.context is None or self.context.n_cells < memory.padded_cells(need)
 
     # -- starting a generation ----------------------------------------------
-    def start(self, n_prompt: int, plan: Plan) -> tuple[Context | SeqView, Session]:
+    def start(self, n_prompt: int, plan: Plan) -> tuple[SequenceCache, Session]:
         """The context for plan, its session truncated to the reused tokens
         (or a fresh one on an emptied cache)."""
         ctx = self._context_for(n_prompt, plan)
@@ -260,7 +266,7 @@ class Cache:
         self.session = session
         return ctx, session
 
-    def _context_for(self, n_prompt: int, plan: Plan) -> Context | SeqView:
+    def _context_for(self, n_prompt: int, plan: Plan) -> SequenceCache:
         need, limit = self._cells_for(n_prompt, plan)
         if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
             raise ValueError(
@@ -274,15 +280,17 @@ class Cache:
             )
         return self._ensure_context(need)  # a new context drops the session: plan() reuses only when none is needed
 
-    def _ensure_context(self, n_cells: int) -> Context | SeqView:
+    def _ensure_context(self, n_cells: int) -> SequenceCache:
         """A context of at least n_cells; a bigger one replaces the old (and
         its session)."""
         n_cells = memory.padded_cells(n_cells)
         if self.context is not None and self.context.n_cells >= n_cells:
             return self.context
         self.close()
-        s = self.settings
-        self.context = Context(self.model, n_cells=n_cells, n_threads=s.n_threads, n_threads_batch=s.n_threads_batch,
-                               type_k=s.type_k, abort=self._abort, capture_layers=s.capture_layers,
-                               type_v=s.type_v, flash_attn=s.flash_attn, sketch=s.sketch)
+        s, e = self.settings, self.settings.engine
+        n_threads, n_threads_batch = e.threads()
+        self._owned = Context(self.model, n_cells=n_cells, n_threads=n_threads, n_threads_batch=n_threads_batch,
+                              type_k=e.type_k, abort=self._abort, capture_layers=s.capture_layers,
+                              type_v=e.type_v, flash_attn=e.flash_attn, sketch=s.sketch)
+        self.context = self._owned
         return self.context

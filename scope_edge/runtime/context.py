@@ -16,11 +16,13 @@ from numba import carray, cfunc, types
 from .. import memory
 from ..memory import N_BATCH
 from ..hook import EVAL_CALLBACK, Capture, Hook
-from ..policies.checks import is_int
+from ..checks import is_int
 from .model import Model
 from .sampling import Sampler
+from .sequence import SequenceCache
 from .sketch import SketchBasis
 
+# The cache types an engine may ask for (EngineConfig checks the names).
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
 
 
@@ -34,18 +36,6 @@ def _aborted(flag: int) -> bool:
 
 # Module-level, so the function pointer outlives every context that polls it.
 _ABORT_CALLBACK = llama_cpp.ggml_abort_callback(_aborted.address)
-
-
-def check_kv_types(type_k: str, type_v: str, flash_attn: bool) -> None:
-    """ValueError for cache types llama.cpp would refuse."""
-    for name, value in (("type_k", type_k), ("type_v", type_v)):
-        if value not in KV_TYPES:
-            raise ValueError(f"{name} must be one of {sorted(KV_TYPES)}, got {value!r}")
-    if flash_attn not in (True, False):
-        raise ValueError(f"flash_attn must be True or False, got {flash_attn!r}")
-    if type_v != "f16" and not flash_attn:
-        raise ValueError(f"type_v={type_v!r}: llama.cpp quantizes the V cache only with flash attention; "
-                         "pass flash_attn=True (policies then score with key sketches: scoring=Sketch())")
 
 
 DEVICE_CAPTURE_START, DEVICE_CAPTURE_STRIDE = 2, 4
@@ -100,8 +90,9 @@ def fill_batch_seqs(batch: llama_cpp.llama_batch, tokens: Sequence[int], positio
     batch.n_tokens = len(tokens)
 
 
-class Context:
-    """A llama_context of n_cells KV cells with our hook as its eval callback.
+class Context(SequenceCache):
+    """A llama_context of n_cells KV cells with our hook as its eval callback
+    (sequence 0 of it: a SequenceCache, for the single-sequence runtime).
 
     n_seq > 1: sequences [0, n_seq) each own a stream of n_cells / n_seq
     cells (llama.cpp's kv_unified = false: a token attends over its own
@@ -127,7 +118,6 @@ class Context:
                  sketch: SketchBasis | None = None) -> None:
         if not is_int(n_ubatch) or not 1 <= n_ubatch <= N_BATCH:
             raise ValueError(f"n_ubatch must be an int in [1, {N_BATCH}] (the batch size), got {n_ubatch!r}")
-        check_kv_types(type_k, type_v, flash_attn)
         if not is_int(n_seq) or not 1 <= n_seq <= N_BATCH:
             raise ValueError(f"n_seq must be an int in [1, {N_BATCH}], got {n_seq!r}")
         if n_seq > 1 and (n_cells % n_seq or (n_cells // n_seq) % memory.KV_CELL_PADDING):

@@ -16,10 +16,11 @@ from typing import Literal
 import numpy as np
 
 from ..policies import Policy
-from .cache import Plan, Session
-from .context import N_BATCH, Context
+from .cache import Cache, Plan, Session
+from .context import N_BATCH
 from .model import Model
 from .sampling import Sampler, TokenLogprobs
+from .sequence import SequenceCache
 from .text import TextStream
 
 log = logging.getLogger("scope_edge")
@@ -122,6 +123,22 @@ class Limits:
             raise ValueError(f"stop strings must be non-empty str, got {list(self.stop)!r}")
 
 
+def start_generation(cache: Cache, prompt: list[int], *, policy: Policy | None, max_tokens: int, resume: bool,
+                     check_open: Callable[[], None], notice: EvictionNotice) -> Generation:
+    """A generation of at most max_tokens on cache's context, sized for it:
+    the one way a generation starts, for ScopeLlama and for each slot of a
+    BatchRunner. policy: the engine's (None: the full cache); a fresh copy
+    runs (Policy.for_generation). resume: continue the cache's session."""
+    run_policy = policy.for_generation(max_tokens) if policy is not None else None
+    plan = cache.plan(prompt, max_tokens=max_tokens, policy=run_policy, resume=resume)
+    ctx, session = cache.start(len(prompt), plan)
+    full, swa = cache.kv_bytes(ctx.n_cells)
+    stats = GenerationStats(prompt_tokens=len(prompt), kv_cells_allocated=ctx.n_cells, kv_bytes_allocated=full + swa,
+                            kv_bytes_full=full, kv_bytes_swa=swa, reused_prompt_tokens=plan.reuse)
+    return Generation(cache.model, ctx, plan, session, stats, position_limit=cache.position_limit,
+                      check_open=check_open, kv_bytes=cache.stock_kv_bytes, notice=notice)
+
+
 class Generation:
     """One generation on a prepared context: feeds tokens through the hook,
     applies the policy, keeps the counts and timings.
@@ -131,7 +148,7 @@ class Generation:
     cache of that many cells, for the stock comparison in the stats; notice:
     what the first eviction logs."""
 
-    def __init__(self, model: Model, ctx: Context, plan: Plan, session: Session, stats: GenerationStats, *,
+    def __init__(self, model: Model, ctx: SequenceCache, plan: Plan, session: Session, stats: GenerationStats, *,
                  position_limit: int, check_open: Callable[[], None], kv_bytes: Callable[[int], int],
                  notice: EvictionNotice = EvictionNotice(holder="the policy")) -> None:
         self.model, self.ctx, self.plan, self.session, self.stats = model, ctx, plan, session, stats

@@ -37,7 +37,7 @@ class Model:
         split = (ctypes.c_float * len(devices.tensor_split))(*devices.tensor_split) if devices.tensor_split else None
         if split is not None:
             params.tensor_split = split
-        self.path = path
+        self.path, self.devices = path, devices
         self.ptr = llama_cpp.llama_model_load_from_file(path.encode(), params)
         if not self.ptr:
             raise ValueError(f"llama.cpp could not load {path}: a truncated or unsupported GGUF? "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import llama_cpp
 import numpy as np
 
-from ..policies.checks import is_int
+from ..checks import is_int
 from .model import Model
 
 RANDOM_SEED = llama_cpp.LLAMA_DEFAULT_SEED  # 0xFFFFFFFF: llama.cpp draws a random seed
