@@ -240,12 +240,14 @@ def summary(rows: list[dict]) -> dict:
             res[name]["turns"] = sum(1 for s in seeds for t, f in zip(by[config, s]["turns"], by["full", s]["turns"])
                                      if keep(t, f))
             if config != "default" and per["correct"]:
-                base = [statistics.fmean(t["correct"] for t, f in zip(by["default", s]["turns"],
-                                                                       by["full", s]["turns"]) if keep(t, f))
-                        for s in seeds if any(keep(t, f) for t, f in zip(by[config, s]["turns"],
-                                                                          by["full", s]["turns"]))]
-                res[name]["correct_minus_default"] = _paired_ci(per["correct"], base)
+                for metric in ("correct", "stop"):
+                    base = [statistics.fmean(t[metric] for t, f in zip(by["default", s]["turns"],
+                                                                        by["full", s]["turns"]) if keep(t, f))
+                            for s in seeds if any(keep(t, f) for t, f in zip(by[config, s]["turns"],
+                                                                              by["full", s]["turns"]))]
+                    res[name][f"{metric}_minus_default"] = _paired_ci(per[metric], base)
         res["kv_bytes_allocated_max"] = max(t["kv_bytes_allocated"] for s in seeds for t in by[config, s]["turns"])
+        res["stock_kv_bytes_max"] = max(t["stock_kv_bytes"] for s in seeds for t in by[config, s]["turns"])
         res["evicted_cells_mean"] = statistics.fmean(sum(t["evicted_cells"] for t in by[config, s]["turns"])
                                                      for s in seeds)
         res["structure_cells_max"] = max(t["structure_cells"] for s in seeds for t in by[config, s]["turns"])
@@ -264,14 +266,15 @@ def table(sm: dict) -> str:
             g = sm[config][group]
             if "correct" not in g:
                 continue
-            diff = g.get("correct_minus_default")
-            d = f" | correct - default {diff[0]:+.1%} ± {diff[1]:.1%}" if diff else ""
+            d = "".join(f" | {m} - default {g[f'{m}_minus_default'][0]:+.1%} ± {g[f'{m}_minus_default'][1]:.1%}"
+                        for m in ("correct", "stop") if f"{m}_minus_default" in g)
             lines.append(f"   {config:10} correct {g['correct'][0]:6.1%} ± {g['correct'][1]:5.1%} | "
                          f"stop {g['stop'][0]:6.1%} ± {g['stop'][1]:5.1%} | agree {g['agree'][0]:6.1%} ± "
                          f"{g['agree'][1]:5.1%} | {g['turns']} turns{d}")
     for config in CONFIGS:
         x = sm[config]
-        lines.append(f"   {config:10} KV allocated (max) {x['kv_bytes_allocated_max'] / 2**20:.1f} MiB, evicted "
+        lines.append(f"   {config:10} KV allocated (max) {x['kv_bytes_allocated_max'] / 2**20:.1f} MiB (stock for the "
+                     f"same tokens {x['stock_kv_bytes_max'] / 2**20:.1f} MiB), evicted "
                      f"{x['evicted_cells_mean']:.0f} cells per conversation, structure cells (max) "
                      f"{x['structure_cells_max']}, last prompt {x['conversation_tokens'][0]}-"
                      f"{x['conversation_tokens'][1]} tokens")
