@@ -32,7 +32,7 @@ def _chat(llm: ScopeLlama, turns: int, system: str = SYSTEM_TEXT) -> tuple[list[
     for k in range(1, turns + 1):
         messages.append({"role": "user", "content": _log(k)})
         prompt = llm.tokenize(llm.render_chat(messages))
-        chunks = list(llm.chat(messages, max_tokens=16))
+        chunks = list(llm.chat(messages, max_tokens=12))
         messages.append({"role": "assistant", "content": "".join(c.text for c in chunks)})
     assert chunks[-1].stats is not None
     return prompt, chunks[-1].stats
@@ -94,7 +94,7 @@ def test_marks_follow_the_template_whatever_the_feeding_order(model_path):
 def test_structure_cells_survive_a_long_chat_that_evicts(model_path):
     policy = dataclasses.replace(build(BUDGET), keep_structure=True)
     with ScopeLlama(model_path, policy=policy) as llm:
-        prompt, stats = _chat(llm, turns=5)
+        prompt, stats = _chat(llm, turns=4)
         assert len(llm.history()) > 3 * BUDGET.total and stats.evicted_cells > 0
         held = set(_check_llama_view(llm).tolist())
         system, markers = _structure(llm, prompt)
@@ -105,7 +105,7 @@ def test_structure_cells_survive_a_long_chat_that_evicts(model_path):
         assert stats.structure_cells == cap
     # without keep_structure the same chat loses some of those cells: what the setting changes
     with ScopeLlama(model_path, policy=build(BUDGET)) as llm:
-        prompt_plain, stats = _chat(llm, turns=5)
+        prompt_plain, stats = _chat(llm, turns=4)
         held_plain = set(_check_llama_view(llm).tolist())
         assert prompt_plain[: len(system)] == prompt[: len(system)]
         assert not set(system) <= held_plain
@@ -140,3 +140,12 @@ def test_bad_structure_settings_raise_with_their_values():
     assert Policy(**parts, keep_structure=True).structure_cap(1000) == 16  # a quarter of the prefill budget
     assert Policy(**parts, keep_structure=True).structure_cap(40) == 10  # a quarter of a smaller keep
     assert Policy(**parts).structure_cap(1000) == 0
+
+
+def test_the_default_budget_keeps_structure_and_a_chosen_budget_does_not(model_path):
+    with ScopeLlama(model_path) as llm:  # no policy arguments: the default budget
+        assert llm.policy.keep_structure and llm.policy == dataclasses.replace(build(llm.budget), keep_structure=True)
+    with ScopeLlama(model_path, budget=BUDGET) as llm:
+        assert not llm.policy.keep_structure
+    with ScopeLlama(model_path, budget=None) as llm:
+        assert llm.policy is None
