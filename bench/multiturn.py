@@ -10,11 +10,11 @@ The task. A depot clerk's chat. The system message gives the depot's gate
 code and office extension. Each user turn pastes a delivery log of RECORDS
 records (~150 tokens) and asks one question: on log turns about the log's
 first record ("Who brought the first delivery in this log?", "What did
-<name> bring?"), on the RULE_TURNS "What is the gate code?" and "What is the
-office extension?", each asked once, answered from the system message only.
-TURNS turns make ~1,400 tokens; the budget (768 cells: 512 prompt, 256
-output) is passed from turn 5, so turns 5-8 are compressed and both rule
-questions come after evictions began.
+<name> bring?"), on the rule_turns() "What is the gate code?" (third last)
+and "What is the office extension?" (last), each asked once, answered from
+the system message only. turns_for(1024) = 8 turns make ~1,400 tokens; the
+budget (768 cells: 512 prompt, 256 output) is passed from turn 4 or 5, so
+both rule questions come after evictions began.
 
 Why at CELLS = 1,024 and not the default model's 2,048: on the shared 2-core
 machine a 2,800-token conversation took 110 s per configuration with one
@@ -23,7 +23,7 @@ ScopeLlama(n_ctx=1024) with no policy arguments runs the default budget's
 rule for 1,024 cells (policies/registry.py default_budget), the same code
 path at the same ratios (a quarter of the cells for the output, the
 conversation 1.8x the budget); `--cells 2048` runs the default model's own
-default (TURNS scaled to pass it), for a machine with the time.
+default (16 turns, ~2,800 tokens), for a machine with the time.
 
 Scored per turn: correct (the answer appears in the reply), stop (the reply
 ends on the end-of-turn token within max_tokens and neither emits a turn
