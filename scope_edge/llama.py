@@ -8,6 +8,7 @@ frees llama.cpp's memory exactly once.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import logging
 import os
@@ -78,8 +79,9 @@ class ScopeLlama:
     prefill_selector / head_reduce naming the parts. Neither: the default
     budget for the model (policies.registry.default_budget, docs/budgets.md):
     a generation whose prompt and output fit in it is the stock cache's, token
-    for token; longer ones are held at the bound, and the first eviction of a
-    generation logs one line. budget=None: the full cache (stock llama.cpp
+    for token; longer ones are held at the bound, the chat's structure kept
+    (Policy.keep_structure), and the first eviction of a generation logs one
+    line. budget=None: the full cache (stock llama.cpp
     behaviour). Exact attention capture needs flash attention off (the
     default); with flash_attn=True a policy that reads scores needs
     scoring=Sketch(...).
@@ -148,6 +150,8 @@ class ScopeLlama:
                                                                     prefill_chunk=cfg.prefill_chunk)
         self._policy = policy if policy is not None else self._policy_from(budget, strategy, prefill_selector,
                                                                            head_reduce, lend)
+        if self.default_budget and self._policy is not None:  # measured: docs/budgets.md "Structure kept"
+            self._policy = dataclasses.replace(self._policy, keep_structure=True)
         cfg.check_policy(self._policy)
         # The short form the policy was built from; all None when policy= named the parts.
         short = policy is None

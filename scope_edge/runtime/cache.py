@@ -44,13 +44,15 @@ class Session:
     """What the cache holds across calls.
 
     tokens: every token fed, in order: the next prompt is matched against all
-    of it (4 bytes a token). held_index / held_pos: for the held tokens only,
+    of it (4 bytes a token). marks: each fed token's chat-structure mark
+    (runtime/structure.py; 1 byte a token). held_index / held_pos: for the held tokens only,
     in feeding order, their index in tokens and their position (both
     ascending). So an eviction or a step costs work and memory in the cells
     held, not in the length of the history.
     """
 
     tokens: array[int] = field(default_factory=lambda: array("i"))
+    marks: array[int] = field(default_factory=lambda: array("b"))
     next_pos: int = 0
     # held_index / held_pos live in the first _n entries of buffers that
     # grow by doubling: a step appends in place instead of copying both
@@ -86,6 +88,13 @@ class Session:
         differ = np.flatnonzero(np.asarray(prompt[:n], dtype=np.int32) != fed)
         return int(differ[0]) if len(differ) else n
 
+    def marks_of(self, positions: np.ndarray) -> np.ndarray:
+        """The structure marks of held positions (int8, one per position)."""
+        marks = np.frombuffer(self.marks, dtype=np.int8, count=len(self.marks)) if len(self.marks) else \
+            np.zeros(0, dtype=np.int8)
+        at = np.searchsorted(self.held_pos, positions)
+        return marks[self.held_index[at]]
+
     def held_upto(self, n: int) -> int:
         """Held cells among the first n tokens."""
         return int(np.searchsorted(self.held_index, n))
@@ -104,6 +113,7 @@ class Session:
         if cut < self._n:
             ctx.truncate(int(self._pos[cut]))
         del self.tokens[n:]
+        del self.marks[n:]
         self._n = cut
         self.next_pos = int(self._pos[cut - 1]) + 1 if cut else 0
 

@@ -21,6 +21,7 @@ from .context import N_BATCH
 from .model import Model
 from .sampling import Sampler, TokenLogprobs
 from .sequence import SequenceCache
+from .structure import PLAIN, StructureMarker, pinned
 from .text import TextStream
 
 log = logging.getLogger("scope_edge")
@@ -41,7 +42,8 @@ class GenerationStats:
     llama-cpp-python's for the same tokens (its window cache as big as the
     full one). hook_reads / hook_bytes_read: tensor reads the hook made (cell
     indices, mask rows, captured attention): with offloaded layers, transfers
-    from the device."""
+    from the device. structure_cells: the most cells a selection kept out of
+    the policy's reach as chat structure (Policy.keep_structure)."""
 
     prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -59,6 +61,7 @@ class GenerationStats:
     hook_reads: int = 0
     hook_bytes_read: int = 0
     position_resets: int = 0
+    structure_cells: int = 0
     prefilled_tokens: int = 0
     reused_prompt_tokens: int = 0
     prefill_tokens_per_s: float = 0.0
@@ -166,6 +169,7 @@ class Generation:
         # cache behaves as stock and simply runs on.
         self.pos_limit = position_limit if plan.policy is not None else 2**31 - 1
         self.n_swa = model.n_swa
+        self.marker = StructureMarker(model)
 
     # feeding ---------------------------------------------------------------
     def _make_room(self, n: int) -> None:
@@ -179,6 +183,7 @@ class Generation:
         positions = list(range(start, start + len(tokens)))
         self.ctx.decode(tokens, positions, want_logits=want_logits)
         self.session.record(tokens, positions)
+        self.marker.extend(self.session.marks, self.session.tokens)
         self.n_held += len(tokens)
 
     def _reindex(self, n_next: int) -> None:
@@ -223,10 +228,32 @@ class Generation:
 
     def _select(self, select: Callable[[np.ndarray, np.ndarray | None, int], np.ndarray], positions: np.ndarray,
                 attn: np.ndarray | None, keep: int) -> None:
-        """Evict what select(positions, attn, keep) picks, the window left out."""
+        """Evict what select(positions, attn, keep) picks, the window and the
+        structure cells left out."""
         positions, attn, keep = self._outside_window(positions, attn, keep)
+        positions, attn, keep = self._outside_structure(positions, attn, keep)
         if len(positions) > keep:
             self._evict(select(positions, attn, keep))
+
+    def _outside_structure(self, positions: np.ndarray, attn: np.ndarray | None,
+                           keep: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Under Policy.keep_structure, take the structure cells (at most
+        structure_cap(keep)) out of the candidates and out of keep, so every
+        selector and strategy keeps them without knowing of them. Only
+        prompt cells count: a generated control token is output."""
+        cap = self.policy.structure_cap(keep)
+        if cap == 0 or not len(positions):
+            return positions, attn, keep
+        marks = self.session.marks_of(positions)
+        if self.decoding:
+            marks[positions >= self.gen_start] = PLAIN
+        pin = pinned(marks, cap)
+        self.stats.structure_cells = max(self.stats.structure_cells, len(pin))
+        if not len(pin):
+            return positions, attn, keep
+        rest = np.ones(len(positions), dtype=bool)
+        rest[pin] = False
+        return positions[rest], None if attn is None else attn[:, :, rest], keep - len(pin)
 
     def _evict(self, positions: np.ndarray) -> None:
         if len(positions):
