@@ -2,6 +2,7 @@
 optionally a Lend. Above base.py and lend.py, which it composes."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..checks import require_int
@@ -98,4 +99,4 @@ class Policy:
         require_int("Policy", "max_tokens", max_tokens, lo=1)
         decode = self.decode.bind(max_tokens)
         lend = None if self.lend is None else self.lend.bind(decode.cells(kept=0, max_tokens=WHOLE_ROOM))
-        return Policy(prefill=self.prefill, decode=decode, lend=lend)
+        return dataclasses.replace(self, decode=decode, lend=lend)
