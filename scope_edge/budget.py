@@ -70,7 +70,7 @@ class Budget:
         return self.prefill + self.decode
 
     @classmethod
-    def for_cells(cls, cells: int, *, prefill_chunk: int = memory.N_BATCH) -> Budget:
+    def for_cells(cls, cells: int, *, prefill_chunk: int = memory.PREFILL_CHUNK) -> Budget:
         """The budget whose largest allocation is `cells` KV cells.
 
         A generation allocates the larger of its decode phase (prefill +
@@ -90,7 +90,7 @@ class Budget:
 
     @classmethod
     def for_memory(cls, size: int | str, geometry: memory.KvGeometry, *, type_k: memory.KvType = "f16",
-                   type_v: memory.KvType = "f16", prefill_chunk: int = memory.N_BATCH) -> Budget:
+                   type_v: memory.KvType = "f16", prefill_chunk: int = memory.PREFILL_CHUNK) -> Budget:
         """The budget whose allocation fits in `size` ("512MiB", "1.5GiB" or
         bytes) for a model of this geometry (memory.read_geometry) and these
         cache types: the most cells that fit, rounded down to llama.cpp's
@@ -112,7 +112,7 @@ class Budget:
         return cls.for_cells(cells, prefill_chunk=prefill_chunk)
 
 
-def min_cells(prefill_chunk: int = memory.N_BATCH) -> int:
+def min_cells(prefill_chunk: int = memory.PREFILL_CHUNK) -> int:
     """The smallest allocation Budget.for_cells accepts, padded."""
     least = MIN_PREFILL + max(MIN_DECODE, prefill_chunk)
     return memory.padded_cells(max(least, MIN_DECODE * DECODE_SHARE))

@@ -39,7 +39,12 @@ KV_CELL_PADDING = 256
 
 N_BATCH = 512
 """Tokens per llama_decode call: llama-cpp-python's default, so prefill matches stock ubatch for
-ubatch; also the default prefill chunk under a budget."""
+ubatch."""
+
+PREFILL_CHUNK = N_BATCH // 2
+"""The default prefill chunk under a budget (cells, its probe included): half the default
+budget's decode room, so each earlier chunk's selection keeps what the next chunk leaves of the
+allocation (the ordered suite's tuning chose half the room over all of it: docs/ordered.md)."""
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "k": 2**10, "kib": 2**10, "m": 2**20, "mib": 2**20, "g": 2**30, "gib": 2**30, "t": 2**40, "tib": 2**40}

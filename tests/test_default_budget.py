@@ -39,7 +39,8 @@ def test_default_budget_rule_and_strategy(model_path):
         assert stock.budget is None and stock.policy is None and not stock.default_budget
     # a fixed n_ctx bounds the default; one too small for any budget keeps the stock cache
     assert default_budget(geometry, n_ctx=1024) == Budget.for_cells(1024)
-    assert default_budget(geometry, n_ctx=512) is None
+    assert default_budget(geometry, n_ctx=512) == Budget.for_cells(512)
+    assert default_budget(geometry, n_ctx=256) is None
 
 
 def test_short_generation_is_stock_token_for_token(model_path, caplog):
@@ -119,7 +120,7 @@ def test_kv_memory_allocates_within_5_percent_of_the_figure(model_path, type_k):
 
 def test_kv_memory_refuses_a_figure_below_the_smallest_budget(model_path):
     with pytest.raises(ValueError, match=r"kv_memory='8MiB' .* holds 364 KV cells of 23,040 B .* smallest budget "
-                                         r"needs 768 cells = 16\.9 MiB"):
+                                         r"needs 512 cells = 11\.2 MiB"):
         ScopeLlama(model_path, kv_memory="8MiB")
     with pytest.raises(ValueError, match="either kv_memory= .* or budget="):
         ScopeLlama(model_path, kv_memory="64MiB", budget=None)
@@ -139,14 +140,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_kv_memory_and_the_summary_shows_evictions(model_path):
-    prompt = "Tell me about lighthouses. " * 90  # 631 tokens
+    prompt = "Tell me about lighthouses. " * 130  # 911 tokens
     gen = _cli("generate", prompt, "--model", model_path, "--kv-memory", "17MiB", "--max-tokens", "8",
                "--temperature", "0")
     assert gen.returncode == 0, gen.stderr
-    # 17 MiB: at most 768 cells, Budget(prefill=256, decode=192); the prompt alone passes 448 cells
+    # 17 MiB: at most 768 cells, Budget(prefill=512, decode=192); the prompt alone passes 704 cells
     summary = re.search(r"KV [\d.]+ MiB \((\d+) cells.*evicted \d+ cells \([1-9]\d* prefill, \d+ decode\)", gen.stderr)
     assert summary and int(summary.group(1)) <= 768, gen.stderr
     small = _cli("generate", "hi", "--model", model_path, "--kv-memory", "8MiB")
-    assert small.returncode == 2 and "smallest budget needs 768 cells" in small.stderr
+    assert small.returncode == 2 and "smallest budget needs 512 cells" in small.stderr
     both = _cli("generate", "hi", "--model", model_path, "--kv-memory", "64MiB", "--full-cache")
     assert both.returncode == 2 and "--kv-memory --full-cache" in both.stderr

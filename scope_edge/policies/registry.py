@@ -136,7 +136,7 @@ def build(
 
 
 def default_budget(geometry: memory.KvGeometry, *, n_ctx: int | None = None,
-                   prefill_chunk: int = memory.N_BATCH) -> Budget | None:
+                   prefill_chunk: int = memory.PREFILL_CHUNK) -> Budget | None:
     """The budget ScopeLlama(model_path) runs when given no policy arguments
     (with DEFAULT_STRATEGY and DEFAULT_LEND): cells for a quarter of the
     model's trained context, at least DEFAULT_MIN_CELLS and at most the whole

@@ -87,7 +87,7 @@ class BatchSettings:
         return self.step_tokens or N_BATCH // self.slots
 
 
-def slot_cells_for(policy: Policy, *, max_tokens: int, prefill_chunk: int = N_BATCH) -> int:
+def slot_cells_for(policy: Policy, *, max_tokens: int, prefill_chunk: int = memory.PREFILL_CHUNK) -> int:
     """KV cells one slot needs for any prompt under policy: the kept prompt
     plus a prefill chunk, or the decode phase, whichever is more (padded)."""
     bound = policy.for_generation(max_tokens)

@@ -22,7 +22,8 @@ from .. import models
 from ..checks import is_int
 from ..devices import Devices
 from ..policies import Policy
-from .context import KV_TYPES, N_BATCH
+from ..memory import PREFILL_CHUNK
+from .context import KV_TYPES
 from .sketch import Sketch
 
 
@@ -63,7 +64,7 @@ class EngineConfig:
     flash_attn: bool = False
     scoring: Sketch | None = None
     capture_layers: tuple[int, ...] | None = None
-    prefill_chunk: int = N_BATCH
+    prefill_chunk: int = PREFILL_CHUNK
     chunked_prefill: bool | None = None
     position_limit: int | None = None
 
