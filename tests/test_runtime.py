@@ -92,7 +92,7 @@ def test_cell_map_and_stock_identity_across_ubatches_of_one_decode(model_path, m
 
     # under a budget: chunks of 512 over four ubatches, evictions between them
     b = Budget(prefill=128, decode=32, observation_window=8, recent_window=8)
-    with ScopeLlama(model_path, budget=b) as llm:
+    with ScopeLlama(model_path, budget=b, prefill_chunk=512) as llm:
         st = llm.generate(prompt, max_tokens=40, ignore_eos=True).stats
         assert st.evicted_cells > 0 and st.prefill_cells_peak >= 512
         nxt = int(llm.kv_positions()[-1]) + 1  # one more step, so the mask shows the cells after the last eviction
