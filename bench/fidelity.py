@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama
-from scope_edge.bench import (BenchConfig, budget_pairs, lockstep, logbook_prompt, machine, run_many, run_stock,
-                               save_results, scoring_engine, scoring_name)
+from scope_edge.bench import (BenchConfig, Fidelity, StockRun, budget_pairs, lockstep, logbook_prompt, machine,
+                               run_many, run_stock, save_results, scoring_engine, scoring_name)
 from scope_edge.policies import Policy, SnapKV, build
 
 log = logging.getLogger("bench.fidelity")
@@ -125,14 +125,18 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
     path = cfg.model_path()
     prompt = logbook_prompt(path, prompt_tokens)
     stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
-    llms = [variant_llm(path, v, prefill, decode) for v in VARIANTS]
+    res = lockstep_closing(stock, [variant_llm(path, v, prefill, decode) for v in VARIANTS], prompt)
+    return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
+
+
+def lockstep_closing(stock: StockRun, llms: list[ScopeLlama], prompt: list[int]) -> list[Fidelity]:
+    """Teacher-force stock's tokens through every llm against its logits, then close them."""
     eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
     try:
-        res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)
+        return lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)[0]
     finally:
         for llm in llms:
             llm.close()
-    return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
 
 
 # (label, probe, prefill_chunk): the default policy's prefill as before #33
@@ -145,25 +149,20 @@ def chunking(prompt_tokens: int, max_tokens: int, seeds: list[int]) -> list[dict
     """The default budget's chunked prefill, teacher-forced against stock:
     each CHUNKINGS variant of ScopeLlama(path)'s own policy, per prompt."""
     path = BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens).model_path()
+    with ScopeLlama(path) as default:
+        policy = default.policy
+    if policy is None:
+        raise ValueError(f"{path} gets no default budget (its context is small): nothing to compare")
     rows = []
     for seed in seeds:
         prompt = logbook_prompt(path, prompt_tokens, seed)
         # One thread each: results do not depend on it, and ggml's spinning
         # threads crawl on a loaded 2-core machine.
         stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True, n_threads=1)
-        with ScopeLlama(path) as default:
-            policy = default.policy
-        if policy is None:
-            raise ValueError(f"{path} gets no default budget (its context is small): nothing to compare")
         llms = [ScopeLlama(path, policy=dataclasses.replace(policy, prefill=dataclasses.replace(policy.prefill,
                                                                                                   probe=probe)),
                            prefill_chunk=chunk, n_threads=1) for _, probe, chunk in CHUNKINGS]
-        eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
-        try:
-            res, _ = lockstep(stock.logits, llms, prompt, stock.tokens, eog, progress=True)
-        finally:
-            for llm in llms:
-                llm.close()
+        res = lockstep_closing(stock, llms, prompt)
         for (label, probe, chunk), r in zip(CHUNKINGS, res):
             rows.append({"seed": seed, "variant": label, "probe": probe, "prefill_chunk": chunk, **r.as_dict()})
             log.info("seed %d %s: top-1 %.3f, KL %.4f", seed, label, rows[-1]["top1_agreement"], rows[-1]["mean_kl"])
