@@ -55,14 +55,14 @@ def test_no_private_access_outside_the_runtime(path: Path) -> None:
 # imports back up, deferred or not (imports inside functions and under
 # TYPE_CHECKING count: a cycle broken by deferring is still a cycle).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundation", ("scope_edge.checks", "scope_edge._cache_dir", "scope_edge.memory", "scope_edge.budget",
-                    "scope_edge.models")),
+    ("foundation", ("scope_edge.checks", "scope_edge._cache_dir", "scope_edge.gguf_meta", "scope_edge.memory",
+                    "scope_edge.budget", "scope_edge.model_registry", "scope_edge.model_fetch", "scope_edge.models")),
     ("policies", ("scope_edge.policies", "scope_edge.policies.*")),
     ("mechanism", ("scope_edge.hook", "scope_edge.rpc", "scope_edge.devices")),
     ("runtime", ("scope_edge.runtime", "scope_edge.runtime.*")),
-    ("wire", ("scope_edge.openai_wire",)),
+    ("wire", ("scope_edge.openai_wire", "scope_edge.openai_wire.*")),
     ("facade", ("scope_edge.llama",)),
-    ("server", ("scope_edge.server",)),
+    ("server", ("scope_edge.server", "scope_edge.server.*")),
     ("adapters", ("scope_edge.openai", "scope_edge.bench", "scope_edge.flags")),
     ("package", ("scope_edge",)),
     ("cli", ("scope_edge.cli",)),
