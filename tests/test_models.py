@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -158,7 +159,7 @@ def test_installed_package_uses_cwd_checkout_then_user_cache(
     monkeypatch.delenv(models.ENV_MODELS_DIR, raising=False)
     monkeypatch.setattr(models, "_package_checkout", lambda: None)  # as if pip-installed
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(models.sys, "platform", "linux")
+    monkeypatch.setattr(sys, "platform", "linux")
     checkout = _make_checkout(tmp_path / "work")
     (checkout / "bench").mkdir()
     monkeypatch.chdir(checkout / "bench")
@@ -168,12 +169,12 @@ def test_installed_package_uses_cwd_checkout_then_user_cache(
 
 
 def test_user_cache_dir_per_platform(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(models.sys, "platform", "linux")
+    monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
     assert models.user_cache_dir() == Path.home() / ".cache" / "scope-edge"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert models.user_cache_dir() == Path.home() / ".cache" / "scope-edge"
-    monkeypatch.setattr(models.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert models.user_cache_dir() == Path.home() / "Library" / "Caches" / "scope-edge"
 
 
@@ -329,7 +330,7 @@ def _fake_pip(monkeypatch: pytest.MonkeyPatch, returncode: int, stderr: str) -> 
         assert kwargs.get("capture_output") is True
         return subprocess.CompletedProcess(command, returncode, stdout="", stderr=stderr)
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "run", run)
     return calls
 
 
