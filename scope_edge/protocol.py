@@ -19,6 +19,7 @@ separate pass).
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import time
@@ -32,6 +33,8 @@ import numpy as np
 from . import memory
 from .checks import is_int
 from .runtime.context import KV_TYPES
+
+log = logging.getLogger(__name__)
 
 # The cells ours holds are sampled every this many generated tokens (cheap:
 # one read of the hook's positions), over the second half of its decode.
@@ -105,8 +108,11 @@ def run_rounds(columns: Mapping[str, Callable[[], dict]], rounds: int) -> dict[s
     runs: dict[str, list[dict]] = {label: [] for label in columns}
     for r, labels in enumerate(order):
         for label in labels:
+            t0 = time.perf_counter()
             res = columns[label]()
             runs[label].append({**res, "round": r})
+            log.info("round %d, %s: decode %.1f tok/s (%.0f s)", r, label, res["decode_tokens_per_s"],
+                     time.perf_counter() - t0)
     return {"order": order, "load_1m": {"before": before, "after": load_1m()}, "runs": runs}
 
 
