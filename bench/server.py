@@ -5,7 +5,7 @@ stock llama-cpp-python serving the same requests one at a time, and against
 plain llama.cpp decoding the same sequences batched at our cells.
 
     python bench/server.py [--prompt 1024] [--tokens 1024] [--conversations 1 2 4] \
-        [--prefill-budget 512] [--decode-budget 256] [--prefill-chunk 256] [--rounds 3] [--json]
+        [--prefill-budget 512] [--decode-budget 256] [--prefill-chunk 256] [--rounds 3] [--threads N] [--json]
 
 Each conversation is a different logbook prompt of --prompt tokens followed by
 --tokens greedy tokens (EOG masked). Columns, each once per interleaved round:
@@ -183,6 +183,7 @@ def per_conversations(runs: dict[str, list[dict]], n: int, tokens: int) -> dict:
             stock = [first_n(s, n, tokens) for s in runs[label]]
             out[label] = summary(stock, ("decode_tokens_per_s", "end_to_end_tokens_per_s"))
             ratios[f"ours / {label}"] = ratio({"o": o, "s": stock}, "o", "s")
+    out["batched"] = summary(runs[batched_label(n)])
     ratios[f"ours / {batched_label(n)}"] = ratio(runs, ours_label(n), batched_label(n))
     one = runs[EQUAL][0]["kv_bytes"]
     kv = {"ours": o[0]["kv_bytes"], "stock_held": one, "stock_at_once": n * one,
@@ -204,13 +205,14 @@ def table(res: dict) -> str:
            f"{', rank-%d sketches' % c['sketch_rank'] if c['sketch_rank'] else ''} (stock and batched: the same types); "
            f"{res['protocol']['rounds']} interleaved rounds, median (min..max); 1-min load "
            f"{res['load_1m']['before']:.2f} before, {res['load_1m']['after']:.2f} after", "",
-           "| N | ours tok/s | / stock in turn, equal threads | / llama.cpp batched at our cells | / stock, default "
-           "threads | KV MiB ours | / one stock context (held) | / N stock contexts | / batched |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "| N | ours tok/s | stock in turn, equal threads | ours / it | llama.cpp batched at our cells | ours / it | "
+           "ours / stock, default threads | KV MiB ours | / one stock context (held) | / N stock contexts | / batched |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         n, q, kv = r["conversations"], r["ratios"], r["kv"]
         dflt = q.get(f"ours / {DEFAULT}")
-        out.append(f"| {n} | {fmt(r['ours']['decode_tokens_per_s'], 1)} | {fmt(q[f'ours / {EQUAL}'])}x | "
+        out.append(f"| {n} | {fmt(r['ours']['decode_tokens_per_s'], 1)} | {fmt(r[EQUAL]['decode_tokens_per_s'], 1)} | "
+                   f"{fmt(q[f'ours / {EQUAL}'])}x | {fmt(r['batched']['decode_tokens_per_s'], 1)} | "
                    f"{fmt(q[f'ours / {batched_label(n)}'])}x | {'-' if dflt is None else fmt(dflt) + 'x'} | "
                    f"{kv['ours'] / 2**20:.1f} | {kv['ours / stock_held']:.1%} | {kv['ours / stock_at_once']:.1%} | "
                    f"{kv['ours / batched']:.1%} |")
@@ -227,6 +229,9 @@ def main() -> int:
     ap.add_argument("--prefill-chunk", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every column")
     ap.add_argument("--batched-steps", type=int, default=256, help="timed steps of the llama.cpp batched baseline")
+    ap.add_argument("--threads", type=int, default=None, help="decode and batch threads of ours, and so of stock at "
+                    "equal threads and of llama.cpp batched (default: llama-cpp-python's, half the CPUs for one "
+                    "token, all of them for a batch)")
     ap.add_argument("--flash-attn", action="store_true", help="flash attention on (ours, stock and batched)")
     ap.add_argument("--type-k", default="f16", help="K cache type (ours, stock and batched)")
     ap.add_argument("--type-v", default="f16", help="V cache type (a quantized one needs --flash-attn)")
@@ -237,7 +242,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     path = str(models.fetch())
     budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget)
-    engine = EngineConfig(model_path=path, prefill_chunk=args.prefill_chunk, flash_attn=args.flash_attn,
+    engine = EngineConfig(model_path=path, n_threads=args.threads, prefill_chunk=args.prefill_chunk,
+                          flash_attn=args.flash_attn,
                           type_k=args.type_k, type_v=args.type_v,
                           scoring=Sketch(rank=args.sketch_rank) if args.sketch_rank else None)
     prompts = [logbook_prompt(path, args.prompt, seed=i) for i in range(max(args.conversations))]

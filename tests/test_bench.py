@@ -352,7 +352,7 @@ def test_headline_protocol_on_the_model(model_path):
     cells and steady level, stock's greedy tokens those of ours with no budget, every ratio from the runs."""
     headline = _script("headline")
     path = str(model_path)
-    prompt = logbook_prompt(path, 200)
+    prompt = logbook_prompt(path, 600)
     budget = Budget(prefill=64, decode=32)
     engine = EngineConfig(model_path=path, prefill_chunk=64)
     kept: dict = {}
@@ -373,7 +373,7 @@ def test_headline_protocol_on_the_model(model_path):
     per_round = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in
                  zip(runs["ours, slide 64/32"], runs["stock"])]
     assert q["ours, slide 64/32 / stock"]["rounds"] == per_round
-    res = {"protocol": {"rounds": 2}, "config": {"prompt_tokens": 200, "max_tokens": 40, "prefill_budget": 64,
+    res = {"protocol": {"rounds": 2}, "config": {"prompt_tokens": 600, "max_tokens": 40, "prefill_budget": 64,
                                                  "decode_budget": 32, "type_k": "f16", "type_v": "f16"},
            "load_1m": done["load_1m"], "columns": {k: headline._column(k, v) for k, v in runs.items()}, "ratios": q}
     text = headline.table(res)
