@@ -145,6 +145,7 @@ def run_batched(path: str, prompts: list[list[int]], *, ours: dict, steps: int, 
     cut = [(p * (fill // len(p) + 1))[:fill] for p in prompts]
     res = on_own_thread(lambda: batched_stock(path, cut, steps, cells=ours["slot_cells"], eog=eog_tokens(path),
                                               cache=cache, threads=threads))
+    res.pop("tokens")
     return {**res, "level": ours["steady_cells"]}
 
 

@@ -203,7 +203,8 @@ def batched_stock(path: str, prompts: Sequence[Sequence[int]], steps: int, *, ce
     n_seq_max = len(prompts), kv_unified = false (a stream of `cells` cells a
     sequence), each prompt prefilled into its sequence, then `steps` steps of
     one llama_decode carrying the next token of every sequence (greedy, EOG
-    masked). Aggregate tok/s counts the steps after the first."""
+    masked). Aggregate tok/s counts the steps after the first; tokens: each
+    sequence's greedy tokens."""
     n = len(prompts)
     if any(len(p) + steps > cells for p in prompts):
         raise ValueError(f"prompts of {[len(p) for p in prompts]} tokens + {steps} steps exceed {cells} cells")
@@ -243,10 +244,13 @@ def batched_stock(path: str, prompts: Sequence[Sequence[int]], steps: int, *, ce
             last.append(greedy_masked(_logits(ctx, n_vocab), eog))
         prefill_s = time.perf_counter() - t0
         pos = [len(pr) for pr in prompts]
+        tokens = [[t] for t in last]
         t0 = time.perf_counter()
         for step in range(steps - 1):
             decode([(last[s], pos[s] + step, s, True) for s in range(n)])
             last = [greedy_masked(_logits(ctx, n_vocab, s), eog) for s in range(n)]
+            for s, t in enumerate(last):
+                tokens[s].append(t)
         decode_s = time.perf_counter() - t0
     finally:
         llama_cpp.llama_batch_free(batch)
@@ -257,7 +261,7 @@ def batched_stock(path: str, prompts: Sequence[Sequence[int]], steps: int, *, ce
     return {"sequences": n, "cells_per_sequence": cells, "kv_bytes": kv, "threads": list(threads.resolved()),
             "steps": steps, "prefilled": [len(pr) for pr in prompts],
             "prefill_tokens_per_s": sum(pos) / max(prefill_s, 1e-9),
-            "decode_tokens_per_s": n * (steps - 1) / max(decode_s, 1e-9)}
+            "decode_tokens_per_s": n * (steps - 1) / max(decode_s, 1e-9), "tokens": tokens}
 
 
 # -- ours --------------------------------------------------------------------
