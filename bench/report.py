@@ -36,7 +36,10 @@ def _fid(f: dict | None) -> list[str]:
     return [f"{f['top1_agreement']:.1%}", f"{f['mean_kl']:.4f}", f"{f['max_kl']:.2f}"]
 
 
-def headline(rows: list[dict]) -> str:
+def headline(rows: list[dict] | dict) -> str:
+    if isinstance(rows, dict):  # under scope_edge.protocol: bench/headline.py renders its own
+        from headline import table
+        return table(rows)
     s, c = rows[0]["stock"], rows[0]["config"]
     out = [f"prompt {c['prompt_tokens']} + {c['max_tokens']} generated, budgets {c['prefill_budget']}/"
            f"{c['decode_budget']}; stock: {s['n_ctx']} cells, {s['kv_bytes'] / MIB:.1f} MiB, prefill "
@@ -225,6 +228,9 @@ def long_run(d: dict) -> str:
 
 def server(d: dict) -> str:
     """Equal threads first; KV against what the timed stock held and against N contexts at once."""
+    if "protocol" in d:  # under scope_edge.protocol: bench/server.py renders its own
+        from server import table
+        return table(d)
     cache = d["ours_cache"]
     kind = f"K {cache['type_k']}, V {cache['type_v']}" + (", flash attention" if cache["flash_attn"] else "") + \
         (f", rank-{cache['sketch_rank']} sketches" if cache["sketch_rank"] else "")

@@ -2,12 +2,12 @@
 
     python bench/run_all.py [--quick]
 
-Runs, in order: headline.py (2048 + 4096, every strategy; and 2048 + 2048
-without fidelity), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
+Runs, in order: headline.py (2048 + 4096, slide, 3 interleaved rounds under
+scope_edge.protocol, then an untimed fidelity pass; and 2048 + 2048), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
-(1, 2, 4 conversations served together; again with a q8_0 K cache, and 4 with flash
-attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
+(1, 2, 4 conversations served together, against stock in turn and plain llama.cpp batched, 3 interleaved
+rounds; again 4 with a q8_0 K cache, and 4 with flash attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
 tuning prompts, then the evaluation prompts of both families), fidelity.py with today's defaults
 (one prompt, then five), fidelity.py with key sketches (one prompt, then five; again with today's pooling),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
@@ -29,11 +29,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --quick args
-    ("headline.py", [], ["--prompt-tokens", "300", "--max-tokens", "64", "--prefill-budget", "128",
-                         "--decode-budget", "64"]),
-    ("headline.py", ["--max-tokens", "2048", "--no-fidelity", "--out", "RESULTS/headline_2048.json"],
+    ("headline.py", ["--fidelity"], ["--prompt-tokens", "300", "--max-tokens", "64", "--prefill-budget", "128",
+                                     "--decode-budget", "64", "--rounds", "2", "--ideal-steps", "16", "--fidelity"]),
+    ("headline.py", ["--max-tokens", "2048", "--out", "RESULTS/headline_2048.json"],
      ["--prompt-tokens", "300", "--max-tokens", "32", "--prefill-budget", "128", "--decode-budget", "16",
-      "--no-fidelity"]),
+      "--rounds", "2", "--ideal-steps", "8"]),
     ("fidelity.py", [], ["--prompt-tokens", "256", "--max-tokens", "64", "--budgets", "96:32", "128:64"]),
     ("fidelity.py", ["--skip-aggregation", "--max-tokens", "1024", "--budgets", "96:64", "192:128",
                      "--out", "RESULTS/fidelity_long.json"], ["--skip-aggregation", "--prompt-tokens", "256",
@@ -46,13 +46,15 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
                        "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
-    ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2"]),
-    ("server.py", ["--type-k", "q8_0", "--out", "RESULTS/server_q8.json"],
-     ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--type-k", "q8_0"]),
+    ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2", "--prefill-budget", "96",
+                       "--decode-budget", "32", "--prefill-chunk", "64", "--rounds", "2", "--batched-steps", "16"]),
+    ("server.py", ["--conversations", "4", "--type-k", "q8_0", "--out", "RESULTS/server_q8.json"],
+     ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--type-k", "q8_0", "--rounds", "2",
+      "--batched-steps", "16"]),
     ("server.py", ["--conversations", "4", "--flash-attn", "--type-k", "q8_0", "--type-v", "q8_0", "--sketch-rank", "16",
                    "--out", "RESULTS/server_flash.json"],
      ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--flash-attn", "--type-k", "q8_0", "--type-v",
-      "q8_0", "--sketch-rank", "8"]),
+      "q8_0", "--sketch-rank", "8", "--rounds", "2", "--batched-steps", "16"]),
     ("ordered.py", ["tune", "--configs", "scope/q8", "scope/chunk256/q8", "--families", "inventory", "--sizes", "3",
                     "4", "--out", "RESULTS/ordered_tune_chunk.json"],
      ["tune", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "inventory", "--workers", "1",

@@ -22,6 +22,8 @@ from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, budget_pairs, chat_pro
                               config_from_args, logbook_prompt, run_bench, run_many, run_stock, save_results,
                               vocabulary)
 from scope_edge.policies import build
+from scope_edge.protocol import (Threads, batched_stock, ideal_fill, ratio, run_rounds, schedule, spread,
+                                 steady_level, stock_greedy)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -259,3 +261,158 @@ def test_every_engine_command_takes_every_engine_flag(model_path, command):
     argv, want = _every_engine_flag(str(model_path))
     args = build_parser().parse_args([*command, *argv])
     assert engine_config(args) == want
+
+
+# -- the speed protocol (scope_edge.protocol) and the scripts that run on it ------------------
+
+
+def test_spread_is_median_and_min_max():
+    assert spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "rounds": [3.0, 1.0, 2.0]}
+    assert spread([1, 2, 3, 10])["median"] == 2.5  # even count: the mean of the middle two, not the mean
+    with pytest.raises(ValueError, match="at least one value"):
+        spread([])
+
+
+def test_schedule_rotates_every_round():
+    labels = ["stock", "none", "slide", "ideal"]
+    order = schedule(labels, 3)
+    assert order[0] == labels  # round 0 canonical: ours before its ideal
+    assert [r[0] for r in order] == ["stock", "none", "slide"]  # none runs first in every round
+    assert all(sorted(r) == sorted(labels) for r in order)  # every column once a round
+    assert all(r.index("slide") < r.index("ideal") for r in order)  # rotation keeps ours before ideal for 3 rounds
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match="rounds must be an int >= 1"):
+            schedule(labels, bad)
+    with pytest.raises(ValueError, match="distinct"):
+        schedule(["a", "a"], 2)
+
+
+def test_ratio_pairs_rounds():
+    """Each ratio is the median of per-round ratios, not the ratio of medians."""
+    runs = {"ours": [{"decode_tokens_per_s": v} for v in (30.0, 40.0, 60.0)],
+            "stock": [{"decode_tokens_per_s": v} for v in (10.0, 40.0, 30.0)]}
+    r = ratio(runs, "ours", "stock")
+    assert r["rounds"] == [3.0, 1.0, 2.0] and (r["median"], r["min"], r["max"]) == (2.0, 1.0, 3.0)
+    assert r["median"] != 40.0 / 30.0  # what the ratio of medians would give
+    with pytest.raises(ValueError, match="not paired"):
+        ratio({"ours": runs["ours"], "stock": runs["stock"][:2]}, "ours", "stock")
+
+
+def test_run_rounds_interleaves_and_reads_the_load():
+    calls = []
+
+    def column(label):
+        def run():
+            calls.append(label)
+            return {"decode_tokens_per_s": float(len(calls))}
+        return run
+
+    done = run_rounds({k: column(k) for k in ("a", "b", "c")}, 3)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert done["order"] == schedule(["a", "b", "c"], 3)
+    assert [r["round"] for r in done["runs"]["a"]] == [0, 1, 2]
+    assert [r["decode_tokens_per_s"] for r in done["runs"]["a"]] == [1.0, 6.0, 8.0]  # its call index each round
+    assert set(done["load_1m"]) == {"before", "after"} and all(v >= 0 for v in done["load_1m"].values())
+
+
+def test_ideal_fill_averages_the_level():
+    fill, steps = ideal_fill(1536, 1400.0, 256)
+    assert fill + steps <= 1536 and fill + steps / 2 == pytest.approx(1400, abs=1)
+    fill, steps = ideal_fill(1536, 1000.0, 256)
+    assert (fill, steps) == (872, 256)
+    with pytest.raises(ValueError, match="level must be in"):
+        ideal_fill(512, 600.0, 16)
+    assert steady_level([(10, 100), (60, 300), (100, 500)], 100) == 400.0  # second half only
+    with pytest.raises(ValueError, match="second half"):
+        steady_level([(10, 100)], 100)
+
+
+def test_threads_labels():
+    assert Threads(decode=2, batch=2).label() == "2 threads"
+    assert Threads(decode=1, batch=2).label() == "1 thread (2 for a batch)"
+
+
+def test_headline_columns_and_labels(model_path):
+    """The stock-at-default column appears only when stock's equal threads are not the library's default."""
+    headline = _script("headline")
+    prompt = logbook_prompt(str(model_path), 128)
+    budget = Budget(prefill=64, decode=32)
+    default = Threads().resolved()
+    for n_threads, want_default in ((None, False), (default[0] + 1, True)):
+        engine = EngineConfig(model_path=str(model_path), n_threads=n_threads)
+        cols = headline.columns(str(model_path), prompt, 8, budget=budget, strategies=["slide", "h2o"],
+                                engine=engine, ideal_steps=4, kept={})
+        want = ["stock", *(["stock, library default threads"] if want_default else []), "ours, no budget",
+                "ours, slide 64/32", "ideal, slide", "ours, h2o 64/32", "ideal, h2o"]
+        assert list(cols) == want
+
+
+def test_headline_protocol_on_the_model(model_path):
+    """Two rounds at a tiny size: every column once a round in the rotated order, the ideal at ours'
+    cells and steady level, stock's greedy tokens those of ours with no budget, every ratio from the runs."""
+    headline = _script("headline")
+    path = str(model_path)
+    prompt = logbook_prompt(path, 400)
+    budget = Budget(prefill=64, decode=32)
+    engine = EngineConfig(model_path=path, prefill_chunk=64, n_threads=1)  # one thread: quick on a busy machine
+    kept: dict = {}
+    cols = headline.columns(path, prompt, 40, budget=budget, strategies=["slide"], engine=engine, ideal_steps=8,
+                            kept=kept)
+    cols.pop(headline.STOCK_DEFAULT, None)  # its label is test_headline_columns_and_labels'
+    done = run_rounds(cols, 2)
+    runs = done["runs"]
+    assert done["order"][1] == list(cols)[1:] + list(cols)[:1]
+    assert all([r["round"] for r in v] == [0, 1] for v in runs.values())
+    o, i, s = runs["ours, slide 64/32"][0], runs["ideal, slide"][0], runs["stock"][0]
+    assert i["n_ctx"] == o["kv_cells"] < s["n_ctx"] and i["level"] == o["steady_cells"]
+    assert i["prefilled"] + i["steps"] / 2 == pytest.approx(o["steady_cells"], abs=1)
+    assert 64 < o["steady_cells"] <= o["kv_cells"] and o["evicted_cells"] > 0
+    assert kept["stock"] == kept["ours, no budget"]  # the same greedy run (EOG masked on both)
+    assert len(kept["stock"]) == 40 and runs["ours, no budget"][0]["kv_cells"] == s["n_ctx"]
+    q = headline.ratios(runs, ["slide"], budget)
+    assert set(q) == {"ours, no budget / stock", "ours, slide 64/32 / stock", "ours, slide 64/32 / ideal, slide"}
+    per_round = [a["decode_tokens_per_s"] / b["decode_tokens_per_s"] for a, b in
+                 zip(runs["ours, slide 64/32"], runs["stock"])]
+    assert q["ours, slide 64/32 / stock"]["rounds"] == per_round
+    res = {"protocol": {"rounds": 2}, "config": {"prompt_tokens": 400, "max_tokens": 40, "prefill_budget": 64,
+                                                 "decode_budget": 32, "type_k": "f16", "type_v": "f16"},
+           "load_1m": done["load_1m"], "columns": {k: headline._column(k, v) for k, v in runs.items()}, "ratios": q}
+    text = headline.table(res)
+    assert "| ours, slide 64/32 |" in text and f"{o['kv_bytes'] / s['kv_bytes']:.1%}" in text
+    json.dumps(res)
+
+
+def test_batched_stock_is_n_streams_of_our_cells(model_path):
+    """Plain llama.cpp batched: n sequences x cells of KV, aggregate tok/s over n tokens a step; a
+    sequence decoded alone gives stock's greedy tokens (same prompt, same cells)."""
+    path = str(model_path)
+    eog = eog_tokens(path)
+    prompts = [logbook_prompt(path, 100, seed=s) for s in (0, 1)]
+    res = batched_stock(path, prompts, 8, cells=256, eog=eog, threads=Threads(decode=1, batch=1))
+    alone = stock_greedy(path, prompts[0], 8, eog=eog, n_ctx=256, threads=Threads(decode=1, batch=1))
+    assert res["kv_bytes"] == 2 * alone["kv_bytes"] and res["sequences"] == 2 and res["prefilled"] == [100, 100]
+    assert res["decode_tokens_per_s"] > 0 and [len(t) for t in res["tokens"]] == [8, 8]
+    one = batched_stock(path, prompts[:1], 8, cells=256, eog=eog, threads=Threads(decode=1, batch=1))
+    assert one["tokens"][0] == alone["tokens"]
+    with pytest.raises(ValueError, match="exceed 256 cells"):
+        batched_stock(path, prompts, 200, cells=256, eog=eog)
+
+
+def test_server_ratios_and_kv():
+    """bench/server.py's arithmetic on made-up rounds: stock over its first N requests, ratios paired by
+    round, KV against one context held, N at once and the batched streams, the targets."""
+    server = _script("server")
+    stock = [{"kv_bytes": 100, "requests": [{"prefill_s": 1.0, "decode_s": d} for d in ds]} for ds in ((9.0, 27.0),
+                                                                                                        (18.0, 18.0))]
+    runs = {server.EQUAL: stock,
+            server.ours_label(2): [{"decode_tokens_per_s": v, "end_to_end_tokens_per_s": v / 2, "kv_bytes": 60}
+                                   for v in (4.0, 3.0)],
+            server.batched_label(2): [{"decode_tokens_per_s": v, "kv_bytes": 80} for v in (4.0, 4.0)]}
+    r = server.per_conversations(runs, 2, 10)  # 2 x 9 tokens over 36 s of decode: 0.5 tok/s in both rounds
+    assert r[server.EQUAL]["decode_tokens_per_s"]["rounds"] == [0.5, 0.5]
+    assert server.first_n(stock[0], 1, 10)["decode_tokens_per_s"] == 1.0
+    assert r["ratios"][f"ours / {server.EQUAL}"]["rounds"] == [8.0, 6.0]
+    assert r["ratios"]["ours / llama.cpp batched, 2"]["rounds"] == [1.0, 0.75]
+    assert r["kv"] == {"ours": 60, "stock_held": 100, "stock_at_once": 200, "batched": 80, "ours / stock_held": 0.6,
+                       "ours / stock_at_once": 0.3, "ours / batched": 0.75}
+    assert r["targets"] == {"ours >= 0.9x batched llama.cpp": False, "ours >= 2x stock in turn at equal threads": True}

@@ -29,13 +29,33 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
-def _headline(d: list[dict]) -> set[str]:
+def _spread(s: dict, digits: int) -> set[str]:
+    return {f"{s[k]:.{digits}f}" for k in ("median", "min", "max")}
+
+
+def _headline(d: list[dict] | dict) -> set[str]:
+    if isinstance(d, dict):  # bench/headline.py under scope_edge.protocol
+        return _headline_protocol(d)
     r = next(r for r in d if r["config"]["strategy"] == "slide")
     c, o, s = r["config"], r["ours"], r["stock"]
     return {str(c["prompt_tokens"]), str(c["max_tokens"]), str(c["prefill_budget"]), str(c["decode_budget"]),
             _mib(o["kv_bytes_allocated"]), _mib(s["kv_bytes"]), _pct(r["ratios"]["kv_bytes"]),
             f"{o['decode_tokens_per_s']:.1f}", f"{s['decode_tokens_per_s']:.1f}",
             f"{r['ratios']['decode_speedup']:.2f}", _pct(r["fidelity"]["top1_agreement"])}
+
+
+def _headline_protocol(d: dict) -> set[str]:
+    c, cols = d["config"], d["columns"]
+    held = {str(c[k]) for k in ("prompt_tokens", "max_tokens", "prefill_budget", "decode_budget")}
+    held |= {str(d["protocol"]["rounds"]), f"{d['load_1m']['before']:.2f}", f"{d['load_1m']['after']:.2f}"}
+    for col in cols.values():
+        held |= {_mib(col["kv_bytes"]), f"{col['cells']}", _pct(col["kv_bytes"] / cols["stock"]["kv_bytes"]),
+                 *_spread(col["summary"]["decode_tokens_per_s"], 1)}
+    for r in d["ratios"].values():
+        held |= _spread(r, 2)
+    for f in (d.get("fidelity") or {}).values():
+        held.add(_pct(f["top1_agreement"]))
+    return held
 
 
 def _beyond(d: dict) -> set[str]:
@@ -53,12 +73,30 @@ def _device(d: dict) -> set[str]:
 
 
 def _server(d: dict) -> set[str]:
+    if "protocol" in d:  # bench/server.py under scope_edge.protocol
+        return _server_protocol(d)
     r = max(d["runs"], key=lambda r: r["conversations"])
     o = r["ours"]
     return {str(r["conversations"]), str(d["prompt"]), str(d["tokens"]), *map(str, d["budget"]),
             str(d["batch_threads"]), f"{o['decode_tokens_per_s']:.1f}", f"{r['stock_threads_decode_tokens_per_s']:.1f}",
             f"{r['decode_speedup_same_threads']:.2f}", f"{r['decode_speedup']:.2f}", _mib(o["kv_bytes"]),
             _mib(r["stock_kv_bytes"]), _pct(r["kv_ratio"]), _mib(d["stock"][0]["kv_bytes"])}
+
+
+def _server_protocol(d: dict) -> set[str]:
+    r = max(d["runs"], key=lambda r: r["conversations"])
+    held = {str(r["conversations"]), str(d["prompt"]), str(d["tokens"]), *map(str, d["budget"]),
+            str(d["protocol"]["rounds"]), *map(str, d["protocol"]["threads"])}
+    held |= _spread(r["ours"]["decode_tokens_per_s"], 1)
+    for key, s in r.items():
+        if key.startswith("stock in turn"):
+            held |= _spread(s["decode_tokens_per_s"], 1)
+    for q in r["ratios"].values():
+        held |= _spread(q, 2)
+    kv = r["kv"]
+    held |= {_mib(kv[k]) for k in ("ours", "stock_held", "stock_at_once", "batched")}
+    held |= {_pct(kv[k]) for k in kv if k.startswith("ours / ")}
+    return held
 
 
 # cited file -> the numbers it holds for the README's rows
