@@ -1,7 +1,8 @@
 """Decode speed with offloaded layers: stock llama.cpp and ours on the same device.
 
     python bench/device.py [--prompt 2048] [--tokens 2048] [--prefill-budget 1024] \
-        [--decode-budget 512] [--steady-steps 128] [--steady-repeats 3] [--server-threads 1] [--skip-headline] [--json]
+        [--decode-budget 512] [--steady-steps 128] [--steady-repeats 3] [--steady-threads N] [--server-threads 1] \
+        [--skip-headline] [--json]
 
 The device is llama.cpp's RPC backend: a server process on 127.0.0.1 serving
 this machine's CPU (scope_edge.rpc.Server), every layer offloaded to it
@@ -13,10 +14,16 @@ headline  prompt P + T generated (greedy, end-of-generation masked), same run:
           under budget (slide), capturing the offload default (every 4th
           layer) and every layer. Decode tok/s, ratios to stock, and the
           hook's reads and bytes per decode step and per captured step.
-steady    prompt N, budget N/N (N = 512), every strategy: generate N + S tokens
-          and time the last S (the decode cache is full: a selection, and for
-          slide an eviction, every step), against stock decoding in a context
-          of the same cells filled to that level (attention width identical).
+steady    prompt N, budget N/N (N = 512), every strategy, and ours with no
+          budget ("none"): ours generates N tokens untimed (the decode cache
+          fills: from then on a selection, and for slide an eviction, every
+          step), then S steps interleaved one by one with stock decoding in
+          a context of the same cells filled to cells - S (attention width
+          identical; "none": the same cells and fill as ours), both in this
+          process at the same n_threads (--steady-threads; default
+          llama-cpp-python's, one decode thread on 2 CPUs), so a shared
+          machine's load falls on both alike. Each side's time includes what
+          it pays in Python per step (stock: Llama.eval and the greedy pick).
           On the CPU and on the device, same run; --steady-repeats rounds,
           the medians reported with the spread of the ratios.
 Writes bench/results/device.json; ratios only (the machine is shared).
@@ -30,7 +37,7 @@ import time
 from pathlib import Path
 
 from scope_edge import Budget, ScopeLlama, models, rpc
-from scope_edge.bench import logbook_prompt, machine, run_ideal, run_stock, save_results
+from scope_edge.bench import logbook_prompt, machine, run_stock, save_results, stock_steps
 from scope_edge.policies import STRATEGIES
 
 log = logging.getLogger("bench.device")
@@ -81,30 +88,65 @@ def headline(path: str, endpoint: str, args: argparse.Namespace) -> dict:
     return out
 
 
-def steady(path: str, steps: int, size: int, repeats: int, **device: object) -> dict:
-    """Every strategy against stock at its cells, `repeats` rounds
-    interleaved (ours, then stock, strategy by strategy): the median of the
-    rounds' ratios, and their spread."""
+def steady_round(path: str, prompt: list[int], steps: int, budget: Budget | None, strategy: str, *,
+                 n_threads: int | None, **device: object) -> dict:
+    """One round: ours warmed to a full decode cache, then `steps` steps
+    interleaved with stock's at the same cells. Tok/s of each side over
+    those steps."""
+    warm = budget.decode if budget is not None else 0
+    ngl = int(device.get("n_gpu_layers", 0))
+    ours_s = stock_s = 0.0
+    with ScopeLlama(path, budget=budget, strategy=strategy, n_threads=n_threads, **device) as llm:
+        stream = llm.stream(prompt, max_tokens=warm + steps + 1, ignore_eos=True)
+        for _ in range(warm + 1):  # the last untimed step feeds nothing: the first chunk comes before any feed
+            next(stream)
+        cells = llm.n_ctx
+        fill = cells - steps if budget is not None else len(prompt) + warm
+        filler = list(prompt)
+        while len(filler) < fill:
+            filler += filler
+        stock = stock_steps(path, cells, filler[:fill], n_gpu_layers=ngl, n_threads=n_threads)
+        try:
+            next(stock)  # the prefill, untimed
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                next(stream)
+                t1 = time.perf_counter()
+                next(stock)
+                ours_s, stock_s = ours_s + t1 - t0, stock_s + time.perf_counter() - t1
+        finally:
+            stock.close()
+            stream.close()
+    return {"decode_tokens_per_s": steps / ours_s, "stock_same_cells_tokens_per_s": steps / stock_s,
+            "kv_cells": cells}
+
+
+def steady(path: str, steps: int, size: int, repeats: int, n_threads: int | None = None, **device: object) -> dict:
+    """Every strategy and ours with no budget against stock at its cells,
+    step-interleaved, `repeats` rounds: the median of the rounds' ratios,
+    and their spread."""
     prompt = logbook_prompt(path, size)
     budget = Budget(prefill=size, decode=size)
-    ngl = int(device.get("n_gpu_layers", 0))
-    rounds: dict[str, list[tuple[dict, float]]] = {}
+    rounds: dict[str, list[dict]] = {}
     for _ in range(repeats):
-        for strategy in STRATEGIES:
-            ours = time_ours(path, prompt, max_tokens=budget.decode + steps, timed=steps, budget=budget,
-                             strategy=strategy, **device)
-            # stock right after each run, not cached: the machine's speed drifts
-            stock = run_ideal(path, ours["kv_cells"], prompt, steps, "f16", n_gpu_layers=ngl)["decode_tokens_per_s"]
-            rounds.setdefault(strategy, []).append((ours, stock))
-            log.info("steady %s %s: ours %.1f, stock at %d cells %.1f tok/s (%.2fx)", "device" if ngl else "cpu",
-                     strategy, ours["decode_tokens_per_s"], ours["kv_cells"], stock, ours["decode_tokens_per_s"] / stock)
+        for strategy in (*STRATEGIES, "none"):
+            run = steady_round(path, prompt, steps, None if strategy == "none" else budget,
+                               "slide" if strategy == "none" else strategy, n_threads=n_threads, **device)
+            run["vs_stock"] = run["decode_tokens_per_s"] / run["stock_same_cells_tokens_per_s"]
+            rounds.setdefault(strategy, []).append(run)
+            log.info("steady %s %s: ours %.1f, stock at %d cells %.1f tok/s (%.3fx)",
+                     "device" if device.get("n_gpu_layers") else "cpu", strategy, run["decode_tokens_per_s"],
+                     run["kv_cells"], run["stock_same_cells_tokens_per_s"], run["vs_stock"])
     rows = {}
     for strategy, runs in rounds.items():
-        ratios = [o["decode_tokens_per_s"] / st for o, st in runs]
-        rows[strategy] = {**runs[0][0], "decode_tokens_per_s": statistics.median(o["decode_tokens_per_s"] for o, _ in runs),
-                          "stock_same_cells_tokens_per_s": statistics.median(st for _, st in runs),
+        ratios = [r["vs_stock"] for r in runs]
+        rows[strategy] = {"kv_cells": runs[0]["kv_cells"],
+                          "decode_tokens_per_s": statistics.median(r["decode_tokens_per_s"] for r in runs),
+                          "stock_same_cells_tokens_per_s": statistics.median(
+                              r["stock_same_cells_tokens_per_s"] for r in runs),
                           "vs_stock": statistics.median(ratios), "vs_stock_min": min(ratios),
-                          "vs_stock_max": max(ratios), "repeats": len(runs)}
+                          "vs_stock_max": max(ratios), "repeats": len(runs), "steps": steps,
+                          "n_threads": n_threads}
     return rows
 
 
@@ -129,6 +171,8 @@ def main() -> None:
     ap.add_argument("--steady-steps", type=int, default=128)
     ap.add_argument("--steady-size", type=int, default=512, help="steady prompt tokens, and both budgets")
     ap.add_argument("--steady-repeats", type=int, default=3, help="interleaved rounds; medians reported")
+    ap.add_argument("--steady-threads", type=int, default=None,
+                    help="decode threads of both sides (default: llama-cpp-python's, half the CPUs)")
     ap.add_argument("--server-threads", type=int, default=1,
                     help="the server's compute threads (1: it shares 2 cores with this process)")
     ap.add_argument("--skip-headline", action="store_true")
@@ -142,9 +186,10 @@ def main() -> None:
         rpc.register(server.endpoint)  # stock llama_cpp.Llama offloads to it too
         if not args.skip_headline:
             res["headline"] = headline(path, server.endpoint, args)
-        res["steady_cpu"] = steady(path, args.steady_steps, args.steady_size, args.steady_repeats)
+        res["steady_cpu"] = steady(path, args.steady_steps, args.steady_size, args.steady_repeats,
+                                   args.steady_threads)
         res["steady_device"] = steady(path, args.steady_steps, args.steady_size, args.steady_repeats,
-                                      rpc_servers=[server.endpoint], n_gpu_layers=-1)
+                                      args.steady_threads, rpc_servers=[server.endpoint], n_gpu_layers=-1)
     save_results(args.out, res, print_json=args.json, table=table)
 
 

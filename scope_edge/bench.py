@@ -353,6 +353,28 @@ def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress
         llm.close()
 
 
+def stock_steps(path: str, n_ctx: int, filler: Sequence[int], type_k: str = "f16", *, n_gpu_layers: int = 0,
+                n_threads: int | None = None) -> Iterator[int]:
+    """Stock llama_cpp.Llama of n_ctx cells with `filler` prefilled. The
+    first next() returns the greedy token after the prefill (EOG masked);
+    each later next() decodes the previous token and returns the next: one
+    decode step, what stock pays for it in Python included. An interleaved
+    comparison times these step by step against ours in the same process,
+    so both sides run under the same load. Close the generator to free the
+    context."""
+    eog = eog_tokens(path)
+    llm = _open_stock(path, n_ctx, type_k, n_gpu_layers, n_threads)
+    try:
+        llm.eval(list(filler))
+        token = _greedy(_stock_logits(llm), eog)
+        while True:
+            yield token
+            llm.eval([token])
+            token = _greedy(_stock_logits(llm), eog)
+    finally:
+        llm.close()
+
+
 def run_ideal(path: str, n_ctx: int, filler: Sequence[int], steps: int, type_k: str,
               n_gpu_layers: int = 0) -> dict[str, float | int]:
     """Stock decoding in a context of n_ctx cells filled to n_ctx - steps

@@ -19,8 +19,9 @@ if llama_cpp.__version__ != LLAMA_CPP_PYTHON_VERSION:
         f"reads), found {llama_cpp.__version__}; run: pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
     )
 
-_i32p = ctypes.POINTER(ctypes.c_int32)
-_f32p = ctypes.POINTER(ctypes.c_float)
+# Arrays cross as bare addresses: ndarray.ctypes.data_as builds a typed
+# pointer per call, a few microseconds each on every decode step's calls.
+_ADDR = ctypes.c_void_p
 
 _STATUS = {
     -1: "invalid argument",
@@ -54,38 +55,38 @@ def _load() -> ctypes.CDLL:
         "scope_hook_new_seqs": (ctypes.c_void_p, [ctypes.c_int32] * 4),
         "scope_hook_new_streams": (ctypes.c_void_p, [ctypes.c_int32] * 4),
         "scope_hook_free": (None, [ctypes.c_void_p]),
-        "scope_hook_begin_seqs": (ctypes.c_int32, [ctypes.c_void_p, _i32p, _i32p, ctypes.c_int32]),
+        "scope_hook_begin_seqs": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, _ADDR, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
         "scope_hook_capture_arm_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_capture_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_swa_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_capture_gather_seq": (
-            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR, ctypes.c_int64, _ADDR]),
         "scope_hook_capture_reduce_seq": (
             ctypes.c_int32,
-            [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, ctypes.c_int32, _f32p, ctypes.c_int64, _i32p]),
+            [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, ctypes.c_int32, _ADDR, ctypes.c_int64, _ADDR]),
         "scope_hook_held_seq": (
-            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, _i32p, _i32p, ctypes.c_int32]),
-        "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
-        "scope_hook_cell_seqs": (ctypes.c_int32, [ctypes.c_void_p, _i32p, ctypes.c_int32]),
-        "scope_hook_visible_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _i32p]),
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, _ADDR, _ADDR, ctypes.c_int32]),
+        "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, ctypes.c_int32]),
+        "scope_hook_cell_seqs": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, ctypes.c_int32]),
+        "scope_hook_visible_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR]),
         "scope_hook_evict_seq": (
             ctypes.c_int32,
-            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _i32p],
+            [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR],
         ),
         "scope_hook_shift_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 4),
         "scope_hook_truncate_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
         "scope_hook_clear_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_sketch_set": (
-            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_f32p, _f32p, ctypes.c_float, ctypes.c_int32]),
+            ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_ADDR, _ADDR, ctypes.c_float, ctypes.c_int32]),
         "scope_hook_sketch_track_queries": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_sketch_query_moments": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int64,
                              ctypes.POINTER(ctypes.c_int64)]),
         "scope_hook_sketch_gather_seq": (
-            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64]),
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR, ctypes.c_int64]),
         "scope_hook_keys": (
-            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _i32p, ctypes.c_int32, _f32p, ctypes.c_int64]),
+            ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR, ctypes.c_int64]),
         "scope_hook_transfers": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int64)] * 2),
         "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
     }
@@ -117,8 +118,9 @@ HEAD_REDUCTIONS = {"sum": 0, "max": 1}
 SKETCH_SCORES = {"attention": 0, "keydiff": 1, "knorm": 2}
 
 
-def _i32(a: np.ndarray) -> ctypes._Pointer:
-    return a.ctypes.data_as(_i32p)
+def _i32(a: np.ndarray) -> int:
+    """The address of an int32 array's data (callers pass contiguous int32)."""
+    return a.ctypes.data
 
 
 @dataclass(frozen=True)
@@ -245,11 +247,11 @@ class Hook:
         if head_reduce is None:
             attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
             rc = _lib.scope_hook_capture_gather_seq(self._ptr, seq, _i32(order), len(order),
-                                                    attn.ctypes.data_as(_f32p), attn.size, _i32(self._rows))
+                                                    attn.ctypes.data, attn.size, _i32(self._rows))
         elif head_reduce in HEAD_REDUCTIONS:
             attn = np.empty((self.n_layer, 1, len(order)), dtype=np.float32)
             rc = _lib.scope_hook_capture_reduce_seq(self._ptr, seq, _i32(order), len(order),
-                                                    HEAD_REDUCTIONS[head_reduce], attn.ctypes.data_as(_f32p),
+                                                    HEAD_REDUCTIONS[head_reduce], attn.ctypes.data,
                                                     attn.size, _i32(self._rows))
         else:
             raise ValueError(f"head_reduce must be None or one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
@@ -296,8 +298,8 @@ class Hook:
         n_head_kv, rank, head_dim = b.shape[1:]
         if scores not in SKETCH_SCORES:
             raise ValueError(f"scores must be one of {tuple(SKETCH_SCORES)}, got {scores!r}")
-        self._check(_lib.scope_hook_sketch_set(self._ptr, n_head_kv, head_dim, rank, b.ctypes.data_as(_f32p),
-                                               bq.ctypes.data_as(_f32p), float(scale), SKETCH_SCORES[scores]))
+        self._check(_lib.scope_hook_sketch_set(self._ptr, n_head_kv, head_dim, rank, b.ctypes.data,
+                                               bq.ctypes.data, float(scale), SKETCH_SCORES[scores]))
         self._sketch_shape = (n_head_kv, rank, head_dim)
 
     def track_queries(self, on: bool) -> None:
@@ -321,7 +323,7 @@ class Hook:
         n_head_kv, rank, _ = self._sketch_shape
         out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
         self._check(_lib.scope_hook_sketch_gather_seq(
-            self._ptr, seq, _i32(order), len(order), out.ctypes.data_as(_f32p), out.size))
+            self._ptr, seq, _i32(order), len(order), out.ctypes.data, out.size))
         return positions, out
 
     def keys(self, layer: int, n_embd: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +331,7 @@ class Hook:
         [n, n_embd] as the attention reads them). Between decodes."""
         order, positions = self.held(seq=seq)
         out = np.empty((len(order), n_embd), dtype=np.float32)
-        self._check(_lib.scope_hook_keys(self._ptr, layer, _i32(order), len(order), out.ctypes.data_as(_f32p),
+        self._check(_lib.scope_hook_keys(self._ptr, layer, _i32(order), len(order), out.ctypes.data,
                                          out.size))
         return positions, out
 

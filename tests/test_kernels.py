@@ -107,6 +107,22 @@ def test_select_nothing_to_evict_and_empty_input() -> None:
     assert select_evictions(i32(), f64(), 0, 3).size == 0
 
 
+def test_select_one_eviction_is_the_sorts_choice() -> None:
+    """A decode step evicts one cell through argmin, not the sort: the same
+    cell, the earliest of equal lowest scores, whatever the tail."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 40))
+        positions = np.sort(rng.choice(1000, n, replace=False)).astype(np.int32)
+        scores = rng.integers(0, 4, n).astype(np.float64)  # few values: many ties
+        protect = int(rng.integers(0, n))
+        out = select_evictions(positions, scores, n - 1, protect)
+        tail = min(protect, n - 1)
+        order = np.argsort(scores[: n - tail], kind="mergesort")
+        np.testing.assert_array_equal(out, positions[order[:1]])
+        assert out.dtype == np.int32
+
+
 def test_select_keep_zero_evicts_all() -> None:
     np.testing.assert_array_equal(select_evictions(i32(4, 7), f64(1, 2), 0, 5), [4, 7])
 

@@ -187,6 +187,24 @@ def test_session_step_costs_follow_the_held_cells_not_the_history():
     assert s.common_prefix(list(range(500)) + [-1]) == 500
 
 
+def test_session_one_token_steps_keep_the_held_map():
+    # A decode step records one token and forgets one position in place (no
+    # new arrays); the held map must stay what a plain list says it is.
+    s = Session()
+    s.record(range(100), range(100))
+    held = [(i, i) for i in range(100)]  # (token index, position)
+    rng = np.random.default_rng(1)
+    for step in range(300):
+        s.record([step], [100 + step])
+        held.append((100 + step, 100 + step))
+        victim = int(rng.choice(s.held_pos[:-1]))
+        s.forget(np.array([victim, 10**6]))  # a position not held is ignored: one eviction
+        held = [(i, p) for i, p in held if p != victim]
+        np.testing.assert_array_equal(s.held_index, [i for i, _ in held])
+        np.testing.assert_array_equal(s.held_pos, [p for _, p in held])
+    assert s.next_pos == 400 and len(s.held_pos) == 100 and len(s.tokens) == 400
+
+
 def test_session_matches_the_cache_over_a_long_budgeted_run(model_path):
     b = Budget(prefill=32, decode=32, observation_window=8, recent_window=8)
     with ScopeLlama(model_path, budget=b) as llm:

@@ -65,6 +65,9 @@ def select_evictions(
     tail = min(max(n_protect_tail, 0), keep)
     n_candidates = n - tail
     n_evict = n - keep
+    if n_evict == 1:  # a decode step's eviction: argmin takes the earliest of equal scores, as the sort does
+        i = np.argmin(scores[:n_candidates])
+        return positions[i : i + 1].copy()
     # Stable ascending sort: among equal scores the earlier index comes first.
     order = np.argsort(scores[:n_candidates], kind="mergesort")
     return np.sort(positions[order[:n_evict]])
@@ -83,3 +86,21 @@ def carry_scores(old_positions: np.ndarray, old_scores: np.ndarray, positions: n
         if i < n_old and old_positions[i] == positions[j]:
             out[j] = old_scores[i]
     return out
+
+
+_warm = False
+
+
+def warm() -> None:
+    """Compile (or load from the cache) the kernels a decode step calls, with
+    the dtypes the policies pass: a generation calls this before it starts,
+    so its first eviction does not stall on them (10-30 ms from the cache,
+    seconds when compiling) inside the decode loop."""
+    global _warm
+    if _warm:
+        return
+    reduce_heads(np.zeros((1, 1, 2), dtype=np.float32), False)
+    positions = np.arange(2, dtype=np.int32)
+    select_evictions(positions, np.zeros(2, dtype=np.float64), 1, 0)
+    carry_scores(positions, np.zeros(2, dtype=np.float64), positions)
+    _warm = True

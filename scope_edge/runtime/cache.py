@@ -102,7 +102,11 @@ class Session:
     def record(self, tokens: Sequence[int], positions: Sequence[int]) -> None:
         first = len(self.tokens)
         self.tokens.extend(tokens)
-        self._append(np.arange(first, len(self.tokens), dtype=np.int64), np.asarray(positions, dtype=np.int32))
+        if len(tokens) == 1 and self._n < len(self._pos):  # a decode step: two stores, not two arrays
+            self._index[self._n], self._pos[self._n] = first, positions[0]
+            self._n += 1
+        else:
+            self._append(np.arange(first, len(self.tokens), dtype=np.int64), np.asarray(positions, dtype=np.int32))
         self.next_pos = int(positions[-1]) + 1
 
     def truncate(self, ctx: SequenceCache, n: int) -> None:
@@ -126,6 +130,11 @@ class Session:
         # held_pos is ascending: a binary search per evicted position, not np.isin's sort of both
         at = np.minimum(np.searchsorted(held, evicted), len(held) - 1)
         at = at[held[at] == evicted]
+        if len(at) == 1:  # a decode step's one eviction: close the gap in place
+            i, n = int(at[0]), self._n
+            self._index[i : n - 1], self._pos[i : n - 1] = self._index[i + 1 : n], self._pos[i + 1 : n]
+            self._n = n - 1
+            return
         self._keep(np.delete(self.held_index, at), np.delete(held, at))
 
     def renumber(self, old: np.ndarray, new: np.ndarray) -> None:

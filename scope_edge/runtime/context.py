@@ -74,6 +74,11 @@ def fill_batch(batch: llama_cpp.llama_batch, tokens: Sequence[int], positions: S
     """Write tokens at positions (sequence 0) into a llama_batch from
     llama_batch_init, logits asked for the last token only if want_logits."""
     n = len(tokens)
+    if n == 1:  # a decode step: no per-token lists
+        batch.token[0], batch.pos[0], batch.n_seq_id[0], batch.logits[0] = tokens[0], positions[0], 1, want_logits
+        batch.seq_id[0][0] = 0
+        batch.n_tokens = 1
+        return
     fill_batch_seqs(batch, tokens, positions, [0] * n, [False] * (n - 1) + [want_logits])
 
 

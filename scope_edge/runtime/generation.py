@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from ..policies import Policy
+from ..policies.kernels import warm as warm_kernels
 from .cache import Cache, Plan, Session
 from .context import N_BATCH
 from .model import Model
@@ -133,6 +134,8 @@ def start_generation(cache: Cache, prompt: list[int], *, policy: Policy | None, 
     BatchRunner. policy: the engine's (None: the full cache); a fresh copy
     runs (Policy.for_generation). resume: continue the cache's session."""
     run_policy = policy.for_generation(max_tokens) if policy is not None else None
+    if run_policy is not None:
+        warm_kernels()
     plan = cache.plan(prompt, max_tokens=max_tokens, policy=run_policy, resume=resume)
     ctx, session = cache.start(len(prompt), plan)
     full, swa = cache.kv_bytes(ctx.n_cells)
