@@ -39,6 +39,17 @@ def _llama_cpp_dirs() -> tuple[str, str]:
     return include, lib
 
 
+# The hook, split by concern behind native/scope_hook_impl.h. Every native/*.c is listed here:
+# tests/memcheck_hook.py builds its sanitizer variant from native/*.c, and MANIFEST.in ships native/.
+NATIVE_SOURCES = [
+    "native/scope_hook.c",
+    "native/scope_hook_map.c",
+    "native/scope_hook_graph.c",
+    "native/scope_hook_capture.c",
+    "native/scope_hook_sketch.c",
+    "native/module.c",
+]
+
 include_dir, lib_dir = _llama_cpp_dirs()
 # Installed: llama_cpp/lib beside scope_edge. In place (editable): the build-time dir.
 rpath = [("@loader_path" if sys.platform == "darwin" else "$ORIGIN") + "/../llama_cpp/lib", lib_dir]
@@ -48,7 +59,8 @@ setup(
     ext_modules=[
         Extension(
             "scope_edge._scope_hook",
-            sources=["native/scope_hook.c", "native/module.c"],
+            sources=NATIVE_SOURCES,
+            depends=["native/scope_hook.h", "native/scope_hook_impl.h"],
             include_dirs=["native", include_dir],
             library_dirs=[lib_dir],
             libraries=["llama", "ggml-base"],

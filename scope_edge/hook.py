@@ -1,4 +1,4 @@
-"""Thin binding to native/scope_hook.c; every non-zero return code raises.
+"""Thin binding to the native hook (native/scope_hook.h); every negative return code raises.
 
 The hook library is the `scope_edge._scope_hook` extension. It links to the
 libllama that llama_cpp has already loaded, so both share one llama.cpp.
@@ -52,42 +52,41 @@ def _load() -> ctypes.CDLL:
         )
     lib = ctypes.CDLL(spec.origin)
     sig = {
-        "scope_hook_new_seqs": (ctypes.c_void_p, [ctypes.c_int32] * 4),
-        "scope_hook_new_streams": (ctypes.c_void_p, [ctypes.c_int32] * 4),
+        "scope_hook_new": (ctypes.c_void_p, [ctypes.c_int32] * 4 + [ctypes.c_bool]),
         "scope_hook_free": (None, [ctypes.c_void_p]),
-        "scope_hook_begin_seqs": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, _ADDR, ctypes.c_int32]),
+        "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, _ADDR, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
-        "scope_hook_capture_arm_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
-        "scope_hook_capture_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
-        "scope_hook_swa_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
-        "scope_hook_capture_gather_seq": (
+        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
+        "scope_hook_capture_set_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
+        "scope_hook_swa_set_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
+        "scope_hook_capture_gather": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR, ctypes.c_int64, _ADDR]),
-        "scope_hook_capture_reduce_seq": (
+        "scope_hook_capture_reduce": (
             ctypes.c_int32,
             [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, ctypes.c_int32, _ADDR, ctypes.c_int64, _ADDR]),
-        "scope_hook_held_seq": (
+        "scope_hook_seq_held": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, _ADDR, _ADDR, ctypes.c_int32]),
-        "scope_hook_cells": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, ctypes.c_int32]),
-        "scope_hook_cell_seqs": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, ctypes.c_int32]),
-        "scope_hook_visible_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR]),
-        "scope_hook_evict_seq": (
+        "scope_hook_cells_get_pos": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, ctypes.c_int32]),
+        "scope_hook_cells_get_seq": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, ctypes.c_int32]),
+        "scope_hook_seq_visible": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR]),
+        "scope_hook_seq_evict": (
             ctypes.c_int32,
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR],
         ),
-        "scope_hook_shift_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 4),
-        "scope_hook_truncate_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
-        "scope_hook_clear_seq": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
+        "scope_hook_seq_shift": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int32] * 4),
+        "scope_hook_seq_truncate": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
+        "scope_hook_seq_clear": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]),
         "scope_hook_sketch_set": (
             ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3 + [_ADDR, _ADDR, ctypes.c_float, ctypes.c_int32]),
         "scope_hook_sketch_track_queries": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32]),
-        "scope_hook_sketch_query_moments": (
+        "scope_hook_sketch_get_moments": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int64,
                              ctypes.POINTER(ctypes.c_int64)]),
-        "scope_hook_sketch_gather_seq": (
+        "scope_hook_sketch_gather": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR, ctypes.c_int64]),
-        "scope_hook_keys": (
+        "scope_hook_keys_read": (
             ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, _ADDR, ctypes.c_int32, _ADDR, ctypes.c_int64]),
-        "scope_hook_transfers": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int64)] * 2),
+        "scope_hook_transfers_get": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int64)] * 2),
         "scope_hook_last_error": (ctypes.c_char_p, [ctypes.c_void_p]),
     }
     for name, (restype, argtypes) in sig.items():
@@ -151,11 +150,10 @@ class Hook:
         self.n_cells, self.n_layer, self.n_head, self.n_seq = n_cells, n_layer, n_head, n_seq
         if streams and n_cells % n_seq:
             raise ValueError(f"{n_cells} cells do not split into {n_seq} equal streams")
-        new = _lib.scope_hook_new_streams if streams else _lib.scope_hook_new_seqs
-        self._ptr = new(n_cells, n_layer, n_head, n_seq)
+        self._ptr = _lib.scope_hook_new(n_cells, n_layer, n_head, n_seq, not streams)
         if not self._ptr:
-            raise MemoryError(f"scope_hook_new_{'streams' if streams else 'seqs'}({n_cells}, {n_layer}, {n_head}, "
-                              f"{n_seq}) failed")
+            raise MemoryError(f"scope_hook_new({n_cells}, {n_layer}, {n_head}, {n_seq}, kv_unified={not streams}) "
+                              f"failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
         self._sketch_shape = (0, 0, 0)  # n_head_kv, rank, head_dim
@@ -178,10 +176,10 @@ class Hook:
     def begin(self, positions: np.ndarray, seq_ids: np.ndarray | None = None) -> None:
         """Before a decode: each batch token's position and sequence (None: all 0)."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)
-        seqs = None if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
-        if seqs is not None and len(seqs) != len(pos):
+        seqs = np.zeros(len(pos), np.int32) if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
+        if len(seqs) != len(pos):
             raise ValueError(f"begin: {len(pos)} positions but {len(seqs)} sequence ids")
-        self._check(_lib.scope_hook_begin_seqs(self._ptr, _i32(pos), None if seqs is None else _i32(seqs), len(pos)))
+        self._check(_lib.scope_hook_begin(self._ptr, _i32(pos), _i32(seqs), len(pos)))
 
     def end(self) -> None:
         self._check(_lib.scope_hook_end(self._ptr))
@@ -194,29 +192,29 @@ class Hook:
         """Capture the rows of seq's query positions >= from_pos in the
         following decodes, from zeroed accumulators. None stops capturing;
         what was captured stays readable through capture() until the next arm."""
-        self._check(_lib.scope_hook_capture_arm_seq(self._ptr, seq, -1 if from_pos is None else from_pos))
+        self._check(_lib.scope_hook_capture_arm(self._ptr, seq, -1 if from_pos is None else from_pos))
 
     def capture_layers(self, layers: np.ndarray | None) -> None:
         """Capture only the layers flagged in layers (bool [n_layer]); None: every layer."""
         flags = None if layers is None else np.ascontiguousarray(layers, dtype=np.uint8).tobytes()
-        self._check(_lib.scope_hook_capture_layers(self._ptr, flags, self.n_layer))
+        self._check(_lib.scope_hook_capture_set_layers(self._ptr, flags, self.n_layer))
 
     def swa_layers(self, swa: np.ndarray) -> None:
         """Flag the sliding-window layers (bool [n_layer]) of an iSWA model: the
         hook then maps, shows and evicts the full-attention cache's cells and
         never captures those layers. Before the first decode."""
         flags = np.ascontiguousarray(swa, dtype=np.uint8).ravel()
-        self._check(_lib.scope_hook_swa_layers(self._ptr, flags.tobytes(), flags.size))
+        self._check(_lib.scope_hook_swa_set_layers(self._ptr, flags.tobytes(), flags.size))
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""
-        self._check(_lib.scope_hook_cells(self._ptr, _i32(self._cells), self.n_cells))
+        self._check(_lib.scope_hook_cells_get_pos(self._ptr, _i32(self._cells), self.n_cells))
         return self._cells.copy()
 
     def cell_seqs(self) -> np.ndarray:
         """Sequence of each cell, -1 for empty cells (a copy)."""
         out = np.zeros(self.n_cells, dtype=np.int32)
-        self._check(_lib.scope_hook_cell_seqs(self._ptr, _i32(out), self.n_cells))
+        self._check(_lib.scope_hook_cells_get_seq(self._ptr, _i32(out), self.n_cells))
         return out
 
     def seq_cells(self, seq: int) -> np.ndarray:
@@ -235,7 +233,7 @@ class Hook:
         both int32 in position order."""
         cells = np.empty(self.n_cells, dtype=np.int32)
         pos = np.empty(self.n_cells, dtype=np.int32)
-        n = self._check(_lib.scope_hook_held_seq(self._ptr, seq, min_pos, _i32(cells), _i32(pos), self.n_cells))
+        n = self._check(_lib.scope_hook_seq_held(self._ptr, seq, min_pos, _i32(cells), _i32(pos), self.n_cells))
         return cells[:n], pos[:n]
 
     def capture(self, min_pos: int = 0, *, seq: int = 0, head_reduce: str | None = None) -> Capture:
@@ -246,13 +244,13 @@ class Hook:
         order, positions = self.held(min_pos, seq=seq)
         if head_reduce is None:
             attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
-            rc = _lib.scope_hook_capture_gather_seq(self._ptr, seq, _i32(order), len(order),
-                                                    attn.ctypes.data, attn.size, _i32(self._rows))
+            rc = _lib.scope_hook_capture_gather(self._ptr, seq, _i32(order), len(order),
+                                                attn.ctypes.data, attn.size, _i32(self._rows))
         elif head_reduce in HEAD_REDUCTIONS:
             attn = np.empty((self.n_layer, 1, len(order)), dtype=np.float32)
-            rc = _lib.scope_hook_capture_reduce_seq(self._ptr, seq, _i32(order), len(order),
-                                                    HEAD_REDUCTIONS[head_reduce], attn.ctypes.data,
-                                                    attn.size, _i32(self._rows))
+            rc = _lib.scope_hook_capture_reduce(self._ptr, seq, _i32(order), len(order),
+                                                HEAD_REDUCTIONS[head_reduce], attn.ctypes.data,
+                                                attn.size, _i32(self._rows))
         else:
             raise ValueError(f"head_reduce must be None or one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
         self._check(rc)
@@ -263,22 +261,22 @@ class Hook:
         from llama.cpp's attention mask."""
         out = np.zeros(self.n_cells, dtype=np.int32)
         n_kv = ctypes.c_int32(0)
-        n = self._check(_lib.scope_hook_visible_seq(self._ptr, seq, _i32(out), self.n_cells, ctypes.byref(n_kv)))
+        n = self._check(_lib.scope_hook_seq_visible(self._ptr, seq, _i32(out), self.n_cells, ctypes.byref(n_kv)))
         return out[:n], n_kv.value
 
     def evict(self, ctx: llama_cpp.llama_context_p, positions: np.ndarray, *, seq: int = 0) -> int:
         """Free the cells of seq's `positions`; returns the number of cells freed."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)
         freed = ctypes.c_int32(0)
-        self._check(_lib.scope_hook_evict_seq(self._ptr, ctx, seq, _i32(pos), len(pos), ctypes.byref(freed)))
+        self._check(_lib.scope_hook_seq_evict(self._ptr, ctx, seq, _i32(pos), len(pos), ctypes.byref(freed)))
         return freed.value
 
     def shift(self, ctx: llama_cpp.llama_context_p, p0: int, p1: int, delta: int, *, seq: int = 0) -> None:
-        self._check(_lib.scope_hook_shift_seq(self._ptr, ctx, seq, p0, p1, delta))
+        self._check(_lib.scope_hook_seq_shift(self._ptr, ctx, seq, p0, p1, delta))
 
     def truncate(self, ctx: llama_cpp.llama_context_p, p0: int, *, seq: int = 0) -> None:
         """Remove every position >= p0 of seq, the last one included."""
-        self._check(_lib.scope_hook_truncate_seq(self._ptr, ctx, seq, p0))
+        self._check(_lib.scope_hook_seq_truncate(self._ptr, ctx, seq, p0))
 
     def sketch(self, basis: np.ndarray | None, basis_q: np.ndarray | None = None, scale: float = 1.0,
                scores: str = "attention") -> None:
@@ -311,7 +309,7 @@ class Hook:
         n_head_kv, _, head_dim = self._sketch_shape
         out = np.zeros((self.n_layer, n_head_kv, head_dim, head_dim), dtype=np.float64)
         counts = np.zeros((self.n_layer, n_head_kv), dtype=np.int64)
-        self._check(_lib.scope_hook_sketch_query_moments(
+        self._check(_lib.scope_hook_sketch_get_moments(
             self._ptr, out.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), out.size,
             counts.ctypes.data_as(ctypes.POINTER(ctypes.c_int64))))
         return out, counts
@@ -322,7 +320,7 @@ class Hook:
         order, positions = self.held(seq=seq)
         n_head_kv, rank, _ = self._sketch_shape
         out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
-        self._check(_lib.scope_hook_sketch_gather_seq(
+        self._check(_lib.scope_hook_sketch_gather(
             self._ptr, seq, _i32(order), len(order), out.ctypes.data, out.size))
         return positions, out
 
@@ -331,16 +329,16 @@ class Hook:
         [n, n_embd] as the attention reads them). Between decodes."""
         order, positions = self.held(seq=seq)
         out = np.empty((len(order), n_embd), dtype=np.float32)
-        self._check(_lib.scope_hook_keys(self._ptr, layer, _i32(order), len(order), out.ctypes.data,
-                                         out.size))
+        self._check(_lib.scope_hook_keys_read(self._ptr, layer, _i32(order), len(order), out.ctypes.data,
+                                              out.size))
         return positions, out
 
     def transfers(self) -> tuple[int, int]:
         """(tensor reads, bytes read) since the hook was created; on a device
         every read is a transfer to the host."""
         n, size = ctypes.c_int64(0), ctypes.c_int64(0)
-        self._check(_lib.scope_hook_transfers(self._ptr, ctypes.byref(n), ctypes.byref(size)))
+        self._check(_lib.scope_hook_transfers_get(self._ptr, ctypes.byref(n), ctypes.byref(size)))
         return n.value, size.value
 
     def clear(self, ctx: llama_cpp.llama_context_p, *, seq: int = 0) -> None:
-        self._check(_lib.scope_hook_clear_seq(self._ptr, ctx, seq))
+        self._check(_lib.scope_hook_seq_clear(self._ptr, ctx, seq))

@@ -7,7 +7,7 @@
     python tests/memcheck_hook.py --model PATH       # another GGUF (default: the default model)
     python tests/memcheck_hook.py --no-checker       # the workload only (what the checkers run)
 
-The workload drives every entry point of native/scope_hook.c through
+The workload drives every entry point of the native hook (native/*.c) through
 ScopeLlama and the Hook binding, in parts:
   strategies  begin/end, capture_arm/capture_gather and evict on one-shot
               prefills and every decode step, for four strategy x selector pairs;
@@ -294,7 +294,7 @@ def build_asan_package(dest: Path) -> Path:
     out = pkg / f"{HOOK_LIB}{sysconfig.get_config_var('EXT_SUFFIX')}"
     cmd = ["gcc", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter", *SANITIZE,
            f"-I{REPO / 'native'}", f"-I{include}", f"-I{sysconfig.get_paths()['include']}",
-           str(REPO / "native" / "scope_hook.c"), str(REPO / "native" / "module.c"),
+           *[str(c) for c in sorted((REPO / "native").glob("*.c"))],
            f"-L{lib}", "-lllama", "-lggml-base", f"-Wl,-rpath,{lib}", "-o", str(out)]
     print("building:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -314,7 +314,7 @@ def asan_reports(log_prefix: Path) -> tuple[list[str], int]:
         for block in re.split(r"\n\s*\n", text):
             if re.search(r"(Direct|Indirect) leak of", block):
                 n_leaks += 1
-                if HOOK_LIB in block or "scope_hook.c" in block:
+                if HOOK_LIB in block or re.search(r"native/\w+\.c\b", block):
                     hook_errors.append(block.strip())
             elif "detected memory leaks" in block or re.search(r"SUMMARY: AddressSanitizer: .* leaked", block):
                 continue  # the leak report's header and footer
