@@ -92,7 +92,7 @@ def interleaved(path: str, prompt: list[int], gen: int, pairs: list[tuple[int, i
 
 
 def fidelity(path: str, prompt: list[int], reference: list[int], pairs: list[tuple[int, int]]) -> dict:
-    full = ScopeLlama(path)
+    full = ScopeLlama(path, budget=None)
     caches = [ScopeLlama(path, budget=Budget(prefill=p, decode=d)) for p, d in pairs]
     try:
         fids, consistency = lockstep(full.teacher_force(prompt, reference), caches, prompt, reference,
@@ -127,7 +127,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--gen", type=int, default=4096)
-    ap.add_argument("--budgets", nargs="+", default=["512:512", "1024:512"])
+    ap.add_argument("--budgets", nargs="*", default=["512:512", "1024:512"],
+                    help="speed and memory pairs; none: fidelity only (stock still runs for the reference)")
     ap.add_argument("--fidelity-budgets", nargs="+", default=["512:512", "768:512", "768:768"])
     ap.add_argument("--fidelity-tokens", type=int, default=1024)
     ap.add_argument("--speed-only", action="store_true", help="part 1 only (a few minutes on a quiet machine)")

@@ -356,6 +356,7 @@ def _unified(name: str, type_k: str = "f16") -> dict:
 # allocation (no probe, a chunk that leaves no room above the prefill budget).
 CONFIGS: dict[str, Callable[[], dict]] = {
     FULL: lambda: {"budget": None},
+    "full/q8": lambda: {"budget": None, "type_k": "q8_0"},  # the K type alone: the floor of any q8_0 row
     "slide": lambda: _scope(probe=False, chunk=ALLOC - PREFILL),
     "slide/none": lambda: _scope(lend=None, probe=False, chunk=ALLOC - PREFILL),
     "scope": lambda: _scope(),
@@ -370,6 +371,7 @@ CONFIGS: dict[str, Callable[[], dict]] = {
     "scope/chunk256/q8": lambda: _scope(chunk=256, type_k="q8_0"),  # the default's shape: chunk = decode room
     "scope/recent128/q8": lambda: _scope(recent=128, type_k="q8_0"),
     "scope/nolend/q8": lambda: _scope(lend=None, type_k="q8_0"),
+    "scope/progress/q8": lambda: _scope(lend="progress", type_k="q8_0"),
     "scope/window64": lambda: _scope(window=64),
     "scope/window16": lambda: _scope(window=16),
     "scope/lookback12": lambda: _scope(lookback=12),
