@@ -139,7 +139,7 @@ def _fmt(s: dict, digits: int) -> str:
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
 
 
-def _column(label: str, runs: list[dict]) -> dict:
+def column(label: str, runs: list[dict]) -> dict:
     first = runs[0]
     cells = first.get("kv_cells", first.get("n_ctx"))
     extra = {k: first[k] for k in ("steady_cells", "kv_cells_peak", "evicted_cells", "level", "prefilled", "steps")
@@ -184,7 +184,7 @@ def main() -> None:
                       "type_k": engine.type_k, "type_v": engine.type_v, "flash_attn": engine.flash_attn,
                       "model": path},
            "load_1m": done["load_1m"], "date": started, "machine": machine(),
-           "columns": {label: _column(label, r) for label, r in runs.items()},
+           "columns": {label: column(label, r) for label, r in runs.items()},
            "ratios": ratios(runs, args.strategies, budget), "fidelity": None}
     if args.fidelity:
         res["fidelity"] = fidelity_pass(path, prompt, args.max_tokens, budget=budget, strategies=args.strategies,

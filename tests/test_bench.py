@@ -376,7 +376,7 @@ def test_headline_protocol_on_the_model(model_path):
     assert q["ours, slide 64/32 / stock"]["rounds"] == per_round
     res = {"protocol": {"rounds": 2}, "config": {"prompt_tokens": 400, "max_tokens": 40, "prefill_budget": 64,
                                                  "decode_budget": 32, "type_k": "f16", "type_v": "f16"},
-           "load_1m": done["load_1m"], "columns": {k: headline._column(k, v) for k, v in runs.items()}, "ratios": q}
+           "load_1m": done["load_1m"], "columns": {k: headline.column(k, v) for k, v in runs.items()}, "ratios": q}
     text = headline.table(res)
     assert "| ours, slide 64/32 |" in text and f"{o['kv_bytes'] / s['kv_bytes']:.1%}" in text
     json.dumps(res)

@@ -63,7 +63,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wire", ("scope_edge.openai_wire", "scope_edge.openai_wire.*")),
     ("facade", ("scope_edge.llama",)),
     ("server", ("scope_edge.server", "scope_edge.server.*")),
-    ("adapters", ("scope_edge.openai", "scope_edge.bench", "scope_edge.flags")),
+    ("adapters", ("scope_edge.openai", "scope_edge.bench", "scope_edge.protocol", "scope_edge.flags")),
     ("package", ("scope_edge",)),
     ("cli", ("scope_edge.cli",)),
 )
