@@ -385,7 +385,7 @@ CONFIGS: dict[str, Callable[[], dict]] = {
 }
 TUNE = ["scope", "scope/noprobe", "scope/chunk192", "scope/progress", "scope/accumulated", "scope/recent",
         "scope/q8"]
-EVAL = ["scope/q8", "slide/q8", "h2o/q8", "streaming/q8", "tova/q8"]
+EVAL = ["scope/q8", "slide/q8", "h2o/q8", "streaming/q8", "tova/q8", "full/q8"]  # full/q8: the K type's floor
 BASELINES = {"h2o", "streaming", "tova", "h2o/q8", "streaming/q8", "tova/q8"}  # run at the compressed sizes only
 
 

@@ -16,8 +16,8 @@ report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end 
 
 Stored files this does not re-create (older one-off runs; bench/README.md says what made
 each): aggregation_512.json, aggregation_1024.json, fidelity_default.json,
-fidelity_sketch_random.json, fidelity_sketch_rank.json, iswa.json (bench/iswa.py, needs
-Gemma 3), structured.json (bench/structured.py) and ordered_tune.json (an earlier runtime's tuning).
+fidelity_sketch_random.json, fidelity_sketch_rank.json, iswa.json and iswa_fidelity.json
+(bench/iswa.py, needs Gemma 3), structured.json (bench/structured.py) and ordered_tune.json (an earlier runtime's tuning).
 Several files that it does re-create were made with older defaults (CHANGELOG.md).
 """
 from __future__ import annotations
@@ -45,6 +45,9 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                        "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
     ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
                        "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
+    ("device.py", ["--skip-headline", "--out", "RESULTS/steady.json"],
+     ["--skip-headline", "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1",
+      "--out", "RESULTS/steady.json"]),
     ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2", "--prefill-budget", "96",
                        "--decode-budget", "32", "--prefill-chunk", "64", "--rounds", "2", "--batched-steps", "16"]),
@@ -62,7 +65,12 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("ordered.py", ["eval", "--out", "RESULTS/ordered_eval.jsonl"],
      ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "teams", "--workers", "1",
       "--out", "RESULTS/ordered_eval.jsonl"]),
-    ("ordered.py", ["tune", "--configs", "scope/q8", "scope/recent128/q8", "scope/nolend/q8", "--sizes", "3", "4",
+    ("ordered.py", ["eval", "--configs", "scope/q8", "--sizes", "3", "4", "--skip-full", "--max-factor", "3",
+                    "--seeds", "0", "5", "6", "7", "8", "10", "11", "12", "13", "14", "17",
+                    "--out", "RESULTS/ordered_past_end.jsonl"],
+     ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/q8", "--families", "teams", "--workers", "1",
+      "--skip-full", "--max-factor", "3", "--out", "RESULTS/ordered_past_end.jsonl"]),
+    ("ordered.py", ["tune", "--configs", "scope/q8", "scope/recent128/q8", "scope/nolend/q8", "scope/progress/q8", "--sizes", "3", "4",
                     "--prompts", "10", "--out", "RESULTS/ordered_tune_stops.jsonl"],
      ["tune", "--prompts", "1", "--sizes", "3", "--configs", "scope/recent128/q8", "--families", "teams",
       "--workers", "1", "--out", "RESULTS/ordered_tune_stops.jsonl"]),
