@@ -62,6 +62,7 @@ from .budget import Budget
 from .checks import is_int
 from .flags import add_engine_args, add_policy_args, budget_of, engine_config
 from .llama import ScopeLlama
+from .protocol import greedy_masked, logits_row
 from .policies import DEFAULT_LEND, Policy, build, validate_lend, validate_names
 from .runtime.config import EngineConfig
 from .runtime.context import KV_TYPES
@@ -281,15 +282,8 @@ def logbook_prompt(model_path: str, n_tokens: int, seed: int = 0, *,
 
 
 # -- measurements ------------------------------------------------------------
-def _greedy(logits: np.ndarray, eog: np.ndarray) -> int:
-    logits = logits.copy()
-    logits[eog] = -np.inf
-    return int(np.argmax(logits))
-
-
 def _stock_logits(llm: llama_cpp.Llama) -> np.ndarray:
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))
+    return logits_row(llm.ctx, llm.n_vocab())
 
 
 def _open_stock(path: str, n_ctx: int, type_k: str, n_gpu_layers: int = 0,
@@ -338,7 +332,7 @@ def run_stock(path: str, prompt: list[int], steps: int, type_k: str, *, progress
             logits = _stock_logits(llm)
             if kept is not None:
                 kept[step] = logits
-            tokens.append(_greedy(logits, eog))
+            tokens.append(greedy_masked(logits, eog))  # after the copy into kept: masking in place is safe
         decode_s = time.perf_counter() - t0
         geometry = memory.read_geometry(path)
         return StockRun(
@@ -366,11 +360,11 @@ def stock_steps(path: str, n_ctx: int, filler: Sequence[int], type_k: str = "f16
     llm = _open_stock(path, n_ctx, type_k, n_gpu_layers, n_threads)
     try:
         llm.eval(list(filler))
-        token = _greedy(_stock_logits(llm), eog)
+        token = greedy_masked(_stock_logits(llm), eog)
         while True:
             yield token
             llm.eval([token])
-            token = _greedy(_stock_logits(llm), eog)
+            token = greedy_masked(_stock_logits(llm), eog)
     finally:
         llm.close()
 
@@ -461,7 +455,7 @@ def lockstep(full_logits_steps: Iterable[np.ndarray], compressed: Sequence[Scope
     consistent = 0
     bar = tqdm(total=len(reference), desc="fidelity", disable=not progress, leave=False)
     for step, full_logits in enumerate(full_logits_steps):
-        consistent += _greedy(full_logits, eog) == reference[step]
+        consistent += greedy_masked(full_logits.copy(), eog) == reference[step]  # full_logits is read again below
         full_logp = log_softmax(full_logits)
         for fid, stream in zip(results, streams):
             fid.add(full_logp, next(stream))

@@ -122,7 +122,8 @@ def summary(runs: Sequence[dict], keys: Sequence[str] = ("decode_tokens_per_s", 
 
 
 # -- stock -------------------------------------------------------------------
-def _logits(ctx: Any, n_vocab: int, index: int = -1) -> np.ndarray:
+def logits_row(ctx: Any, n_vocab: int, index: int = -1) -> np.ndarray:
+    """llama.cpp's logits of output row `index` (-1: the last), a view valid until the next decode."""
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
 
 
@@ -157,11 +158,11 @@ def stock_greedy(path: str, prompt: Sequence[int], steps: int, *, eog: np.ndarra
         for i in range(0, len(prompt), n_batch):
             _decode(ctx, prompt[i:i + n_batch])
         prefill_s = time.perf_counter() - t0
-        tokens = [greedy_masked(_logits(ctx, n_vocab), eog)]
+        tokens = [greedy_masked(logits_row(ctx, n_vocab), eog)]
         t0 = time.perf_counter()
         for _ in range(steps - 1):
             _decode(ctx, tokens[-1:])
-            tokens.append(greedy_masked(_logits(ctx, n_vocab), eog))
+            tokens.append(greedy_masked(logits_row(ctx, n_vocab), eog))
         decode_s = time.perf_counter() - t0
         cells = llm.n_ctx()
     finally:
@@ -241,14 +242,14 @@ def batched_stock(path: str, prompts: Sequence[Sequence[int]], steps: int, *, ce
             for i in range(0, len(prompt), 512):
                 piece = prompt[i:i + 512]
                 decode([(t, i + j, seq, i + j == len(prompt) - 1) for j, t in enumerate(piece)])
-            last.append(greedy_masked(_logits(ctx, n_vocab), eog))
+            last.append(greedy_masked(logits_row(ctx, n_vocab), eog))
         prefill_s = time.perf_counter() - t0
         pos = [len(pr) for pr in prompts]
         tokens = [[t] for t in last]
         t0 = time.perf_counter()
         for step in range(steps - 1):
             decode([(last[s], pos[s] + step, s, True) for s in range(n)])
-            last = [greedy_masked(_logits(ctx, n_vocab, s), eog) for s in range(n)]
+            last = [greedy_masked(logits_row(ctx, n_vocab, s), eog) for s in range(n)]
             for s, t in enumerate(last):
                 tokens[s].append(t)
         decode_s = time.perf_counter() - t0
