@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama, models
-from scope_edge.bench import budget_pairs, lockstep, logbook_prompt, machine, run_stock, save_results
+from scope_edge.bench import budget_pairs, lockstep, logbook_prompt, machine, save_results, stock_reference
 from scope_edge.runtime.context import default_capture_layers
 
 log = logging.getLogger("bench.capture_layers")
@@ -40,7 +40,7 @@ def layer_sets(n_layer: int) -> dict[str, list[int]]:
 def measure(path: str, seed: int, budget: Budget, sets: dict[str, list[int]], *, prompt_tokens: int,
             max_tokens: int) -> list[dict]:
     prompt = logbook_prompt(path, prompt_tokens, seed)
-    stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
+    stock = stock_reference(path, prompt, max_tokens)
     llms = [ScopeLlama(path, budget=budget, strategy="slide", capture_layers=layers) for layers in sets.values()]
     try:
         eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)

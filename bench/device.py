@@ -23,7 +23,8 @@ steady    prompt N, budget N/N (N = 512), every strategy, and ours with no
           process at the same n_threads (--steady-threads; default
           llama-cpp-python's, one decode thread on 2 CPUs), so a shared
           machine's load falls on both alike. Each side's time includes what
-          it pays in Python per step (stock: Llama.eval and the greedy pick).
+          it pays in Python per step (stock: llama_decode and the greedy pick in
+          scope_edge.protocol.StockSteps, the one stock loop).
           On the CPU and on the device, same run; --steady-repeats rounds,
           the medians reported with the spread of the ratios.
 Writes bench/results/device.json; ratios only (the machine is shared).
@@ -37,7 +38,8 @@ import time
 from pathlib import Path
 
 from scope_edge import Budget, ScopeLlama, models, rpc
-from scope_edge.bench import logbook_prompt, machine, run_stock, save_results, stock_steps
+from scope_edge.bench import eog_tokens, logbook_prompt, machine, save_results
+from scope_edge.protocol import StockSteps, Threads, stock_greedy
 from scope_edge.policies import STRATEGIES
 
 log = logging.getLogger("bench.device")
@@ -69,22 +71,22 @@ def headline(path: str, endpoint: str, args: argparse.Namespace) -> dict:
     prompt = logbook_prompt(path, args.prompt)
     budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget)
     device = {"rpc_servers": [endpoint], "n_gpu_layers": -1}
-    stock = run_stock(path, prompt, args.tokens, "f16", n_gpu_layers=-1, label="stock on device")
+    stock = stock_greedy(path, prompt, args.tokens, eog=eog_tokens(path), n_gpu_layers=-1)
     full = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=None, **device)
     slide = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=budget, **device)
     every = time_ours(path, prompt, max_tokens=args.tokens, timed=args.tokens - 1, budget=budget,
                       capture_layers=range(N_LAYER), **device)
     out = {"prompt": len(prompt), "tokens": args.tokens, "budget": [budget.prefill, budget.decode],
-           "stock": {"decode_tokens_per_s": stock.decode_tokens_per_s, "kv_cells": stock.n_ctx},
+           "stock": {"decode_tokens_per_s": stock["decode_tokens_per_s"], "kv_cells": stock["n_ctx"]},
            "full": full, "slide": slide, "slide_every_layer": every}
     for name in ("full", "slide", "slide_every_layer"):
         run = out[name]
-        run["vs_stock"] = run["decode_tokens_per_s"] / stock.decode_tokens_per_s
+        run["vs_stock"] = run["decode_tokens_per_s"] / stock["decode_tokens_per_s"]
         # what a captured step reads beyond the indices and mask row every step reads
         run["bytes_per_captured_step"] = (
             (run["hook_bytes_read"] - full["bytes_per_step"] * (args.tokens - 1)) / max(run["captured_steps"], 1))
         log.info("headline %s: %.1f tok/s, %.2fx stock (%.1f)", name, run["decode_tokens_per_s"], run["vs_stock"],
-                 stock.decode_tokens_per_s)
+                 stock["decode_tokens_per_s"])
     return out
 
 
@@ -105,7 +107,8 @@ def steady_round(path: str, prompt: list[int], steps: int, budget: Budget | None
         filler = list(prompt)
         while len(filler) < fill:
             filler += filler
-        stock = stock_steps(path, cells, filler[:fill], n_gpu_layers=ngl, n_threads=n_threads)
+        stock = StockSteps(path, filler[:fill], n_ctx=cells, eog=eog_tokens(path), threads=Threads(decode=n_threads),
+                           n_gpu_layers=ngl)
         try:
             next(stock)  # the prefill, untimed
             for _ in range(steps):

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from scope_edge import Budget, ScopeLlama
-from scope_edge.bench import (BenchConfig, Fidelity, StockRun, budget_pairs, lockstep, logbook_prompt, machine,
-                               run_many, run_stock, save_results, scoring_engine, scoring_name)
+from scope_edge.bench import (BenchConfig, Fidelity, Reference, budget_pairs, lockstep, logbook_prompt, machine,
+                               run_many, save_results, scoring_engine, scoring_name, stock_reference)
 from scope_edge.policies import Policy, SnapKV, build
 
 log = logging.getLogger("bench.fidelity")
@@ -124,12 +124,12 @@ def aggregation(prompt_tokens: int, max_tokens: int, prefill: int, decode: int) 
     cfg = BenchConfig(prompt_tokens=prompt_tokens, max_tokens=max_tokens, prefill_budget=prefill, decode_budget=decode)
     path = cfg.model_path()
     prompt = logbook_prompt(path, prompt_tokens)
-    stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True)
+    stock = stock_reference(path, prompt, max_tokens)
     res = lockstep_closing(stock, [variant_llm(path, v, prefill, decode) for v in VARIANTS], prompt)
     return [{"variant": dataclasses.asdict(v), **r.as_dict()} for v, r in zip(VARIANTS, res)]
 
 
-def lockstep_closing(stock: StockRun, llms: list[ScopeLlama], prompt: list[int]) -> list[Fidelity]:
+def lockstep_closing(stock: Reference, llms: list[ScopeLlama], prompt: list[int]) -> list[Fidelity]:
     """Teacher-force stock's tokens through every llm against its logits, then close them."""
     eog = np.array(llms[0].model.eog_tokens(), dtype=np.int64)
     try:
@@ -158,7 +158,7 @@ def chunking(prompt_tokens: int, max_tokens: int, seeds: list[int]) -> list[dict
         prompt = logbook_prompt(path, prompt_tokens, seed)
         # One thread each: results do not depend on it, and ggml's spinning
         # threads crawl on a loaded 2-core machine.
-        stock = run_stock(path, prompt, max_tokens, "f16", keep_logits=True, n_threads=1)
+        stock = stock_reference(path, prompt, max_tokens, n_threads=1)
         llms = [ScopeLlama(path, policy=dataclasses.replace(policy, prefill=dataclasses.replace(policy.prefill,
                                                                                                   probe=probe)),
                            prefill_chunk=chunk, n_threads=1) for _, probe, chunk in CHUNKINGS]

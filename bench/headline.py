@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from scope_edge import Budget, EngineConfig, ScopeLlama
-from scope_edge.bench import eog_tokens, lockstep, logbook_prompt, machine, run_stock, save_results, free_running
+from scope_edge.bench import eog_tokens, free_running, lockstep, logbook_prompt, machine, save_results, stock_reference
 from scope_edge.policies import STRATEGIES, build
 from scope_edge.protocol import (LIBRARY_DEFAULT, Cache, Threads, ideal, ours_greedy, ratio, run_rounds,
                                  stock_greedy, summary)
@@ -104,7 +104,7 @@ def fidelity_pass(path: str, prompt: list[int], steps: int, *, budget: Budget, s
                   engine: EngineConfig, kept: dict) -> dict[str, dict]:
     """Untimed: stock again keeping every step's logits, every strategy
     teacher-forced against them; free-running against stock's tokens."""
-    stock = run_stock(path, prompt, steps, engine.type_k, keep_logits=True)
+    stock = stock_reference(path, prompt, steps, engine.type_k)
     comps = [ScopeLlama(config=engine, policy=build(budget, strategy=s)) for s in strategies]
     try:
         res, consistency = lockstep(stock.logits, comps, prompt, stock.tokens, eog_tokens(path))

@@ -30,7 +30,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from scope_edge import Budget, ScopeLlama, memory, models
-from scope_edge.bench import budget_pairs, eog_tokens, lockstep, machine, run_stock, save_results, stock_steps
+from scope_edge.bench import budget_pairs, eog_tokens, lockstep, machine, save_results
+from scope_edge.protocol import StockSteps, stock_greedy
 
 log = logging.getLogger("bench.iswa")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -58,7 +59,7 @@ def interleaved(path: str, prompt: list[int], gen: int, pairs: list[tuple[int, i
     Returns stock's row and ours' (GenerationStats, decode tok/s over the
     interleaved steps)."""
     t0 = time.perf_counter()
-    stock = stock_steps(path, len(prompt) + gen, prompt)
+    stock = StockSteps(path, prompt, n_ctx=len(prompt) + gen, eog=eog_tokens(path))
     next(stock)
     stock_prefill = len(prompt) / (time.perf_counter() - t0)
     llms = [ScopeLlama(path, budget=Budget(prefill=p, decode=d)) for p, d in pairs]
@@ -148,7 +149,7 @@ def main() -> None:
            "fidelity": {"budgets": []}}
     save_results(args.out, {**res, "machine": machine()})  # saved before the long part: a shared machine
     if not args.speed_only:
-        reference = run_stock(path, prompt, args.fidelity_tokens, "f16", progress=True).tokens
+        reference = stock_greedy(path, prompt, args.fidelity_tokens, eog=eog_tokens(path))["tokens"]
         res["fidelity"] = fidelity(path, prompt, reference, budget_pairs(args.fidelity_budgets))
     save_results(args.out, {**res, "machine": machine()}, table=table)
 

@@ -33,14 +33,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def child(kind: str, prompt_tokens: int, gen: int, prefill: int, decode: int, steps: int) -> dict:
     """Runs in the subprocess: one configuration, one JSON line."""
     from scope_edge import Budget, ScopeLlama, memory, models
-    from scope_edge.bench import logbook_prompt, peak_rss_bytes, run_stock
+    from scope_edge.bench import eog_tokens, logbook_prompt, peak_rss_bytes
+    from scope_edge.protocol import stock_greedy
 
     path = str(models.fetch())
     prompt = logbook_prompt(path, prompt_tokens)
     rss_before = peak_rss_bytes()
     if kind == "stock":
-        run = run_stock(path, prompt, min(steps, gen), "f16", n_ctx=prompt_tokens + gen)
-        cells, kv = run.n_ctx, run.kv_bytes
+        run = stock_greedy(path, prompt, min(steps, gen), eog=eog_tokens(path), n_ctx=prompt_tokens + gen)
+        cells, kv = run["n_ctx"], run["kv_bytes"]
     else:
         budget = Budget(prefill=prefill, decode=decode, recent_window=min(256, decode))
         with ScopeLlama(path, budget=budget, strategy=kind) as llm:

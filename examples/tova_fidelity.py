@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tova import tova  # noqa: E402  (the example next to this file)
 
 from scope_edge import Budget, ScopeLlama, models  # noqa: E402
-from scope_edge.bench import lockstep, logbook_prompt, run_stock  # noqa: E402
+from scope_edge.bench import lockstep, logbook_prompt, stock_reference  # noqa: E402
 
 
 def main() -> int:
@@ -29,7 +29,7 @@ def main() -> int:
     args = ap.parse_args()
     path = str(models.fetch())
     prompt = logbook_prompt(path, args.prompt_tokens)
-    stock = run_stock(path, prompt, args.max_tokens, "f16", keep_logits=True)
+    stock = stock_reference(path, prompt, args.max_tokens)
     prefill = args.cells * 3 // 5  # the README's 192:128 split of 320 cells
     budget = Budget(prefill=prefill, decode=args.cells - prefill)
     llms = {"tova (example)": ScopeLlama(path, policy=tova(total=args.cells))}

@@ -3,8 +3,11 @@
 - Stock and ours in the same run, at equal threads (stock also at
   llama-cpp-python's default threads, labelled, when that differs), at equal
   K and V types and flash attention.
-- Stock is timed in a plain greedy loop: llama_decode one token a step, EOG
-  masked, only the last row's logits computed, nothing kept (stock_greedy).
+- Stock is timed in one plain greedy loop, StockSteps (stock_greedy runs it
+  for a number of steps): llama_decode one token a step, EOG masked, only the
+  last row's logits computed, nothing kept. The fidelity lockstep's reference
+  (scope_edge.bench.lockstep.stock_reference) keeps every step's logits and is
+  never timed.
 - Ours generates with ignore-EOS (EOG masked); every table also has ours with
   no budget (the same runtime, budget=None) and the ideal: stock decoding in a
   context of our allocated cells filled to the level ours holds in steady
@@ -133,44 +136,97 @@ def greedy_masked(logits: np.ndarray, eog: np.ndarray) -> int:
     return int(np.argmax(logits))
 
 
-def _decode(ctx: Any, tokens: Sequence[int]) -> None:
+def decode_tokens(ctx: Any, tokens: Sequence[int]) -> None:
+    """One llama_decode of `tokens` (logits of the last only), as a user's loop calls it."""
     arr = (llama_cpp.llama_token * len(tokens))(*tokens)
     rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens)))
     if rc != 0:
         raise RuntimeError(f"llama_decode returned {rc}")
 
 
+def stock_llama(path: str, n_ctx: int, *, cache: Cache = Cache(), threads: Threads = LIBRARY_DEFAULT,
+                n_gpu_layers: int = 0) -> llama_cpp.Llama:
+    """A stock llama_cpp.Llama of n_ctx cells at the given KV types, kernel and threads."""
+    return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=KV_TYPES[cache.type_k], type_v=KV_TYPES[cache.type_v],
+                           flash_attn=cache.flash_attn, n_gpu_layers=n_gpu_layers, n_threads=threads.decode,
+                           n_threads_batch=threads.batch, verbose=False)
+
+
+def prefill(llm: llama_cpp.Llama, prompt: Sequence[int]) -> None:
+    """The prompt in n_batch-token llama_decode calls (what Llama.eval does, without its bookkeeping)."""
+    for i in range(0, len(prompt), llm.n_batch):
+        decode_tokens(llm.ctx, prompt[i:i + llm.n_batch])
+
+
+class StockSteps:
+    """The one stock decode loop of every speed script: a stock Llama of
+    n_ctx cells; the first next() prefills `prompt` and returns the greedy
+    token after it, each later next() feeds the previous token with one
+    llama_decode and returns the next (greedy, EOG masked, only the last
+    row's logits computed, nothing kept). One next() is one step with what
+    stock pays for it in Python, so scripts that interleave stock with ours
+    step by step (bench/iswa.py, bench/device.py) time the same loop as
+    stock_greedy. A context manager; close() frees the context."""
+
+    def __init__(self, path: str, prompt: Sequence[int], *, n_ctx: int, eog: np.ndarray, cache: Cache = Cache(),
+                 threads: Threads = LIBRARY_DEFAULT, n_gpu_layers: int = 0) -> None:
+        if not prompt:
+            raise ValueError("stock needs a prompt of at least one token")
+        if len(prompt) >= n_ctx:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no cell to decode in {n_ctx}")
+        self._llm = stock_llama(path, n_ctx, cache=cache, threads=threads, n_gpu_layers=n_gpu_layers)
+        self._prompt: Sequence[int] | None = prompt
+        self._eog, self._n_vocab, self._token = eog, self._llm.n_vocab(), -1
+        self.cells = self._llm.n_ctx()
+
+    def __iter__(self) -> StockSteps:
+        return self
+
+    def __next__(self) -> int:
+        if self._prompt is not None:
+            prefill(self._llm, self._prompt)
+            self._prompt = None
+        else:
+            decode_tokens(self._llm.ctx, [self._token])
+        self._token = greedy_masked(logits_row(self._llm.ctx, self._n_vocab), self._eog)
+        return self._token
+
+    def close(self) -> None:
+        self._llm.close()
+
+    def __enter__(self) -> StockSteps:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def stock_greedy(path: str, prompt: Sequence[int], steps: int, *, eog: np.ndarray, n_ctx: int | None = None,
-                 cache: Cache = Cache(), threads: Threads = LIBRARY_DEFAULT, n_gpu_layers: int = 0) -> dict:
-    """Stock llama_cpp.Llama of n_ctx (None: prompt + steps) cells: prefill the
-    prompt (llama_decode, 512 a call), then `steps` greedy tokens, each fed
-    back with one llama_decode. Decode tok/s counts the steps that feed a token
-    (steps - 1), as ours does."""
+                 cache: Cache = Cache(), threads: Threads = LIBRARY_DEFAULT, n_gpu_layers: int = 0,
+                 timed: int | None = None) -> dict:
+    """StockSteps of n_ctx (None: prompt + steps) cells run for `steps`
+    greedy tokens: prefill timed apart, decode tok/s over the last `timed`
+    steps that feed a token (None: all steps - 1, as ours counts)."""
     n_ctx = n_ctx or len(prompt) + steps
     if len(prompt) + steps > n_ctx:
         raise ValueError(f"prompt {len(prompt)} + {steps} steps do not fit {n_ctx} cells")
-    llm = llama_cpp.Llama(path, n_ctx=n_ctx, type_k=KV_TYPES[cache.type_k], type_v=KV_TYPES[cache.type_v],
-                          flash_attn=cache.flash_attn, n_gpu_layers=n_gpu_layers, n_threads=threads.decode,
-                          n_threads_batch=threads.batch, verbose=False)
-    try:
-        ctx, n_vocab, n_batch = llm.ctx, llm.n_vocab(), llm.n_batch
+    timed = steps - 1 if timed is None else timed
+    if not is_int(timed) or not 0 <= timed <= steps - 1:
+        raise ValueError(f"timed must be an int in [0, {steps - 1}] (steps - 1), got {timed!r}")
+    with StockSteps(path, prompt, n_ctx=n_ctx, eog=eog, cache=cache, threads=threads,
+                    n_gpu_layers=n_gpu_layers) as run:
         t0 = time.perf_counter()
-        for i in range(0, len(prompt), n_batch):
-            _decode(ctx, prompt[i:i + n_batch])
+        tokens = [next(run)]
         prefill_s = time.perf_counter() - t0
-        tokens = [greedy_masked(logits_row(ctx, n_vocab), eog)]
+        tokens += [next(run) for _ in range(steps - 1 - timed)]
         t0 = time.perf_counter()
-        for _ in range(steps - 1):
-            _decode(ctx, tokens[-1:])
-            tokens.append(greedy_masked(logits_row(ctx, n_vocab), eog))
+        tokens += [next(run) for _ in range(timed)]
         decode_s = time.perf_counter() - t0
-        cells = llm.n_ctx()
-    finally:
-        llm.close()
+        cells = run.cells
     kv = memory.kv_bytes(memory.read_geometry(path), cells, cache.type_k, cache.type_v)
-    return {"n_ctx": cells, "kv_bytes": kv, "threads": list(threads.resolved()),
+    return {"n_ctx": cells, "kv_bytes": kv, "threads": list(threads.resolved()), "timed_steps": timed,
             "prefill_tokens_per_s": len(prompt) / max(prefill_s, 1e-9),
-            "decode_tokens_per_s": (steps - 1) / max(decode_s, 1e-9) if steps > 1 else 0.0, "tokens": tokens}
+            "decode_tokens_per_s": timed / max(decode_s, 1e-9) if timed else 0.0, "tokens": tokens}
 
 
 def ideal_fill(cells: int, level: float, steps: int) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from scope_edge.cli import build_parser
 from scope_edge.devices import Devices
 from scope_edge.flags import engine_config
 from scope_edge.bench import (SYSTEM_PROMPT, BenchConfig, budget_pairs, chat_prompt, eog_tokens, free_running,
-                              config_from_args, logbook_prompt, run_bench, run_many, run_stock, save_results,
+                              config_from_args, logbook_prompt, run_bench, run_many, save_results, stock_reference,
                               vocabulary)
 from scope_edge.policies import build
 from scope_edge.protocol import (Threads, batched_stock, ideal_fill, ratio, run_rounds, schedule, spread,
@@ -82,7 +82,7 @@ def test_stock_logits_are_the_full_cache_logits(model_path):
     ScopeLlama(budget=None) teacher-forced on the same tokens."""
     path = str(model_path)
     prompt = logbook_prompt(path, 200)
-    stock = run_stock(path, prompt, 6, "f16", keep_logits=True)
+    stock = stock_reference(path, prompt, 6)
     with ScopeLlama(path, budget=None) as llm:
         ours = np.stack(list(llm.teacher_force(prompt, stock.tokens)))
     np.testing.assert_allclose(ours, stock.logits, atol=1e-3)

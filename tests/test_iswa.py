@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from scope_edge import Budget, ScopeLlama, memory
-from scope_edge.bench import run_stock
+from scope_edge.bench import eog_tokens
+from scope_edge.protocol import stock_greedy
 from scope_edge.policies import COMBINATIONS
 from llama_log import llama_log
 from test_device import endpoint  # noqa: F401  (the RPC server fixture)
@@ -143,8 +144,8 @@ def test_gemma3_full_cache_is_token_identical_to_stock(gemma_path: str) -> None:
     with ScopeLlama(gemma_path) as llm:
         prompt = llm.tokenize(GEMMA_TEXT)
         ours = llm.generate(prompt, max_tokens=512, ignore_eos=True)
-    stock = run_stock(gemma_path, prompt, 512, "f16")
-    assert ours.tokens == stock.tokens
+    stock = stock_greedy(gemma_path, prompt, 512, eog=eog_tokens(gemma_path))
+    assert ours.tokens == stock["tokens"]
 
 
 def _long_prompt(llm: ScopeLlama, n: int) -> list[int]:
@@ -180,9 +181,9 @@ def test_gemma3_budget_keeps_the_window_and_the_bound(gemma_path: str) -> None:
     assert st.kv_bytes_swa == memory.kv_bytes_split(geometry, st.kv_cells_allocated)[1]
     # stock llama-cpp-python sizes its window cache like the full one (swa_full): all of it
     with llama_log() as lines:
-        stock = run_stock(gemma_path, prompt[:64], 2, "f16", n_ctx=len(prompt) + 24)
+        stock = stock_greedy(gemma_path, prompt[:64], 2, eog=eog_tokens(gemma_path), n_ctx=len(prompt) + 24)
     stock_mib = sum(float(line.split("=")[1].split("MiB")[0]) for line in lines if "KV buffer size" in line)
-    assert stock_mib == pytest.approx(stock.kv_bytes / 2**20, abs=0.02)
+    assert stock_mib == pytest.approx(stock["kv_bytes"] / 2**20, abs=0.02)
     assert st.stock_kv_bytes == memory.kv_bytes(geometry, memory.padded_cells(len(prompt) + 24))
 
 
@@ -217,4 +218,5 @@ def test_gemma3_full_cache_on_the_device_is_token_identical_to_stock(gemma_path:
     with ScopeLlama(gemma_path, rpc_servers=[endpoint], n_gpu_layers=-1) as llm:
         prompt = llm.tokenize(GEMMA_TEXT)
         ours = llm.generate(prompt, max_tokens=DEVICE_TOKENS, ignore_eos=True)
-    assert ours.tokens == run_stock(gemma_path, prompt, DEVICE_TOKENS, "f16", n_gpu_layers=-1).tokens
+    assert ours.tokens == stock_greedy(gemma_path, prompt, DEVICE_TOKENS, eog=eog_tokens(gemma_path),
+                                      n_gpu_layers=-1)["tokens"]

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The runtime itself (scope_edge/ but its CLI, OpenAI shapes and bench) may reach inside.
 OUTSIDE = sorted(
     [*ROOT.glob("tests/*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("examples/*.py"),
-     ROOT / "scope_edge" / "cli.py", ROOT / "scope_edge" / "openai.py", ROOT / "scope_edge" / "bench.py",
+     *ROOT.glob("scope_edge/bench/*.py"), ROOT / "scope_edge" / "cli.py", ROOT / "scope_edge" / "openai.py",
      ROOT / "scope_edge" / "flags.py"]
 )
 
@@ -63,7 +63,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("wire", ("scope_edge.openai_wire", "scope_edge.openai_wire.*")),
     ("facade", ("scope_edge.llama",)),
     ("server", ("scope_edge.server", "scope_edge.server.*")),
-    ("adapters", ("scope_edge.openai", "scope_edge.bench", "scope_edge.protocol", "scope_edge.flags")),
+    ("adapters", ("scope_edge.openai", "scope_edge.bench", "scope_edge.bench.*", "scope_edge.protocol",
+                   "scope_edge.flags")),
     ("package", ("scope_edge",)),
     ("cli", ("scope_edge.cli",)),
 )
