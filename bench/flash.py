@@ -1,95 +1,88 @@
 """Flash attention on, scores from key sketches (issue #18): speed and memory.
 
     python bench/flash.py [--prompt 2048] [--tokens 1024] [--timed 512] \
-        [--prefill-budget 1024] [--decode-budget 512] [--rank 16] [--skip-speed] \
-        [--skip-device] [--skip-memory] [--json]
+        [--prefill-budget 1024] [--decode-budget 512] [--rank 16] [--rounds 3] [--threads N] \
+        [--skip-speed] [--skip-device] [--skip-memory] [--json]
 
-speed    prompt P + T generated (greedy, end-of-generation ignored), slide
-         under the budgets, decode tok/s over the last `timed` steps (the
-         decode cache full: a selection and an eviction every step), same run:
-           stock, flash attention off / on (K and V f16), on with K and V q8_0;
-           ours, exact scores with flash attention off (today's path);
-           ours, sketch scores with flash attention off / on (f16), on (q8_0).
+speed    Under the speed protocol (scope_edge.protocol): every column once a
+         round, --rounds interleaved rounds, the 1-minute load read before
+         and after; every column generates T greedy tokens after the same
+         P-token prompt with end-of-generation tokens masked (stock in the
+         protocol's plain loop, StockSteps; ours with ignore-EOS), at ours'
+         threads, timed over the last `timed` steps (ours' decode cache full:
+         a selection and an eviction every step):
+           stock with flash attention off (K and V f16; also at
+           llama-cpp-python's default threads, labelled, when those differ),
+           on (f16), on with K and V q8_0;
+           ours with no budget (flash attention off);
+           ours under the budgets (slide), exact scores with flash attention
+           off (today's path), sketch scores with it off, on (f16), on (q8_0);
+           the ideal of exact-off, sketch-on and sketch-on-q8_0: stock at the
+           same K/V types and kernel in a context of ours' allocated cells,
+           filled to the level ours held.
          The issue's target: sketch with flash attention on >= exact with it off.
          On the CPU, then with every layer on an RPC device on 127.0.0.1.
 memory   prompt 4096 + 4096 with K and V q8_0 and flash attention on: the KV
          bytes allocated plus the sketches' bytes (cells x bytes per cell),
          against stock's f16 cache for 8192 tokens, at several budgets.
-Writes bench/results/flash.json; ratios only (the machine is shared).
+Writes bench/results/flash.json and prints tables.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
-
-from device import time_ours
 from scope_edge import Budget, ScopeLlama, Sketch, memory, models, rpc
 from scope_edge.bench import eog_tokens, logbook_prompt, machine, save_results
-from scope_edge.runtime.context import KV_TYPES
+from scope_edge.bench.columns import (NONE, Columns, columns_table, header, ratios_table, report,
+                                      standard_ratios)
+from scope_edge.protocol import Cache, run_rounds
 
 log = logging.getLogger("bench.flash")
 RESULTS = Path(__file__).resolve().parent / "results"
 
-STOCK = {"stock fa off": dict(flash_attn=False, type_kv="f16"),
-         "stock fa on": dict(flash_attn=True, type_kv="f16"),
-         "stock fa on q8_0": dict(flash_attn=True, type_kv="q8_0")}
+# stock's caches by label suffix ("stock" + suffix)
+STOCK = {"": Cache(), ", fa on": Cache(flash_attn=True),
+         ", fa on q8_0": Cache(type_k="q8_0", type_v="q8_0", flash_attn=True)}
+# the named ratios of the issue: (numerator, denominator) columns
+RATIOS = {"sketch fa on / exact fa off": ("ours, sketch fa on", "ours, exact fa off"),
+          "sketch fa on q8_0 / exact fa off": ("ours, sketch fa on q8_0", "ours, exact fa off"),
+          "sketch fa off / exact fa off": ("ours, sketch fa off", "ours, exact fa off"),
+          "stock fa on / stock fa off": ("stock, fa on", "stock"),
+          "sketch fa on / stock fa on": ("ours, sketch fa on", "stock, fa on"),
+          "sketch fa on q8_0 / stock fa on q8_0": ("ours, sketch fa on q8_0", "stock, fa on q8_0")}
 
 
-def ours_runs(rank: int) -> dict[str, dict]:
+def ours_runs(rank: int) -> dict[str, tuple[dict, Cache | None]]:
+    """label: (ScopeLlama options, the ideal's cache or None for no ideal)."""
     sketch = Sketch(rank=rank)
-    return {"exact fa off": {},
-            "sketch fa off": dict(scoring=sketch),
-            "sketch fa on": dict(scoring=sketch, flash_attn=True),
-            "sketch fa on q8_0": dict(scoring=sketch, flash_attn=True, type_k="q8_0", type_v="q8_0")}
+    q8 = dict(type_k="q8_0", type_v="q8_0")
+    return {"ours, exact fa off": ({}, Cache()),
+            "ours, sketch fa off": (dict(scoring=sketch), None),
+            "ours, sketch fa on": (dict(scoring=sketch, flash_attn=True), Cache(flash_attn=True)),
+            "ours, sketch fa on q8_0": (dict(scoring=sketch, flash_attn=True, **q8), Cache(flash_attn=True, **q8))}
 
 
-def time_stock(path: str, prompt: list[int], *, max_tokens: int, timed: int, flash_attn: bool, type_kv: str,
-               n_gpu_layers: int = 0) -> dict:
-    """Stock llama_cpp.Llama (n_ctx = prompt + max_tokens): decode tok/s over the last `timed` greedy steps."""
-    llm = llama_cpp.Llama(path, n_ctx=len(prompt) + max_tokens, flash_attn=flash_attn, type_k=KV_TYPES[type_kv],
-                          type_v=KV_TYPES[type_kv], n_gpu_layers=n_gpu_layers, verbose=False)
-    eog = eog_tokens(path)  # masked, as ours ignores end-of-generation: both decode every step
-    try:
-        llm.eval(prompt)
-        stamps = []
-        for _ in range(max_tokens - 1):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
-            logits[eog] = -np.inf
-            llm.eval([int(logits.argmax())])
-            stamps.append(time.perf_counter())
-        tail = stamps[-timed - 1:]
-        return {"decode_tokens_per_s": (len(tail) - 1) / (tail[-1] - tail[0])}
-    finally:
-        llm.close()
-
-
-def speed(path: str, args: argparse.Namespace, **device: object) -> dict:
+def speed_columns(path: str, args: argparse.Namespace, **device: object) -> Columns:
     prompt = logbook_prompt(path, args.prompt)
     budget = Budget(prefill=args.prefill_budget, decode=args.decode_budget)
     n_gpu = int(device.get("n_gpu_layers", 0))  # type: ignore[call-overload]
-    runs: dict[str, dict] = {}
-    for name, kw in STOCK.items():
-        runs[name] = time_stock(path, prompt, max_tokens=args.tokens, timed=args.timed, n_gpu_layers=n_gpu, **kw)
-        log.info("%s: %.1f tok/s", name, runs[name]["decode_tokens_per_s"])
-    for name, kw in ours_runs(args.rank).items():
-        runs[name] = time_ours(path, prompt, max_tokens=args.tokens, timed=args.timed, budget=budget, **kw,
-                               **device)
-        log.info("%s: %.1f tok/s", name, runs[name]["decode_tokens_per_s"])
-    tps = {k: v["decode_tokens_per_s"] for k, v in runs.items()}
-    return {"runs": runs, "ratios": {
-        "sketch fa on / exact fa off": tps["sketch fa on"] / tps["exact fa off"],
-        "sketch fa on q8_0 / exact fa off": tps["sketch fa on q8_0"] / tps["exact fa off"],
-        "sketch fa off / exact fa off": tps["sketch fa off"] / tps["exact fa off"],
-        "stock fa on / stock fa off": tps["stock fa on"] / tps["stock fa off"],
-        "sketch fa on / stock fa on": tps["sketch fa on"] / tps["stock fa on"],
-        "exact fa off / stock fa off": tps["exact fa off"] / tps["stock fa off"],
-        "sketch fa on q8_0 / stock fa on q8_0": tps["sketch fa on q8_0"] / tps["stock fa on q8_0"],
-    }}
+    cols = Columns(path, prompt, args.tokens, eog=eog_tokens(path), n_threads=args.threads, timed=args.timed,
+                   ideal_steps=args.timed, n_gpu_layers=n_gpu)
+    for suffix, cache in STOCK.items():
+        cols.stock(cache, suffix, library_default=not suffix)
+    cols.ours(NONE, lambda: ScopeLlama(path, budget=None, n_threads=args.threads, **device))
+    for label, (options, ideal_cache) in ours_runs(args.rank).items():
+        cols.ours(label, lambda o=options: ScopeLlama(path, budget=budget, strategy="slide", n_threads=args.threads,
+                                                      **o, **device), ideal_cache=ideal_cache)
+    return cols
+
+
+def speed(path: str, args: argparse.Namespace, **device: object) -> dict:
+    cols = speed_columns(path, args, **device)
+    done = run_rounds(cols.cols, args.rounds)
+    return {"threads": list(cols.equal.resolved()), **report(done, {**standard_ratios(list(cols.cols)), **RATIOS})}
 
 
 # (prefill budget, decode budget, prefill chunk): the chunked prefill's peak
@@ -125,11 +118,13 @@ def memory_rows(path: str, ranks: list[int], budgets: list[tuple[int, int, int]]
 
 def table(res: dict) -> str:
     lines = []
+    s = res["settings"]
     for where in ("cpu", "device"):
         if where in res:
-            lines.append(f"{where}: " + ", ".join(f"{k} {v['decode_tokens_per_s']:.1f}"
-                                                   for k, v in res[where]["runs"].items()))
-            lines += [f"  {k}: {v:.2f}x" for k, v in res[where]["ratios"].items()]
+            r = res[where]
+            lines += [f"{where}: prompt {s['prompt']} + {s['tokens']}, decode timed over the last {s['timed']}; "
+                      f"{header(s['rounds'], r['load_1m'])}", "", *columns_table(r["columns"]), "",
+                      *ratios_table(r["ratios"]), ""]
     for r in res.get("memory", []):
         lines.append(f"4096+4096 {r['prefill_budget']}:{r['decode_budget']} chunk {r.get('prefill_chunk', 512)} "
                      f"rank {r['rank']}: {r['cells']} cells, "
@@ -137,7 +132,7 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--tokens", type=int, default=1024)
@@ -146,14 +141,20 @@ def main() -> None:
     ap.add_argument("--decode-budget", type=int, default=512)
     ap.add_argument("--rank", type=int, default=16, help="the sketches' rank in the speed runs")
     ap.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 24, 32], help="sketch ranks in the memory rows")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every column")
+    ap.add_argument("--threads", type=int, default=None, help="decode threads of ours and of stock (default: "
+                    "llama-cpp-python's, half the CPUs)")
     ap.add_argument("--server-threads", type=int, default=1)
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-device", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "flash.json"))
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every part asked for; each lands in args.out as it ends (args.out None: no file)."""
     path = str(models.fetch())
     res: dict = {"machine": machine(), "settings": vars(args)}
     if not args.skip_speed:
@@ -166,7 +167,13 @@ def main() -> None:
         with rpc.Server(rpc.free_endpoint(), n_threads=args.server_threads) as server:
             rpc.register(server.endpoint)  # stock llama_cpp.Llama offloads to it too
             res["device"] = speed(path, args, rpc_servers=[server.endpoint], n_gpu_layers=-1)
-    save_results(args.out, res, print_json=args.json, table=table)
+    return res
+
+
+def main() -> None:
+    args = parser().parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    save_results(args.out, run(args), print_json=args.json, table=table)
 
 
 if __name__ == "__main__":

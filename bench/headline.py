@@ -27,12 +27,12 @@ from pathlib import Path
 from scope_edge import Budget, EngineConfig, ScopeLlama
 from scope_edge.bench import eog_tokens, free_running, lockstep, logbook_prompt, machine, save_results, stock_reference
 from scope_edge.policies import STRATEGIES, build
-from scope_edge.protocol import (LIBRARY_DEFAULT, Cache, Threads, ideal, ours_greedy, ratio, run_rounds,
-                                 stock_greedy, summary)
+from scope_edge.bench.columns import (NONE, STOCK, STOCK_DEFAULT, Columns, column, columns_table, header,
+                                      ratios_table)
+from scope_edge.protocol import LIBRARY_DEFAULT, Cache, ratio, run_rounds
 
 log = logging.getLogger("bench.headline")
 RESULTS = Path(__file__).resolve().parent / "results"
-STOCK, STOCK_DEFAULT, NONE = "stock", "stock, library default threads", "ours, no budget"
 
 
 def ours_label(strategy: str, budget: Budget) -> str:
@@ -48,46 +48,15 @@ def columns(path: str, prompt: list[int], steps: int, *, budget: Budget, strateg
     """The protocol's columns in their round-0 order (every ours before its
     ideal, which reads the level ours held last). kept: each column's tokens
     of its first round (the fidelity pass compares them)."""
-    eog = eog_tokens(path)
     cache = Cache(type_k=engine.type_k, type_v=engine.type_v, flash_attn=engine.flash_attn)
-    decode, batch = engine.threads()
-    equal = Threads(decode=decode, batch=batch)
-    levels: dict[str, dict] = {}
-
-    def keep(label: str, res: dict) -> dict:
-        tokens = res.pop("tokens")
-        kept.setdefault(label, tokens)
-        return res
-
-    def stock(threads: Threads, label: str) -> Callable[[], dict]:
-        return lambda: keep(label, stock_greedy(path, prompt, steps, eog=eog, cache=cache, threads=threads))
-
-    def ours(strategy: str | None, label: str) -> Callable[[], dict]:
-        def run() -> dict:
-            policy = None if strategy is None else build(budget, strategy=strategy)
-            kwargs = {"budget": None} if policy is None else {"policy": policy}
-            with ScopeLlama(config=engine, **kwargs) as llm:
-                res = {**keep(label, ours_greedy(llm, prompt, steps)), "threads": [decode, batch]}
-            if strategy is not None:
-                levels[strategy] = res
-            return res
-        return run
-
-    def ideal_of(strategy: str) -> Callable[[], dict]:
-        def run() -> dict:
-            o = levels[strategy]
-            return ideal(path, prompt + kept[STOCK], cells=o["kv_cells"], level=o["steady_cells"], steps=ideal_steps,
-                         eog=eog, cache=cache, threads=equal)
-        return run
-
-    cols = {STOCK: stock(equal, STOCK)}
-    if LIBRARY_DEFAULT.resolved() != equal.resolved():
-        cols[STOCK_DEFAULT] = stock(LIBRARY_DEFAULT, STOCK_DEFAULT)
-    cols[NONE] = ours(None, NONE)
+    cols = Columns(path, prompt, steps, eog=eog_tokens(path), n_threads=engine.n_threads, ideal_steps=ideal_steps,
+                   kept=kept)
+    cols.stock(cache)
+    cols.ours(NONE, lambda: ScopeLlama(config=engine, budget=None))
     for s in strategies:
-        cols[ours_label(s, budget)] = ours(s, ours_label(s, budget))
-        cols[ideal_label(s)] = ideal_of(s)
-    return cols
+        cols.ours(ours_label(s, budget), lambda s=s: ScopeLlama(config=engine, policy=build(budget, strategy=s)),
+                  ideal_cache=cache, ideal_label=ideal_label(s))
+    return cols.cols
 
 
 def ratios(runs: dict[str, list[dict]], strategies: list[str], budget: Budget) -> dict[str, dict]:
@@ -117,36 +86,15 @@ def fidelity_pass(path: str, prompt: list[int], steps: int, *, budget: Budget, s
 
 def table(res: dict) -> str:
     """One row a column: KV, cells, decode median (min..max), x stock; the ratios below."""
-    c, stock = res["config"], res["columns"][STOCK]
+    c = res["config"]
     out = [f"prompt {c['prompt_tokens']} + {c['max_tokens']} generated, budgets {c['prefill_budget']}/"
-           f"{c['decode_budget']}, K {c['type_k']} V {c['type_v']}; {res['protocol']['rounds']} interleaved rounds, "
-           f"median (min..max); 1-min load {res['load_1m']['before']:.2f} before, {res['load_1m']['after']:.2f} after"
+           f"{c['decode_budget']}, K {c['type_k']} V {c['type_v']}; {header(res['protocol']['rounds'], res['load_1m'])}"
            + ("; stock's threads are also llama-cpp-python's default" if STOCK_DEFAULT not in res["columns"] else ""),
-           "", "| column | threads | KV MiB | KV / stock | cells | decode tok/s | prefill tok/s |", "|---|---|---|---|---|---|---|"]
-    for label, col in res["columns"].items():
-        d, p = col["summary"]["decode_tokens_per_s"], col["summary"]["prefill_tokens_per_s"]
-        out.append(f"| {label} | {col['threads']} | {col['kv_bytes'] / 2**20:.1f} | "
-                   f"{col['kv_bytes'] / stock['kv_bytes']:.1%} | {col['cells']:,} | {_fmt(d, 1)} | {p['median']:.0f} |")
-    out += ["", "| decode ratio | median (min..max) |", "|---|---|"]
-    out += [f"| {name} | {_fmt(r, 2)}x |" for name, r in res["ratios"].items()]
+           "", *columns_table(res["columns"]), "", *ratios_table(res["ratios"])]
     for s, f in (res.get("fidelity") or {}).items():
         out.append(f"\nfidelity ({s}, separate untimed pass): top-1 {f['top1_agreement']:.1%}, mean KL "
                    f"{f['mean_kl']:.4f}, identical prefix {f['identical_prefix']}, ROUGE-L {f['rouge_l']:.3f}")
     return "\n".join(out)
-
-
-def _fmt(s: dict, digits: int) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}..{s['max']:.{digits}f})"
-
-
-def column(label: str, runs: list[dict]) -> dict:
-    first = runs[0]
-    cells = first.get("kv_cells", first.get("n_ctx"))
-    extra = {k: first[k] for k in ("steady_cells", "kv_cells_peak", "evicted_cells", "level", "prefilled", "steps")
-             if k in first}
-    decode, batch = first["threads"]
-    return {"kv_bytes": first["kv_bytes"], "cells": cells, "threads": Threads(decode=decode, batch=batch).label(),
-            **extra, "summary": summary(runs), "runs": runs}
 
 
 def main() -> None:

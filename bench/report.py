@@ -138,6 +138,9 @@ def memory(d: dict) -> str:
 
 
 def speed(d: dict) -> str:
+    if "protocol" in d:  # under scope_edge.protocol: bench/speed.py renders its own
+        from speed import table
+        return table(d)
     body = [[f"{r['context']:,}", f"{r['stock']['decode_tokens_per_s']:.1f}", f"{r['ours']['decode_tokens_per_s']:.1f}",
              f"{r['ideal']['decode_tokens_per_s']:.1f}",
              f"{r['ours']['decode_tokens_per_s'] / r['stock']['decode_tokens_per_s']:.2f}x"] for r in d["rows"]]
@@ -154,6 +157,9 @@ def speed(d: dict) -> str:
 
 
 def beyond(d: dict) -> str:
+    if "protocol" in d.get("targets", {}):  # under scope_edge.protocol: bench/beyond.py renders its own
+        from beyond import table
+        return table(d)
     out = []
     if "targets" in d:
         t = d["targets"]
@@ -201,6 +207,9 @@ def device(d: dict) -> str:
 
 
 def flash(d: dict) -> str:
+    if any("columns" in d.get(where, {}) for where in ("cpu", "device")):  # under scope_edge.protocol
+        from flash import table
+        return table(d)
     out = []
     for where in ("cpu", "device"):
         if where in d:
@@ -218,6 +227,9 @@ def flash(d: dict) -> str:
 
 
 def long_run(d: dict) -> str:
+    if "protocol" in d:  # under scope_edge.protocol: bench/long_run.py renders its own
+        from long_run import table
+        return table(d)
     w, s = d["windows"], d["summary"]
     return (f"{d['strategy']}, budgets {d['budget']['prefill']}/{d['budget']['decode']}, {w[-1]['tokens']:,} tokens "
             f"in windows of {d['window']:,}: first window {w[0]['tokens_per_s']:.1f} tok/s, last "

@@ -1,4 +1,5 @@
-"""Reproduce every number and plot in bench/results/ (about two hours on 2 cores).
+"""Reproduce every number and plot in bench/results/ (several hours on 2 cores: the speed
+scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 100,000 tokens).
 
     python bench/run_all.py [--quick]
 
@@ -40,15 +41,17 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                                                               "--max-tokens", "32", "--budgets", "96:16"]),
     ("tasks.py", [], ["--seeds", "1", "--strategies", "slide", "streaming"]),
     ("memory.py", [], ["--prompts", "512", "--gens", "512", "1024"]),
-    ("speed.py", [], ["--contexts", "512", "1024", "--steps", "16", "--hook-cached"]),
-    ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128",
+    ("speed.py", [], ["--contexts", "512", "1024", "--steps", "16", "--rounds", "2", "--hook-cached"]),
+    ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128", "--rounds", "2",
+                       "--ideal-steps", "16",
                        "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
     ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
                        "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
     ("device.py", ["--skip-headline", "--out", "RESULTS/steady.json"],
      ["--skip-headline", "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1",
       "--out", "RESULTS/steady.json"]),
-    ("long_run.py", [], ["--tokens", "400", "--window", "200"]),
+    ("long_run.py", [], ["--tokens", "400", "--window", "200", "--rounds", "2", "--stock-tokens", "64",
+                         "--ideal-steps", "16"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2", "--prefill-budget", "96",
                        "--decode-budget", "32", "--prefill-chunk", "64", "--rounds", "2", "--batched-steps", "16"]),
     ("server.py", ["--conversations", "4", "--type-k", "q8_0", "--out", "RESULTS/server_q8.json"],
@@ -115,7 +118,8 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
       "slide", "--scoring", "qk32", "--seeds", "0"]),
     ("capture_layers.py", [], ["--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--seeds", "0"]),
-    ("flash.py", ["--skip-memory"], ["--prompt", "300", "--tokens", "48", "--timed", "16", "--prefill-budget", "128",
+    ("flash.py", ["--skip-memory"], ["--prompt", "300", "--tokens", "48", "--timed", "16", "--rounds", "2",
+                                     "--prefill-budget", "128",
                                      "--decode-budget", "32", "--rank", "8", "--skip-memory"]),
     ("flash.py", ["--skip-speed", "--skip-device", "--out", "RESULTS/flash_memory.json"],
      ["--skip-speed", "--skip-device", "--ranks", "8"]),

@@ -19,6 +19,7 @@
 - The machine's 1-minute load is read before the first round and after the last.
 Fidelity is never timed in these loops (bench/headline.py --fidelity runs a
 separate pass).
+The columns a script runs and the tables it prints: scope_edge.bench.columns.
 """
 from __future__ import annotations
 
@@ -331,20 +332,30 @@ def steady_level(samples: Sequence[tuple[int, int]], generated: int) -> float:
     return float(np.mean(late))
 
 
-def ours_greedy(llm: Any, prompt: Sequence[int], steps: int) -> dict:
+def ours_greedy(llm: Any, prompt: Sequence[int], steps: int, *, timed: int | None = None) -> dict:
     """llm (a ScopeLlama) generates `steps` tokens after prompt, EOG masked
-    (ignore-EOS); its stats, tokens, and the steady-state level of its cells."""
+    (ignore-EOS); its stats, tokens, and the steady-state level of its cells.
+    timed: decode tok/s over the last `timed` steps only (the wall clock
+    between the arrival of token steps - timed and of the last), as
+    stock_greedy(timed=) counts them; None: the run's stats."""
+    if timed is not None and (not is_int(timed) or not 1 <= timed <= steps - 1):
+        raise ValueError(f"timed must be an int in [1, {steps - 1}] (steps - 1) or None, got {timed!r}")
     tokens: list[int] = []
     samples: list[tuple[int, int]] = []
     stats = None
+    start = end = 0.0
     for chunk in llm.stream(list(prompt), max_tokens=steps, ignore_eos=True):
         if chunk.token is not None:
             tokens.append(chunk.token)
+            if timed is not None and len(tokens) in (steps - timed, steps):
+                start, end = (time.perf_counter(), 0.0) if len(tokens) == steps - timed else (start, time.perf_counter())
             if len(tokens) % HELD_EVERY == 0 and len(tokens) >= steps // 2:
                 samples.append((len(tokens), len(llm.kv_positions())))
         stats = chunk.stats
     if stats is None:
         raise RuntimeError("the generation produced no chunk")
     s = stats.as_dict()
+    if timed is not None:
+        s.update(decode_tokens_per_s=timed / max(end - start, 1e-9), timed_steps=timed)
     return {**s, "kv_bytes": s["kv_bytes_allocated"], "kv_cells": s["kv_cells_allocated"], "tokens": tokens,
             "steady_cells": steady_level(samples, steps) if samples else float(s["kv_cells_peak"])}

@@ -416,3 +416,94 @@ def test_server_ratios_and_kv():
     assert r["kv"] == {"ours": 60, "stock_held": 100, "stock_at_once": 200, "batched": 80, "ours / stock_held": 0.6,
                        "ours / stock_at_once": 0.3, "ours / batched": 0.75}
     assert r["targets"] == {"ours >= 0.9x batched llama.cpp": False, "ours >= 2x stock in turn at equal threads": True}
+
+
+# -- the other speed scripts on the protocol, each at a smoke size ---------------------------------------------------
+def check_protocol_run(res: dict, rounds: int, want: list[str]) -> None:
+    """Every column once a round in the rotated order, the load read, every ratio the median of its
+    per-round ratios, each budgeted ours' ideal at ours' allocated cells and steady level."""
+    cols = res["columns"]
+    assert list(cols) == want
+    assert res["order"] == schedule(want, rounds) and set(res["load_1m"]) == {"before", "after"}
+    for label, col in cols.items():
+        assert [r["round"] for r in col["runs"]] == list(range(rounds)), label
+        assert col["summary"]["decode_tokens_per_s"]["median"] > 0, label
+    for name, r in res["ratios"].items():
+        num, den = name.split(" / ")
+        assert r["rounds"] == [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                               for a, b in zip(cols[num]["runs"], cols[den]["runs"])], name
+    for label in want:
+        if label.startswith("ideal, "):
+            o, i = cols["ours, " + label.removeprefix("ideal, ")]["runs"][-1], cols[label]["runs"][-1]
+            assert i["n_ctx"] == o["kv_cells"] and i["level"] == o["steady_cells"]
+    json.dumps(res)
+
+
+def _smoke(name: str, argv: list[str]) -> tuple[object, dict]:
+    script = _script(name)
+    res = script.run(script.parser().parse_args(argv))
+    return script, res
+
+
+THREADS = ["--threads", "1"]  # one thread: quick on a busy machine; stock also at the library default (labelled)
+DEFAULT = "stock, library default threads"
+
+
+def _with_default(labels: list[str]) -> list[str]:
+    """Stock's library-default column follows stock when one thread is not the library's default."""
+    return labels[:1] + [DEFAULT] + labels[1:] if Threads().resolved() != (1, 1) else labels
+
+
+def test_speed_script_on_the_protocol():
+    script, res = _smoke("speed", ["--contexts", "128", "--steps", "8", "--prefill-budget", "64", "--decode-budget",
+                                   "16", "--rounds", "2", "--hook-cached", *THREADS])
+    (row,) = res["rows"]
+    want = _with_default(["stock", "ours, no budget", "ours, slide 64/16", "ideal, slide 64/16"])
+    check_protocol_run(row, 2, want)
+    assert all(r["timed_steps"] == 8 for c in row["columns"].values() if not c.get("level") for r in c["runs"])
+    text = script.table(res)
+    assert all(f"| {label} |" in text for label in want) and "context 128" in text
+
+
+def test_beyond_script_on_the_protocol():
+    script, res = _smoke("beyond", ["--prompt-tokens", "128", "--max-tokens", "24", "--prefill-budget", "64",
+                                    "--decode-budget", "16", "--rounds", "2", "--ideal-steps", "8", "--skip-chunking",
+                                    *THREADS])
+    t = res["targets"]
+    want = _with_default(["stock", "stock, K q8_0", "ours, no budget", "ours, slide 64/16 K f16",
+                          "ideal, slide 64/16 K f16", "ours, slide 64/16 K q8_0", "ideal, slide 64/16 K q8_0"])
+    check_protocol_run(t, 2, want)
+    cols = t["columns"]
+    assert cols["stock, K q8_0"]["kv_bytes"] < cols["stock"]["kv_bytes"]  # equal K types: q8_0 is smaller
+    assert "ours, slide 64/16 K q8_0 / stock, K q8_0" in t["ratios"]
+    assert t["kv_vs_stock_f16"]["ours, slide 64/16 K f16"] == cols["ours, slide 64/16 K f16"]["kv_bytes"] / \
+        cols["stock"]["kv_bytes"]
+    assert "| ours, slide 64/16 K q8_0 |" in script.table(res)
+
+
+def test_flash_script_on_the_protocol(tmp_path):
+    script, res = _smoke("flash", ["--prompt", "128", "--tokens", "24", "--timed", "8", "--prefill-budget", "64",
+                                   "--decode-budget", "16", "--rank", "8", "--rounds", "2", "--skip-device",
+                                   "--skip-memory", "--out", str(tmp_path / "flash.json"), *THREADS])
+    cpu = res["cpu"]
+    want = _with_default(["stock", "stock, fa on", "stock, fa on q8_0", "ours, no budget", "ours, exact fa off",
+                          "ideal, exact fa off", "ours, sketch fa off", "ours, sketch fa on", "ideal, sketch fa on",
+                          "ours, sketch fa on q8_0", "ideal, sketch fa on q8_0"])
+    check_protocol_run(cpu, 2, want)
+    assert set(script.RATIOS) <= set(cpu["ratios"])
+    assert all(r["timed_steps"] == 8 for c in cpu["columns"].values() if not c.get("level") for r in c["runs"])
+    assert "| ours, sketch fa on q8_0 |" in script.table(res)
+
+
+def test_long_run_script_on_the_protocol():
+    script, res = _smoke("long_run", ["--tokens", "48", "--window", "16", "--prompt", "128", "--prefill-budget",
+                                      "64", "--decode-budget", "16", "--rounds", "2", "--stock-tokens", "16",
+                                      "--ideal-steps", "8", *THREADS])
+    want = _with_default(["stock", "ours, no budget", "ours, slide 64/16", "ideal, slide 64/16"])
+    check_protocol_run(res, 2, want)
+    windows = res["columns"][res["long"]]["runs"][0]["windows"]
+    assert [w["tokens"] for w in windows] == [16, 32, 48] and all(w["cells_held"] <= w["cells_allocated"]
+                                                                 for w in windows)
+    assert res["last_over_first"]["rounds"] == [r["summary"]["tokens_per_s_last_over_first"]
+                                                for r in res["columns"][res["long"]]["runs"]]
+    assert "re-indexings" in script.table(res)

@@ -60,9 +60,23 @@ def _headline_protocol(d: dict) -> set[str]:
 
 def _beyond(d: dict) -> set[str]:
     t = d["targets"]
+    if "protocol" in t:  # bench/beyond.py under scope_edge.protocol
+        return _beyond_protocol(t)
     o = next(o for o in t["ours"] if o["type_k"] == "f16")
     return {str(t["prompt_tokens"]), str(t["max_tokens"]), str(o["ours"]["kv_cells_allocated"]),
             _mib(o["ours"]["kv_bytes_allocated"]), _mib(t["stock"]["kv_bytes"]), _pct(o["kv_bytes_vs_stock_f16"])}
+
+
+def _beyond_protocol(t: dict) -> set[str]:
+    cols = t["columns"]
+    held = {str(t["prompt_tokens"]), str(t["max_tokens"]), str(t["protocol"]["rounds"]),
+            *map(str, t["budget"].values())}
+    for col in cols.values():
+        held |= {_mib(col["kv_bytes"]), f"{col['cells']}", _pct(col["kv_bytes"] / cols["stock"]["kv_bytes"]),
+                 *_spread(col["summary"]["decode_tokens_per_s"], 1)}
+    for r in t["ratios"].values():
+        held |= _spread(r, 2)
+    return held
 
 
 def _device(d: dict) -> set[str]:
