@@ -49,8 +49,16 @@ def plot_memory(res: dict, out: Path) -> None:
 def plot_speed(res: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     x = [r["context"] for r in res["rows"]]
-    for kind, style in (("stock", "o-"), ("ours", "s-"), ("ideal", "^--")):
-        ax.plot(x, [r[kind]["decode_tokens_per_s"] for r in res["rows"]], style, label=kind)
+    if "protocol" in res:  # under scope_edge.protocol: every column, median with min..max
+        for label, style in zip(res["rows"][0]["columns"], ("o-", "x:", "d-", "s-", "^--")):
+            spreads = [r["columns"][label]["summary"]["decode_tokens_per_s"] for r in res["rows"]]
+            med = [s["median"] for s in spreads]
+            ax.errorbar(x, med, yerr=[[m - s["min"] for m, s in zip(med, spreads)],
+                                      [s["max"] - m for m, s in zip(med, spreads)]], fmt=style, label=label,
+                        capsize=3)
+    else:
+        for kind, style in (("stock", "o-"), ("ours", "s-"), ("ideal", "^--")):
+            ax.plot(x, [r[kind]["decode_tokens_per_s"] for r in res["rows"]], style, label=kind)
     b = res["budget"]
     ax.set(xlabel="context length (tokens)", ylabel="decode tok/s",
            title=f"decode speed vs context (slide {b['prefill']}/{b['decode']})")
