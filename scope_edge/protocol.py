@@ -18,8 +18,8 @@
   per-round ratios (columns of one round ran minutes apart).
 - The machine's 1-minute load is read before the first round and after the last.
 Fidelity is never timed in these loops (bench/headline.py --fidelity runs a
-separate pass).
-The columns a script runs and the tables it prints: scope_edge.bench.columns.
+separate pass). The columns a script runs and the tables it prints are built
+in one place too: scope_edge.bench.columns.
 """
 from __future__ import annotations
 
