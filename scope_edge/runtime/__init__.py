@@ -12,7 +12,8 @@
     text.py        token bytes to streamed text, stop strings
     generation.py  one generation: start_generation (the one way one starts), prefill,
                    the decode loop, Chunk and stats
-    batch.py       several sequences of one context decoded together (the server's engine)
+    batcher.py     one llama_decode per step for every running sequence (Batcher, SeqView)
+    batch.py       requests on the slots of that shared context (BatchRunner: the server's engine)
 
 A policy (scope_edge.policies) appears only in cache.py (a generation's
 cells come from the policy's own counts) and generation.py (selection), and

@@ -162,7 +162,7 @@ class Cache:
     """The context (re-created bigger when a generation needs more cells)
     and the session of tokens it holds.
 
-    context: a given sequence (one of a shared context, batch.SeqView)
+    context: a given sequence (one of a shared context, batcher.SeqView)
     instead of a Context made and owned here; settings.n_ctx must then be
     its cell count, so it is never replaced."""
 

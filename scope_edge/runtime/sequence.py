@@ -2,7 +2,7 @@
 Generation) needs of a KV cache, declared once.
 
 Two implementations: context.Context (a llama_context of its own; its
-methods' seq keyword defaults to sequence 0) and batch.SeqView (one sequence
+methods' seq keyword defaults to sequence 0) and batcher.SeqView (one sequence
 of a context shared by a batch, its decodes run by the Batcher). Whatever
 holds a SequenceCache never knows which one it has.
 """
