@@ -217,12 +217,12 @@ def pooling_table(rows: list[dict]) -> list[str]:
     (a, *_), (b, *_) = POOLINGS
     seeds = [s for s in seeds if (s, a) in by and (s, b) in by]
     lines = [f"pooling, {len(seeds)} prompts (seeds {seeds[0]}..{seeds[-1]}): mean ± 95% interval"]
-    for key, scale, unit in (("top1_agreement", 100, " pt"), ("mean_kl", 1, "")):
+    for key, scale, digits, unit in (("top1_agreement", 100, 2, " points"), ("mean_kl", 1, 4, "")):
         for v in (a, b):
             m, ci = _mean_ci([by[s, v][key] * scale for s in seeds])
-            lines.append(f"   {key:15} {v:26} {m:8.4f} ± {ci:.4f}{unit}")
+            lines.append(f"   {key:15} {v:26} {m:8.{digits}f} ± {ci:.{digits}f}{unit}")
         m, ci = _mean_ci([(by[s, a][key] - by[s, b][key]) * scale for s in seeds])
-        lines.append(f"   {key:15} {'default - paper':26} {m:+8.4f} ± {ci:.4f}{unit} (paired)")
+        lines.append(f"   {key:15} {'default - paper':26} {m:+8.{digits}f} ± {ci:.{digits}f}{unit} (paired)")
     return lines
 
 

@@ -502,7 +502,8 @@ def summary(res: dict) -> dict:
     for c in res["config"]["configs"]:
         for f in res["config"]["families"]:
             for s in res["config"]["sizes"]:
-                rs = [r for r in res["runs"] if (r["config"], r["family"], r["size"]) == (c, f, s)]
+                rs = [r for r in res["runs"] if (r["config"], r["family"], r["size"]) == (c, f, s)
+                      and (r["family"], r["size"], r["seed"]) in full]  # a --skip-full file alone: no rows
                 if not rs:
                     continue
                 fr = [full[r["family"], r["size"], r["seed"]] for r in rs]
@@ -534,8 +535,7 @@ def table(res: dict) -> str:
              "| stops where the full cache stops | ran past its end"]
     for f in cfg["families"]:
         for s in cfg["sizes"]:
-            ptok = [r["prompt_tokens"] for r in res["runs"] if r["config"] == FULL and r["family"] == f
-                    and r["size"] == s]
+            ptok = [r["prompt_tokens"] for r in res["runs"] if r["family"] == f and r["size"] == s]
             lines.append(f"-- {f} {s}x (prompts {min(ptok)}-{max(ptok)} tokens)")
             for c in cfg["configs"]:
                 if (c, f, s) not in sm:
