@@ -5,6 +5,7 @@ the prefill budget, on two task families, tuning and evaluation prompts apart.
     python bench/ordered.py tune       # parameters, on the tuning prompts
     python bench/ordered.py eval       # the chosen configuration and the baselines
     python bench/ordered.py report bench/results/ordered_eval.jsonl
+    python bench/ordered.py report A.jsonl B.jsonl --pair scope/q8 scope/paperpool/q8  # merged, paired by prompt
 
 --out: a .json file gets the whole run set at the end (and its runs as they
 end in <out>.partial.jsonl); a .jsonl file (emptied first) gets only the runs,
@@ -326,7 +327,8 @@ WINDOW = 32  # observation window (Budget's default)
 
 
 def _scope(*, lend: str | None = "passed", probe: bool = True, chunk: int = 128, recent: int = 64,
-           decode: int = ALLOC - PREFILL, type_k: str = "f16", window: int = WINDOW, kernel: int = 1, lookback: int = 6) -> dict:
+           decode: int = ALLOC - PREFILL, type_k: str = "f16", window: int = WINDOW, kernel: int = 1,
+           lookback: int = 6) -> dict:
     """SCOPE slide with SnapKV prefill: `lend` the decode room to the prompt
     by that rule (None: the paper), `probe` each earlier chunk with the
     prompt's last `window` tokens, prefill in chunks of `chunk` cells (the
