@@ -5,6 +5,7 @@ the prefill budget, on two task families, tuning and evaluation prompts apart.
     python bench/ordered.py tune       # parameters, on the tuning prompts
     python bench/ordered.py eval       # the chosen configuration and the baselines
     python bench/ordered.py report bench/results/ordered_eval.jsonl
+    python bench/ordered.py report A.jsonl B.jsonl --pair scope/q8 scope/paperpool/q8  # merged, paired by prompt
 
 --out: a .json file gets the whole run set at the end (and its runs as they
 end in <out>.partial.jsonl); a .jsonl file (emptied first) gets only the runs,
@@ -326,12 +327,13 @@ WINDOW = 32  # observation window (Budget's default)
 
 
 def _scope(*, lend: str | None = "passed", probe: bool = True, chunk: int = 128, recent: int = 64,
-           decode: int = ALLOC - PREFILL, type_k: str = "f16", window: int = WINDOW, lookback: int = 6) -> dict:
+           decode: int = ALLOC - PREFILL, type_k: str = "f16", window: int = WINDOW, kernel: int = 1,
+           lookback: int = 6) -> dict:
     """SCOPE slide with SnapKV prefill: `lend` the decode room to the prompt
     by that rule (None: the paper), `probe` each earlier chunk with the
     prompt's last `window` tokens, prefill in chunks of `chunk` cells (the
-    probe's included)."""
-    policy = Policy(prefill=SnapKV(budget=PREFILL, window=window, probe=probe, lookback=lookback),
+    probe's included), pool scores by `kernel` and `lookback` (SnapKV's)."""
+    policy = Policy(prefill=SnapKV(budget=PREFILL, window=window, probe=probe, kernel=kernel, lookback=lookback),
                     decode=Slide(decode=decode, recent=recent),
                     lend=None if lend is None else LENDERS[lend](protected=window))
     return {"policy": policy, "prefill_chunk": chunk, "type_k": type_k}
@@ -368,6 +370,7 @@ CONFIGS: dict[str, Callable[[], dict]] = {
     "scope/recent": lambda: _scope(lend="recent"),
     "scope/recent128": lambda: _scope(recent=128),
     "scope/q8": lambda: _scope(type_k="q8_0"),
+    "scope/paperpool/q8": lambda: _scope(type_k="q8_0", kernel=7, lookback=0),  # SnapKV's paper pooling (#29)
     "scope/chunk256/q8": lambda: _scope(chunk=256, type_k="q8_0"),  # the default's shape: chunk = decode room
     "scope/recent128/q8": lambda: _scope(recent=128, type_k="q8_0"),
     "scope/nolend/q8": lambda: _scope(lend=None, type_k="q8_0"),
@@ -501,7 +504,8 @@ def summary(res: dict) -> dict:
     for c in res["config"]["configs"]:
         for f in res["config"]["families"]:
             for s in res["config"]["sizes"]:
-                rs = [r for r in res["runs"] if (r["config"], r["family"], r["size"]) == (c, f, s)]
+                rs = [r for r in res["runs"] if (r["config"], r["family"], r["size"]) == (c, f, s)
+                      and (r["family"], r["size"], r["seed"]) in full]  # a --skip-full file alone: no rows
                 if not rs:
                     continue
                 fr = [full[r["family"], r["size"], r["seed"]] for r in rs]
@@ -533,8 +537,7 @@ def table(res: dict) -> str:
              "| stops where the full cache stops | ran past its end"]
     for f in cfg["families"]:
         for s in cfg["sizes"]:
-            ptok = [r["prompt_tokens"] for r in res["runs"] if r["config"] == FULL and r["family"] == f
-                    and r["size"] == s]
+            ptok = [r["prompt_tokens"] for r in res["runs"] if r["family"] == f and r["size"] == s]
             lines.append(f"-- {f} {s}x (prompts {min(ptok)}-{max(ptok)} tokens)")
             for c in cfg["configs"]:
                 if (c, f, s) not in sm:
@@ -555,6 +558,26 @@ def table(res: dict) -> str:
             means = {k: statistics.fmean(r["class_kept"].get(k, 0.0) for r in rs if k in r["class_kept"])
                      for k in CLASSES if any(k in r["class_kept"] for r in rs)}
             lines.append(f"   {c:20} " + " ".join(f"{k} {v:4.0%}" for k, v in means.items()))
+    return "\n".join(lines)
+
+
+def paired(res: dict, a: str, b: str) -> str:
+    """a against b on the prompts both ran: each one's mean, its ratio of
+    means to the full cache, and the paired difference a - b of per-item
+    scores with its 95% interval."""
+    score = {(r["config"], r["family"], r["size"], r["seed"]): r["score"] for r in res["runs"]}
+    lines = [f"paired: {a} - {b}, per-item score (points), mean ± 95% interval over the prompts both ran"]
+    for f in res["config"]["families"]:
+        for s in res["config"]["sizes"]:
+            seeds = sorted(k[3] for k in score if k[:3] == (a, f, s) and (b, f, s, k[3]) in score
+                           and (FULL, f, s, k[3]) in score)
+            if not seeds:
+                continue
+            full = statistics.fmean(score[FULL, f, s, j] for j in seeds)
+            ma, mb = (statistics.fmean(score[c, f, s, j] for j in seeds) for c in (a, b))
+            d, ci = _mean_ci([100 * (score[a, f, s, j] - score[b, f, s, j]) for j in seeds])
+            lines.append(f"   {f} {s}x, {len(seeds)} prompts: {a} {ma:.1%} ({ma / full:.1%} of full), {b} {mb:.1%} "
+                         f"({mb / full:.1%} of full), full {full:.1%}; {a} - {b} {d:+.1f} ± {ci:.1f} points")
     return "\n".join(lines)
 
 
@@ -585,6 +608,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-factor", type=float, default=1.5, help="max_tokens = this x the ideal answer's tokens")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="report: also A against B, paired by prompt")
     ap.add_argument("--skip-full", action="store_true",
                     help="do not run the full cache (another run set holds it; report merges them)")
     args = ap.parse_args()
@@ -596,7 +620,11 @@ def main() -> None:
             res["runs"] += [r for r in p["runs"] if r["config"] != FULL]
             res["config"]["configs"] += [c for c in p["config"]["configs"] if c not in res["config"]["configs"]]
             res["runtime_s"] += p["runtime_s"]
+        # a job in several files counts once: the last file's run
+        res["runs"] = list({(r["config"], r["family"], r["size"], r["seed"]): r for r in res["runs"]}.values())
         print(table(res))
+        if args.pair:
+            print(paired(res, *args.pair))
         return
     tuning = args.mode == "tune"
     n = args.prompts or (5 if tuning else 20)

@@ -9,7 +9,8 @@ memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
 device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
 (1, 2, 4 conversations served together, against stock in turn and plain llama.cpp batched, 3 interleaved
 rounds; again 4 with a q8_0 K cache, and 4 with flash attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
-tuning prompts, then the evaluation prompts of both families), fidelity.py with today's defaults
+tuning prompts, then the evaluation prompts of both families; SnapKV's paper pooling on the same
+evaluation prompts, and teacher-forced on 20 fresh logbooks), fidelity.py with today's defaults
 (one prompt, then five), fidelity.py with key sketches (one prompt, then five; again with today's pooling),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; then memory at 4096 + 4096), plots.py, then
@@ -77,6 +78,14 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                     "--prompts", "10", "--out", "RESULTS/ordered_tune_stops.jsonl"],
      ["tune", "--prompts", "1", "--sizes", "3", "--configs", "scope/recent128/q8", "--families", "teams",
       "--workers", "1", "--out", "RESULTS/ordered_tune_stops.jsonl"]),
+    ("ordered.py", ["eval", "--configs", "scope/paperpool/q8", "--sizes", "3", "4", "--skip-full",
+                    "--out", "RESULTS/ordered_pooling.jsonl"],
+     ["eval", "--prompts", "1", "--sizes", "3", "--configs", "scope/paperpool/q8", "--families", "teams",
+      "--workers", "1", "--skip-full", "--out", "RESULTS/ordered_pooling.jsonl"]),
+    ("fidelity.py", ["--pooling", "--prompt-tokens", "512", "--max-tokens", "128", "--budgets", "192:128", "--seeds",
+                     *map(str, range(20, 40)), "--out", "RESULTS/fidelity_pooling.json"],
+     ["--pooling", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--seeds", "20",
+      "--out", "RESULTS/fidelity_pooling.json"]),
     ("fidelity.py", ["--chunking", "--prompt-tokens", "3072", "--max-tokens", "512", "--seeds", "0", "1", "2", "3", "4",
                      "5", "6", "7", "--out", "RESULTS/fidelity_chunking.json"],
      ["--chunking", "--prompt-tokens", "2200", "--max-tokens", "16", "--seeds", "0",

@@ -210,6 +210,31 @@ def test_fidelity_means_over_prompts():
     assert (m["top1_agreement"], m["top1_min"], m["top1_max"], m["mean_kl"]) == (0.75, 0.5, 1.0, 0.5)
 
 
+def test_fidelity_pooling_paired_difference():
+    """--pooling's table pairs the two poolings by prompt: the difference's
+    interval comes from the per-prompt differences, not the two means."""
+    fidelity = _script("fidelity")
+    (a, *_), (b, *_) = fidelity.POOLINGS
+    rows = [{"seed": seed, "variant": v, "top1_agreement": top1, "mean_kl": kl}
+            for seed, base in ((20, 0.5), (21, 0.7), (22, 0.9))
+            for v, top1, kl in ((a, base + 0.01, 1.0), (b, base, 1.0))]
+    lines = fidelity.pooling_table(rows)
+    assert lines[0].startswith("pooling, 3 prompts (seeds 20..22)")
+    assert "+1.00 ± 0.00 points (paired)" in lines[3]  # the same +1 point on every prompt
+    assert "+0.0000 ± 0.0000 (paired)" in lines[6]
+
+
+def test_ordered_paired_report():
+    ordered = _script("ordered")
+    runs = [{"config": c, "family": "teams", "size": 3, "seed": j, "score": score}
+            for j, (full, x, y) in enumerate(((0.5, 0.5, 0.25), (1.0, 0.75, 0.5)))
+            for c, score in ((ordered.FULL, full), ("x", x), ("y", y))]
+    res = {"config": {"families": ["teams"], "sizes": [3]}, "runs": runs}
+    line = ordered.paired(res, "x", "y").splitlines()[1]
+    assert "2 prompts" in line and "x 62.5% (83.3% of full)" in line and "y 37.5% (50.0% of full)" in line
+    assert "x - y +25.0 ± 0.0 points" in line
+
+
 def test_cli_json_last_line(model_path):
     cmd = [sys.executable, "-m", "scope_edge.bench", "--json", "--model", str(model_path), "--prompt-tokens", "128",
            "--max-tokens", "8", "--prefill-budget", "64", "--decode-budget", "8", "--prefill-chunk", "64",
