@@ -56,7 +56,7 @@ def _load() -> ctypes.CDLL:
         "scope_hook_free": (None, [ctypes.c_void_p]),
         "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, _ADDR, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
-        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
+        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3),
         "scope_hook_capture_set_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_swa_set_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_capture_gather": (
@@ -111,7 +111,9 @@ EVAL_CALLBACK = llama_cpp.ggml_backend_sched_eval_callback(
 
 
 # enum scope_hook_heads: how capture(head_reduce=) reduces a layer's heads
+# (and arm(heads=) keeps them); every head is -1
 HEAD_REDUCTIONS = {"sum": 0, "max": 1}
+_EACH_HEAD = -1
 
 # enum scope_hook_score: what a sketch-scored capture adds per cell
 SKETCH_SCORES = {"attention": 0, "keydiff": 1, "knorm": 2}
@@ -156,6 +158,7 @@ class Hook:
                               f"failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
+        self._heads: list[str | None] = [None] * n_seq  # per sequence, arm's heads
         self._sketch_shape = (0, 0, 0)  # n_head_kv, rank, head_dim
 
     @property
@@ -188,11 +191,19 @@ class Hook:
         """Close a begin whose decode failed; its error is the decode's."""
         _lib.scope_hook_end(self._ptr)
 
-    def arm(self, from_pos: int | None, *, seq: int = 0) -> None:
+    def arm(self, from_pos: int | None, *, seq: int = 0, heads: str | None = None) -> None:
         """Capture the rows of seq's query positions >= from_pos in the
         following decodes, from zeroed accumulators. None stops capturing;
-        what was captured stays readable through capture() until the next arm."""
-        self._check(_lib.scope_hook_capture_arm(self._ptr, seq, -1 if from_pos is None else from_pos))
+        what was captured stays readable through capture() until the next arm.
+        heads "sum" or "max": the capture will be read with that head_reduce
+        only, so the hook reduces each row's heads as it reads it (one pass,
+        not three); "max" then takes one query row per layer (a decode step)."""
+        if heads is not None and heads not in HEAD_REDUCTIONS:
+            raise ValueError(f"heads must be None or one of {tuple(HEAD_REDUCTIONS)}, got {heads!r}")
+        code = _EACH_HEAD if heads is None else HEAD_REDUCTIONS[heads]
+        self._check(_lib.scope_hook_capture_arm(self._ptr, seq, -1 if from_pos is None else from_pos, code))
+        if from_pos is not None and 0 <= seq < self.n_seq:
+            self._heads[seq] = heads
 
     def capture_layers(self, layers: np.ndarray | None) -> None:
         """Capture only the layers flagged in layers (bool [n_layer]); None: every layer."""
@@ -241,6 +252,10 @@ class Hook:
         positions >= min_pos, in position order. head_reduce "sum" or
         "max": attn comes with each layer's heads reduced so, shape
         [n_layer, 1, n] (max exact, sum to float32 rounding)."""
+        armed = self._heads[seq] if 0 <= seq < self.n_seq else None
+        if armed is not None and head_reduce != armed:
+            raise ValueError(f"sequence {seq} was armed to keep its heads reduced by {armed!r}; capture(head_reduce="
+                             f"{head_reduce!r}) cannot read it (arm with heads=None to keep every head)")
         order, positions = self.held(min_pos, seq=seq)
         if head_reduce is None:
             attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
