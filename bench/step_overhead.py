@@ -5,13 +5,12 @@
 Ours runs under budget size/size with the decode cache full (for slide a
 selection and an eviction every step; --strategy none: no budget), stepped
 in turn with stock decoding in a context of the same cells, as
-bench/device.py's steady mode. Both
-sides' llama_decode calls are timed, so each step splits into the decode
-and the work around it (Python, the hook's arm / capture / evict); the
-medians of that split are what this prints. --profile: cProfile of ours'
-timed steps, top functions by own time. A measurement aid: the machine is
-shared, so the microseconds between decodes (load-insensitive, mostly
-single-threaded) say more than the tok/s.
+bench/device.py's steady mode (--no-stock: ours alone). Both sides'
+llama_decode calls are timed, so each step splits into the decode and the
+work around it (Python, the hook's arm / capture / evict); the medians of
+that split are what this prints, as JSON on stdout. --profile: cProfile of
+ours' timed steps, top functions by own time. A measurement aid for a shared
+machine: the main thread's CPU time between decodes says more than tok/s.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import json
 import logging
 import pstats
 import statistics
+import sys
 import time
 
 import llama_cpp
@@ -28,8 +28,6 @@ import llama_cpp.llama_cpp as llama_cpp_lib
 
 from scope_edge import Budget, ScopeLlama, models
 from scope_edge.bench import logbook_prompt, stock_steps
-
-log = logging.getLogger("bench.step_overhead")
 
 
 class DecodeClock:
@@ -128,7 +126,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     res = run(str(models.fetch()), strategy=args.strategy, size=args.size, steps=args.steps,
               profile=args.profile, stock=not args.no_stock)
-    print(json.dumps(res, indent=1))
+    sys.stdout.write(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":
