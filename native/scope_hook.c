@@ -31,6 +31,7 @@ scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head, in
     h->seq_last = malloc(sizeof(int32_t) * (size_t) n_seq);
     h->seq_next = malloc(sizeof(int32_t) * (size_t) n_seq);
     h->capture_from = malloc(sizeof(int32_t) * (size_t) n_seq);
+    h->capture_heads = malloc(sizeof(int32_t) * (size_t) n_seq);
     h->acc      = calloc((size_t) n_layer * n_head * n_cells, sizeof(float));
     h->rows     = calloc((size_t) n_seq * n_layer, sizeof(int32_t));
     h->capture_layer = malloc((size_t) n_layer);
@@ -38,7 +39,7 @@ scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head, in
     h->k_cache  = calloc((size_t) n_layer, sizeof(struct ggml_tensor *));
     h->vis      = malloc(sizeof(float) * (size_t) n_cells);
     if (!h->cell_pos || !h->cell_seq || !h->vis_seq || !h->n_visible || !h->seq_last || !h->seq_next ||
-        !h->capture_from ||
+        !h->capture_from || !h->capture_heads ||
         !h->acc || !h->rows || !h->capture_layer || !h->swa_layer || !h->k_cache || !h->vis) {
         scope_hook_free(h);
         return NULL;
@@ -50,6 +51,7 @@ scope_hook * scope_hook_new(int32_t n_cells, int32_t n_layer, int32_t n_head, in
     }
     for (int32_t s = 0; s < n_seq; s++) {
         h->capture_from[s] = SCOPE_HOOK_CAPTURE_OFF;
+        h->capture_heads[s] = SCOPE_HOOK_HEADS_EACH;
     }
     memset(h->capture_layer, 1, (size_t) n_layer);
     return h;
@@ -90,6 +92,7 @@ void scope_hook_free(scope_hook * h) {
     free(h->n_visible);
     free(h->seq_last);
     free(h->capture_from);
+    free(h->capture_heads);
     free(h->acc);
     free(h->rows);
     free(h->capture_layer);

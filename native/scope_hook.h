@@ -162,14 +162,31 @@ int32_t scope_hook_swa_set_layers(scope_hook * hook, const uint8_t * swa, int32_
 
 /* ---- capture (scope_hook_capture.c) --------------------------------------- */
 
+/* How a capture's sums are kept and read out per layer: every head
+ * (SCOPE_HOOK_HEADS_EACH, for scope_hook_capture_gather), or only their sum
+ * or maximum (scope_hook_capture_reduce). */
+enum scope_hook_heads {
+    SCOPE_HOOK_HEADS_EACH = -1,
+    SCOPE_HOOK_HEADS_SUM  = 0,
+    SCOPE_HOOK_HEADS_MAX  = 1,
+};
+
 /* Capture, in the following decodes, the attention rows of sequence seq's
- * query tokens at positions >= from_pos (0: every row), and zero the sums of
- * that sequence's cells and its row counts. SCOPE_HOOK_CAPTURE_OFF stops
- * capturing it and keeps its sums readable. Sequences are armed
- * independently. A cell's sums start at 0 whenever a token is written into
- * it. Ranges: seq in [0, n_seq); from_pos >= SCOPE_HOOK_CAPTURE_OFF.
- * Returns SCOPE_HOOK_OK, SCOPE_HOOK_E_ARG. */
-int32_t scope_hook_capture_arm(scope_hook * hook, int32_t seq, int32_t from_pos);
+ * query tokens at positions >= from_pos (0: every row), from zero sums and
+ * row counts for that sequence. SCOPE_HOOK_CAPTURE_OFF stops capturing it
+ * and keeps its sums readable. Sequences are armed independently. A cell's
+ * sums start at 0 whenever a token is written into it.
+ * heads: SCOPE_HOOK_HEADS_EACH keeps each head's sums. SUM or MAX says the
+ * capture will be read with scope_hook_capture_reduce by that reduction
+ * only: the callback reduces each row's heads as it reads the row and keeps
+ * one sum per layer and cell (no pass over every head's sums when armed or
+ * read; gather and the other reduction are then refused). A maximum of sums
+ * cannot be taken row by row, so MAX takes one query row per layer and arm
+ * (a decode step's): a second is SCOPE_HOOK_E_STATE at end. With key
+ * sketches set every head is kept whatever heads says (reduce reduces them).
+ * Ranges: seq in [0, n_seq); from_pos >= SCOPE_HOOK_CAPTURE_OFF; heads an
+ * enum scope_hook_heads. Returns SCOPE_HOOK_OK, SCOPE_HOOK_E_ARG. */
+int32_t scope_hook_capture_arm(scope_hook * hook, int32_t seq, int32_t from_pos, int32_t heads);
 
 /* Capture only the layers whose flag is non-zero (layers[n_layer]; NULL:
  * every layer, the default). The sums of the other layers stay 0. Each
@@ -192,13 +209,9 @@ int32_t scope_hook_capture_gather(const scope_hook * hook, int32_t seq, const in
  * [n_layer][n], each entry the sum (reduce SCOPE_HOOK_HEADS_SUM) or the
  * maximum (SCOPE_HOOK_HEADS_MAX) over the layer's heads of the cell's sums.
  * A ninth of the floats written for a policy that reduces heads anyway.
- * Ranges: as gather, with capacity >= n_layer * n and reduce an enum
- * scope_hook_heads. Returns SCOPE_HOOK_OK, SCOPE_HOOK_E_ARG,
- * SCOPE_HOOK_E_NOMEM (no message). */
-enum scope_hook_heads {
-    SCOPE_HOOK_HEADS_SUM = 0,
-    SCOPE_HOOK_HEADS_MAX = 1,
-};
+ * Ranges: as gather, with capacity >= n_layer * n, reduce SUM or MAX, and
+ * the capture armed with SCOPE_HOOK_HEADS_EACH or that reduction. Returns
+ * SCOPE_HOOK_OK, SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_NOMEM (no message). */
 int32_t scope_hook_capture_reduce(const scope_hook * hook, int32_t seq, const int32_t * cells, int32_t n,
                                   int32_t reduce, float * out, int64_t capacity, int32_t * rows_out);
 
@@ -293,8 +306,10 @@ int32_t scope_hook_seq_clear(scope_hook * hook, struct llama_context * ctx, int3
  * Ranges: rank 0 (everything else ignored) returns to exact attention
  * probabilities; otherwise n_head_kv >= 1 dividing n_head (grouped-query
  * heads share their KV head's sketches), head_dim >= 1, rank in
- * [1, head_dim], basis not NULL, scale finite and > 0.
- * Returns SCOPE_HOOK_OK, SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_NOMEM. */
+ * [1, head_dim], basis not NULL, scale finite and > 0; no sequence armed
+ * (its arm chose how its sums are kept for the scorer then set).
+ * Returns SCOPE_HOOK_OK, SCOPE_HOOK_E_ARG, SCOPE_HOOK_E_STATE (armed),
+ * SCOPE_HOOK_E_NOMEM. */
 int32_t scope_hook_sketch_set(scope_hook * hook, int32_t n_head_kv, int32_t head_dim, int32_t rank,
                               const float * basis, const float * basis_q, float scale, int32_t mode);
 

@@ -88,10 +88,12 @@ struct scope_hook {
     /* attention capture (scope_hook_capture.c; the sketch scorers add into acc and rows too) */
     int32_t * capture_from;  /* [n_seq] capture that sequence's query rows at positions >= this; -1 off */
     int32_t   n_armed;       /* sequences whose capture is on */
+    int32_t * capture_heads; /* [n_seq] enum scope_hook_heads: how the sequence's sums are kept since its arm */
     uint8_t * capture_layer; /* [n_layer] 1: layer il is captured */
     int32_t   first_layer;   /* lowest captured layer */
-    float   * acc;           /* [n_layer][n_head][n_cells]; a cell's sums are its sequence's */
-    int32_t * rows;          /* [n_seq][n_layer] query rows summed */
+    float   * acc;           /* [n_layer][n_head][n_cells]; a cell's sums are its sequence's (kept reduced:
+                                in head 0's row); a layer's are stale while its rows count is 0 */
+    int32_t * rows;          /* [n_seq][n_layer] query rows summed since the sequence's arm */
     float   * scratch;       /* tensor reads inside the callback (ensure_scratch) */
     size_t    scratch_cap;   /* floats */
 

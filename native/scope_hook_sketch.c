@@ -387,6 +387,10 @@ int32_t scope_hook_sketch_set(scope_hook * h, int32_t n_head_kv, int32_t head_di
     if (!h) {
         return SCOPE_HOOK_E_ARG;
     }
+    if (h->n_armed > 0) { /* arm chose how the sums are kept for the scorer it saw */
+        return fail(h, SCOPE_HOOK_E_STATE, "sketch_set: %d sequences are capturing; set sketches between captures",
+                    h->n_armed);
+    }
     if (rank == 0) {
         h->sk_rank = 0;
         return SCOPE_HOOK_OK;

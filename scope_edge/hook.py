@@ -56,7 +56,7 @@ def _load() -> ctypes.CDLL:
         "scope_hook_free": (None, [ctypes.c_void_p]),
         "scope_hook_begin": (ctypes.c_int32, [ctypes.c_void_p, _ADDR, _ADDR, ctypes.c_int32]),
         "scope_hook_end": (ctypes.c_int32, [ctypes.c_void_p]),
-        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32]),
+        "scope_hook_capture_arm": (ctypes.c_int32, [ctypes.c_void_p] + [ctypes.c_int32] * 3),
         "scope_hook_capture_set_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_swa_set_layers": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int32]),
         "scope_hook_capture_gather": (
@@ -111,15 +111,25 @@ EVAL_CALLBACK = llama_cpp.ggml_backend_sched_eval_callback(
 
 
 # enum scope_hook_heads: how capture(head_reduce=) reduces a layer's heads
+# (and arm(heads=) keeps them); every head is -1
 HEAD_REDUCTIONS = {"sum": 0, "max": 1}
+_EACH_HEAD = -1
 
 # enum scope_hook_score: what a sketch-scored capture adds per cell
 SKETCH_SCORES = {"attention": 0, "keydiff": 1, "knorm": 2}
 
+_BYTE = ctypes.c_char
 
-def _i32(a: np.ndarray) -> int:
-    """The address of an int32 array's data (callers pass contiguous int32)."""
-    return a.ctypes.data
+
+def _addr(a: np.ndarray) -> int:
+    """The address of a contiguous array's data. A one-byte ctypes view of
+    the buffer finds it in about a fifth of ndarray.ctypes.data's time (which
+    builds a helper object per call, several per decode step); read-only
+    and empty arrays take that slower way."""
+    try:
+        return ctypes.addressof(_BYTE.from_buffer(a))
+    except (TypeError, ValueError):
+        return a.ctypes.data
 
 
 @dataclass(frozen=True)
@@ -156,6 +166,8 @@ class Hook:
                               f"failed")
         self._rows = np.zeros(n_layer, dtype=np.int32)
         self._cells = np.zeros(n_cells, dtype=np.int32)
+        self._heads: list[str | None] = [None] * n_seq  # per sequence, arm's heads
+        self._zeros, self._zeros_at = np.zeros(0, dtype=np.int32), 0  # begin's sequence ids when all are 0
         self._sketch_shape = (0, 0, 0)  # n_head_kv, rank, head_dim
 
     @property
@@ -176,10 +188,18 @@ class Hook:
     def begin(self, positions: np.ndarray, seq_ids: np.ndarray | None = None) -> None:
         """Before a decode: each batch token's position and sequence (None: all 0)."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)
-        seqs = np.zeros(len(pos), np.int32) if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
-        if len(seqs) != len(pos):
+        seqs = None if seq_ids is None else np.ascontiguousarray(seq_ids, dtype=np.int32)
+        if seqs is not None and len(seqs) != len(pos):
             raise ValueError(f"begin: {len(pos)} positions but {len(seqs)} sequence ids")
-        self._check(_lib.scope_hook_begin(self._ptr, _i32(pos), _i32(seqs), len(pos)))
+        at = self._seq0(len(pos)) if seqs is None else _addr(seqs)
+        self._check(_lib.scope_hook_begin(self._ptr, _addr(pos), at, len(pos)))
+
+    def _seq0(self, n: int) -> int:
+        """Address of n sequence ids 0: one buffer, grown as needed, for every begin."""
+        if len(self._zeros) < n:
+            self._zeros = np.zeros(n, dtype=np.int32)
+            self._zeros_at = _addr(self._zeros)
+        return self._zeros_at
 
     def end(self) -> None:
         self._check(_lib.scope_hook_end(self._ptr))
@@ -188,11 +208,19 @@ class Hook:
         """Close a begin whose decode failed; its error is the decode's."""
         _lib.scope_hook_end(self._ptr)
 
-    def arm(self, from_pos: int | None, *, seq: int = 0) -> None:
+    def arm(self, from_pos: int | None, *, seq: int = 0, heads: str | None = None) -> None:
         """Capture the rows of seq's query positions >= from_pos in the
         following decodes, from zeroed accumulators. None stops capturing;
-        what was captured stays readable through capture() until the next arm."""
-        self._check(_lib.scope_hook_capture_arm(self._ptr, seq, -1 if from_pos is None else from_pos))
+        what was captured stays readable through capture() until the next arm.
+        heads "sum" or "max": the capture will be read with that head_reduce
+        only, so the hook reduces each row's heads as it reads it (one pass,
+        not three); "max" then takes one query row per layer (a decode step)."""
+        if heads is not None and heads not in HEAD_REDUCTIONS:
+            raise ValueError(f"heads must be None or one of {tuple(HEAD_REDUCTIONS)}, got {heads!r}")
+        code = _EACH_HEAD if heads is None else HEAD_REDUCTIONS[heads]
+        self._check(_lib.scope_hook_capture_arm(self._ptr, seq, -1 if from_pos is None else from_pos, code))
+        if from_pos is not None and 0 <= seq < self.n_seq:
+            self._heads[seq] = heads
 
     def capture_layers(self, layers: np.ndarray | None) -> None:
         """Capture only the layers flagged in layers (bool [n_layer]); None: every layer."""
@@ -208,13 +236,13 @@ class Hook:
 
     def cells(self) -> np.ndarray:
         """Position held by each cell, -1 for empty cells (a copy)."""
-        self._check(_lib.scope_hook_cells_get_pos(self._ptr, _i32(self._cells), self.n_cells))
+        self._check(_lib.scope_hook_cells_get_pos(self._ptr, _addr(self._cells), self.n_cells))
         return self._cells.copy()
 
     def cell_seqs(self) -> np.ndarray:
         """Sequence of each cell, -1 for empty cells (a copy)."""
         out = np.zeros(self.n_cells, dtype=np.int32)
-        self._check(_lib.scope_hook_cells_get_seq(self._ptr, _i32(out), self.n_cells))
+        self._check(_lib.scope_hook_cells_get_seq(self._ptr, _addr(out), self.n_cells))
         return out
 
     def seq_cells(self, seq: int) -> np.ndarray:
@@ -233,7 +261,7 @@ class Hook:
         both int32 in position order."""
         cells = np.empty(self.n_cells, dtype=np.int32)
         pos = np.empty(self.n_cells, dtype=np.int32)
-        n = self._check(_lib.scope_hook_seq_held(self._ptr, seq, min_pos, _i32(cells), _i32(pos), self.n_cells))
+        n = self._check(_lib.scope_hook_seq_held(self._ptr, seq, min_pos, _addr(cells), _addr(pos), self.n_cells))
         return cells[:n], pos[:n]
 
     def capture(self, min_pos: int = 0, *, seq: int = 0, head_reduce: str | None = None) -> Capture:
@@ -241,16 +269,20 @@ class Hook:
         positions >= min_pos, in position order. head_reduce "sum" or
         "max": attn comes with each layer's heads reduced so, shape
         [n_layer, 1, n] (max exact, sum to float32 rounding)."""
+        armed = self._heads[seq] if 0 <= seq < self.n_seq else None
+        if armed is not None and head_reduce != armed:
+            raise ValueError(f"sequence {seq} was armed to keep its heads reduced by {armed!r}; capture(head_reduce="
+                             f"{head_reduce!r}) cannot read it (arm with heads=None to keep every head)")
         order, positions = self.held(min_pos, seq=seq)
         if head_reduce is None:
             attn = np.empty((self.n_layer, self.n_head, len(order)), dtype=np.float32)
-            rc = _lib.scope_hook_capture_gather(self._ptr, seq, _i32(order), len(order),
-                                                attn.ctypes.data, attn.size, _i32(self._rows))
+            rc = _lib.scope_hook_capture_gather(self._ptr, seq, _addr(order), len(order),
+                                                _addr(attn), attn.size, _addr(self._rows))
         elif head_reduce in HEAD_REDUCTIONS:
             attn = np.empty((self.n_layer, 1, len(order)), dtype=np.float32)
-            rc = _lib.scope_hook_capture_reduce(self._ptr, seq, _i32(order), len(order),
-                                                HEAD_REDUCTIONS[head_reduce], attn.ctypes.data,
-                                                attn.size, _i32(self._rows))
+            rc = _lib.scope_hook_capture_reduce(self._ptr, seq, _addr(order), len(order),
+                                                HEAD_REDUCTIONS[head_reduce], _addr(attn),
+                                                attn.size, _addr(self._rows))
         else:
             raise ValueError(f"head_reduce must be None or one of {tuple(HEAD_REDUCTIONS)}, got {head_reduce!r}")
         self._check(rc)
@@ -261,14 +293,14 @@ class Hook:
         from llama.cpp's attention mask."""
         out = np.zeros(self.n_cells, dtype=np.int32)
         n_kv = ctypes.c_int32(0)
-        n = self._check(_lib.scope_hook_seq_visible(self._ptr, seq, _i32(out), self.n_cells, ctypes.byref(n_kv)))
+        n = self._check(_lib.scope_hook_seq_visible(self._ptr, seq, _addr(out), self.n_cells, ctypes.byref(n_kv)))
         return out[:n], n_kv.value
 
     def evict(self, ctx: llama_cpp.llama_context_p, positions: np.ndarray, *, seq: int = 0) -> int:
         """Free the cells of seq's `positions`; returns the number of cells freed."""
         pos = np.ascontiguousarray(positions, dtype=np.int32)
         freed = ctypes.c_int32(0)
-        self._check(_lib.scope_hook_seq_evict(self._ptr, ctx, seq, _i32(pos), len(pos), ctypes.byref(freed)))
+        self._check(_lib.scope_hook_seq_evict(self._ptr, ctx, seq, _addr(pos), len(pos), ctypes.byref(freed)))
         return freed.value
 
     def shift(self, ctx: llama_cpp.llama_context_p, p0: int, p1: int, delta: int, *, seq: int = 0) -> None:
@@ -321,7 +353,7 @@ class Hook:
         n_head_kv, rank, _ = self._sketch_shape
         out = np.empty((self.n_layer, n_head_kv, len(order), rank), dtype=np.float32)
         self._check(_lib.scope_hook_sketch_gather(
-            self._ptr, seq, _i32(order), len(order), out.ctypes.data, out.size))
+            self._ptr, seq, _addr(order), len(order), out.ctypes.data, out.size))
         return positions, out
 
     def keys(self, layer: int, n_embd: int, *, seq: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +361,7 @@ class Hook:
         [n, n_embd] as the attention reads them). Between decodes."""
         order, positions = self.held(seq=seq)
         out = np.empty((len(order), n_embd), dtype=np.float32)
-        self._check(_lib.scope_hook_keys_read(self._ptr, layer, _i32(order), len(order), out.ctypes.data,
+        self._check(_lib.scope_hook_keys_read(self._ptr, layer, _addr(order), len(order), out.ctypes.data,
                                               out.size))
         return positions, out
 

@@ -105,6 +105,10 @@ def part_api(model: str) -> None:
         print("captured rows:", int(cap.rows[0]), "over", len(cap.positions), "cells")
         for reduce in ("max", "sum"):  # heads reduced natively, over every held cell and a tail
             ctx.capture(head_reduce=reduce), ctx.capture(nxt, head_reduce=reduce)
+        for step, reduce in enumerate(("max", "sum")):  # ... and as the rows are read (a decode step each)
+            with ctx.capturing(nxt + 5 + step, heads=reduce):
+                ctx.decode(prompt[5 + step : 6 + step], [nxt + 5 + step], want_logits=True)
+            ctx.capture(head_reduce=reduce), ctx.capture(nxt, head_reduce=reduce)
         ctx.held(), ctx.held(10**9)
         ctx.truncate(200)
         ctx.shift(0, 200, 5)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from scope_edge import Budget, EngineConfig, Policy, Sampling, ScopeLlama
+from scope_edge.hook import HookError
 from scope_edge.policies import H2O, LendPassed, Slide, SnapKV, build
 from scope_edge.runtime.sampling import GREEDY, RANDOM_SEED, Sampler
 
@@ -315,6 +316,37 @@ def test_capturing_disarms_when_the_block_raises(model_path):
         cells = ctx.cells()
         assert set(visible.tolist()) == set(np.flatnonzero(cells >= 0).tolist())
         assert llama_cpp.llama_memory_seq_pos_max(ctx.memory, 0) == nxt + 2
+
+
+def test_capturing_with_heads_reduces_as_it_reads(model_path):
+    # A step captured with heads= is the step captured with every head and
+    # reduced on reading, to the bit (one row: the same floats in the same
+    # order); its heads are gone, and "max" takes one row only.
+    with ScopeLlama(model_path, budget=None, n_ctx=512, n_threads=T) as llm:
+        prompt = llm.tokenize(PROMPT)
+        llm.generate(prompt, max_tokens=2)
+        ctx = llm.context
+        nxt = int(llm.kv_positions()[-1]) + 1
+        for heads in ("max", "sum"):
+            with ctx.capturing(nxt):
+                ctx.decode([prompt[1]], [nxt], want_logits=True)
+            each = ctx.capture(head_reduce=heads)
+            ctx.truncate(nxt)
+            with ctx.capturing(nxt, heads=heads):
+                ctx.decode([prompt[1]], [nxt], want_logits=True)
+            reduced = ctx.capture(head_reduce=heads)
+            ctx.truncate(nxt)
+            assert reduced.attn.shape == each.attn.shape and (reduced.rows == 1).all() and reduced.attn.any()
+            np.testing.assert_array_equal(reduced.attn, each.attn)
+            np.testing.assert_array_equal(reduced.positions, each.positions)
+            with pytest.raises(ValueError, match="armed to keep its heads reduced"):
+                ctx.capture()
+        with pytest.raises(HookError, match="second query row"):
+            with ctx.capturing(nxt, heads="max"):
+                ctx.decode(prompt[1:3], [nxt, nxt + 1], want_logits=True)
+        with ctx.capturing(nxt + 2, heads="sum"):  # sums take any number of rows
+            ctx.decode(prompt[3:5], [nxt + 2, nxt + 3], want_logits=True)
+        assert (ctx.capture(head_reduce="sum").rows == 2).all()
 
 
 def test_context_is_none_before_the_first_generation_and_after_close(model_path):

@@ -195,9 +195,9 @@ class SeqView(SequenceCache):
             self._ctx.synchronize()
 
     @contextmanager
-    def capturing(self, from_pos: int) -> Iterator[None]:
+    def capturing(self, from_pos: int, *, heads: str | None = None) -> Iterator[None]:
         with self.batcher.lock:
-            cm = self._ctx.capturing(from_pos, seq=self.seq)
+            cm = self._ctx.capturing(from_pos, seq=self.seq, heads=heads)
             cm.__enter__()
         try:
             yield

@@ -245,11 +245,13 @@ class Context(SequenceCache):
 
     # -- attention capture ----------------------------------------------
     @contextmanager
-    def capturing(self, from_pos: int, *, seq: int = 0) -> Iterator[None]:
+    def capturing(self, from_pos: int, *, seq: int = 0, heads: str | None = None) -> Iterator[None]:
         """Capture the attention rows of seq's query positions >= from_pos
         decoded inside the block (its accumulators zeroed on entry). Always
-        disarmed on exit; read the result with capture()."""
-        self._hook.arm(from_pos, seq=seq)
+        disarmed on exit; read the result with capture(). heads "sum" or
+        "max": read only with that head_reduce, so the hook reduces each
+        row's heads as it reads it ("max": one query row, a decode step)."""
+        self._hook.arm(from_pos, seq=seq, heads=heads)
         try:
             yield
         finally:

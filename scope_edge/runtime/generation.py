@@ -358,7 +358,7 @@ class Generation:
         # While prompt cells are on loan, every step's row scores them.
         capture = plan is not None and (plan.capture or self.n_lent > 0)
         self._make_room(1)
-        with self.ctx.capturing(self.session.next_pos) if capture else nullcontext():
+        with self.ctx.capturing(self.session.next_pos, heads=self.head_reduce) if capture else nullcontext():
             self._decode([token], want_logits=True)
         if capture:
             self.stats.captured_steps += 1

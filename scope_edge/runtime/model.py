@@ -51,6 +51,7 @@ class Model:
         # sliding-window attention: the window (0: none) and, once check_supported passed, its layers
         self.n_swa: int = llama_cpp.llama_model_n_swa(self.ptr) if self.n_layer > 0 else 0
         self._eog: list[int] | None = None
+        self._pieces: dict[int, bytes] = {}  # piece() per token, met once: a generation asks every step
         self._first_bytes: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -115,14 +116,18 @@ class Model:
     def piece(self, token: int) -> bytes:
         """The bytes token stands for (a UTF-8 character may span tokens).
         Thread-safe: the generations of a BatchRunner call it from their own
-        threads, so each call writes its own buffer."""
+        threads, so each call writes its own buffer (and the cache's get and
+        set are single dict operations)."""
         self._require_open()
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
             n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = self._pieces[token] = buf.raw[:n]
+        return piece
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of tokens, as streaming them would print it."""

@@ -116,6 +116,13 @@ class TokenLogprobs:
     top: tuple[tuple[int, float], ...]
 
 
+def logits_view(ptr: ctypes._Pointer, row: type[ctypes.Array]) -> np.ndarray:
+    """The float32 logits row at ptr (llama_get_logits_ith's), without a
+    copy: row is c_float * n_vocab. np.ctypeslib.as_array builds its array
+    type on every call, a few microseconds of every decode step."""
+    return np.frombuffer(row.from_address(ctypes.addressof(ptr.contents)), dtype=np.float32)
+
+
 def token_logprobs(logits: np.ndarray, token: int, n_top: int) -> TokenLogprobs:
     """TokenLogprobs of token among logits (float32 [n_vocab]), in float64."""
     x = logits.astype(np.float64)
@@ -153,7 +160,9 @@ class Sampler:
 
     def __init__(self, s: Sampling, model: Model, *, ignore_eos: bool, history: Sequence[int]) -> None:
         self._n_vocab = model.n_vocab
+        self._row = ctypes.c_float * model.n_vocab
         self._excluded = np.asarray(model.eog_tokens() if ignore_eos else [], dtype=np.int64)
+        self._excluded_set = frozenset(self._excluded.tolist())  # a set's `in`, not an array's compare, per token
         out = [t for t, _ in s.logit_bias if t >= model.n_vocab]
         if out:
             raise ValueError(f"logit_bias token ids {out[:5]} are outside the vocabulary [0, {model.n_vocab})")
@@ -188,7 +197,7 @@ class Sampler:
 
     def draw(self, ctx: llama_cpp.llama_context_p, index: int = -1) -> int:
         """The token for the logits of batch token index (-1: the last that has them)."""
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index), shape=(self._n_vocab,))
+        logits = logits_view(llama_cpp.llama_get_logits_ith(ctx, index), self._row)
         if self._grammar is not None:
             token = self._constrained(logits)
         elif self._chain is not None:
@@ -201,7 +210,7 @@ class Sampler:
 
     def _argmax(self, logits: np.ndarray) -> int:
         token = int(np.argmax(logits))
-        if len(self._excluded) and token in self._excluded:
+        if token in self._excluded_set:
             logits = logits.copy()  # the context's logits stay as llama.cpp wrote them
             logits[self._excluded] = -np.inf
             token = int(np.argmax(logits))

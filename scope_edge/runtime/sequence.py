@@ -39,8 +39,10 @@ class SequenceCache(Protocol):
     def synchronize(self) -> None:
         """Wait for the device to finish the decodes queued so far."""
 
-    def capturing(self, from_pos: int) -> AbstractContextManager[None]:
-        """Capture the attention rows of query positions >= from_pos decoded inside the block."""
+    def capturing(self, from_pos: int, *, heads: str | None = None) -> AbstractContextManager[None]:
+        """Capture the attention rows of query positions >= from_pos decoded
+        inside the block; heads "sum" / "max": to be read with that
+        head_reduce only (reduced as captured; "max": one query row)."""
 
     def capture(self, min_pos: int = 0, *, head_reduce: str | None = None) -> Capture:
         """What the last capturing() block captured, for held positions >= min_pos."""
