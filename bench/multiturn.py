@@ -133,7 +133,9 @@ def open_config(path: str, config: str, cells: int) -> ScopeLlama:
     if config == "full":
         return ScopeLlama(path, budget=None, n_ctx=2 * cells, n_threads=1)
     llm = ScopeLlama(path, n_ctx=cells, n_threads=1)  # the default budget, no policy arguments
-    llm.policy = dataclasses.replace(llm.policy, keep_structure=config == "structure")  # whatever the default
+    keep = config == "structure"
+    if llm.policy is not None and llm.policy.keep_structure != keep:  # whatever the default
+        llm.policy = dataclasses.replace(llm.policy, keep_structure=keep)  # (clears llm.budget)
     return llm
 
 
@@ -167,14 +169,18 @@ def run_conversation(llm: ScopeLlama, conv: Conversation, marker: int) -> list[d
     return out
 
 
-def run(seeds: list[int], out: Path, cells: int) -> None:
+def run(seeds: list[int], out: Path, cells: int, configs: tuple[str, ...] = CONFIGS) -> None:
+    """Each seed's conversation under each of configs in turn, appended to out
+    as it ends (a later run with other configs or seeds appends to the same
+    file; the report pairs the rows by seed)."""
     path = str(models.fetch())
-    llms = {c: open_config(path, c, cells) for c in CONFIGS}
-    marker = llms["full"].tokenize("<|im_start|>")[-1]
-    budget = llms["default"].budget
-    if budget is None or budget.prefill + max(budget.decode, 512) != cells:
-        raise RuntimeError(f"the default budget for {cells} cells is {budget}: a model other than the default one?")
+    llms = {c: open_config(path, c, cells) for c in configs}
+    probe = ScopeLlama(path, n_ctx=cells, n_threads=1)  # the default budget for cells, whatever configs run
     try:
+        marker = probe.tokenize("<|im_start|>")[-1]
+        budget = probe.budget
+        if budget is None or budget.prefill + max(budget.decode, 512) != cells:
+            raise RuntimeError(f"the default budget for {cells} cells is {budget}: a model other than the default one?")
         for seed in seeds:
             conv = make_conversation(seed, turns_for(cells))
             for config, llm in llms.items():
@@ -188,6 +194,7 @@ def run(seeds: list[int], out: Path, cells: int) -> None:
                          sum(t["correct"] for t in turns), len(turns), sum(t["stop"] for t in turns), len(turns),
                          turns[-1]["prompt_tokens"] + turns[-1]["generated_tokens"], row["seconds"])
     finally:
+        probe.close()
         for llm in llms.values():
             llm.close()
 
@@ -281,6 +288,14 @@ def table(sm: dict) -> str:
     return "\n".join(lines)
 
 
+def _configs(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in names if c not in CONFIGS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"configurations {bad or names}: valid are {', '.join(CONFIGS)}")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["tune", "eval", "report"])
@@ -288,6 +303,11 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSONL the runs are appended to")
     ap.add_argument("--cells", type=int, default=CELLS, help="the allocation whose default budget is measured")
+    ap.add_argument("--configs", type=_configs, default=CONFIGS,
+                    help=f"comma-separated configurations to run, in this order (default {','.join(CONFIGS)})")
+    ap.add_argument("--first-seed", type=int, default=None,
+                    help="the first conversation's seed (default 0 for eval, 100 for tune): disjoint seed ranges "
+                         "for parallel processes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.mode == "report":
@@ -298,10 +318,10 @@ def main() -> None:
         return
     tuning = args.mode == "tune"
     n = args.conversations or (2 if tuning else 20)
-    seeds = [TUNING_SEED + j for j in range(n)] if tuning else list(range(n))
+    first = args.first_seed if args.first_seed is not None else TUNING_SEED if tuning else 0
     out = Path(args.out or RESULTS / f"multiturn_{args.mode}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    run(seeds, out, args.cells)
+    run(list(range(first, first + n)), out, args.cells, args.configs)
 
 
 if __name__ == "__main__":
