@@ -4,7 +4,7 @@ selection (Policy.keep_structure) help a conversation the budget compresses?
 
     python bench/multiturn.py tune          # tuning conversations (seeds 100..)
     python bench/multiturn.py eval          # evaluation conversations (seeds 0..)
-    python bench/multiturn.py report bench/results/multiturn.jsonl
+    python bench/multiturn.py report bench/results/multiturn.jsonl --summary bench/results/multiturn.json
 
 The task. A depot clerk's chat. The system message gives the depot's gate
 code and office extension. Each user turn pastes a delivery log of RECORDS
@@ -12,30 +12,30 @@ records (~150 tokens) and asks one question: on log turns about the log's
 first record ("Who brought the first delivery in this log?", "What did
 <name> bring?"), on the rule_turns() "What is the gate code?" (third last)
 and "What is the office extension?" (last), each asked once, answered from
-the system message only. turns_for(1024) = 8 turns make ~1,400 tokens; the
-budget (768 cells: 512 prompt, 256 output) is passed from turn 4 or 5, so
-both rule questions come after evictions began.
+the system message only. turns_for(cells) = 8 turns per 1,024 cells.
 
-Why at CELLS = 1,024 and not the default model's 2,048: on the shared 2-core
-machine a 2,800-token conversation took 110 s per configuration with one
-thread, so 20 conversations x 3 configurations did not fit the time given.
-ScopeLlama(n_ctx=1024) with no policy arguments runs the default budget's
-rule for 1,024 cells (policies/registry.py default_budget), the same code
-path at the same ratios (a quarter of the cells for the output, the
-conversation 1.8x the budget); `--cells 2048` runs the default model's own
-default (16 turns, ~2,800 tokens), for a machine with the time.
+--cells 2048 is the default model's own default budget (Budget(1536, 512)):
+16 turns, ~2,800 tokens, the budget passed from turn 11 or 12.
+CELLS = 1,024 (ScopeLlama(n_ctx=1024) with no policy arguments: the default
+budget's rule for 1,024 cells, policies/registry.py default_budget) is the
+smaller run of 8 turns, ~1,400 tokens, for less machine time; its committed
+results (multiturn.jsonl) were taken under an earlier rule for 1,024 cells,
+Budget(512, 256), and with the bug the first turn below fixes.
 
 Scored per turn: correct (the answer appears in the reply), stop (the reply
 ends on the end-of-turn token within max_tokens and neither emits a turn
 marker nor writes a turn of the user's), agree (the reply is the full
 cache's, same conversation and turn). "Compressed" turns are those whose
-prompt and reply pass the budget's cells in the full cache's run (before
-them all three configurations are token-identical by construction).
+prompt and reply pass the budget's cells in the full cache's run (the
+default's where the full cache did not run; see _compressed).
 
 Configurations: full (budget=None), default (ScopeLlama() with no policy
-arguments), structure (the default with keep_structure=True). One worker,
-one llama.cpp thread, the three configurations of a conversation in turn;
-each conversation's runs are appended to the JSONL as they end.
+arguments, keep_structure=False), structure (the default as it is, with
+keep_structure=True). Each conversation starts on an empty cache. One
+llama.cpp thread; --configs chooses the configurations and their order,
+--first-seed / --conversations the seeds, so two processes can run disjoint
+seeds; each conversation's run is appended to the JSONL as it ends, and
+report reads any number of such files.
 """
 from __future__ import annotations
 
@@ -133,7 +133,9 @@ def open_config(path: str, config: str, cells: int) -> ScopeLlama:
     if config == "full":
         return ScopeLlama(path, budget=None, n_ctx=2 * cells, n_threads=1)
     llm = ScopeLlama(path, n_ctx=cells, n_threads=1)  # the default budget, no policy arguments
-    llm.policy = dataclasses.replace(llm.policy, keep_structure=config == "structure")  # whatever the default
+    keep = config == "structure"
+    if llm.policy is not None and llm.policy.keep_structure != keep:  # whatever the default
+        llm.policy = dataclasses.replace(llm.policy, keep_structure=keep)  # (clears llm.budget)
     return llm
 
 
@@ -149,7 +151,11 @@ def run_conversation(llm: ScopeLlama, conv: Conversation, marker: int) -> list[d
         messages.append({"role": "user", "content": turn.user})
         t0 = time.perf_counter()
         pieces, tokens, last = [], [], None
-        for last in llm.chat(messages, max_tokens=MAX_TOKENS):
+        # the first turn starts an empty cache: chat() would reuse the prefix the previous conversation
+        # shares with this one (the system turn's first tokens), with the cells its budget evicted missing
+        replies = llm.chat(messages, max_tokens=MAX_TOKENS) if k > 1 else \
+            llm.stream(llm.render_chat(messages), max_tokens=MAX_TOKENS, resume=False)
+        for last in replies:
             pieces.append(last.text)
             if last.token is not None:
                 tokens.append(last.token)
@@ -167,14 +173,18 @@ def run_conversation(llm: ScopeLlama, conv: Conversation, marker: int) -> list[d
     return out
 
 
-def run(seeds: list[int], out: Path, cells: int) -> None:
+def run(seeds: list[int], out: Path, cells: int, configs: tuple[str, ...] = CONFIGS) -> None:
+    """Each seed's conversation under each of configs in turn, appended to out
+    as it ends (a later run with other configs or seeds appends to the same
+    file; the report pairs the rows by seed)."""
     path = str(models.fetch())
-    llms = {c: open_config(path, c, cells) for c in CONFIGS}
-    marker = llms["full"].tokenize("<|im_start|>")[-1]
-    budget = llms["default"].budget
-    if budget is None or budget.prefill + max(budget.decode, 512) != cells:
-        raise RuntimeError(f"the default budget for {cells} cells is {budget}: a model other than the default one?")
+    llms = {c: open_config(path, c, cells) for c in configs}
+    probe = ScopeLlama(path, n_ctx=cells, n_threads=1)  # the default budget for cells, whatever configs run
     try:
+        marker = probe.tokenize("<|im_start|>")[-1]
+        budget = probe.budget
+        if budget is None or budget.total != cells:
+            raise RuntimeError(f"the default budget for {cells} cells is {budget}: a model other than the default one?")
         for seed in seeds:
             conv = make_conversation(seed, turns_for(cells))
             for config, llm in llms.items():
@@ -188,6 +198,7 @@ def run(seeds: list[int], out: Path, cells: int) -> None:
                          sum(t["correct"] for t in turns), len(turns), sum(t["stop"] for t in turns), len(turns),
                          turns[-1]["prompt_tokens"] + turns[-1]["generated_tokens"], row["seconds"])
     finally:
+        probe.close()
         for llm in llms.values():
             llm.close()
 
@@ -204,104 +215,148 @@ def _paired_ci(a: list[float], b: list[float]) -> tuple[float, float]:
     return _mean_ci([x - y for x, y in zip(a, b)])
 
 
-def load(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    seeds = [s for s in dict.fromkeys(r["seed"] for r in rows)
-             if {r["config"] for r in rows if r["seed"] == s} == set(CONFIGS)]  # whole conversations only
-    return [r for r in rows if r["seed"] in seeds]
+def load(*paths: Path) -> list[dict]:
+    """The runs of the JSONL files (one per process, say), the last of a
+    configuration and seed where one was run twice."""
+    rows = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["config"], r["seed"]] = r
+    return list(rows.values())
+
+
+def _compressed(turn: dict, total: int) -> bool:
+    """Prompt and reply past the budget's cells (read on the full cache's
+    run where there is one, else on the default's: the runs differ by a few
+    tokens a turn before the budget is reached, where llama.cpp's numerics
+    for contexts of different sizes part at a near tie)."""
+    return turn["prompt_tokens"] + turn["generated_tokens"] > total
 
 
 def summary(rows: list[dict]) -> dict:
     """Per configuration and turn group: per-conversation means, then their
-    mean with a 95% interval (conversations are the independent units)."""
+    mean with a 95% interval (conversations are the independent units). The
+    decision pair (default, structure) over every conversation both ran; the
+    full cache, and agreement with it, over those it also ran."""
     by = {(r["config"], r["seed"]): r for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
-    total = sum(rows[0]["budget"])
-    out: dict = {"n_conversations": len(seeds), "budget_cells": total}
-    groups = {
-        "all turns": lambda t, f: True,
-        "compressed turns": lambda t, f: f["prompt_tokens"] + f["generated_tokens"] > total,
-        "compressed log turns": lambda t, f: f["prompt_tokens"] + f["generated_tokens"] > total and t["kind"] == "log",
-        "compressed rule turns": lambda t, f: f["prompt_tokens"] + f["generated_tokens"] > total
-        and t["kind"] == "rule",
-    }
+    seeds = sorted(s for s in {r["seed"] for r in rows} if ("default", s) in by and ("structure", s) in by)
+    if not seeds:
+        raise ValueError("no conversation has both the default and the structure run")
+    with_full = [s for s in seeds if ("full", s) in by]
+    total = sum(by["default", seeds[0]]["budget"])
+    out: dict = {"n_conversations": len(seeds), "n_with_full": len(with_full), "seeds": seeds,
+                 "budget_cells": total, "cells": by["default", seeds[0]]["cells"]}
+    kinds = {"all turns": None, "compressed turns": None, "compressed log turns": "log",
+             "compressed rule turns": "rule"}
+
+    def turns(config: str, s: int, group: str) -> list[dict]:
+        """config's turns of conversation s in group, each with the full cache's reply (or None)."""
+        full = by["full", s]["turns"] if ("full", s) in by else [None] * len(by["default", s]["turns"])
+        ref = by["full" if ("full", s) in by else "default", s]["turns"]
+        return [{**t, "full_reply": f and f["reply"]} for t, d, f in zip(by[config, s]["turns"], ref, full)
+                if group == "all turns" or _compressed(d, total) and kinds[group] in (None, t["kind"])]
+
     for config in CONFIGS:
-        res: dict = {}
-        for name, keep in groups.items():
+        mine = with_full if config == "full" else seeds
+        if not mine:
+            continue
+        res: dict = {"n_conversations": len(mine)}
+        for group in kinds:
             per: dict[str, list[float]] = {"correct": [], "stop": [], "agree": []}
-            for s in seeds:
-                pairs = [(t, f) for t, f in zip(by[config, s]["turns"], by["full", s]["turns"]) if keep(t, f)]
-                if not pairs:
+            base: dict[str, list[float]] = {"correct": [], "stop": []}
+            for s in mine:
+                ts = turns(config, s, group)
+                if not ts:
                     continue
-                per["correct"].append(statistics.fmean(t["correct"] for t, _ in pairs))
-                per["stop"].append(statistics.fmean(t["stop"] for t, _ in pairs))
-                per["agree"].append(statistics.fmean(t["reply"] == f["reply"] for t, f in pairs))
-            res[name] = {k: _mean_ci(v) for k, v in per.items() if v}
-            res[name]["turns"] = sum(1 for s in seeds for t, f in zip(by[config, s]["turns"], by["full", s]["turns"])
-                                     if keep(t, f))
+                per["correct"].append(statistics.fmean(t["correct"] for t in ts))
+                per["stop"].append(statistics.fmean(t["stop"] for t in ts))
+                if s in with_full:
+                    per["agree"].append(statistics.fmean(t["reply"] == t["full_reply"] for t in ts))
+                for metric in base:
+                    base[metric].append(statistics.fmean(t[metric] for t in turns("default", s, group)))
+            res[group] = {k: _mean_ci(v) for k, v in per.items() if v}
+            res[group]["turns"] = sum(len(turns(config, s, group)) for s in mine)
             if config != "default" and per["correct"]:
-                for metric in ("correct", "stop"):
-                    base = [statistics.fmean(t[metric] for t, f in zip(by["default", s]["turns"],
-                                                                        by["full", s]["turns"]) if keep(t, f))
-                            for s in seeds if any(keep(t, f) for t, f in zip(by[config, s]["turns"],
-                                                                              by["full", s]["turns"]))]
-                    res[name][f"{metric}_minus_default"] = _paired_ci(per[metric], base)
-        res["kv_bytes_allocated_max"] = max(t["kv_bytes_allocated"] for s in seeds for t in by[config, s]["turns"])
-        res["stock_kv_bytes_max"] = max(t["stock_kv_bytes"] for s in seeds for t in by[config, s]["turns"])
+                for metric in base:
+                    res[group][f"{metric}_minus_default"] = _paired_ci(per[metric], base[metric])
+        every = [t for s in mine for t in by[config, s]["turns"]]
+        res["kv_bytes_allocated_max"] = max(t["kv_bytes_allocated"] for t in every)
+        res["stock_kv_bytes_max"] = max(t["stock_kv_bytes"] for t in every)
         res["evicted_cells_mean"] = statistics.fmean(sum(t["evicted_cells"] for t in by[config, s]["turns"])
-                                                     for s in seeds)
-        res["structure_cells_max"] = max(t["structure_cells"] for s in seeds for t in by[config, s]["turns"])
-        res["conversation_tokens"] = [min(by[config, s]["turns"][-1]["prompt_tokens"] for s in seeds),
-                                      max(by[config, s]["turns"][-1]["prompt_tokens"] for s in seeds)]
+                                                     for s in mine)
+        res["structure_cells_max"] = max(t["structure_cells"] for t in every)
+        res["conversation_tokens"] = [min(by[config, s]["turns"][-1]["prompt_tokens"] for s in mine),
+                                      max(by[config, s]["turns"][-1]["prompt_tokens"] for s in mine)]
+        res["seconds_mean"] = statistics.fmean(by[config, s]["seconds"] for s in mine)
         out[config] = res
     return out
 
 
 def table(sm: dict) -> str:
-    lines = [f"{sm['n_conversations']} conversations, budget {sm['budget_cells']} cells; "
-             "per-conversation means, mean ± 95% interval"]
+    lines = [f"{sm['n_conversations']} conversations ({sm['n_with_full']} with the full cache), {sm['cells']} cells, "
+             f"budget {sm['budget_cells']} cells; per-conversation means, mean ± 95% interval"]
+    configs = [c for c in CONFIGS if c in sm]
     for group in ("all turns", "compressed turns", "compressed log turns", "compressed rule turns"):
         lines.append(f"-- {group}")
-        for config in CONFIGS:
+        for config in configs:
             g = sm[config][group]
             if "correct" not in g:
                 continue
             d = "".join(f" | {m} - default {g[f'{m}_minus_default'][0]:+.1%} ± {g[f'{m}_minus_default'][1]:.1%}"
                         for m in ("correct", "stop") if f"{m}_minus_default" in g)
+            agree = f"agree {g['agree'][0]:6.1%} ± {g['agree'][1]:5.1%}" if "agree" in g else "agree   n/a"
             lines.append(f"   {config:10} correct {g['correct'][0]:6.1%} ± {g['correct'][1]:5.1%} | "
-                         f"stop {g['stop'][0]:6.1%} ± {g['stop'][1]:5.1%} | agree {g['agree'][0]:6.1%} ± "
-                         f"{g['agree'][1]:5.1%} | {g['turns']} turns{d}")
-    for config in CONFIGS:
+                         f"stop {g['stop'][0]:6.1%} ± {g['stop'][1]:5.1%} | {agree} | {g['turns']} turns{d}")
+    for config in configs:
         x = sm[config]
-        lines.append(f"   {config:10} KV allocated (max) {x['kv_bytes_allocated_max'] / 2**20:.1f} MiB (stock for the "
-                     f"same tokens {x['stock_kv_bytes_max'] / 2**20:.1f} MiB), evicted "
-                     f"{x['evicted_cells_mean']:.0f} cells per conversation, structure cells (max) "
-                     f"{x['structure_cells_max']}, last prompt {x['conversation_tokens'][0]}-"
-                     f"{x['conversation_tokens'][1]} tokens")
+        lines.append(f"   {config:10} {x['n_conversations']} conversations, KV allocated (max) "
+                     f"{x['kv_bytes_allocated_max'] / 2**20:.1f} MiB (stock for the same tokens "
+                     f"{x['stock_kv_bytes_max'] / 2**20:.1f} MiB), evicted {x['evicted_cells_mean']:.0f} cells per "
+                     f"conversation, structure cells (max) {x['structure_cells_max']}, last prompt "
+                     f"{x['conversation_tokens'][0]}-{x['conversation_tokens'][1]} tokens, "
+                     f"{x['seconds_mean']:.0f} s a conversation")
     return "\n".join(lines)
+
+
+def _configs(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in text.split(",") if c.strip())
+    bad = [c for c in names if c not in CONFIGS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"configurations {bad or names}: valid are {', '.join(CONFIGS)}")
+    return names
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["tune", "eval", "report"])
-    ap.add_argument("files", nargs="*", help="report: the JSONL to summarise")
+    ap.add_argument("files", nargs="*", help="report: the JSONL files to summarise (one per process, say)")
+    ap.add_argument("--summary", default=None, help="report: the JSON the summary is written to")
     ap.add_argument("--conversations", type=int, default=None)
     ap.add_argument("--out", default=None, help="JSONL the runs are appended to")
     ap.add_argument("--cells", type=int, default=CELLS, help="the allocation whose default budget is measured")
+    ap.add_argument("--configs", type=_configs, default=CONFIGS,
+                    help=f"comma-separated configurations to run, in this order (default {','.join(CONFIGS)})")
+    ap.add_argument("--first-seed", type=int, default=None,
+                    help="the first conversation's seed (default 0 for eval, 100 for tune): disjoint seed ranges "
+                         "for parallel processes")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.mode == "report":
-        sm = summary(load(Path(args.files[0])))
+        if not args.files:
+            ap.error("report needs the JSONL files to summarise")
+        sm = summary(load(*map(Path, args.files)))
         print(table(sm))
-        if len(args.files) > 1:
-            Path(args.files[1]).write_text(json.dumps(sm, indent=1))
+        if args.summary:
+            Path(args.summary).write_text(json.dumps(sm, indent=1))
         return
     tuning = args.mode == "tune"
     n = args.conversations or (2 if tuning else 20)
-    seeds = [TUNING_SEED + j for j in range(n)] if tuning else list(range(n))
+    first = args.first_seed if args.first_seed is not None else TUNING_SEED if tuning else 0
     out = Path(args.out or RESULTS / f"multiturn_{args.mode}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    run(seeds, out, args.cells)
+    run(list(range(first, first + n)), out, args.cells, args.configs)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Reproduce every number and plot in bench/results/ (several hours on 2 cores: the speed
-scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 100,000 tokens).
+scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 100,000 tokens;
+multiturn.py's 20 chats x 3 configurations at the default budget, 2,048 cells, about two more).
 
     python bench/run_all.py [--quick]
 
@@ -10,7 +11,8 @@ device.py (an RPC device on 127.0.0.1), long_run.py (100,000 tokens), server.py
 (1, 2, 4 conversations served together, against stock in turn and plain llama.cpp batched, 3 interleaved
 rounds; again 4 with a q8_0 K cache, and 4 with flash attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
 tuning prompts, then the evaluation prompts of both families; SnapKV's paper pooling on the same
-evaluation prompts, and teacher-forced on 20 fresh logbooks), fidelity.py with today's defaults
+evaluation prompts, and teacher-forced on 20 fresh logbooks), multiturn.py (multi-turn chats at the
+default budget with and without the chat structure kept, then its report), fidelity.py with today's defaults
 (one prompt, then five), fidelity.py with key sketches (one prompt, then five; again with today's pooling),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; then memory at 4096 + 4096), plots.py, then
@@ -90,8 +92,11 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                      "5", "6", "7", "--out", "RESULTS/fidelity_chunking.json"],
      ["--chunking", "--prompt-tokens", "2200", "--max-tokens", "16", "--seeds", "0",
       "--out", "RESULTS/fidelity_chunking.json"]),
-    ("multiturn.py", ["eval", "--out", "RESULTS/multiturn.jsonl"],
-     ["eval", "--conversations", "1", "--out", "RESULTS/multiturn.jsonl"]),
+    ("multiturn.py", ["eval", "--cells", "2048", "--configs", "structure,default,full",
+                      "--out", "RESULTS/multiturn_2048.jsonl"], ["eval", "--conversations", "1"]),
+    # --quick: the eval's runs went to bench/out/multiturn.json (the --out run_all adds)
+    ("multiturn.py", ["report", "RESULTS/multiturn_2048.jsonl", "--summary", "RESULTS/multiturn_2048.json"],
+     ["report", "RESULTS/multiturn.json"]),
     ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "adaptive", "discontinuous",
                      "--out", "RESULTS/fidelity_lookback.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",

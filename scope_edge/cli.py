@@ -152,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RuntimeError(f"serve needs FastAPI and uvicorn ({e}); install them with: "
                            "pip install 'scope-edge[server]'") from None
     from . import memory, models
+    from .policies.registry import DEFAULT_KEEP_STRUCTURE
 
     path = str(models.resolve_model_path(args.model))
     engine = flags.engine_config(args, model_path=path)
@@ -162,13 +163,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    type_v=engine.type_v, prefill_chunk=engine.prefill_chunk)
     else:
         budget = flags.budget_of(args, prefill=SERVE_BUDGET.prefill, decode=SERVE_BUDGET.decode)
+    # the default budget (none given) keeps the chat's structure, as ScopeLlama's does
+    chosen = args.kv_memory is not None or args.prefill_budget is not None or args.decode_budget is not None
     policy_names = {name: value for name, value in (("strategy", args.strategy), ("prefill_selector", args.selector),
                                                     ("lend", args.lend)) if value is not None}
     settings = server.ServerSettings(
         engine=engine, model_name=args.model_name or server.model_name_of(path),
-        budget=budget, **policy_names, slots=args.slots, slot_cells=args.slot_cells, step_tokens=args.step_tokens,
-        max_tokens=args.max_tokens, queue_size=args.queue_size, api_key=args.api_key or None, host=args.host,
-        port=args.port)
+        budget=budget, **policy_names, keep_structure=DEFAULT_KEEP_STRUCTURE and not chosen, slots=args.slots,
+        slot_cells=args.slot_cells, step_tokens=args.step_tokens, max_tokens=args.max_tokens,
+        queue_size=args.queue_size, api_key=args.api_key or None, host=args.host, port=args.port)
     logging.getLogger("scope_edge").setLevel(logging.INFO if args.verbose else logging.WARNING)
     server.serve(settings)
     return 0

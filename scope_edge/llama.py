@@ -23,7 +23,7 @@ from . import memory
 from .budget import Budget
 from .devices import Devices
 from .policies import Policy, build, validate_names
-from .policies.registry import DEFAULT_LEND, DEFAULT_STRATEGY, default_budget, validate_lend
+from .policies.registry import DEFAULT_KEEP_STRUCTURE, DEFAULT_LEND, DEFAULT_STRATEGY, default_budget, validate_lend
 from .checks import is_int
 from .policies.checks import require_head_reduce
 from .runtime.cache import Cache, CacheSettings
@@ -150,8 +150,8 @@ class ScopeLlama:
                                                                     prefill_chunk=cfg.prefill_chunk)
         self._policy = policy if policy is not None else self._policy_from(budget, strategy, prefill_selector,
                                                                            head_reduce, lend)
-        if self.default_budget and self._policy is not None:  # measured: docs/budgets.md "Structure kept"
-            self._policy = dataclasses.replace(self._policy, keep_structure=True)
+        if self.default_budget and self._policy is not None:
+            self._policy = dataclasses.replace(self._policy, keep_structure=DEFAULT_KEEP_STRUCTURE)
         cfg.check_policy(self._policy)
         # The short form the policy was built from; all None when policy= named the parts.
         short = policy is None

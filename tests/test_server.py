@@ -55,10 +55,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(model_path: str, *args: str, api_key: str | None = None) -> Server:
+def _start(model_path: str, *args: str, api_key: str | None = None,
+           budget: tuple[str, ...] = ("--prefill-budget", "128", "--decode-budget", "64")) -> Server:
+    """budget=(): serve's default budget."""
     port = _free_port()
     cmd = [sys.executable, "-m", "scope_edge.cli", "serve", "--model", model_path, "--port", str(port),
-           "--prefill-budget", "128", "--decode-budget", "64", *args]
+           *budget, *args]
     if api_key:
         cmd += ["--api-key", api_key]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -363,3 +365,28 @@ def test_flash_attention_with_key_sketches_serves_and_saves_v(model_path):
         assert _stop(plain) == 0
     with pytest.raises(RuntimeError, match="--sketch-rank"):
         _start(model_path, "--slots", "1", "--flash-attn")
+
+
+def test_the_default_budget_keeps_the_chat_structure_as_scopellama_does(model_path):
+    """serve given no budget keeps the system turn and the template's markers
+    when a conversation passes its budget (ScopeLlama's default, docs/budgets.md
+    "Structure kept"), also for a scope naming only a strategy; a scope that
+    names a budget runs it as built, like a budget passed to ScopeLlama."""
+    srv = _start(model_path, "--slots", "1", "--threads", "1", budget=())
+    system = {"role": "system", "content": "You are the clerk of the Oslo depot. The gate code is 4812."}
+    try:
+        def ask(tag: str, scope: dict | None) -> dict:
+            notes = " ".join(f"{tag} note {i}: a crate of {i} lamps." for i in range(110))  # ~1,750 tokens
+            r = srv.client.chat.completions.create(
+                model=srv.model, messages=[system, {"role": "user", "content": f"{notes} What is the gate code?"}],
+                max_tokens=8, temperature=0, extra_body=None if scope is None else {"scope": scope})
+            assert r.usage.prompt_tokens > 1024 + 512  # past serve's default budget
+            return _stats(r)
+
+        for tag, scope in (("default", None), ("strategy", {"strategy": "slide"})):
+            st = ask(tag, scope)
+            assert st["evicted_cells"] > 0 and 20 < st["structure_cells"] <= 1024 // 4, (tag, st)
+        st = ask("chosen", {"prefill_budget": 1024, "decode_budget": 512})
+        assert st["evicted_cells"] > 0 and st["structure_cells"] == 0, st
+    finally:
+        assert _stop(srv) == 0

@@ -70,6 +70,10 @@ LEND_RULES: tuple[str, ...] = (*LENDERS, "none")
 DEFAULT_LEND = "passed"  # measured best on bench/ordered.py (README); "none" is the paper
 # The strategy a budget runs when none is named, the default budget's included.
 DEFAULT_STRATEGY = "slide"
+# Whether the default budget keeps the chat's structure (Policy.keep_structure),
+# in ScopeLlama and in the server; a budget the user names runs its policy as
+# built (measured: docs/budgets.md "Structure kept").
+DEFAULT_KEEP_STRUCTURE = True
 # The default budget: a quarter of the model's trained context, at least
 # DEFAULT_MIN_CELLS (docs/budgets.md).
 DEFAULT_CONTEXT_SHARE = 4

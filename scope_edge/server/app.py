@@ -185,10 +185,10 @@ def serve(settings: ServerSettings) -> None:
     where = (f"{devices.n_gpu_layers} layers offloaded" + (f" to {', '.join(devices.rpc_servers)}"
                                                            if devices.rpc_servers else "")
              if devices.offloads() else "the CPU")
-    log.warning("serving %s on http://%s:%d/v1 (%s): %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s",
+    log.warning("serving %s on http://%s:%d/v1 (%s): %d slots x %d KV cells (%.1f MiB), default budget %d/%d %s%s",
                 settings.model_name, settings.host, settings.port, where, bs.slots, bs.slot_cells,
                 engine.runner.kv_bytes(bs.slots * bs.slot_cells) / 2**20, settings.budget.prefill,
-                settings.budget.decode, settings.strategy)
+                settings.budget.decode, settings.strategy, ", chat structure kept" if settings.keep_structure else "")
     config = uvicorn.Config(create_app(engine), host=settings.host, port=settings.port, log_level="warning",
                             timeout_graceful_shutdown=10, lifespan="on")
     _Server(config, engine).run()

@@ -19,7 +19,8 @@ from ..runtime.model import Model
 from ..runtime.sampling import RANDOM_SEED, Sampling, check_grammar
 from .settings import ServerSettings
 
-SCOPE_KEYS = {"prefill_budget", "decode_budget", "strategy", "lend", "observation_window", "recent_window"}
+BUDGET_KEYS = ("prefill_budget", "decode_budget", "observation_window", "recent_window")
+SCOPE_KEYS = {*BUDGET_KEYS, "strategy", "lend"}
 
 
 class APIError(Exception):
@@ -118,8 +119,11 @@ def _policy(body: Mapping[str, Any], settings: ServerSettings) -> Policy:
                        param="scope")
     b = settings.budget
     try:
-        budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
-                        observation_window=scope.get("observation_window"), recent_window=scope.get("recent_window"))
+        budget = None  # a scope naming no budget runs the server's, its structure setting included
+        if set(scope) & set(BUDGET_KEYS):
+            budget = Budget(prefill=scope.get("prefill_budget", b.prefill), decode=scope.get("decode_budget", b.decode),
+                            observation_window=scope.get("observation_window"),
+                            recent_window=scope.get("recent_window"))
         policy = settings.policy(budget=budget, strategy=scope.get("strategy"), lend=scope.get("lend"))
         settings.engine.check_policy(policy)
     except ValueError as why:

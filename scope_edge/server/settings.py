@@ -4,6 +4,7 @@ request's "scope" names, both built by policies.registry.build, the path the
 facade's short form takes."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -23,7 +24,11 @@ class ServerSettings:
 
     budget / strategy / prefill_selector / lend: the default policy, by
     name; a request's "scope" may change them (a scope naming another
-    strategy runs that strategy's own selector). slots: conversations decoded together. slot_cells: KV cells
+    strategy runs that strategy's own selector). keep_structure: the
+    server's budget keeps the chat's structure (Policy.keep_structure);
+    `serve` sets it when given no budget, as ScopeLlama's default budget
+    does (policies.registry.DEFAULT_KEEP_STRUCTURE); a scope that names a
+    budget runs without it, like a budget passed to ScopeLlama. slots: conversations decoded together. slot_cells: KV cells
     per slot (None: what the default budget needs, slot_cells_for()).
     max_tokens: when a request gives none. queue_size: requests that may wait
     for a slot. api_key: required as "Authorization: Bearer <key>" on /v1
@@ -35,6 +40,7 @@ class ServerSettings:
     strategy: str = DEFAULT_STRATEGY
     prefill_selector: str | None = None
     lend: str = DEFAULT_LEND
+    keep_structure: bool = False
     slots: int = 4
     slot_cells: int | None = None
     step_tokens: int | None = None
@@ -48,6 +54,8 @@ class ServerSettings:
         if not isinstance(self.engine, EngineConfig):
             raise ValueError(f"engine must be an EngineConfig, got {type(self.engine).__name__}")
         validate_names(self.strategy, self.prefill_selector)
+        if not isinstance(self.keep_structure, bool):
+            raise ValueError(f"keep_structure must be True or False, got {self.keep_structure!r}")
         for name in ("max_tokens", "port"):
             if not is_int(getattr(self, name)) or getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"{name} must be an int >= {0 if name == 'port' else 1}, got {getattr(self, name)!r}")
@@ -57,10 +65,12 @@ class ServerSettings:
 
     def policy(self, *, budget: Budget | None = None, strategy: str | None = None, lend: str | None = None) -> Policy:
         """The default policy, or the one a request's scope names (its
-        budget, strategy, lend; the server's for what it leaves out)."""
+        budget, strategy, lend; the server's for what it leaves out). The
+        structure is kept on the server's budget only (keep_structure)."""
         strategy = strategy or self.strategy
         selector = self.prefill_selector if strategy == self.strategy else None
-        return build(budget or self.budget, strategy=strategy, prefill_selector=selector, lend=lend or self.lend)
+        policy = build(budget or self.budget, strategy=strategy, prefill_selector=selector, lend=lend or self.lend)
+        return dataclasses.replace(policy, keep_structure=self.keep_structure and budget is None)
 
     def batch_settings(self) -> BatchSettings:
         cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens,
