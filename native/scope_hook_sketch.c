@@ -3,7 +3,10 @@
  * query row then scores the cells it sees from those sketches (approximate
  * attention, or a key-only score), which works with flash attention on. The
  * fp16 kernels pick F16C / AVX2 at run time. Also: query moments for
- * calibration, and reading stored keys. */
+ * calibration, and reading stored keys.
+ * One concept: the sketch store and the scoring that reads it share one layout
+ * (layer x head x cell x rank, fp16), and the SIMD kernels are that layout's
+ * inner loops; split apart, each half would re-state the layout. */
 #include "scope_hook_impl.h"
 
 #include <math.h>

@@ -4,6 +4,11 @@ A thin facade over the runtime (scope_edge.runtime: model, context, cache,
 sampling, generation) and a policy (scope_edge.policies, which sees only
 positions and scores). It checks arguments, serialises generations, and
 frees llama.cpp's memory exactly once.
+
+One concept: the public single-conversation object. Its length is the
+documented surface (constructor forms, generate / stream / chat /
+teacher_force, the cache views) and their argument checks; the work is in
+the runtime.
 """
 from __future__ import annotations
 
@@ -364,8 +369,11 @@ class ScopeLlama:
         stop: strings that end the text. ignore_eos: keep generating past
         end-of-generation tokens (benchmarks that need a fixed length).
         resume: continue the cache: a prompt extending what the cache was fed
-        (the last prompt and its output) prefills only the new tokens.
-        Otherwise the cache starts empty.
+        (the last prompt and its output) prefills only the new tokens. A
+        prompt that leaves it earlier reuses the shared beginning up to the
+        first cell evicted after the history passed it (docs/budgets.md), so
+        its answer never depends on text it does not hold. Otherwise the cache
+        starts empty.
         """
         limits = _limits(max_tokens, stop, ignore_eos)
         return self._start(self._prompt_tokens(prompt), limits, _sampling(sampling), resume=bool(resume))

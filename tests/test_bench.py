@@ -532,3 +532,14 @@ def test_long_run_script_on_the_protocol():
     assert res["last_over_first"]["rounds"] == [r["summary"]["tokens_per_s_last_over_first"]
                                                 for r in res["columns"][res["long"]]["runs"]]
     assert "re-indexings" in script.table(res)
+
+
+def test_one_slot_script_times_both_drivers(tmp_path):
+    out = tmp_path / "one_slot.json"
+    cmd = [sys.executable, str(BENCH / "one_slot.py"), "--prompt", "128", "--tokens", "16",
+           "--prefill-budget", "64", "--decode-budget", "16", "--rounds", "1", "--out", str(out)]
+    subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True)
+    res = json.loads(out.read_text())
+    facade, one = (res["runs"][k][0]["decode_tokens_per_s"] for k in ("facade (ScopeLlama)", "one slot (BatchRunner)"))
+    assert facade > 0 and one > 0
+    assert res["one slot / facade"]["median"] == pytest.approx(one / facade)

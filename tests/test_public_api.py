@@ -255,3 +255,32 @@ def test_both_caches_implement_the_sequence_protocol(impl: str) -> None:
                 f"{name}.{member} lacks keyword {n}"
         extra = [p for n, p in have_sig.items() if n not in want_sig]
         assert all(p.default is not p.empty for p in extra), f"{name}.{member}: extra parameters need defaults"
+
+
+
+# A module past this many lines is split by concern, or is one concept and says so ("One concept:" in its
+# opening comment, with why), as issue 28 asks.
+MODULE_LINES = 400
+SOURCES = sorted([*ROOT.glob("scope_edge/**/*.py"), *ROOT.glob("native/*.[ch]")])
+
+
+def oversized(path: Path) -> str | None:
+    """Why path breaks the size rule, or None."""
+    text = path.read_text()
+    n = text.count("\n")
+    if n > MODULE_LINES and "One concept:" not in text[:2000]:
+        return f"{path.name}: {n} lines and no 'One concept:' in its opening comment"
+    return None
+
+
+def test_the_size_rule_finds_a_long_module(tmp_path: Path) -> None:
+    long = tmp_path / "long.py"
+    long.write_text('"""Two things."""\n' + "x = 1\n" * MODULE_LINES)
+    assert oversized(long) == f"long.py: {MODULE_LINES + 1} lines and no 'One concept:' in its opening comment"
+    long.write_text('"""One concept: a list of ones."""\n' + "x = 1\n" * MODULE_LINES)
+    assert oversized(long) is None
+
+
+def test_modules_are_small_or_one_concept() -> None:
+    assert len(SOURCES) > 30
+    assert [why for why in map(oversized, SOURCES) if why] == []

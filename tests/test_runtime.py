@@ -166,7 +166,8 @@ def test_held_cells_come_in_position_order_after_reuse_and_shifts(model_path):
 def test_session_step_costs_follow_the_held_cells_not_the_history():
     # Regression (issue #14.3): every eviction rebuilt Python lists over every
     # token ever fed. Now a step allocates in the cells held (64 here), and the
-    # history costs 4 bytes a token (the ids, for matching the next prompt).
+    # history costs 8 bytes a token (the ids, for matching the next prompt, and
+    # when each was evicted, for what a prompt that leaves the history may reuse).
     tracemalloc.start()
     s = Session()
     for start in range(0, 100_000, 1000):
@@ -180,11 +181,26 @@ def test_session_step_costs_follow_the_held_cells_not_the_history():
     s.renumber(s.held_pos, np.arange(len(s.held_pos), dtype=np.int32))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    assert history < 5 * 100_000, history
+    assert history < 9 * 100_000, history  # 4 bytes a token for its id, 4 for when it was evicted
     assert peak - before < 16_384, peak - before
     assert s.held_upto(100_001) == len(s.held_pos) == 64 and s.held_upto(99_937) == 0
     np.testing.assert_array_equal(s.held_pos, np.arange(64))
     assert s.common_prefix(list(range(500)) + [-1]) == 500
+
+
+def test_session_reuses_only_the_holes_cut_before_a_prompt_left_the_history():
+    s = Session()
+    s.record(range(10), range(10))  # a prompt of 10 tokens
+    s.prompt_end = 10
+    s.forget(np.array([2]))  # evicted with 10 tokens fed
+    s.record(range(10, 20), range(10, 20))  # its output
+    s.forget(np.array([5, 15]))  # evicted with 20 tokens fed
+    assert s.reusable(list(range(25))) == 20  # continues the last generation: the history as it is
+    assert s.reusable(list(range(14)) + [-1]) == 14  # holds the last prompt and more: a continuation
+    assert s.reusable(list(range(10))) == 5  # the same prompt again: the hole its output cut (at 5) is not its own
+    assert s.reusable(list(range(8)) + [-1]) == 2  # left at 8: the hole at 2 was cut with 10 tokens fed
+    assert s.reusable(list(range(2)) + [-1]) == 2  # before every hole
+    assert s.reusable([-1]) == 0
 
 
 def test_session_one_token_steps_keep_the_held_map():
@@ -209,37 +225,62 @@ def test_session_matches_the_cache_over_a_long_budgeted_run(model_path):
     b = Budget(prefill=32, decode=32, observation_window=8, recent_window=8)
     with ScopeLlama(model_path, budget=b) as llm:
         prompt = llm.tokenize(PROMPT)
-        out = llm.generate(prompt, max_tokens=600, ignore_eos=True)
-        fed = prompt + out.tokens[:-1]  # the last token is sampled, never fed
+        # when each cell was evicted: the tokens fed when llama.cpp's cache first lacked it
+        evicted_at: dict[int, int] = {}
+        tokens = []
+        for chunk in llm.stream(prompt, max_tokens=600, ignore_eos=True):
+            tokens.append(chunk.token)
+            n_fed = len(llm.history())
+            evicted_at.update({p: n_fed for p in set(range(n_fed)) - set(llm.kv_positions().tolist())
+                               if p not in evicted_at})
+        fed = prompt + tokens[:-1]  # the last token is sampled, never fed
         assert llm.history() == fed  # every token fed, the evicted ones included
         held = llm.kv_positions()
         assert len(held) <= b.total and held[-1] == len(fed) - 1
         # The session's record of the held cells (token index -> position) is
         # what a resumed call reuses, truncates at and continues from: check
         # each against the hook's map and llama.cpp's own view.
-        # (a) extending the history reuses all of it; the new token lands at the next position
-        more = llm.generate(fed + [out.tokens[-1]], max_tokens=1, resume=True)
-        assert (more.stats.reused_prompt_tokens, more.stats.prefilled_tokens) == (len(fed), 1)
-        fed.append(out.tokens[-1])
-        assert llm.history() == fed
-        after = llm.kv_positions()
-        assert after[-1] == len(fed) - 1 and set(after[:-1].tolist()) <= set(held.tolist())
-        # the prefill selection ran over the whole history, the decode room lent to it (#30):
-        # what fits in prefill + decode - 1 cells stays
-        assert len(after) == min(len(held) + 1, b.total - 1)
-        _, pmin, pmax = _llama_view(llm)
-        assert (pmin, pmax) == (after[0], after[-1])
-        # (b) a history edited inside the held cells truncates at the first held
-        # cell of the edit and continues right after the last cell kept
-        k = int(after[-5])  # positions are still the token indexes (no re-indexing here)
+        # (a) an edit inside the output continues the last generation (it holds
+        # the whole prompt): truncates at the first held cell of the edit and
+        # continues right after the last cell kept
+        k = int(held[-5])  # positions are still the token indexes (no re-indexing here)
+        assert k > len(prompt)
         other = (fed[k] + 1) % llm.model.n_vocab
         edited = llm.generate(fed[:k] + [other], max_tokens=1, resume=True)
         assert (edited.stats.reused_prompt_tokens, edited.stats.prefilled_tokens) == (k, 1)
-        assert llm.history() == fed[:k] + [other]
-        want = np.r_[after[:-5], after[-6] + 1]
-        np.testing.assert_array_equal(llm.kv_positions(), want)
+        fed = fed[:k] + [other]
+        assert llm.history() == fed
+        after = llm.kv_positions()
+        np.testing.assert_array_equal(after, np.r_[held[:-5], held[-6] + 1])
         visible, pmin, pmax = _llama_view(llm)
-        assert (pmin, pmax) == (want[0], want[-1]) and len(visible) == len(want)
+        assert (pmin, pmax) == (after[0], after[-1]) and len(visible) == len(after)
+        # (b) extending the history reuses all of it; the new token lands at the next position
+        more = llm.generate(fed + [edited.tokens[-1]], max_tokens=1, resume=True)
+        assert (more.stats.reused_prompt_tokens, more.stats.prefilled_tokens) == (len(fed), 1)
+        fed.append(edited.tokens[-1])
+        assert llm.history() == fed
+        kept = llm.kv_positions()
+        assert kept[-1] == after[-1] + 1 and set(kept[:-1].tolist()) <= set(after.tolist())
+        # the prefill selection ran over the whole history, the decode room lent to it (#30):
+        # what fits in prefill + decode - 1 cells stays
+        assert len(kept) == min(len(after) + 1, b.total - 1)
+        _, pmin, pmax = _llama_view(llm)
+        assert (pmin, pmax) == (kept[0], kept[-1])
+        # (c) a prompt that leaves the history before the last prompt's end (not a
+        # continuation) at j reuses it only up to the first cell evicted after the
+        # history passed j (those holes were cut for the text after j); (a) cut the
+        # history at k (its holes count as cut at k), (b) evicted nothing
+        assert len(kept) == len(after) + 1
+        j = int(kept[len(kept) // 2])
+        late = [p for p, t in evicted_at.items() if p < j and min(t, k) > j]
+        assert late  # slide evicted older output cells after the history passed j
+        back = llm.generate(fed[:j] + [other], max_tokens=1, resume=True)
+        assert back.stats.reused_prompt_tokens == min(late)
+        assert back.stats.prefilled_tokens == j + 1 - min(late)
+        now = llm.kv_positions()
+        assert set(now[now < min(late)].tolist()) <= set(kept.tolist())
+        visible, pmin, pmax = _llama_view(llm)
+        assert (pmin, pmax) == (now[0], now[-1]) and len(visible) == len(now)
 
 
 def test_hook_refuses_bad_evictions(model_path):

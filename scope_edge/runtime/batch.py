@@ -113,9 +113,9 @@ class Slot:
         return list(session.tokens) if session is not None else []
 
     def reuse(self, prompt: Sequence[int]) -> int:
-        """Prompt tokens this slot's cache already holds, as a prefix."""
+        """Prompt tokens this slot's cache would serve, as a prefix (Session.reusable)."""
         session = self.cache.session
-        return session.common_prefix(prompt) if session is not None else 0
+        return session.reusable(prompt) if session is not None else 0
 
 
 # What a Request hands its consumer: a chunk, or the error that ended the generation.

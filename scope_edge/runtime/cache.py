@@ -45,15 +45,21 @@ class Session:
 
     tokens: every token fed, in order: the next prompt is matched against all
     of it (4 bytes a token). marks: each fed token's chat-structure mark
-    (runtime/structure.py; 1 byte a token). held_index / held_pos: for the held tokens only,
-    in feeding order, their index in tokens and their position (both
-    ascending). So an eviction or a step costs work and memory in the cells
-    held, not in the length of the history.
+    (runtime/structure.py; 1 byte a token). evicted_at: for each fed token,
+    how many tokens had been fed when its cell was evicted (0: held; 4 bytes
+    a token), so a prompt that leaves the history at n knows which holes
+    were cut before the text past n existed. held_index / held_pos: for the
+    held tokens only, in feeding order, their index in tokens and their
+    position (both ascending). So an eviction or a step costs work and memory
+    in the cells held, not in the length of the history. prompt_end: the
+    last generation's prompt tokens (its output follows them in tokens).
     """
 
     tokens: array[int] = field(default_factory=lambda: array("i"))
     marks: array[int] = field(default_factory=lambda: array("b"))
+    evicted_at: array[int] = field(default_factory=lambda: array("i"))
     next_pos: int = 0
+    prompt_end: int = 0
     # held_index / held_pos live in the first _n entries of buffers that
     # grow by doubling: a step appends in place instead of copying both
     _index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64), repr=False)
@@ -88,6 +94,21 @@ class Session:
         differ = np.flatnonzero(np.asarray(prompt[:n], dtype=np.int32) != fed)
         return int(differ[0]) if len(differ) else n
 
+    def reusable(self, prompt: Sequence[int]) -> int:
+        """Prompt tokens this session serves as a prefix. A prompt that
+        continues the last generation (holds its whole prompt, and more)
+        takes the compressed history as it is, as the next turn of a chat
+        does. A prompt that leaves the history at n (another conversation
+        sharing a system message, an edited turn, the same prompt again)
+        takes the first n tokens only up to the first cell evicted after the
+        history passed n: that hole was cut for text this prompt does not
+        have, and its answer must not depend on that text."""
+        n = self.common_prefix(prompt)
+        if n >= self.prompt_end and len(prompt) > self.prompt_end:
+            return n
+        late = np.flatnonzero(np.frombuffer(self.evicted_at, dtype=np.int32, count=n) > n)
+        return int(late[0]) if len(late) else n
+
     def marks_of(self, positions: np.ndarray) -> np.ndarray:
         """The structure marks of held positions (int8, one per position)."""
         marks = np.frombuffer(self.marks, dtype=np.int8, count=len(self.marks)) if len(self.marks) else \
@@ -102,6 +123,7 @@ class Session:
     def record(self, tokens: Sequence[int], positions: Sequence[int]) -> None:
         first = len(self.tokens)
         self.tokens.extend(tokens)
+        self.evicted_at.frombytes(bytes(4 * len(tokens)))
         if len(tokens) == 1 and self._n < len(self._pos):  # a decode step: two stores, not two arrays
             self._index[self._n], self._pos[self._n] = first, positions[0]
             self._n += 1
@@ -118,6 +140,10 @@ class Session:
             ctx.truncate(int(self._pos[cut]))
         del self.tokens[n:]
         del self.marks[n:]
+        del self.evicted_at[n:]
+        if n:  # holes the discarded text cut are now part of this history's first n tokens
+            at = np.frombuffer(self.evicted_at, dtype=np.int32)
+            np.minimum(at, n, out=at)
         self._n = cut
         self.next_pos = int(self._pos[cut - 1]) + 1 if cut else 0
 
@@ -130,6 +156,7 @@ class Session:
         # held_pos is ascending: a binary search per evicted position, not np.isin's sort of both
         at = np.minimum(np.searchsorted(held, evicted), len(held) - 1)
         at = at[held[at] == evicted]
+        np.frombuffer(self.evicted_at, dtype=np.int32)[self.held_index[at]] = len(self.tokens)
         if len(at) == 1:  # a decode step's one eviction: close the gap in place
             i, n = int(at[0]), self._n
             self._index[i : n - 1], self._pos[i : n - 1] = self._index[i + 1 : n], self._pos[i + 1 : n]
@@ -147,15 +174,35 @@ class Session:
 class Plan:
     """How one generation uses the context: its policy (None: full cache),
     prompt tokens reused from the cache, prompt tokens per prefill chunk
-    (None: one shot), cells needed, and the probe tokens run after each
+    (None: one shot), cells needed, the probe tokens run after each
     earlier chunk (PrefillSelector.probe_tokens, carved out of the
-    configured chunk; 0 in a one-shot prefill)."""
+    configured chunk; 0 in a one-shot prefill), and the prompt tokens of a
+    shortened first chunk (None: the usual schedule; see Cache._plan_from)."""
 
     policy: Policy | None
     reuse: int
     chunk: int | None
     cells: int
     probe: int = 0
+    first: int | None = None
+
+    def chunks(self, n_new: int, *, lend: bool) -> list[tuple[int, int, bool]]:
+        """The prefill's chunks of the n_new prompt tokens after the reused
+        ones: (start, end, probed), in order. A shortened first chunk is never
+        probed (its own last rows score it); after it, the usual schedule:
+        chunks of `chunk` tokens, each but the last followed by the probe; the
+        last takes the probe's room too. lend: the short chunk comes first, so
+        the last selection (where cells are lent) sees a whole chunk."""
+        start = self.first if self.first is not None and self.first < n_new else 0
+        out = [(0, start, False)] if start else []
+        n = n_new - start
+        chunk = self.chunk or n
+        tail = min(n, chunk + self.probe) if self.probe else 0
+        head = n - tail
+        first = head % chunk if lend else 0
+        bounds = sorted({0, *range(first or chunk, head, chunk), head, n})
+        out += [(start + lo, start + hi, bool(self.probe) and hi < n) for lo, hi in zip(bounds, bounds[1:])]
+        return out
 
 
 class Cache:
@@ -212,7 +259,7 @@ class Cache:
     # -- sizing ------------------------------------------------------------
     def plan(self, prompt: Sequence[int], *, max_tokens: int, policy: Policy | None, resume: bool) -> Plan:
         """Decide what to reuse, whether to chunk, and how many cells."""
-        reuse = self.session.common_prefix(prompt) if resume and self.session is not None else 0
+        reuse = self.session.reusable(prompt) if resume and self.session is not None else 0
         if reuse and self.model.n_swa and not reuse == len(self.session.tokens) < len(prompt):
             # llama.cpp's window cache overwrites what the next position no longer sees, so it can
             # continue where it stands but not step back (llama-server re-processes the prompt too)
@@ -256,7 +303,25 @@ class Cache:
         last = min(one_shot, keep + chunk) if chunked and n_new > chunk else one_shot
         lent = policy.prefill_keep(last) - policy.prompt_floor(last)
         decode_cells = policy.decode_cells(kept=keep, max_tokens=max_tokens, lent=lent)
-        return Plan(policy, reuse, chunk - probe if chunked else None, max(prefill_cells, decode_cells), probe)
+        plan = Plan(policy, reuse, chunk - probe if chunked else None, max(prefill_cells, decode_cells), probe)
+        if chunked and held_before > keep:
+            self._fit_first(plan, held_before, n_new, base=max(min(one_shot, keep + chunk), decode_cells))
+        return plan
+
+    @staticmethod
+    def _fit_first(plan: Plan, held_before: int, n_new: int, *, base: int) -> None:
+        """Fit a resumed prompt's chunks in the cells a fresh prompt's get
+        (base). The first chunk lands on every cell held before it (the last
+        reply and the cells on loan included); the selection after it makes
+        room for the next. So only the first can pass base: then it is cut to
+        the room left, rather than the context growing (a context that grows
+        starts empty, and the whole history is prefilled again)."""
+        lo, hi, probed = plan.chunks(n_new, lend=plan.policy is not None and plan.policy.lend is not None)[0]
+        room = base - held_before
+        if held_before + hi - lo + (plan.probe if probed else 0) <= base:
+            plan.cells = base
+        elif room >= 1:
+            plan.first, plan.cells = min(room, n_new), base
 
     def _cells_for(self, n_prompt: int, plan: Plan) -> tuple[int, int]:
         """Cells to allocate for plan, and the most allowed: n_ctx if fixed,
@@ -282,6 +347,7 @@ class Cache:
             session = Session()
         else:
             session.truncate(ctx, plan.reuse)
+        session.prompt_end = n_prompt
         self.session = session
         return ctx, session
 

@@ -3,6 +3,11 @@ loop that samples, feeds and evicts under the decode strategy.
 
 mlx-lm's shape: a stream of Chunk, the last one carrying the finish reason
 and the GenerationStats.
+
+One concept: the state of one generation (session, held cells, loan,
+counts) is shared by its prefill, its evictions and its decode loop, so they
+are methods of one object; the pieces that need none of it (sampling,
+structure marks, text decoding, the cache's plan) live in their own modules.
 """
 from __future__ import annotations
 
@@ -276,19 +281,12 @@ class Generation:
     def prefill(self, prompt: Sequence[int]) -> None:
         t0 = time.perf_counter()
         new = prompt[self.plan.reuse :]
-        chunk = self.plan.chunk or len(new)
         probe = prompt[len(prompt) - self.plan.probe :] if self.plan.probe else ()
-        # The last chunk needs no probe, so it takes the probe's room too.
-        tail = min(len(new), chunk + len(probe)) if probe else 0
-        head = len(new) - tail
-        # Cells are lent only at the last selection, from what is held then:
-        # under a lend the short chunk comes first, so the last one is whole.
-        first = head % chunk if self.policy is not None and self.policy.lend is not None else 0
-        bounds = sorted({0, *range(first or chunk, head, chunk), head, len(new)})
+        # Cells are lent only at the last selection, from what is held then.
+        lends = self.policy is not None and self.policy.lend is not None
         try:
-            for lo, hi in zip(bounds, bounds[1:]):
-                last = hi == len(new)
-                self._prefill_chunk(new[lo:hi], last=last, probe=() if last else probe)
+            for lo, hi, probed in self.plan.chunks(len(new), lend=lends):
+                self._prefill_chunk(new[lo:hi], last=hi == len(new), probe=probe if probed else ())
         except PositionLimit:
             raise ValueError(
                 f"the prompt ({len(prompt)} tokens) passes the model's trained context of {self.pos_limit} "
@@ -297,7 +295,6 @@ class Generation:
         self.ctx.synchronize()  # time the prefill, not its launch
         self.gen_start = self.session.next_pos
         self.n_eligible = self.n_held if self.policy is not None and self.policy.decode.unified else 0
-        lends = self.policy is not None and self.policy.lend is not None
         self.n_lent = max(0, self.n_held - self.prompt_floor) if lends else 0
         self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
         self.stats.prefilled_tokens = len(new)
