@@ -206,6 +206,11 @@ def device(d: dict) -> str:
     return "\n".join(out)
 
 
+def one_slot(d: dict) -> str:
+    from one_slot import table
+    return table(d)
+
+
 def flash(d: dict) -> str:
     if any("columns" in d.get(where, {}) for where in ("cpu", "device")):  # under scope_edge.protocol
         from flash import table
@@ -272,7 +277,7 @@ REPORTS: dict[str, Callable] = {
     "headline.json": headline, "headline_2048.json": headline, "fidelity.json": fidelity,
     "fidelity_lend.json": fidelity, "fidelity_lookback.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
-    "device.json": device, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
+    "device.json": device, "steady.json": device, "one_slot.json": one_slot, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
     "flash_memory.json": flash,
     "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,

@@ -166,6 +166,23 @@ def test_long_conversation_survives_the_context_growing(model_path):
             messages.append(r["choices"][0]["message"])
 
 
+def test_a_growing_chat_prefills_its_history_again_a_few_times(model_path):
+    # Sized per generation (no n_ctx), a chat's context grows with it, and a
+    # bigger context starts empty. It grows by doubling, up to what the policy
+    # needs, so the history is prefilled again only at 512, 1,024, 2,048 cells.
+    with ScopeLlama(model_path) as llm:
+        messages: list[dict] = []
+        sizes, again = [], 0
+        for turn in range(12):
+            messages.append({"role": "user", "content": _words(90, start=turn)})
+            st = create_chat_completion(llm, messages, max_tokens=8)["scope_edge"]
+            messages.append({"role": "assistant", "content": "Noted."})
+            sizes.append(st["kv_cells_allocated"])
+            again += turn > 0 and st["reused_prompt_tokens"] == 0
+        assert sizes == sorted(sizes) and sizes[-1] <= llm.budget.total
+        assert len(set(sizes)) <= 4 and again == len(set(sizes)) - 1, sizes
+
+
 def test_chunked_turn_fits_on_the_last_reply(model_path):
     # Regression: a chunked turn was sized for the kept prompt + one chunk, but
     # its first chunk lands on everything the last turn left, reply included

@@ -271,10 +271,20 @@ class Cache:
             # would not follow. So the plan sized for the compressed history no
             # longer applies: plan the whole prompt from its real length.
             fresh = self._plan_from(prompt, max_tokens, policy, 0)
-            if self.settings.n_ctx is None:  # big enough for both, so later turns like this one reuse
-                fresh.cells = max(fresh.cells, plan.cells)
+            if self.settings.n_ctx is None:  # big enough for both, and room for the turns after it
+                fresh.cells = max(fresh.cells, plan.cells, self._doubled(max_tokens, policy))
             plan = fresh
         return plan
+
+    def _doubled(self, max_tokens: int, policy: Policy | None) -> int:
+        """Twice the context's cells, up to the most any plan of policy needs
+        (the full cache: the trained context). A chat whose context grows by
+        doubling prefills its history again a logarithmic number of times,
+        not once every few turns."""
+        twice = 2 * self.context.n_cells if self.context is not None else 0
+        if policy is None:
+            return min(twice, self.model.n_ctx_train)
+        return min(twice, self._plan_from(range(self.model.n_ctx_train), max_tokens, policy, 0).cells)
 
     def _plan_from(self, prompt: Sequence[int], max_tokens: int, policy: Policy | None, reuse: int) -> Plan:
         """The plan that takes the first `reuse` prompt tokens from the cache."""
