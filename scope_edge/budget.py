@@ -76,10 +76,12 @@ class Budget:
         A generation allocates the larger of its decode phase (prefill +
         decode cells) and its chunked prefill's peak (prefill + prefill_chunk
         cells, for prompts longer than prefill + prefill_chunk). Rule: decode
-        = cells // DECODE_SHARE, prefill = cells - max(decode, prefill_chunk).
-        ValueError if that leaves less than MIN_PREFILL / MIN_DECODE cells."""
-        decode = cells // DECODE_SHARE
-        prefill = cells - max(decode, prefill_chunk)
+        = the larger of cells // DECODE_SHARE and prefill_chunk (the decode
+        phase uses the cells the prefill's peak allocates anyway), prefill =
+        cells - decode. ValueError if that leaves less than MIN_PREFILL /
+        MIN_DECODE cells."""
+        decode = max(cells // DECODE_SHARE, prefill_chunk)
+        prefill = cells - decode
         if prefill < MIN_PREFILL or decode < MIN_DECODE:
             raise ValueError(
                 f"{cells} KV cells are too few for a budget: the smallest keeps {MIN_PREFILL} prompt cells "

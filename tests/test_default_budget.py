@@ -43,6 +43,27 @@ def test_default_budget_rule_and_strategy(model_path):
     assert default_budget(geometry, n_ctx=256) is None
 
 
+@pytest.mark.parametrize(("cells", "split"), [(512, (256, 256)), (768, (512, 256)), (1024, (768, 256)),
+                                              (2048, (1536, 512)), (4096, (3072, 1024))])
+def test_for_cells_gives_the_decode_room_every_cell_the_prefill_peak_takes(cells, split):
+    b = Budget.for_cells(cells)
+    assert (b.prefill, b.decode) == split
+    assert b.prefill + max(b.decode, memory.PREFILL_CHUNK) == cells  # neither phase leaves a cell unused
+
+
+def test_a_prompt_as_long_as_a_small_default_context(model_path):
+    # Regression: at n_ctx=512 the default budget prefills a prompt of keep + chunk = 512 tokens in one
+    # shot; it was refused ("prompt has 512 tokens but the context holds 512 cells") although the
+    # selection frees cells before the first token after it needs one.
+    with ScopeLlama(model_path, n_ctx=512) as llm:
+        prompt = llm.tokenize(" ".join(f"item {i}" for i in range(400)))[:512]
+        out = llm.generate(prompt, max_tokens=16, ignore_eos=True)
+        assert out.stats.generated_tokens == 16 and out.stats.kv_cells_allocated == 512
+        assert out.stats.evicted_prefill_cells > 0 and len(llm.kv_positions()) <= llm.budget.total
+    with ScopeLlama(model_path, n_ctx=512, budget=None) as full, pytest.raises(ValueError, match="512 cells"):
+        full.generate(prompt, max_tokens=1)  # the full cache needs a cell for its first token
+
+
 def test_short_generation_is_stock_token_for_token(model_path, caplog):
     with ScopeLlama(model_path, budget=None) as stock:
         prompt = stock.render_chat([{"role": "user", "content": STORY}])

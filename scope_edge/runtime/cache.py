@@ -363,7 +363,10 @@ class Cache:
 
     def _context_for(self, n_prompt: int, plan: Plan) -> SequenceCache:
         need, limit = self._cells_for(n_prompt, plan)
-        if plan.chunk is None and n_prompt - plan.reuse >= memory.padded_cells(limit):
+        # A one-shot prefill must fit; the full cache also needs a cell for the first token after it,
+        # where a policy's selection frees cells first.
+        room = memory.padded_cells(limit) - (plan.policy is None)
+        if plan.chunk is None and n_prompt - plan.reuse > room:
             raise ValueError(
                 f"prompt has {n_prompt} tokens but the context holds {memory.padded_cells(limit)} cells; "
                 "shorten the prompt, raise n_ctx, or give a budget (long prompts are then prefilled in chunks)"
