@@ -274,7 +274,7 @@ def ordered_suite(path: Path) -> str:
 
 
 REPORTS: dict[str, Callable] = {
-    "headline.json": headline, "headline_2048.json": headline, "fidelity.json": fidelity,
+    "headline.json": headline, "headline_2048.json": headline, "goal_4096_12288.json": headline, "fidelity.json": fidelity,
     "fidelity_lend.json": fidelity, "fidelity_lookback.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "steady.json": device, "one_slot.json": one_slot, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
