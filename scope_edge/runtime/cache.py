@@ -186,13 +186,14 @@ class Plan:
     probe: int = 0
     first: int | None = None
 
-    def chunks(self, n_new: int, *, lend: bool) -> list[tuple[int, int, bool]]:
+    def chunks(self, n_new: int) -> list[tuple[int, int, bool]]:
         """The prefill's chunks of the n_new prompt tokens after the reused
         ones: (start, end, probed), in order. A shortened first chunk is never
         probed (its own last rows score it); after it, the usual schedule:
         chunks of `chunk` tokens, each but the last followed by the probe; the
-        last takes the probe's room too. lend: the short chunk comes first, so
-        the last selection (where cells are lent) sees a whole chunk."""
+        last takes the probe's room too. Under a lend the short chunk comes
+        first, so the last selection (where cells are lent) sees a whole one."""
+        lend = self.policy is not None and self.policy.lend is not None
         start = self.first if self.first is not None and self.first < n_new else 0
         out = [(0, start, False)] if start else []
         n = n_new - start
@@ -326,7 +327,7 @@ class Cache:
         room for the next. So only the first can pass base: then it is cut to
         the room left, rather than the context growing (a context that grows
         starts empty, and the whole history is prefilled again)."""
-        lo, hi, probed = plan.chunks(n_new, lend=plan.policy is not None and plan.policy.lend is not None)[0]
+        lo, hi, probed = plan.chunks(n_new)[0]
         room = base - held_before
         if held_before + hi - lo + (plan.probe if probed else 0) <= base:
             plan.cells = base

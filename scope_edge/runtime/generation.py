@@ -282,10 +282,8 @@ class Generation:
         t0 = time.perf_counter()
         new = prompt[self.plan.reuse :]
         probe = prompt[len(prompt) - self.plan.probe :] if self.plan.probe else ()
-        # Cells are lent only at the last selection, from what is held then.
-        lends = self.policy is not None and self.policy.lend is not None
         try:
-            for lo, hi, probed in self.plan.chunks(len(new), lend=lends):
+            for lo, hi, probed in self.plan.chunks(len(new)):
                 self._prefill_chunk(new[lo:hi], last=hi == len(new), probe=probe if probed else ())
         except PositionLimit:
             raise ValueError(
@@ -295,6 +293,7 @@ class Generation:
         self.ctx.synchronize()  # time the prefill, not its launch
         self.gen_start = self.session.next_pos
         self.n_eligible = self.n_held if self.policy is not None and self.policy.decode.unified else 0
+        lends = self.policy is not None and self.policy.lend is not None
         self.n_lent = max(0, self.n_held - self.prompt_floor) if lends else 0
         self.stats.prefill_tokens_per_s = len(new) / max(time.perf_counter() - t0, 1e-9)
         self.stats.prefilled_tokens = len(new)
