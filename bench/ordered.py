@@ -370,8 +370,8 @@ CONFIGS: dict[str, Callable[[], dict]] = {
     "scope/recent": lambda: _scope(lend="recent"),
     "scope/recent128": lambda: _scope(recent=128),
     "scope/q8": lambda: _scope(type_k="q8_0"),
-    # ScopeLlama(n_ctx=ALLOC) with no policy arguments: the default budget for these cells (Budget(256, 128)),
-    # its strategy, lend, probe and chunk, and the chat structure kept (#30)
+    # ScopeLlama(n_ctx=ALLOC) with no policy arguments: the default budget for these cells (Budget(256, 256)),
+    # its strategy, lend, probe and chunk (half the decode room: 128), and the chat structure kept (#30)
     "default": lambda: {"n_ctx": ALLOC},
     "default/q8": lambda: {"n_ctx": ALLOC, "type_k": "q8_0"},
     "scope/paperpool/q8": lambda: _scope(type_k="q8_0", kernel=7, lookback=0),  # SnapKV's paper pooling (#29)

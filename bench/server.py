@@ -95,7 +95,7 @@ def run_ours_together(model: Model, prompts: list[list[int]], *, tokens: int, bu
     counts the key sketches' host memory too; steady_cells: the mean cells a
     slot held over the second half of its decode."""
     policy = build(budget, strategy="slide")
-    cells = slot_cells_for(policy, max_tokens=tokens, prefill_chunk=engine.prefill_chunk)
+    cells = slot_cells_for(policy, max_tokens=tokens, prefill_chunk=engine.chunk)
     runner = BatchRunner(model, BatchSettings(slots=len(prompts), slot_cells=cells, engine=engine))
     sketch_bytes = runner.context.n_cells * runner.sketch.bytes_per_cell if runner.sketch else 0
     stamps: dict[int, list[float]] = {i: [] for i in range(len(prompts))}  # one per generated token

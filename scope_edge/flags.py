@@ -59,7 +59,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="layers whose attention scores cells (default: every layer on the CPU, every 4th from "
                         "layer 2 when offloaded)")
     g.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk,
-                   help="prompt tokens prefilled between prefill selections (bounds the cells prefill needs)")
+                   help="prompt tokens prefilled between prefill selections (bounds the cells prefill needs; "
+                        "default 256, or half the decode room of a --kv-memory or default budget, at most 256)")
     g.add_argument("--chunked-prefill", default="auto", choices=list(CHUNKED),
                    help="prefill long prompts in chunks: auto (when longer than the kept prompt + a chunk), on, off")
     g.add_argument("--position-limit", type=int, default=None,

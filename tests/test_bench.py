@@ -345,6 +345,9 @@ def test_ideal_fill_averages_the_level():
     assert fill + steps <= 1536 and fill + steps / 2 == pytest.approx(1400, abs=1)
     fill, steps = ideal_fill(1536, 1000.0, 256)
     assert (fill, steps) == (872, 256)
+    # a budget held full: the last 256 cells, all 256 steps (it once timed 2)
+    assert ideal_fill(1536, 1535.6, 256) == (1280, 256)
+    assert ideal_fill(512, 512.0, 16) == (496, 16)
     with pytest.raises(ValueError, match="level must be in"):
         ideal_fill(512, 600.0, 16)
     assert steady_level([(10, 100), (60, 300), (100, 500)], 100) == 400.0  # second half only

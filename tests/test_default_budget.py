@@ -7,10 +7,12 @@ import re
 import subprocess
 import sys
 
+import llama_cpp
 import pytest
 from llama_log import llama_log
 
 from scope_edge import Budget, ScopeLlama, memory
+from scope_edge.budget import sized_chunk
 from scope_edge.policies.registry import DEFAULT_STRATEGY, default_budget
 
 STORY = "Write a long story about a lighthouse keeper."
@@ -49,6 +51,35 @@ def test_for_cells_gives_the_decode_room_every_cell_the_prefill_peak_takes(cells
     b = Budget.for_cells(cells)
     assert (b.prefill, b.decode) == split
     assert b.prefill + max(b.decode, memory.PREFILL_CHUNK) == cells  # neither phase leaves a cell unused
+    # the chunk a sized budget prefills with: half its decode room, at most 256
+    assert sized_chunk(b) == min(256, split[1] // 2)
+
+
+def test_a_sized_budget_prefills_in_chunks_of_half_its_decode_room(model_path):
+    """At n_ctx=512 the default is 256/256 and prefills in chunks of 128, so
+    earlier chunks keep the other half of the room (docs/ordered.md); a chunk
+    given is kept, and a chosen budget keeps 256."""
+    with ScopeLlama(model_path, n_ctx=512) as llm:
+        assert llm.config.prefill_chunk == 128 and llm.budget == Budget(prefill=256, decode=256)
+        prompt = _long_prompt(llm, 900)
+        stream = llm.stream(prompt, max_tokens=4, ignore_eos=True)
+        next(stream)  # the whole prompt went through the 512 cells, in chunks
+        held = llm.kv_positions()
+        mem = llm.context.memory
+        assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == held.max() == len(prompt) - 1
+        assert len(held) <= 512
+        *_, last = stream
+        assert last.stats.kv_cells_allocated == 512 and last.stats.evicted_prefill_cells >= len(prompt) - 512
+        llm.policy = llm.policy  # a policy set: the sized budget's chunk goes with the budget
+        assert llm.config.prefill_chunk is None and llm.config.chunk == memory.PREFILL_CHUNK
+    with ScopeLlama(model_path, n_ctx=512, prefill_chunk=256) as given:
+        assert given.config.prefill_chunk == 256
+    with ScopeLlama(model_path, kv_memory="12MiB") as sized:  # 512 cells at f16
+        assert sized.budget.decode == 256 and sized.config.prefill_chunk == 128
+    with ScopeLlama(model_path, budget=Budget(prefill=256, decode=256)) as chosen:
+        assert chosen.config.prefill_chunk is None and chosen.config.chunk == memory.PREFILL_CHUNK
+    with ScopeLlama(model_path) as default:  # 2,048 cells: half the room is 256
+        assert default.config.prefill_chunk == 256
 
 
 def test_a_prompt_as_long_as_a_small_default_context(model_path):

@@ -138,7 +138,7 @@ BAD_INPUT: list[tuple[str, Callable[[Env], Any], type[BaseException], str]] = [
     ("n_threads 0", lambda e: ScopeLlama("unused.gguf", n_threads=0), ValueError, r"n_threads must be an int >= 1.*got 0"),
     ("n_gpu_layers str", lambda e: ScopeLlama("unused.gguf", n_gpu_layers="all"), ValueError,
      r"n_gpu_layers must be an int >= -1 \(-1: every layer\), got 'all'"),
-    ("prefill_chunk 0", lambda e: ScopeLlama("unused.gguf", prefill_chunk=0), ValueError, r"prefill_chunk must be an int >= 1, got 0"),
+    ("prefill_chunk 0", lambda e: ScopeLlama("unused.gguf", prefill_chunk=0), ValueError, r"prefill_chunk must be an int >= 1 or None \(automatic\), got 0"),
     ("chunked_prefill str", lambda e: ScopeLlama("unused.gguf", chunked_prefill="yes"), ValueError,
      r"chunked_prefill must be None \(auto\), True or False, got 'yes'"),
     ("type_k q5_0", lambda e: ScopeLlama("unused.gguf", type_k="q5_0"), ValueError,

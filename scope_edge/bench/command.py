@@ -79,7 +79,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
         geometry = memory.read_geometry(engine.path())
         budget = Budget.for_memory(args.kv_memory, geometry, type_k=engine.type_k, type_v=engine.type_v,
-                                   prefill_chunk=engine.prefill_chunk)
+                                   prefill_chunk=engine.chunk)
+        engine = engine.for_sized_budget(budget)
     else:
         budget = budget_of(args, prefill=d.prefill_budget, decode=d.decode_budget)
     return BenchConfig(

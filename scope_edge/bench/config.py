@@ -86,7 +86,7 @@ class BenchConfig:
         sketch = e.scoring
         return {**fields, "model": e.model_path, "type_k": e.type_k, "type_v": e.type_v, "flash_attn": e.flash_attn,
                 "sketch_rank": sketch.rank if sketch else 0, "sketch_basis": sketch.basis if sketch else "qk",
-                "sketch_scores": sketch.scores if sketch else "attention", "prefill_chunk": e.prefill_chunk,
+                "sketch_scores": sketch.scores if sketch else "attention", "prefill_chunk": e.chunk,
                 "chunked_prefill": e.chunked_prefill, "position_limit": e.position_limit, "n_threads": e.n_threads,
                 "capture_layers": None if e.capture_layers is None else list(e.capture_layers),
                 **dataclasses.asdict(e.devices)}

@@ -299,7 +299,7 @@ class Cache:
         if policy is None:
             return Plan(policy, reuse, None, one_shot + max_tokens)
         keep = policy.prompt_floor(one_shot)  # cells on loan (Policy.lend) come out of the decode room
-        chunk = self.settings.engine.prefill_chunk
+        chunk = self.settings.engine.chunk
         forced = self.settings.engine.chunked_prefill
         chunked = forced if forced is not None else one_shot > keep + chunk
         # A chunk's probe comes out of the chunk, so it costs no cell; a

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import models
+from ..budget import Budget, sized_chunk
 from ..checks import is_int
 from ..devices import Devices
 from ..policies import Policy
@@ -51,7 +52,10 @@ class EngineConfig:
         when it loads.
     prefill_chunk, chunked_prefill: under a policy, a prompt longer than the
         kept prompt + prefill_chunk is prefilled in chunks of prefill_chunk
-        cells, selecting after each (None: automatic; True/False force).
+        cells, selecting after each (chunked_prefill None: automatic;
+        True/False force). prefill_chunk None (automatic): 256, or for a
+        budget ScopeLlama sizes from cells (the default budget, kv_memory)
+        half its decode room, at most 256 (budget.sized_chunk).
     position_limit: under a policy, positions are re-indexed when they would
         reach it (None: the model's trained context).
     """
@@ -64,7 +68,7 @@ class EngineConfig:
     flash_attn: bool = False
     scoring: Sketch | None = None
     capture_layers: tuple[int, ...] | None = None
-    prefill_chunk: int = PREFILL_CHUNK
+    prefill_chunk: int | None = None
     chunked_prefill: bool | None = None
     position_limit: int | None = None
 
@@ -85,13 +89,25 @@ class EngineConfig:
                 raise ValueError(f"capture_layers must be layer indices or None (every layer), "
                                  f"got {self.capture_layers!r}")
             object.__setattr__(self, "capture_layers", tuple(self.capture_layers))
-        if not is_int(self.prefill_chunk) or self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an int >= 1, got {self.prefill_chunk!r}")
+        if self.prefill_chunk is not None and (not is_int(self.prefill_chunk) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be an int >= 1 or None (automatic), got {self.prefill_chunk!r}")
         if self.chunked_prefill not in (None, True, False):
             raise ValueError(f"chunked_prefill must be None (auto), True or False, got {self.chunked_prefill!r}")
         if self.position_limit is not None and (not is_int(self.position_limit) or self.position_limit < 2):
             raise ValueError(f"position_limit must be an int >= 2 or None (the trained context), "
                              f"got {self.position_limit!r}")
+
+    @property
+    def chunk(self) -> int:
+        """The prefill chunk: prefill_chunk, or PREFILL_CHUNK when automatic."""
+        return PREFILL_CHUNK if self.prefill_chunk is None else self.prefill_chunk
+
+    def for_sized_budget(self, budget: Budget) -> EngineConfig:
+        """This configuration for a budget sized from cells (the default,
+        kv_memory): an automatic prefill_chunk becomes budget.sized_chunk."""
+        if self.prefill_chunk is not None:
+            return self
+        return dataclasses.replace(self, prefill_chunk=sized_chunk(budget))
 
     @classmethod
     def from_keywords(cls, model_path: str | os.PathLike[str] | None = None, **fields: Any) -> EngineConfig:

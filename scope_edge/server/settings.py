@@ -74,7 +74,7 @@ class ServerSettings:
 
     def batch_settings(self) -> BatchSettings:
         cells = self.slot_cells or slot_cells_for(self.policy(), max_tokens=self.max_tokens,
-                                                  prefill_chunk=self.engine.prefill_chunk)
+                                                  prefill_chunk=self.engine.chunk)
         return BatchSettings(slots=self.slots, slot_cells=cells, step_tokens=self.step_tokens, engine=self.engine)
 
 
