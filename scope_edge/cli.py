@@ -159,9 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.kv_memory is not None:
         if args.prefill_budget is not None or args.decode_budget is not None:
             raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
-        budget = Budget.for_memory(args.kv_memory, memory.read_geometry(path), type_k=engine.type_k,
-                                   type_v=engine.type_v, prefill_chunk=engine.chunk)
-        engine = engine.for_sized_budget(budget)
+        budget, engine = engine.budget_for_memory(args.kv_memory, memory.read_geometry(path))
     else:
         budget = flags.budget_of(args, prefill=SERVE_BUDGET.prefill, decode=SERVE_BUDGET.decode)
     # the default budget (none given) keeps the chat's structure, as ScopeLlama's does

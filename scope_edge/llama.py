@@ -147,17 +147,16 @@ class ScopeLlama:
         self.geometry = memory.read_geometry(self.model_path)
         # whether the budget is the default one (its evictions are announced louder)
         self.default_budget = policy is None and budget is DEFAULT and kv_memory is None
-        sized = kv_memory is not None or (budget is DEFAULT and policy is None)
-        if kv_memory is not None:
-            budget = Budget.for_memory(kv_memory, self.geometry, type_k=cfg.type_k, type_v=cfg.type_v,
-                                       prefill_chunk=cfg.chunk)
-        elif budget is DEFAULT:
-            budget = None if policy is not None else default_budget(self.geometry, n_ctx=n_ctx,
-                                                                    prefill_chunk=cfg.chunk)
         # an automatic chunk follows a sized budget (budget.sized_chunk) while that budget runs
         self._given_chunk = cfg.prefill_chunk
-        if sized and budget is not None:
-            self.config = cfg = cfg.for_sized_budget(budget)
+        if kv_memory is not None:
+            budget, cfg = cfg.budget_for_memory(kv_memory, self.geometry)
+        elif budget is DEFAULT and policy is None:
+            budget = default_budget(self.geometry, n_ctx=n_ctx, prefill_chunk=cfg.chunk)
+            cfg = cfg if budget is None else cfg.for_sized_budget(budget)
+        elif budget is DEFAULT:
+            budget = None
+        self.config = cfg
         self._policy = policy if policy is not None else self._policy_from(budget, strategy, prefill_selector,
                                                                            head_reduce, lend)
         if self.default_budget and self._policy is not None:

@@ -11,7 +11,7 @@ import llama_cpp
 import pytest
 from llama_log import llama_log
 
-from scope_edge import Budget, ScopeLlama, memory
+from scope_edge import Budget, EngineConfig, ScopeLlama, memory
 from scope_edge.budget import sized_chunk
 from scope_edge.policies.registry import DEFAULT_STRATEGY, default_budget
 
@@ -80,6 +80,20 @@ def test_a_sized_budget_prefills_in_chunks_of_half_its_decode_room(model_path):
         assert chosen.config.prefill_chunk is None and chosen.config.chunk == memory.PREFILL_CHUNK
     with ScopeLlama(model_path) as default:  # 2,048 cells: half the room is 256
         assert default.config.prefill_chunk == 256
+
+
+def test_kv_memory_sizes_the_budget_and_the_chunk_in_one_place(model_path):
+    """EngineConfig.budget_for_memory, what ScopeLlama, serve and bench call
+    for kv_memory: the budget at the configuration's cache types and chunk,
+    the automatic chunk resolved for it, a given chunk kept."""
+    geometry = memory.read_geometry(model_path)
+    budget, cfg = EngineConfig(model_path=model_path, type_k="q8_0").budget_for_memory("16MiB", geometry)
+    assert budget == Budget.for_memory("16MiB", geometry, type_k="q8_0")  # 768 cells; f16's would be 512
+    assert budget.total > 512 and cfg.type_k == "q8_0" and cfg.prefill_chunk == sized_chunk(budget)
+    budget, cfg = EngineConfig(model_path=model_path, prefill_chunk=64).budget_for_memory("12MiB", geometry)
+    assert budget == Budget.for_memory("12MiB", geometry, prefill_chunk=64) and cfg.prefill_chunk == 64
+    with pytest.raises(ValueError, match="kv_memory='1KiB'"):
+        EngineConfig(model_path=model_path).budget_for_memory("1KiB", geometry)
 
 
 def test_a_prompt_as_long_as_a_small_default_context(model_path):

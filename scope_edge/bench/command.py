@@ -39,7 +39,6 @@ import sys
 from typing import Any
 
 from .. import memory
-from ..budget import Budget
 from ..flags import add_engine_args, add_policy_args, budget_of, engine_config
 from .config import BenchConfig, scoring_name
 from .run import run_bench
@@ -77,10 +76,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.kv_memory is not None:
         if args.prefill_budget is not None or args.decode_budget is not None:
             raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
-        geometry = memory.read_geometry(engine.path())
-        budget = Budget.for_memory(args.kv_memory, geometry, type_k=engine.type_k, type_v=engine.type_v,
-                                   prefill_chunk=engine.chunk)
-        engine = engine.for_sized_budget(budget)
+        budget, engine = engine.budget_for_memory(args.kv_memory, memory.read_geometry(engine.path()))
     else:
         budget = budget_of(args, prefill=d.prefill_budget, decode=d.decode_budget)
     return BenchConfig(

@@ -23,7 +23,7 @@ from ..budget import Budget, sized_chunk
 from ..checks import is_int
 from ..devices import Devices
 from ..policies import Policy
-from ..memory import PREFILL_CHUNK
+from ..memory import PREFILL_CHUNK, KvGeometry
 from .context import KV_TYPES
 from .sketch import Sketch
 
@@ -108,6 +108,13 @@ class EngineConfig:
         if self.prefill_chunk is not None:
             return self
         return dataclasses.replace(self, prefill_chunk=sized_chunk(budget))
+
+    def budget_for_memory(self, size: int | str, geometry: KvGeometry) -> tuple[Budget, EngineConfig]:
+        """The budget whose allocation fits in `size` (Budget.for_memory, at
+        this configuration's cache types and chunk) and this configuration
+        for it (for_sized_budget): what kv_memory means wherever it is given."""
+        budget = Budget.for_memory(size, geometry, type_k=self.type_k, type_v=self.type_v, prefill_chunk=self.chunk)
+        return budget, self.for_sized_budget(budget)
 
     @classmethod
     def from_keywords(cls, model_path: str | os.PathLike[str] | None = None, **fields: Any) -> EngineConfig:
