@@ -36,25 +36,9 @@ def _fid(f: dict | None) -> list[str]:
     return [f"{f['top1_agreement']:.1%}", f"{f['mean_kl']:.4f}", f"{f['max_kl']:.2f}"]
 
 
-def headline(rows: list[dict] | dict) -> str:
-    if isinstance(rows, dict):  # under scope_edge.protocol: bench/headline.py renders its own
-        from headline import table
-        return table(rows)
-    s, c = rows[0]["stock"], rows[0]["config"]
-    out = [f"prompt {c['prompt_tokens']} + {c['max_tokens']} generated, budgets {c['prefill_budget']}/"
-           f"{c['decode_budget']}; stock: {s['n_ctx']} cells, {s['kv_bytes'] / MIB:.1f} MiB, prefill "
-           f"{s['prefill_tokens_per_s']:.0f} tok/s, decode {s['decode_tokens_per_s']:.1f} tok/s; "
-           f"1-min load at start {rows[0]['machine']['loadavg_1m']:.2f}", ""]
-    body = []
-    for r in rows:
-        o, q, i = r["ours"], r["ratios"], r["ideal"]
-        body.append([r["config"]["strategy"], f"{o['kv_cells_allocated']:,}", f"{o['kv_cells_peak']:,}",
-                     f"{o['kv_bytes_allocated'] / MIB:.1f}", f"{q['kv_bytes']:.1%}",
-                     f"{o['prefill_tokens_per_s']:.0f}", f"{o['decode_tokens_per_s']:.1f}", f"{q['decode_speedup']:.2f}x",
-                     f"{i['decode_tokens_per_s']:.1f}", *_fid(r["fidelity"])])
-    out.append(_table(["strategy", "cells allocated", "cells peak", "KV MiB", "KV / stock", "prefill tok/s",
-                       "decode tok/s", "decode / stock", "ideal decode tok/s", "top-1", "mean KL", "max KL"], body))
-    return "\n".join(out)
+def headline(d: dict) -> str:
+    from headline import table  # bench/headline.py renders its own (scope_edge.protocol)
+    return table(d)
 
 
 def _run_name(config: dict) -> str:
@@ -138,22 +122,8 @@ def memory(d: dict) -> str:
 
 
 def speed(d: dict) -> str:
-    if "protocol" in d:  # under scope_edge.protocol: bench/speed.py renders its own
-        from speed import table
-        return table(d)
-    body = [[f"{r['context']:,}", f"{r['stock']['decode_tokens_per_s']:.1f}", f"{r['ours']['decode_tokens_per_s']:.1f}",
-             f"{r['ideal']['decode_tokens_per_s']:.1f}",
-             f"{r['ours']['decode_tokens_per_s'] / r['stock']['decode_tokens_per_s']:.2f}x"] for r in d["rows"]]
-    out = [_table(["context", "stock tok/s", "ours tok/s", "ideal tok/s", "ours / stock"], body)]
-    hooks = d.get("hook_overhead", {}).get("results", {})
-    if hooks:
-        out.append("\n" + _table(["cached", "stock tok/s", "bare", "hook", "capture", "hook / stock", "capture / stock",
-                                  "all runs (stock; hook; capture)"],
-                                 [[f"{int(n):,}", *[f"{h['decode_tokens_per_s'][m]:.1f}" for m in ("stock", "bare", "hook", "capture")],
-                                   f"{h['hook_vs_stock']:.3f}", f"{h['capture_vs_stock']:.3f}",
-                                   "; ".join(" ".join(f"{x:.1f}" for x in h["all"][m]) for m in ("stock", "hook", "capture"))]
-                                  for n, h in hooks.items()]))
-    return "\n".join(out)
+    from speed import table  # bench/speed.py renders its own (scope_edge.protocol)
+    return table(d)
 
 
 def beyond(d: dict) -> str:
@@ -215,13 +185,7 @@ def flash(d: dict) -> str:
     if any("columns" in d.get(where, {}) for where in ("cpu", "device")):  # under scope_edge.protocol
         from flash import table
         return table(d)
-    out = []
-    for where in ("cpu", "device"):
-        if where in d:
-            runs = d[where]["runs"]
-            out += [f"{where}: decode tok/s, last steps", "",
-                    _table(list(runs), [[f"{r['decode_tokens_per_s']:.1f}" for r in runs.values()]]), "",
-                    _table(["ratio", ""], [[k, f"{v:.2f}x"] for k, v in d[where]["ratios"].items()]), ""]
+    out = []  # flash_memory.json: bytes, not timed
     if d.get("memory"):
         out.append(_table(["4096 + 4096, K and V q8_0", "prefill chunk", "rank", "cells", "KV / stock f16",
                            "with sketches"],
@@ -232,39 +196,14 @@ def flash(d: dict) -> str:
 
 
 def long_run(d: dict) -> str:
-    if "protocol" in d:  # under scope_edge.protocol: bench/long_run.py renders its own
-        from long_run import table
-        return table(d)
-    w, s = d["windows"], d["summary"]
-    return (f"{d['strategy']}, budgets {d['budget']['prefill']}/{d['budget']['decode']}, {w[-1]['tokens']:,} tokens "
-            f"in windows of {d['window']:,}: first window {w[0]['tokens_per_s']:.1f} tok/s, last "
-            f"{w[-1]['tokens_per_s']:.1f} (x{s['tokens_per_s_last_over_first']:.2f}), slowest "
-            f"{min(x['tokens_per_s'] for x in w):.1f}, fastest {max(x['tokens_per_s'] for x in w):.1f}; RSS "
-            f"{w[0]['rss_bytes'] / MIB:.1f} -> {w[-1]['rss_bytes'] / MIB:.1f} MiB; at most {s['max_cells_held']} cells held")
+    from long_run import table  # bench/long_run.py renders its own (scope_edge.protocol)
+    return table(d)
 
 
 def server(d: dict) -> str:
     """Equal threads first; KV against what the timed stock held and against N contexts at once."""
-    if "protocol" in d:  # under scope_edge.protocol: bench/server.py renders its own
-        from server import table
-        return table(d)
-    cache = d["ours_cache"]
-    kind = f"K {cache['type_k']}, V {cache['type_v']}" + (", flash attention" if cache["flash_attn"] else "") + \
-        (f", rank-{cache['sketch_rank']} sketches" if cache["sketch_rank"] else "")
-    one = d["stock"][0]["kv_bytes"]
-    out = [f"{d['prompt']} + {d['tokens']} tokens a conversation, budgets {d['budget'][0]}/{d['budget'][1]}; ours: "
-           f"{kind}; stock: f16, one context at a time, on {d['batch_threads']} threads and at its default "
-           f"threads; KV includes any sketches", ""]
-    body = [[str(r["conversations"]), f"{r['ours']['decode_tokens_per_s']:.1f}",
-             f"{r['stock_threads_decode_tokens_per_s']:.1f}", f"{r['decode_speedup_same_threads']:.2f}x",
-             f"{r['stock_decode_tokens_per_s']:.1f}", f"{r['decode_speedup']:.2f}x",
-             f"{r['ours']['kv_bytes'] / MIB:.1f}", f"{one / MIB:.1f}", f"{r['ours']['kv_bytes'] / one:.1%}",
-             f"{r['stock_kv_bytes'] / MIB:.1f}", f"{r['kv_ratio']:.1%}"] for r in d["runs"]]
-    out.append(_table(["conversations", "ours decode tok/s", f"stock tok/s, {d['batch_threads']} threads",
-                       "ours / stock, equal threads", "stock tok/s, default threads", "ours / stock, default threads",
-                       "ours KV MiB", "stock KV MiB held (one context)", "ours / held",
-                       "stock KV MiB, N contexts at once", "ours / N contexts"], body))
-    return "\n".join(out)
+    from server import table  # bench/server.py renders its own (scope_edge.protocol)
+    return table(d)
 
 
 def ordered_suite(path: Path) -> str:

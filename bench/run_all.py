@@ -1,5 +1,5 @@
 """Reproduce every number and plot in bench/results/ (several hours on 2 cores: the speed
-scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 100,000 tokens;
+scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 20,000 tokens;
 multiturn.py's 20 chats x 3 configurations at the default budget, 2,048 and 1,024 cells, about half an hour).
 
     python bench/run_all.py [--quick]
@@ -7,7 +7,7 @@ multiturn.py's 20 chats x 3 configurations at the default budget, 2,048 and 1,02
 Runs, in order: headline.py (2048 + 4096, slide, 3 interleaved rounds under
 scope_edge.protocol, then an untimed fidelity pass; and 2048 + 2048), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
-device.py (an RPC device on 127.0.0.1), one_slot.py (the facade against a one-slot BatchRunner), long_run.py (100,000 tokens), server.py
+device.py (an RPC device on 127.0.0.1), one_slot.py (the facade against a one-slot BatchRunner), long_run.py (20,000 tokens: its stored file; the script's default is 100,000), server.py
 (1, 2, 4 conversations served together, against stock in turn and plain llama.cpp batched, 3 interleaved
 rounds; again 4 with a q8_0 K cache, and 4 with flash attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
 tuning prompts, then the evaluation prompts of both families; SnapKV's paper pooling on the same
@@ -59,7 +59,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
       "--out", "RESULTS/steady.json"]),
     ("one_slot.py", [], ["--prompt", "128", "--tokens", "16", "--prefill-budget", "64", "--decode-budget", "16",
                          "--rounds", "1"]),
-    ("long_run.py", [], ["--tokens", "400", "--window", "200", "--rounds", "2", "--stock-tokens", "64",
+    ("long_run.py", ["--tokens", "20000"], ["--tokens", "400", "--window", "200", "--rounds", "2", "--stock-tokens", "64",
                          "--ideal-steps", "16"]),
     ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2", "--prefill-budget", "96",
                        "--decode-budget", "32", "--prefill-chunk", "64", "--rounds", "2", "--batched-steps", "16"]),

@@ -5,10 +5,15 @@ import argparse
 import logging
 import os
 import sys
+import types
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import flags
 from .budget import Budget
+
+if TYPE_CHECKING:  # the server needs the [server] extra: imported when serve runs
+    from .server import ServerSettings
 
 log = logging.getLogger("scope_edge")
 
@@ -146,11 +151,25 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible server (scope_edge.server); needs the [server] extra."""
+    settings = serve_settings(args)
+    logging.getLogger("scope_edge").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    _server().serve(settings)
+    return 0
+
+
+def _server() -> types.ModuleType:
     try:
         from . import server
     except ImportError as e:
         raise RuntimeError(f"serve needs FastAPI and uvicorn ({e}); install them with: "
                            "pip install 'scope-edge[server]'") from None
+    return server
+
+
+def serve_settings(args: argparse.Namespace) -> ServerSettings:
+    """The server.ServerSettings `scope-edge serve` runs for these parsed
+    arguments (build_parser); ValueError for flags that contradict."""
+    server = _server()
     from . import memory, models
     from .policies.registry import DEFAULT_KEEP_STRUCTURE
 
@@ -166,14 +185,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     chosen = args.kv_memory is not None or args.prefill_budget is not None or args.decode_budget is not None
     policy_names = {name: value for name, value in (("strategy", args.strategy), ("prefill_selector", args.selector),
                                                     ("lend", args.lend)) if value is not None}
-    settings = server.ServerSettings(
+    return server.ServerSettings(
         engine=engine, model_name=args.model_name or server.model_name_of(path),
         budget=budget, **policy_names, keep_structure=DEFAULT_KEEP_STRUCTURE and not chosen, slots=args.slots,
         slot_cells=args.slot_cells, step_tokens=args.step_tokens, max_tokens=args.max_tokens,
         queue_size=args.queue_size, api_key=args.api_key or None, host=args.host, port=args.port)
-    logging.getLogger("scope_edge").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    server.serve(settings)
-    return 0
 
 
 def _add_serve_args(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,9 @@ import pytest
 from llama_log import llama_log
 
 from scope_edge import Budget, EngineConfig, ScopeLlama, memory
+from scope_edge.bench.command import config_from_args
 from scope_edge.budget import sized_chunk
+from scope_edge.cli import build_parser, serve_settings
 from scope_edge.policies.registry import DEFAULT_STRATEGY, default_budget
 
 STORY = "Write a long story about a lighthouse keeper."
@@ -94,6 +96,24 @@ def test_kv_memory_sizes_the_budget_and_the_chunk_in_one_place(model_path):
     assert budget == Budget.for_memory("12MiB", geometry, prefill_chunk=64) and cfg.prefill_chunk == 64
     with pytest.raises(ValueError, match="kv_memory='1KiB'"):
         EngineConfig(model_path=model_path).budget_for_memory("1KiB", geometry)
+
+
+@pytest.mark.parametrize("command", ["serve", "bench"])
+def test_serve_and_bench_size_kv_memory_as_scope_llama_does(model_path, command):
+    """`--kv-memory 12MiB` (512 cells at f16) gives serve's settings and
+    bench's configuration the budget and the sized chunk ScopeLlama gets."""
+    args = build_parser().parse_args([command, "--model", str(model_path), "--kv-memory", "12MiB"])
+    if command == "serve":
+        settings = serve_settings(args)
+        budget, engine = settings.budget, settings.engine
+    else:
+        config = config_from_args(args)
+        budget, engine = Budget(prefill=config.prefill_budget, decode=config.decode_budget), config.engine
+    assert (budget.prefill, budget.decode) == (256, 256) and engine.prefill_chunk == 128
+    both = build_parser().parse_args([command, "--model", str(model_path), "--kv-memory", "12MiB",
+                                      "--prefill-budget", "256"])
+    with pytest.raises(ValueError, match="either --kv-memory or --prefill-budget"):
+        serve_settings(both) if command == "serve" else config_from_args(both)
 
 
 def test_a_prompt_as_long_as_a_small_default_context(model_path):
