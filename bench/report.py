@@ -127,27 +127,8 @@ def speed(d: dict) -> str:
 
 
 def beyond(d: dict) -> str:
-    if "protocol" in d.get("targets", {}):  # under scope_edge.protocol: bench/beyond.py renders its own
-        from beyond import table
-        return table(d)
-    out = []
-    if "targets" in d:
-        t = d["targets"]
-        out.append(f"prompt {t['prompt_tokens']} + {t['max_tokens']}: stock f16 {t['stock']['kv_bytes'] / MIB:.1f} MiB, "
-                   f"decode {t['stock']['decode_tokens_per_s']:.1f} tok/s\n")
-        out.append(_table(["K type", "cells", "KV MiB", "KV / stock f16", "decode tok/s", "decode / stock",
-                           "ideal tok/s", "decode / ideal"],
-                          [[r["type_k"], f"{r['ours']['kv_cells_allocated']:,}", f"{r['ours']['kv_bytes_allocated'] / MIB:.1f}",
-                            f"{r['kv_bytes_vs_stock_f16']:.1%}", f"{r['ours']['decode_tokens_per_s']:.1f}",
-                            f"{r['decode_vs_stock']:.2f}x", f"{r['ideal']['decode_tokens_per_s']:.1f}",
-                            f"{r['decode_vs_ideal']:.2f}"] for r in t["ours"]]))
-    if "chunking" in d:
-        c = d["chunking"]
-        out.append(f"\nchunked vs one-shot, prompt {c['prompt_tokens']} + {c['max_tokens']}\n")
-        out.append(_table(["selector", "prefill", "cells", "top-1", "mean KL", "max KL"],
-                          [[r["selector"], "chunked" if r["chunked"] else "one-shot", f"{r['kv_cells_allocated']:,}",
-                            *_fid(r)] for r in c["rows"]]))
-    return "\n".join(out)
+    from beyond import table  # bench/beyond.py renders its own (scope_edge.protocol)
+    return table(d)
 
 
 def device(d: dict) -> str:

@@ -170,17 +170,12 @@ def serve_settings(args: argparse.Namespace) -> ServerSettings:
     """The server.ServerSettings `scope-edge serve` runs for these parsed
     arguments (build_parser); ValueError for flags that contradict."""
     server = _server()
-    from . import memory, models
+    from . import models
     from .policies.registry import DEFAULT_KEEP_STRUCTURE
 
     path = str(models.resolve_model_path(args.model))
     engine = flags.engine_config(args, model_path=path)
-    if args.kv_memory is not None:
-        if args.prefill_budget is not None or args.decode_budget is not None:
-            raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
-        budget, engine = engine.budget_for_memory(args.kv_memory, memory.read_geometry(path))
-    else:
-        budget = flags.budget_of(args, prefill=SERVE_BUDGET.prefill, decode=SERVE_BUDGET.decode)
+    budget, engine = flags.sized_budget_of(args, engine, prefill=SERVE_BUDGET.prefill, decode=SERVE_BUDGET.decode)
     # the default budget (none given) keeps the chat's structure, as ScopeLlama's does
     chosen = args.kv_memory is not None or args.prefill_budget is not None or args.decode_budget is not None
     policy_names = {name: value for name, value in (("strategy", args.strategy), ("prefill_selector", args.selector),

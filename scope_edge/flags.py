@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from . import memory
 from .budget import Budget
 from .devices import Devices
 from .policies import LEND_RULES, PREFILL_SELECTORS, STRATEGIES
@@ -113,6 +114,18 @@ def add_policy_args(p: argparse.ArgumentParser, *, full_cache: bool = True, defa
     g.add_argument("--lend", default=None, choices=LEND_RULES,
                    help="which prompt cells borrowing the decode room go back first "
                         "(none: the paper, the decode room stays empty until the output fills it)")
+
+
+def sized_budget_of(args: argparse.Namespace, engine: EngineConfig, *, prefill: int,
+                    decode: int) -> tuple[Budget | None, EngineConfig]:
+    """The budget of --kv-memory (EngineConfig.budget_for_memory, for the
+    engine's model and cache types) or else of the budget flags (budget_of,
+    with the command's defaults), and the engine configuration it runs with."""
+    if args.kv_memory is None:
+        return budget_of(args, prefill=prefill, decode=decode), engine
+    if args.prefill_budget is not None or args.decode_budget is not None:
+        raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
+    return engine.budget_for_memory(args.kv_memory, memory.read_geometry(engine.path()))
 
 
 def budget_of(args: argparse.Namespace, *, prefill: int | None = None, decode: int | None = None) -> Budget | None:

@@ -38,8 +38,7 @@ import json
 import sys
 from typing import Any
 
-from .. import memory
-from ..flags import add_engine_args, add_policy_args, budget_of, engine_config
+from ..flags import add_engine_args, add_policy_args, engine_config, sized_budget_of
 from .config import BenchConfig, scoring_name
 from .run import run_bench
 
@@ -72,13 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     d = BenchConfig()
-    engine = engine_config(args)
-    if args.kv_memory is not None:
-        if args.prefill_budget is not None or args.decode_budget is not None:
-            raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
-        budget, engine = engine.budget_for_memory(args.kv_memory, memory.read_geometry(engine.path()))
-    else:
-        budget = budget_of(args, prefill=d.prefill_budget, decode=d.decode_budget)
+    budget, engine = sized_budget_of(args, engine_config(args), prefill=d.prefill_budget, decode=d.decode_budget)
     return BenchConfig(
         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, strategy=args.strategy or d.strategy,
         prefill_selector=args.selector, lend=args.lend or d.lend, prefill_budget=budget.prefill,
