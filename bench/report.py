@@ -132,29 +132,13 @@ def beyond(d: dict) -> str:
 
 
 def device(d: dict) -> str:
-    out = []
-    h = d.get("headline")
-    if h:
-        out.append(f"every layer on the RPC device, prompt {h['prompt']} + {h['tokens']}, budgets "
-                   f"{h['budget'][0]}/{h['budget'][1]}; stock on the device: {h['stock']['kv_cells']:,} cells, "
-                   f"{h['stock']['decode_tokens_per_s']:.1f} tok/s\n")
-        out.append(_table(["run", "cells", "decode tok/s", "vs stock", "captured steps", "reads / step",
-                           "MB / captured step"],
-                          [[name, f"{r['kv_cells']:,}", f"{r['decode_tokens_per_s']:.1f}", f"{r['vs_stock']:.2f}x",
-                            f"{r['captured_steps']:,}", f"{r['reads_per_step']:.1f}",
-                            f"{r['bytes_per_captured_step'] / 1e6:.2f}" if r["captured_steps"] else "-"]
-                           for name, r in ((n, h[n]) for n in ("full", "slide", "slide_every_layer") if n in h)]))
-    def ratio(r: dict) -> str:
-        spread = f" ({r['vs_stock_min']:.2f}..{r['vs_stock_max']:.2f})" if r.get("repeats", 1) > 1 else ""
-        return (f"{r['decode_tokens_per_s']:.1f} / {r['stock_same_cells_tokens_per_s']:.1f} = "
-                f"{r['vs_stock']:.2f}x{spread}")
-    rows = [[s, *[ratio(d[w][s]) for w in ("steady_cpu", "steady_device")], f"{d['steady_cpu'][s]['kv_cells']:,}"]
-            for s in d["steady_cpu"]]
-    repeats = next(iter(d["steady_cpu"].values())).get("repeats", 1)
-    out.append("\nsteady state (decode cache full), ours / stock at the same cells"
-               + (f": medians of {repeats} interleaved rounds (spread of the ratios)\n" if repeats > 1 else "\n"))
-    out.append(_table(["strategy", "CPU tok/s", "RPC device tok/s", "cells"], rows))
-    return "\n".join(out)
+    from device import table  # bench/device.py renders its own (scope_edge.protocol)
+    return table(d)
+
+
+def iswa(d: dict) -> str:
+    from iswa import table  # bench/iswa.py renders its own
+    return table(d)
 
 
 def one_slot(d: dict) -> str:
@@ -205,6 +189,7 @@ REPORTS: dict[str, Callable] = {
     "fidelity_sketch_lookback_prompts.json": fidelity_prompts,
     "fidelity_sketch_lookback_rank32_prompts.json": fidelity_prompts,
     "server.json": server, "server_q8.json": server, "server_flash.json": server,
+    "iswa.json": iswa, "iswa_fidelity.json": iswa,
     "ordered_tune.json": ordered_suite, "ordered_tune_chunk.json": ordered_suite, "ordered_eval.jsonl": ordered_suite,
 }
 

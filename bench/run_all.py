@@ -2,26 +2,28 @@
 scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 20,000 tokens;
 multiturn.py's 20 chats x 3 configurations at the default budget, 2,048 and 1,024 cells, about half an hour).
 
-    python bench/run_all.py [--quick]
+    python bench/run_all.py [--quick] [--results DIR]
+    python bench/compare.py DIR       # a re-run's ratios against the stored spreads
 
 Runs, in order: headline.py (2048 + 4096, slide, 3 interleaved rounds under
 scope_edge.protocol, then an untimed fidelity pass; and 2048 + 2048), fidelity.py (512 + 256 and 512 + 1024), tasks.py,
 memory.py, speed.py (with hook_overhead.py at 2K and 7K), beyond.py,
-device.py (an RPC device on 127.0.0.1), one_slot.py (the facade against a one-slot BatchRunner), long_run.py (20,000 tokens: its stored file; the script's default is 100,000), server.py
-(1, 2, 4 conversations served together, against stock in turn and plain llama.cpp batched, 3 interleaved
-rounds; again 4 with a q8_0 K cache, and 4 with flash attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
+device.py (an RPC device on 127.0.0.1: the headline, then the steady rows), one_slot.py (the facade against a one-slot BatchRunner), long_run.py (20,000 tokens: its stored file; the script's default is 100,000), server.py
+(4 conversations served together, against stock in turn and plain llama.cpp batched, 3 interleaved
+rounds; again with a q8_0 K cache, and 4 with flash attention, K and V q8_0 and key sketches), ordered.py (the ordered task suite:
 tuning prompts, then the evaluation prompts of both families; SnapKV's paper pooling on the same
 evaluation prompts, and teacher-forced on 20 fresh logbooks), multiturn.py (multi-turn chats at the
 default budget with and without the chat structure kept, then its report), fidelity.py with today's defaults
 (one prompt, then five), fidelity.py with key sketches (one prompt, then five; again with today's pooling),
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
-attention on and off, CPU and RPC device; then memory at 4096 + 4096), plots.py, then
-report.py writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
+attention on and off, CPU and RPC device; then memory at 4096 + 4096), iswa.py (Gemma 3 270M,
+fetched from PyPI: speed in 3 rounds, then teacher-forced fidelity), plots.py, then report.py
+writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
 
 Stored files this does not re-create (older one-off runs; bench/README.md says what made
 each): aggregation_512.json, aggregation_1024.json, fidelity_default.json,
-fidelity_sketch_random.json, fidelity_sketch_rank.json, iswa.json and iswa_fidelity.json
-(bench/iswa.py, needs Gemma 3), structured.json (bench/structured.py) and ordered_tune.json (an earlier runtime's tuning).
+fidelity_sketch_random.json, fidelity_sketch_rank.json, structured.json (bench/structured.py) and
+ordered_tune.json (an earlier runtime's tuning).
 Several files that it does re-create were made with older defaults (CHANGELOG.md).
 """
 from __future__ import annotations
@@ -52,8 +54,8 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("beyond.py", [], ["--prompt-tokens", "600", "--max-tokens", "64", "--prefill-budget", "128", "--rounds", "2",
                        "--ideal-steps", "16",
                        "--decode-budget", "64", "--chunk-prompt", "300", "--chunk-gen", "32"]),
-    ("device.py", [], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128", "--decode-budget", "64",
-                       "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1"]),
+    ("device.py", ["--skip-steady"], ["--prompt", "300", "--tokens", "32", "--prefill-budget", "128",
+                                      "--decode-budget", "64", "--rounds", "1", "--ideal-steps", "8", "--skip-steady"]),
     ("device.py", ["--skip-headline", "--out", "RESULTS/steady.json"],
      ["--skip-headline", "--steady-steps", "8", "--steady-size", "96", "--steady-repeats", "1",
       "--out", "RESULTS/steady.json"]),
@@ -61,7 +63,7 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                          "--rounds", "1"]),
     ("long_run.py", ["--tokens", "20000"], ["--tokens", "400", "--window", "200", "--rounds", "2", "--stock-tokens", "64",
                          "--ideal-steps", "16"]),
-    ("server.py", [], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2", "--prefill-budget", "96",
+    ("server.py", ["--conversations", "4"], ["--prompt", "256", "--tokens", "64", "--conversations", "1", "2", "--prefill-budget", "96",
                        "--decode-budget", "32", "--prefill-chunk", "64", "--rounds", "2", "--batched-steps", "16"]),
     ("server.py", ["--conversations", "4", "--type-k", "q8_0", "--out", "RESULTS/server_q8.json"],
      ["--prompt", "256", "--tokens", "64", "--conversations", "2", "--type-k", "q8_0", "--rounds", "2",
@@ -151,23 +153,41 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                                      "--decode-budget", "32", "--rank", "8", "--skip-memory"]),
     ("flash.py", ["--skip-speed", "--skip-device", "--out", "RESULTS/flash_memory.json"],
      ["--skip-speed", "--skip-device", "--ranks", "8"]),
+    ("iswa.py", ["--speed-only"], ["--prompt", "600", "--gen", "48", "--budgets", "512:512", "--rounds", "1",
+                                   "--speed-only"]),
+    ("iswa.py", ["--gen", "1024", "--budgets", "--out", "RESULTS/iswa_fidelity.json"],
+     ["--prompt", "600", "--gen", "24", "--budgets", "--fidelity-budgets", "512:512", "--fidelity-tokens", "16"]),
     ("plots.py", [], []),
 ]
+
+
+def arguments(script: str, args: list[str], results: Path, *, quick: bool, first: bool, index: int) -> list[str]:
+    """A run's arguments with RESULTS made `results`; every result file into
+    `results`: a script's own default file name is <script>.json there."""
+    extra = [a.replace("RESULTS", str(results)) for a in args]
+    stem = script.removesuffix(".py")
+    if script == "plots.py":
+        return extra + ["--results", str(results)]
+    if quick:  # first run of a script under its plain name (plots.py reads those)
+        return extra + ["--out", str(results / (f"{stem}.json" if first else f"{stem}_{index}.json"))]
+    return extra if "--out" in extra or script in ("ordered.py", "multiturn.py") else extra + [
+        "--out", str(results / f"{stem}.json")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="write every result file here (default: bench/results/, or bench/out/ with --quick); "
+                         "then `python bench/compare.py DIR` places them against the stored ones")
     args = ap.parse_args()
-    results = HERE / "out" if args.quick else HERE / "results"
+    results = args.results or (HERE / "out" if args.quick else HERE / "results")
+    results.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
     for i, (script, full, quick) in enumerate(RUNS):
-        extra = [a.replace("RESULTS", str(results)) for a in (quick if args.quick else full)]
-        if args.quick:  # into bench/out/, first run of a script under its plain name (plots.py reads those)
-            stem = script.removesuffix(".py")
-            name = f"{stem}.json" if stem not in seen else f"{stem}_{i}.json"
-            seen.add(stem)
-            extra += ["--results", str(results)] if script == "plots.py" else ["--out", str(results / name)]
+        extra = arguments(script, quick if args.quick else full, results, quick=args.quick,
+                          first=script not in seen, index=i)
+        seen.add(script)
         print(f"== {script} {' '.join(extra)}", flush=True)
         subprocess.run([sys.executable, str(HERE / script), *extra], check=True)
     subprocess.run([sys.executable, str(HERE / "report.py"), "--results", str(results),

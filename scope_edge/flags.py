@@ -125,7 +125,18 @@ def sized_budget_of(args: argparse.Namespace, engine: EngineConfig, *, prefill: 
         return budget_of(args, prefill=prefill, decode=decode), engine
     if args.prefill_budget is not None or args.decode_budget is not None:
         raise ValueError("give either --kv-memory or --prefill-budget/--decode-budget, not both")
+    _refuse_windows(args, "--kv-memory")
     return engine.budget_for_memory(args.kv_memory, memory.read_geometry(engine.path()))
+
+
+def _refuse_windows(args: argparse.Namespace, budget: str) -> None:
+    """The windows shape a budget the flags give; a sized budget has its own, no budget none."""
+    given = [flag for flag, value in (("--observation-window", args.observation_window),
+                                      ("--recent-window", args.recent_window)) if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} set the windows of a budget given by --prefill-budget and "
+                         f"--decode-budget, and would be dropped with {budget}: give both budgets, or drop "
+                         f"{' and '.join(given)}")
 
 
 def budget_of(args: argparse.Namespace, *, prefill: int | None = None, decode: int | None = None) -> Budget | None:
@@ -135,6 +146,7 @@ def budget_of(args: argparse.Namespace, *, prefill: int | None = None, decode: i
     pb = args.prefill_budget if args.prefill_budget is not None else prefill
     db = args.decode_budget if args.decode_budget is not None else decode
     if pb is None and db is None:
+        _refuse_windows(args, "--kv-memory, --full-cache or the default budget")
         return None
     if pb is None or db is None:
         raise ValueError("give both --prefill-budget and --decode-budget, or neither (the default budget)")

@@ -67,11 +67,15 @@ LIBRARY_DEFAULT = Threads()
 
 @dataclass(frozen=True, kw_only=True)
 class Cache:
-    """KV types and attention kernel: what equal KV settings means."""
+    """KV types and attention kernel: what equal KV settings means.
+    swa_full: a sliding-window model's window cache as big as the full one
+    (llama.cpp's default) or only the window plus a ubatch (no effect on
+    other models)."""
 
     type_k: str = "f16"
     type_v: str = "f16"
     flash_attn: bool = False
+    swa_full: bool = True
 
 
 # -- arithmetic --------------------------------------------------------------
@@ -149,8 +153,8 @@ def stock_llama(path: str, n_ctx: int, *, cache: Cache = Cache(), threads: Threa
                 n_gpu_layers: int = 0) -> llama_cpp.Llama:
     """A stock llama_cpp.Llama of n_ctx cells at the given KV types, kernel and threads."""
     return llama_cpp.Llama(path, n_ctx=n_ctx, type_k=KV_TYPES[cache.type_k], type_v=KV_TYPES[cache.type_v],
-                           flash_attn=cache.flash_attn, n_gpu_layers=n_gpu_layers, n_threads=threads.decode,
-                           n_threads_batch=threads.batch, verbose=False)
+                           flash_attn=cache.flash_attn, swa_full=cache.swa_full, n_gpu_layers=n_gpu_layers,
+                           n_threads=threads.decode, n_threads_batch=threads.batch, verbose=False)
 
 
 def prefill(llm: llama_cpp.Llama, prompt: Sequence[int]) -> None:

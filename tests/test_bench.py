@@ -546,3 +546,47 @@ def test_one_slot_script_times_both_drivers(tmp_path):
     facade, one = (res["runs"][k][0]["decode_tokens_per_s"] for k in ("facade (ScopeLlama)", "one slot (BatchRunner)"))
     assert facade > 0 and one > 0
     assert res["one slot / facade"]["median"] == pytest.approx(one / facade)
+
+
+def test_compare_places_a_rerun_against_the_stored_spread(tmp_path):
+    """bench/compare.py: a re-run identical to the stored file is within; one
+    ratio moved past the stored max is outside (and --strict exits 1); a
+    server re-run with more conversation counts is matched by its count."""
+    compare = _script("compare")
+    results = BENCH / "results"
+    headline = json.loads((results / "headline.json").read_text())
+    server = json.loads((results / "server.json").read_text())
+    (tmp_path / "headline.json").write_text(json.dumps(headline))
+    extra = copy.deepcopy(server["runs"][-1]) | {"conversations": 99}
+    (tmp_path / "server.json").write_text(json.dumps(server | {"runs": [extra, *server["runs"]]}))
+    rows, hosts = compare.run(compare.parser().parse_args([str(tmp_path)]))
+    assert hosts == {"headline.json": (compare.stock_speed(headline),) * 2}
+    assert {r.file for r in rows} == {"headline.json", "server.json"}
+    assert len(rows) == len(headline["ratios"]) + len(server["runs"][-1]["ratios"])
+    assert all(r.verdict == "within" for r in rows)
+
+    name = "ours, slide 1024/512 / stock"
+    top = headline["ratios"][name]["max"]
+    headline["ratios"][name].update(median=top * 1.2, min=top * 1.1, max=top * 1.3)
+    (tmp_path / "headline.json").write_text(json.dumps(headline))
+    cmd = [sys.executable, str(BENCH / "compare.py"), str(tmp_path), "--files", "headline.json", "--strict"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"| headline.json | {name} |" in done.stdout and "| outside |" in done.stdout
+    missing = subprocess.run([*cmd[:3], "--files", "goal_4096_12288.json"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "no goal_4096_12288.json in" in missing.stderr
+
+
+def test_run_all_writes_every_result_into_the_folder_asked(tmp_path):
+    """run_all.py --results DIR: every run's files go to DIR (a re-run to
+    compare with bench/compare.py leaves the stored files alone)."""
+    run_all = _script("run_all")
+    stored = str(BENCH / "results")
+    for quick in (False, True):
+        seen: set[str] = set()
+        for i, (script, full, small) in enumerate(run_all.RUNS):
+            extra = run_all.arguments(script, small if quick else full, tmp_path, quick=quick,
+                                      first=script not in seen, index=i)
+            seen.add(script)
+            assert any(a.startswith(str(tmp_path)) for a in extra), (script, extra)
+            assert not any("RESULTS" in a or a.startswith(stored) for a in extra), (script, extra)

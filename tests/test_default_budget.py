@@ -237,3 +237,19 @@ def test_cli_kv_memory_and_the_summary_shows_evictions(model_path):
     assert small.returncode == 2 and "smallest budget needs 512 cells" in small.stderr
     both = _cli("generate", "hi", "--model", model_path, "--kv-memory", "64MiB", "--full-cache")
     assert both.returncode == 2 and "--kv-memory --full-cache" in both.stderr
+
+
+@pytest.mark.parametrize("extra", [[], ["--kv-memory", "64MiB"], ["--full-cache"]])
+def test_windows_without_budgets_are_refused_not_dropped(model_path, extra):
+    """--recent-window shapes a budget the flags give; with the default budget, --kv-memory or
+    --full-cache it used to be dropped silently."""
+    refused = "--recent-window set the windows of a budget given by --prefill-budget"
+    gen = _cli("generate", "hi", "--model", str(model_path), "--recent-window", "64", *extra)
+    assert gen.returncode == 2 and refused in gen.stderr, gen.stderr
+    if extra[:1] == ["--kv-memory"]:
+        with pytest.raises(ValueError, match=refused):
+            serve_settings(build_parser().parse_args(["serve", "--model", str(model_path), "--recent-window", "64",
+                                                      *extra]))
+    given = build_parser().parse_args(["serve", "--model", str(model_path), "--prefill-budget", "256",
+                                       "--decode-budget", "128", "--recent-window", "64"])
+    assert serve_settings(given).budget.recent_window == 64

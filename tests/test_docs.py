@@ -80,7 +80,7 @@ def _beyond_protocol(t: dict) -> set[str]:
 
 
 def _device(d: dict) -> set[str]:
-    """device.py's steady rows (device.json, steady.json): slide's, and the
+    """device.py's steady rows (steady.json): slide's, and the
     ratios of ours with no budget (its own cost) when the file has them."""
     r = d["steady_cpu"]["slide"]
     held = {str(r["kv_cells"]), str(r["repeats"]), f"{r['decode_tokens_per_s']:.1f}",
@@ -119,7 +119,7 @@ def _server_protocol(d: dict) -> set[str]:
 
 # cited file -> the numbers it holds for the README's rows
 HELD: dict[str, Callable[..., set[str]]] = {
-    "headline.json": _headline, "beyond.json": _beyond, "device.json": _device, "steady.json": _device,
+    "headline.json": _headline, "beyond.json": _beyond, "steady.json": _device,
     "server.json": _server,
 }
 

@@ -17,9 +17,10 @@ import pytest
 
 from scope_edge import Budget, ScopeLlama, memory
 from scope_edge.bench import eog_tokens
-from scope_edge.protocol import stock_greedy
+from scope_edge.protocol import Cache, stock_greedy
 from scope_edge.policies import COMBINATIONS
 from llama_log import llama_log
+from test_bench import _script
 from test_device import endpoint  # noqa: F401  (the RPC server fixture)
 from tiny_gguf import write_tiny_gguf
 
@@ -220,3 +221,37 @@ def test_gemma3_full_cache_on_the_device_is_token_identical_to_stock(gemma_path:
         ours = llm.generate(prompt, max_tokens=DEVICE_TOKENS, ignore_eos=True)
     assert ours.tokens == stock_greedy(gemma_path, prompt, DEVICE_TOKENS, eog=eog_tokens(gemma_path),
                                       n_gpu_layers=-1)["tokens"]
+
+
+@pytest.mark.network
+def test_stock_without_swa_full_allocates_what_memory_says(gemma_path: str) -> None:
+    """bench/iswa.py's second stock (swa_full=false, what a stock user can pass): llama.cpp's own
+    buffers are the window plus a ubatch for the window layers, the whole context for the others."""
+    cells = 2048
+    with llama_log() as lines:
+        stock = stock_greedy(gemma_path, list(range(2, 66)), 2, eog=eog_tokens(gemma_path), n_ctx=cells,
+                             cache=Cache(swa_full=False))
+    buffers = [float(line.split("=")[1].split("MiB")[0]) for line in lines if "KV buffer size" in line]
+    full, window = memory.kv_bytes_split(memory.read_geometry(gemma_path), cells, swa_full=False)
+    assert buffers[-2:] == [pytest.approx(full / 2**20, abs=0.01), pytest.approx(window / 2**20, abs=0.01)]
+    assert window < memory.kv_bytes_split(memory.read_geometry(gemma_path), cells, swa_full=True)[1]
+    assert stock["n_ctx"] == cells
+
+
+def test_iswa_script_steps_both_stocks_and_ours_in_rounds(tiny_iswa: Path) -> None:
+    """bench/iswa.py's speed part on the tiny gemma3: every side once a round, the order rotated,
+    each ratio the median of its per-round ratios; stock without swa_full holds a smaller window cache."""
+    iswa = _script("iswa")
+    res = iswa.speed(str(tiny_iswa), _tiny_prompt(700), 200, [(32, 24)], rounds=2)
+    cols = res["columns"]
+    assert list(cols) == ["stock", "stock, swa_full=false", "ours, 32/24"]
+    assert all([r["round"] for r in c["runs"]] == [0, 1] for c in cols.values())
+    assert cols["stock, swa_full=false"]["kv_bytes_swa"] < cols["stock"]["kv_bytes_swa"]
+    assert cols["stock, swa_full=false"]["kv_bytes_full"] == cols["stock"]["kv_bytes_full"]
+    assert cols["ours, 32/24"]["kv_bytes"] < cols["stock, swa_full=false"]["kv_bytes"]
+    for name, r in res["ratios"].items():
+        num, den = name.split(" / ")
+        assert r["rounds"] == [a["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                               for a, b in zip(cols[num]["runs"], cols[den]["runs"])], name
+    assert len(res["ratios"]) == 3 and "| ours, 32/24 |" in iswa.table(
+        {**res, "prompt_tokens": 700, "gen_tokens": 200, "fidelity": {"budgets": []}})
