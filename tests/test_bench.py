@@ -121,7 +121,7 @@ def test_save_results(tmp_path, capsys):
     assert capsys.readouterr().out == "only printed\n"
 
 
-def _script(name: str):
+def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the script runs
@@ -132,7 +132,7 @@ def _script(name: str):
 def test_fidelity_variants_evict(model_path):
     """bench/fidelity.py's scoring variants are real prefill selections: each
     keeps the prefill budget (a SnapKV without budget= keeps every cell)."""
-    fidelity = _script("fidelity")
+    fidelity = load_script("fidelity")
     for v in fidelity.VARIANTS:
         policy = fidelity.variant_policy(v, 96, 64)
         assert policy.prefill_keep(300) == 96, v.name
@@ -149,7 +149,7 @@ def test_lookback_keeps_every_key_token_of_an_ordered_prompt(model_path):
     suite): after the prefill selection SnapKV's default window still holds
     every item's "name: quantity" tokens, where the paper's centred window
     of 7 loses some (a quantity's second digit, mostly): issue #17."""
-    ordered = _script("ordered")
+    ordered = load_script("ordered")
     with ScopeLlama(str(model_path), budget=None) as full:
         task = ordered.sized_task(full, ordered.FAMILIES["inventory"], 512, 2001, 2)
         tokens = full.tokenize(full.render_chat(task.messages))
@@ -201,7 +201,7 @@ def test_run_many_takes_one_prompt():
 
 
 def test_fidelity_means_over_prompts():
-    fidelity = _script("fidelity")
+    fidelity = load_script("fidelity")
     rows = [{"config": {"prefill_budget": 96, "decode_budget": 64, "strategy": "slide", "lend": "passed",
                         "prompt_seed": seed}, "fidelity": {"top1_agreement": top1, "mean_kl": kl}}
             for seed, top1, kl in ((0, 0.5, 1.0), (1, 0.75, 0.5), (2, 1.0, 0.0))]
@@ -213,7 +213,7 @@ def test_fidelity_means_over_prompts():
 def test_fidelity_pooling_paired_difference():
     """--pooling's table pairs the two poolings by prompt: the difference's
     interval comes from the per-prompt differences, not the two means."""
-    fidelity = _script("fidelity")
+    fidelity = load_script("fidelity")
     (a, *_), (b, *_) = fidelity.POOLINGS
     rows = [{"seed": seed, "variant": v, "top1_agreement": top1, "mean_kl": kl}
             for seed, base in ((20, 0.5), (21, 0.7), (22, 0.9))
@@ -225,7 +225,7 @@ def test_fidelity_pooling_paired_difference():
 
 
 def test_ordered_paired_report():
-    ordered = _script("ordered")
+    ordered = load_script("ordered")
     runs = [{"config": c, "family": "teams", "size": 3, "seed": j, "score": score}
             for j, (full, x, y) in enumerate(((0.5, 0.5, 0.25), (1.0, 0.75, 0.5)))
             for c, score in ((ordered.FULL, full), ("x", x), ("y", y))]
@@ -362,7 +362,7 @@ def test_threads_labels():
 
 def test_headline_columns_and_labels(model_path):
     """The stock-at-default column appears only when stock's equal threads are not the library's default."""
-    headline = _script("headline")
+    headline = load_script("headline")
     prompt = logbook_prompt(str(model_path), 128)
     budget = Budget(prefill=64, decode=32)
     default = Threads().resolved()
@@ -378,7 +378,7 @@ def test_headline_columns_and_labels(model_path):
 def test_headline_protocol_on_the_model(model_path):
     """Two rounds at a tiny size: every column once a round in the rotated order, the ideal at ours'
     cells and steady level, stock's greedy tokens those of ours with no budget, every ratio from the runs."""
-    headline = _script("headline")
+    headline = load_script("headline")
     path = str(model_path)
     prompt = logbook_prompt(path, 400)
     budget = Budget(prefill=64, decode=32)
@@ -429,7 +429,7 @@ def test_batched_stock_is_n_streams_of_our_cells(model_path):
 def test_server_ratios_and_kv():
     """bench/server.py's arithmetic on made-up rounds: stock over its first N requests, ratios paired by
     round, KV against one context held, N at once and the batched streams, the targets."""
-    server = _script("server")
+    server = load_script("server")
     stock = [{"kv_bytes": 100, "requests": [{"prefill_s": 1.0, "decode_s": d} for d in ds]} for ds in ((9.0, 27.0),
                                                                                                         (18.0, 18.0))]
     runs = {server.EQUAL: stock,
@@ -468,7 +468,7 @@ def check_protocol_run(res: dict, rounds: int, want: list[str]) -> None:
 
 
 def _smoke(name: str, argv: list[str]) -> tuple[object, dict]:
-    script = _script(name)
+    script = load_script(name)
     res = script.run(script.parser().parse_args(argv))
     return script, res
 
@@ -477,7 +477,7 @@ THREADS = ["--threads", "1"]  # one thread: quick on a busy machine; stock also 
 DEFAULT = "stock, library default threads"
 
 
-def _with_default(labels: list[str]) -> list[str]:
+def with_default(labels: list[str]) -> list[str]:
     """Stock's library-default column follows stock when one thread is not the library's default."""
     return labels[:1] + [DEFAULT] + labels[1:] if Threads().resolved() != (1, 1) else labels
 
@@ -486,7 +486,7 @@ def test_speed_script_on_the_protocol():
     script, res = _smoke("speed", ["--contexts", "128", "--steps", "8", "--prefill-budget", "64", "--decode-budget",
                                    "16", "--rounds", "2", "--hook-cached", *THREADS])
     (row,) = res["rows"]
-    want = _with_default(["stock", "ours, no budget", "ours, slide 64/16", "ideal, slide 64/16"])
+    want = with_default(["stock", "ours, no budget", "ours, slide 64/16", "ideal, slide 64/16"])
     check_protocol_run(row, 2, want)
     assert all(r["timed_steps"] == 8 for c in row["columns"].values() if not c.get("level") for r in c["runs"])
     text = script.table(res)
@@ -498,7 +498,7 @@ def test_beyond_script_on_the_protocol():
                                     "--decode-budget", "16", "--rounds", "2", "--ideal-steps", "8", "--skip-chunking",
                                     *THREADS])
     t = res["targets"]
-    want = _with_default(["stock", "stock, K q8_0", "ours, no budget", "ours, slide 64/16 K f16",
+    want = with_default(["stock", "stock, K q8_0", "ours, no budget", "ours, slide 64/16 K f16",
                           "ideal, slide 64/16 K f16", "ours, slide 64/16 K q8_0", "ideal, slide 64/16 K q8_0"])
     check_protocol_run(t, 2, want)
     cols = t["columns"]
@@ -514,7 +514,7 @@ def test_flash_script_on_the_protocol(tmp_path):
                                    "--decode-budget", "16", "--rank", "8", "--rounds", "1", "--skip-device",
                                    "--skip-memory", "--out", str(tmp_path / "flash.json"), *THREADS])
     cpu = res["cpu"]
-    want = _with_default(["stock", "stock, fa on", "stock, fa on q8_0", "ours, no budget", "ours, exact fa off",
+    want = with_default(["stock", "stock, fa on", "stock, fa on q8_0", "ours, no budget", "ours, exact fa off",
                           "ideal, exact fa off", "ours, sketch fa off", "ours, sketch fa on", "ideal, sketch fa on",
                           "ours, sketch fa on q8_0", "ideal, sketch fa on q8_0"])
     check_protocol_run(cpu, 1, want)  # one round: each sketched ScopeLlama takes seconds to set up
@@ -527,7 +527,7 @@ def test_long_run_script_on_the_protocol():
     script, res = _smoke("long_run", ["--tokens", "48", "--window", "16", "--prompt", "128", "--prefill-budget",
                                       "64", "--decode-budget", "16", "--rounds", "2", "--stock-tokens", "16",
                                       "--ideal-steps", "8", *THREADS])
-    want = _with_default(["stock", "ours, no budget", "ours, slide 64/16", "ideal, slide 64/16"])
+    want = with_default(["stock", "ours, no budget", "ours, slide 64/16", "ideal, slide 64/16"])
     check_protocol_run(res, 2, want)
     windows = res["columns"][res["long"]]["runs"][0]["windows"]
     assert [w["tokens"] for w in windows] == [16, 32, 48] and all(w["cells_held"] <= w["cells_allocated"]
@@ -552,7 +552,7 @@ def test_compare_places_a_rerun_against_the_stored_spread(tmp_path):
     """bench/compare.py: a re-run identical to the stored file is within; one
     ratio moved past the stored max is outside (and --strict exits 1); a
     server re-run with more conversation counts is matched by its count."""
-    compare = _script("compare")
+    compare = load_script("compare")
     results = BENCH / "results"
     headline = json.loads((results / "headline.json").read_text())
     server = json.loads((results / "server.json").read_text())
@@ -580,7 +580,7 @@ def test_compare_places_a_rerun_against_the_stored_spread(tmp_path):
 def test_run_all_writes_every_result_into_the_folder_asked(tmp_path):
     """run_all.py --results DIR: every run's files go to DIR (a re-run to
     compare with bench/compare.py leaves the stored files alone)."""
-    run_all = _script("run_all")
+    run_all = load_script("run_all")
     stored = str(BENCH / "results")
     for quick in (False, True):
         seen: set[str] = set()

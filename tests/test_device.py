@@ -23,7 +23,7 @@ from scope_edge.runtime.model import Model
 from llama_log import llama_log
 from served import start_server
 from test_batch import check_reordered_step, reordered_prompts
-from test_bench import _script, _with_default, check_protocol_run
+from test_bench import check_protocol_run, load_script, with_default
 from test_budgets import check_invariants_every_step
 from test_lend import check_lending_every_step
 from test_runtime import PROMPT
@@ -330,13 +330,13 @@ def test_serve_offloads_every_layer_to_the_rpc_device(model_path):
 def test_device_script_on_the_protocol(model_path, endpoint):
     """bench/device.py's headline: the protocol's columns with every layer on the
     device (stock included), and the hook's bytes: capturing every layer reads more."""
-    script = _script("device")
+    script = load_script("device")
     args = script.parser().parse_args(["--prompt", "128", "--tokens", "24", "--prefill-budget", "64",
                                        "--decode-budget", "16", "--rounds", "2", "--ideal-steps", "8",
                                        "--threads", "1"])
     h = script.headline(str(model_path), endpoint, args)
     slide = "ours, slide 64/16"
-    want = _with_default(["stock", "ours, no budget", slide, "ideal, slide 64/16", script.EVERY_LAYER])
+    want = with_default(["stock", "ours, no budget", slide, "ideal, slide 64/16", script.EVERY_LAYER])
     check_protocol_run(h, 2, want)
     hook = h["hook"]
     assert hook["ours, no budget"]["captured_steps"] == 0

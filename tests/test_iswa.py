@@ -20,7 +20,7 @@ from scope_edge.bench import eog_tokens
 from scope_edge.protocol import Cache, stock_greedy
 from scope_edge.policies import COMBINATIONS
 from llama_log import llama_log
-from test_bench import _script
+from test_bench import load_script
 from test_device import endpoint  # noqa: F401  (the RPC server fixture)
 from tiny_gguf import write_tiny_gguf
 
@@ -241,7 +241,7 @@ def test_stock_without_swa_full_allocates_what_memory_says(gemma_path: str) -> N
 def test_iswa_script_steps_both_stocks_and_ours_in_rounds(tiny_iswa: Path) -> None:
     """bench/iswa.py's speed part on the tiny gemma3: every side once a round, the order rotated,
     each ratio the median of its per-round ratios; stock without swa_full holds a smaller window cache."""
-    iswa = _script("iswa")
+    iswa = load_script("iswa")
     res = iswa.speed(str(tiny_iswa), _tiny_prompt(700), 200, [(32, 24)], rounds=2)
     cols = res["columns"]
     assert list(cols) == ["stock", "stock, swa_full=false", "ours, 32/24"]
