@@ -86,9 +86,16 @@ def compare(stored: dict, rerun: dict, file: str) -> list[Row]:
 
 
 def stock_speed(result: dict) -> float | None:
-    """Stock's median decode tok/s in a file whose columns are at its top (how fast the host was)."""
+    """Stock's median decode tok/s (how fast the host was): the protocol's
+    stock column at a file's top, or a server file's first run's stock in
+    turn at equal threads."""
     stock = result.get("columns", {}).get("stock")
-    return None if stock is None else stock["summary"]["decode_tokens_per_s"]["median"]
+    if stock is not None:
+        return stock["summary"]["decode_tokens_per_s"]["median"]
+    runs = result.get("runs")
+    if isinstance(runs, list) and runs and "stock in turn, equal threads" in runs[0]:
+        return runs[0]["stock in turn, equal threads"]["decode_tokens_per_s"]["median"]
+    return None
 
 
 def table(rows: list[Row], hosts: dict[str, tuple[float, float]] | None = None) -> str:

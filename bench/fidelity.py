@@ -1,4 +1,4 @@
-"""Fidelity of every strategy at equal memory, and the score-aggregation experiments.
+"""Fidelity of every strategy at equal cells, and the score-aggregation experiments.
 
     python bench/fidelity.py [--prompt-tokens 512] [--max-tokens 256] \
         [--budgets 96:64 192:128 320:192] [--json]
@@ -8,8 +8,10 @@ the same cells (SCOPE: prefill + decode; streaming and h2o: their sum) and
 scope_edge.bench.run_many measures it against one stock run: lockstep
 teacher forcing (top-1 agreement, mean/max KL(full || compressed)), and the
 free-running identical prefix and ROUGE-L. The recent window is half the
-decode budget (the paper's 256 of 512). memory_ratio = budget cells /
-(prompt + generated), what each strategy is allowed to hold.
+decode budget (the paper's 256 of 512). Each row's ratios.kv_bytes is the
+KV bytes llama.cpp allocated over stock's; what a budget holds after the
+prompt, (prefill + decode) / (prompt + generated), is less while a prompt
+chunk is being prefilled.
 
 Aggregation (at the middle budget pair, slide): how the prompt's cells are
 scored from 30 layers x 9 heads: heads summed or maxed per layer; SnapKV
@@ -93,11 +95,11 @@ def variant_policy(v: Variant, prefill: int, decode: int) -> Policy:
     policy = build(budget, strategy="slide", prefill_selector=v.selector, head_reduce=v.head_reduce)
     if not isinstance(policy.prefill, SnapKV):
         return policy
-    snap = policy.prefill
-    # budget= is what makes it evict: a SnapKV without one keeps every prompt cell
-    return Policy(prefill=LayerSnapKV(budget=snap.budget, window=snap.window, kernel=v.kernel, lookback=v.lookback,
-                                      head_reduce=v.head_reduce, first_layer=v.first_layer),
-                  decode=policy.decode)
+    # every other setting (budget, probe, the lend rule) is the shipped policy's
+    snap = {f.name: getattr(policy.prefill, f.name) for f in dataclasses.fields(policy.prefill) if f.init}
+    return dataclasses.replace(policy, prefill=LayerSnapKV(**{**snap, "kernel": v.kernel, "lookback": v.lookback,
+                                                              "head_reduce": v.head_reduce,
+                                                              "first_layer": v.first_layer}))
 
 
 def variant_llm(path: str, v: Variant, prefill: int, decode: int) -> ScopeLlama:
@@ -118,7 +120,6 @@ def sweep(prompt_tokens: int, max_tokens: int, budgets: list[tuple[int, int]], s
                             engine=scoring_engine(sc))
                 for s in strategies for sc in scorings]
         for r in run_many(cfgs):
-            r["memory_ratio"] = (prefill + decode) / (prompt_tokens + max_tokens)
             rows.append(r)
             f = r["fidelity"]
             log.info("seed %d budget %d:%d %s/%s %s: top-1 %.3f, KL %.4f", seed, prefill, decode, r["config"]["strategy"],
@@ -247,11 +248,11 @@ def means(rows: list[dict]) -> list[dict]:
 def table(out: dict) -> str:
     lines = []
     if out.get("sweep"):
-        lines.append(f"{'seed':>4} {'budget':>8} {'mem':>5} {'strategy':18} {'scoring':12} {'top-1':>6} {'mean KL':>8} "
+        lines.append(f"{'seed':>4} {'budget':>8} {'KV':>5} {'strategy':18} {'scoring':12} {'top-1':>6} {'mean KL':>8} "
                      f"{'max KL':>7} {'prefix':>6} {'ROUGE-L':>7}")
     for r in out.get("sweep", []):
         c, f = r["config"], r["fidelity"]
-        lines.append(f"{c.get('prompt_seed', 0):>4} {c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['memory_ratio']:5.0%} "
+        lines.append(f"{c.get('prompt_seed', 0):>4} {c['prefill_budget']:>4}:{c['decode_budget']:<3} {r['ratios']['kv_bytes']:5.0%} "
                      f"{c['strategy'] + '/' + c.get('lend', 'none'):18} {scoring_name(c):12} "
                      f"{f['top1_agreement']:6.1%} {f['mean_kl']:8.4f} {f['max_kl']:7.2f} {f['identical_prefix']:6d} "
                      f"{f['rouge_l']:7.3f}")

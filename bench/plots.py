@@ -72,13 +72,13 @@ def plot_speed(res: dict, out: Path) -> None:
 def plot_fidelity(res: dict, out: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for s in dict.fromkeys(r["config"]["strategy"] for r in res["sweep"]):
-        rows = sorted((r for r in res["sweep"] if r["config"]["strategy"] == s), key=lambda r: r["memory_ratio"])
-        x = [r["memory_ratio"] for r in rows]
+        rows = sorted((r for r in res["sweep"] if r["config"]["strategy"] == s), key=lambda r: r["ratios"]["kv_bytes"])
+        x = [r["ratios"]["kv_bytes"] for r in rows]  # bytes llama.cpp allocated, over stock's
         ax1.plot(x, [r["fidelity"]["top1_agreement"] for r in rows], "o-", label=s)
         ax2.plot(x, [r["fidelity"]["mean_kl"] for r in rows], "o-", label=s)
     title = f"prompt {res['prompt_tokens']} + {res['max_tokens']} generated"
-    ax1.set(xlabel="memory ratio (budget cells / tokens)", ylabel="top-1 agreement with full cache", title=title)
-    ax2.set(xlabel="memory ratio (budget cells / tokens)", ylabel="mean KL(full || compressed)", title=title)
+    ax1.set(xlabel="KV bytes allocated / stock's", ylabel="top-1 agreement with full cache", title=title)
+    ax2.set(xlabel="KV bytes allocated / stock's", ylabel="mean KL(full || compressed)", title=title)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

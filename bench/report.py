@@ -65,12 +65,13 @@ def fidelity(d: dict) -> str:
     for p, dec in budgets:
         rows = {_run_name(r["config"]): r for r in d["sweep"]
                 if (r["config"]["prefill_budget"], r["config"]["decode_budget"]) == (p, dec)}
-        ratio = next(iter(rows.values()))["memory_ratio"]
+        held = (p + dec) / (d["prompt_tokens"] + d["max_tokens"])
+        kv = max(r["ratios"]["kv_bytes"] for r in rows.values())  # bytes llama.cpp allocated, over stock's
         cells = [f"{rows[s]['fidelity']['top1_agreement']:.1%} / {rows[s]['fidelity']['mean_kl']:.2f} "
                  f"({rows[s]['fidelity']['identical_prefix']} / {rows[s]['fidelity']['rouge_l']:.2f})" for s in strategies]
-        body.append([f"{p}:{dec}", f"{ratio:.0%}", *cells])
+        body.append([f"{p}:{dec}", f"{kv:.1%}", f"{held:.0%}", *cells])
     if body:
-        out.append(_table(["budget", "memory", *strategies], body))
+        out.append(_table(["budget", "KV bytes / stock", "cells held / stock's", *strategies], body))
     if d.get("aggregation"):
         out += ["", aggregation(d)]
     return "\n".join(out)
@@ -106,11 +107,15 @@ def aggregation(d: dict) -> str:
 
 def tasks(d: dict) -> str:
     strategies = list(d["budgets"][0]["results"]) if d["budgets"] else []
-    body = [[f"{b['prefill']}:{b['decode']}", f"{(b['prefill'] + b['decode']) / (sum(d['prompt_tokens']) / len(d['prompt_tokens']) + d['max_tokens']):.0%}",
+    mean_prompt = sum(d["prompt_tokens"]) / len(d["prompt_tokens"])
+    body = [[f"{b['prefill']}:{b['decode']}",
+             f"{max(r['kv_ratio'] for r in b['results'].values()):.0%}" if "kv_ratio" in b["results"][strategies[0]]
+             else "not recorded",
+             f"{(b['prefill'] + b['decode']) / (mean_prompt + d['max_tokens']):.0%}",
              *[f"{b['results'][s]['accuracy']:.1%}" for s in strategies]] for b in d["budgets"]]
     return (f"{d['items']} items, {d['seeds']} prompts of {min(d['prompt_tokens'])}-{max(d['prompt_tokens'])} tokens, "
             f"{d['max_tokens']} generated; full cache {d['full']['accuracy']:.1%}\n\n"
-            + _table(["budget", "memory", *strategies], body))
+            + _table(["budget", "KV bytes / stock", "cells held / stock's", *strategies], body))
 
 
 def memory(d: dict) -> str:
@@ -179,10 +184,11 @@ def ordered_suite(path: Path) -> str:
 
 REPORTS: dict[str, Callable] = {
     "headline.json": headline, "headline_2048.json": headline, "goal_4096_12288.json": headline, "fidelity.json": fidelity,
-    "fidelity_lend.json": fidelity, "fidelity_lookback.json": fidelity, "fidelity_long.json": fidelity, "aggregation_512.json": fidelity, "aggregation_1024.json": fidelity,
+    "fidelity_long.json": fidelity, "aggregation_1024.json": fidelity,
+    "fidelity_default.json": fidelity,
     "tasks.json": tasks, "memory.json": memory, "speed.json": speed, "beyond.json": beyond,
     "device.json": device, "steady.json": device, "one_slot.json": one_slot, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
-    "fidelity_sketch_random.json": fidelity, "fidelity_sketch_rank.json": fidelity, "flash.json": flash,
+    "flash.json": flash,
     "flash_memory.json": flash,
     "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
     "fidelity_sketch_rank24_prompts.json": fidelity_prompts, "fidelity_prompts.json": fidelity_prompts,

@@ -2,7 +2,7 @@
 scripts run 3 interleaved rounds of every column; long_run.py alone generates 3 x 20,000 tokens;
 multiturn.py's 20 chats x 3 configurations at the default budget, 2,048 and 1,024 cells, about half an hour).
 
-    python bench/run_all.py [--quick] [--results DIR]
+    python bench/run_all.py [--quick] [--results DIR] [--only NAME ...]
     python bench/compare.py DIR       # a re-run's ratios against the stored spreads
 
 Runs, in order: headline.py (2048 + 4096, slide, 3 interleaved rounds under
@@ -18,13 +18,13 @@ default budget with and without the chat structure kept, then its report), fidel
 capture_layers.py (fidelity of capturing fewer layers, the offload default), flash.py (flash
 attention on and off, CPU and RPC device; then memory at 4096 + 4096), iswa.py (Gemma 3 270M,
 fetched from PyPI: speed in 3 rounds, then teacher-forced fidelity), plots.py, then report.py
-writes RESULTS.md. --quick uses small sizes to check the pipeline end to end.
+writes RESULTS.md. --quick uses small sizes to check the pipeline end to end. --only re-creates
+the named result files (fidelity_long, server_q8, ...) or every file of the named scripts
+(fidelity.py), then report.py.
 
-Stored files this does not re-create (older one-off runs; bench/README.md says what made
-each): aggregation_512.json, aggregation_1024.json, fidelity_default.json,
-fidelity_sketch_random.json, fidelity_sketch_rank.json, structured.json (bench/structured.py) and
-ordered_tune.json (an earlier runtime's tuning).
-Several files that it does re-create were made with older defaults (CHANGELOG.md).
+Stored files this does not re-create: structured.json (bench/structured.py, a timing of
+structured output) and ordered_tune.json (an earlier runtime's tuning, kept as the record of that
+choice). Which stored files were made before today's defaults: bench/README.md.
 """
 from __future__ import annotations
 
@@ -48,6 +48,16 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
     ("fidelity.py", ["--skip-aggregation", "--max-tokens", "1024", "--budgets", "96:64", "192:128",
                      "--out", "RESULTS/fidelity_long.json"], ["--skip-aggregation", "--prompt-tokens", "256",
                                                               "--max-tokens", "32", "--budgets", "96:16"]),
+    # the score aggregation at 1024 + 512 (fidelity.json holds it at 512 + 256)
+    ("fidelity.py", ["--skip-sweep", "--prompt-tokens", "1024", "--max-tokens", "512", "--budgets", "256:128",
+                     "--out", "RESULTS/aggregation_1024.json"],
+     ["--skip-sweep", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32",
+      "--out", "RESULTS/aggregation_1024.json"]),
+    # the default model's default budget (1536:512 of its 2,048 cells) past the bound
+    ("fidelity.py", ["--skip-aggregation", "--prompt-tokens", "3072", "--max-tokens", "512", "--budgets", "1536:512",
+                     "--strategies", "slide", "--out", "RESULTS/fidelity_default.json"],
+     ["--skip-aggregation", "--prompt-tokens", "600", "--max-tokens", "32", "--budgets", "256:128",
+      "--strategies", "slide", "--out", "RESULTS/fidelity_default.json"]),
     ("tasks.py", [], ["--seeds", "1", "--strategies", "slide", "streaming"]),
     ("memory.py", [], ["--prompts", "512", "--gens", "512", "1024"]),
     ("speed.py", [], ["--contexts", "512", "1024", "--steps", "16", "--rounds", "2", "--hook-cached"]),
@@ -113,10 +123,6 @@ RUNS: list[tuple[str, list[str], list[str]]] = [  # script, full-size args, --qu
                       "--out", "RESULTS/multiturn.jsonl"], ["eval", "--cells", "1024", "--conversations", "1"]),
     ("multiturn.py", ["report", "RESULTS/multiturn.jsonl", "--summary", "RESULTS/multiturn.json"],
      ["report", "RESULTS/multiturn.json"]),
-    ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "adaptive", "discontinuous",
-                     "--out", "RESULTS/fidelity_lookback.json"],
-     ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
-      "slide"]),
     ("fidelity.py", ["--skip-aggregation", "--strategies", "slide", "--seeds", "0", "1", "2", "3", "4",
                      "--out", "RESULTS/fidelity_prompts.json"],
      ["--skip-aggregation", "--prompt-tokens", "256", "--max-tokens", "32", "--budgets", "96:32", "--strategies",
@@ -174,17 +180,39 @@ def arguments(script: str, args: list[str], results: Path, *, quick: bool, first
         "--out", str(results / f"{stem}.json")]
 
 
+def result_name(script: str, args: list[str]) -> str:
+    """The stem of the file a run writes: its --out, else the script's."""
+    outs = [a for a in args if a.startswith("RESULTS/")]
+    return Path(outs[0]).stem if outs else script.removesuffix(".py")
+
+
+def selected(only: list[str] | None) -> list[tuple[str, list[str], list[str]]]:
+    """RUNS whose result file or script --only names (all of them without
+    --only); a name that matches nothing is refused with the names there are."""
+    if not only:
+        return RUNS
+    known = {result_name(s, full) for s, full, _ in RUNS} | {s for s, _, _ in RUNS}
+    unknown = [n for n in only if n not in known]
+    if unknown:
+        raise SystemExit(f"--only {' '.join(unknown)}: no such result file or script; "
+                         f"choose from {', '.join(sorted(known))}")
+    return [r for r in RUNS if r[0] in only or result_name(r[0], r[1]) in only]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--results", type=Path, default=None,
                     help="write every result file here (default: bench/results/, or bench/out/ with --quick); "
                          "then `python bench/compare.py DIR` places them against the stored ones")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="only these result files (their stems: fidelity_long, server_q8) or scripts (fidelity.py)")
     args = ap.parse_args()
+    runs = selected(args.only)
     results = args.results or (HERE / "out" if args.quick else HERE / "results")
     results.mkdir(parents=True, exist_ok=True)
     seen: set[str] = set()
-    for i, (script, full, quick) in enumerate(RUNS):
+    for i, (script, full, quick) in enumerate(runs):
         extra = arguments(script, quick if args.quick else full, results, quick=args.quick,
                           first=script not in seen, index=i)
         seen.add(script)

@@ -15,9 +15,12 @@ a 30-item list exactly; it fails at reasoning tasks (arithmetic, JSON
 conversion) and, with a long distractor before or after the list, copies the
 distractor instead. So the suite is short-prompt copying, at two budget
 points for a ~210-token prompt and 240 generated tokens: 96:64 (about 35% of
-the full cache; every cache must drop list lines) and 224:64 (about 64%;
-SCOPE's prefill budget holds the whole list, the unified baselines must give
-list cells up to the growing output).
+the full cache's cells held; every cache must drop list lines) and 224:64
+(about 64%; SCOPE's prefill budget holds the whole list, the unified
+baselines must give list cells up to the growing output). What llama.cpp
+allocates is reported apart (kv_ratio: KV bytes / stock's for the same
+request, prompt + max_tokens, padded to 256 cells as llama.cpp does): at
+these sizes 96:64 allocates half of it and 224:64 all of it.
 
 The uncompressed cache (budget=None) is the ceiling. Every strategy gets
 the same cells: SCOPE prefill + decode budgets; streaming and
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from scope_edge import Budget, ScopeLlama, models
+from scope_edge import Budget, ScopeLlama, memory, models
 from scope_edge.bench import SYSTEM_PROMPT, budget_pairs, machine, save_results, vocabulary
 
 log = logging.getLogger("bench.tasks")
@@ -69,14 +72,20 @@ def score(task: Task, text: str) -> float:
 def accuracy(path: str, tasks: list[Task], prompts: list[str], max_tokens: int, **kw) -> dict:
     """Mean accuracy of one cache configuration (ScopeLlama keywords) over
     tasks, each prompted with its rendered chat (each from an empty cache)."""
-    accs, cells, texts = [], 0, []
+    accs, cells, kv_ratio, texts = [], 0, 0.0, []
+    geometry = memory.read_geometry(path)
     with ScopeLlama(path, **kw) as llm:
         for task, prompt in tqdm(list(zip(tasks, prompts)), desc=kw.get("strategy", "full"), leave=False):
             c = llm.generate(prompt, max_tokens=max_tokens)
             accs.append(score(task, c.text))
             cells = max(cells, c.stats.kv_cells_peak)
+            # stock allocates for the request (prompt + max_tokens), not for the tokens an early stop used
+            stock = memory.kv_bytes(geometry, memory.padded_cells(c.stats.prompt_tokens + max_tokens))
+            kv_ratio = max(kv_ratio, c.stats.kv_bytes_allocated / stock)
             texts.append(c.text)
-    return {"accuracy": sum(accs) / len(accs), "per_prompt": accs, "kv_cells_peak": cells, "sample": texts[0][:400]}
+    # kv_ratio: the most KV bytes llama.cpp allocated for a prompt, over stock's for the same request
+    return {"accuracy": sum(accs) / len(accs), "per_prompt": accs, "kv_cells_peak": cells, "kv_ratio": kv_ratio,
+            "sample": texts[0][:400]}
 
 
 def run(strategies: list[str], n_items: int, seeds: int, budgets: list[tuple[int, int]],
@@ -104,11 +113,11 @@ def run(strategies: list[str], n_items: int, seeds: int, budgets: list[tuple[int
 
 def table(res: dict) -> str:
     lines = [f"prompt tokens {res['prompt_tokens']}; full cache accuracy {res['full']['accuracy']:.1%}",
-             f"{'budget':>8} {'strategy':14} {'accuracy':>8} {'peak cells':>10}"]
+             f"{'budget':>8} {'strategy':14} {'accuracy':>8} {'peak cells':>10} {'KV bytes / stock':>16}"]
     for row in res["budgets"]:
         for name, r in row["results"].items():
             lines.append(f"{row['prefill']:>4}:{row['decode']:<3} {name:14} {r['accuracy']:8.1%} "
-                         f"{r['kv_cells_peak']:10d}")
+                         f"{r['kv_cells_peak']:10d} {r['kv_ratio']:16.1%}")
     return "\n".join(lines)
 
 

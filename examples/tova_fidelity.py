@@ -42,7 +42,7 @@ def main() -> int:
         for llm in llms.values():
             llm.close()
     print(f"prompt {args.prompt_tokens} + {args.max_tokens} teacher-forced tokens, {args.cells} cells each "
-          f"({args.cells / (args.prompt_tokens + args.max_tokens):.0%} of the full cache)")
+          f"({args.cells / (args.prompt_tokens + args.max_tokens):.0%} of the full cache's cells)")
     print(f"{'policy':<16} {'top-1':>7} {'mean KL':>8}")
     for name, fid in zip(llms, results):
         d = fid.as_dict()

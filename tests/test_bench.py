@@ -136,12 +136,19 @@ def test_fidelity_variants_evict(model_path):
     for v in fidelity.VARIANTS:
         policy = fidelity.variant_policy(v, 96, 64)
         assert policy.prefill_keep(300) == 96, v.name
+    # the "(default)" variant is the policy the sweep runs: same lend rule, probe and decode
+    default = next(v for v in fidelity.VARIANTS if "(default)" in v.name)
+    shipped = BenchConfig(prompt_tokens=512, max_tokens=256, prefill_budget=192, decode_budget=128,
+                          recent_window=64).policy()
+    ours = fidelity.variant_policy(default, 192, 128)
+    assert (ours.lend, ours.decode, ours.keep_structure) == (shipped.lend, shipped.decode, shipped.keep_structure)
+    assert dataclasses.asdict(ours.prefill) == {**dataclasses.asdict(shipped.prefill), "first_layer": 0}
     upper = next(v for v in fidelity.VARIANTS if v.first_layer)
     prompt = logbook_prompt(str(model_path), 300)
     with fidelity.variant_llm(str(model_path), upper, 96, 64) as llm:
         assert isinstance(llm.policy.prefill, fidelity.LayerSnapKV)
         stats = llm.generate(prompt, max_tokens=8, ignore_eos=True).stats
-    assert stats.evicted_cells >= 300 - 96
+    assert stats.evicted_cells >= 300 - (96 + 64)  # the lend rule lends the decode room to prompt cells
 
 
 def test_lookback_keeps_every_key_token_of_an_ordered_prompt(model_path):
@@ -560,7 +567,9 @@ def test_compare_places_a_rerun_against_the_stored_spread(tmp_path):
     extra = copy.deepcopy(server["runs"][-1]) | {"conversations": 99}
     (tmp_path / "server.json").write_text(json.dumps(server | {"runs": [extra, *server["runs"]]}))
     rows, hosts = compare.run(compare.parser().parse_args([str(tmp_path)]))
-    assert hosts == {"headline.json": (compare.stock_speed(headline),) * 2}
+    stock_in_turn = extra["stock in turn, equal threads"]["decode_tokens_per_s"]["median"]
+    assert hosts == {"headline.json": (compare.stock_speed(headline),) * 2,
+                     "server.json": (compare.stock_speed(server), stock_in_turn)}
     assert {r.file for r in rows} == {"headline.json", "server.json"}
     assert len(rows) == len(headline["ratios"]) + len(server["runs"][-1]["ratios"])
     assert all(r.verdict == "within" for r in rows)
@@ -590,3 +599,31 @@ def test_run_all_writes_every_result_into_the_folder_asked(tmp_path):
             seen.add(script)
             assert any(a.startswith(str(tmp_path)) for a in extra), (script, extra)
             assert not any("RESULTS" in a or a.startswith(stored) for a in extra), (script, extra)
+
+
+def test_run_all_only_selects_result_files_and_scripts():
+    """--only NAME: the runs writing that result file, or every run of a
+    script; an unknown name is refused with the names there are."""
+    run_all = load_script("run_all")
+    assert [(s, run_all.result_name(s, a)) for s, a, _ in run_all.selected(["fidelity_long", "tasks"])] == [
+        ("fidelity.py", "fidelity_long"), ("tasks.py", "tasks")]
+    server = run_all.selected(["server.py"])
+    assert len(server) == 3 and {s for s, _, _ in server} == {"server.py"}
+    assert run_all.selected(None) == run_all.RUNS
+    with pytest.raises(SystemExit, match="--only fidelity_lend: no such result file or script; choose from"):
+        run_all.selected(["fidelity_lend"])
+
+
+def test_report_labels_memory_by_allocated_bytes():
+    """RESULTS.md renders every stored file it reads, and no table has a
+    bare "memory" column: KV is bytes llama.cpp allocated over stock's, cells
+    held say so (issue #29)."""
+    done = subprocess.run([sys.executable, str(BENCH / "report.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    headers = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert not [h for h in headers if "| memory |" in h], "a column labelled memory"
+    fidelity = json.loads((BENCH / "results" / "fidelity.json").read_text())
+    kv = max(r["ratios"]["kv_bytes"] for r in fidelity["sweep"]
+             if (r["config"]["prefill_budget"], r["config"]["decode_budget"]) == (96, 64))
+    assert f"| 96:64 | {kv:.1%} |" in text

@@ -176,3 +176,21 @@ def test_ci_runs_the_readme_setup_commands():
         assert f"export {cmake}\n" in ci
         install, run = rest.split(" && ", 1)
         assert run in ci, f".ci/run does not run the README's {run!r}"
+
+
+# a result file's name as the docs write it: not a pattern ("fidelity*.json", "<script>.json")
+RESULT_NAME = re.compile(r"(?<![\w*/<-])([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*\.(?:jsonl?|png))\b")
+
+
+def test_every_result_file_the_docs_name_exists():
+    """A result file the README, bench/README.md or docs/ name is in
+    bench/results/ (a deleted or renamed file is caught; CHANGELOG.md is
+    history and may name files that are gone)."""
+    stored = {p.name for p in (ROOT / "bench" / "results").rglob("*")}
+    docs = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = {(doc.name, m) for doc in docs for m in RESULT_NAME.findall(doc.read_text()) if m not in stored}
+    assert not missing, f"docs name result files bench/results/ does not hold: {sorted(missing)}"
+
+
+def test_a_deleted_result_file_is_caught():
+    assert RESULT_NAME.findall("see `fidelity_lend.json` and fidelity*.json, <script>.json") == ["fidelity_lend.json"]
