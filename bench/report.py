@@ -109,8 +109,7 @@ def tasks(d: dict) -> str:
     strategies = list(d["budgets"][0]["results"]) if d["budgets"] else []
     mean_prompt = sum(d["prompt_tokens"]) / len(d["prompt_tokens"])
     body = [[f"{b['prefill']}:{b['decode']}",
-             f"{max(r['kv_ratio'] for r in b['results'].values()):.0%}" if "kv_ratio" in b["results"][strategies[0]]
-             else "not recorded",
+             f"{max(r['kv_ratio'] for r in b['results'].values()):.0%}",
              f"{(b['prefill'] + b['decode']) / (mean_prompt + d['max_tokens']):.0%}",
              *[f"{b['results'][s]['accuracy']:.1%}" for s in strategies]] for b in d["budgets"]]
     return (f"{d['items']} items, {d['seeds']} prompts of {min(d['prompt_tokens'])}-{max(d['prompt_tokens'])} tokens, "
