@@ -84,13 +84,27 @@ def fidelity_pass(path: str, prompt: list[int], steps: int, *, budget: Budget, s
                 **free_running(stock.tokens, kept[ours_label(s, budget)])} for s, fid in zip(strategies, res)}
 
 
+def short_notes(res: dict) -> list[str]:
+    """A line for each column of ours that generated fewer tokens than asked
+    (ours with no budget stops at the model's trained context; stock runs
+    past it): its ratio to stock compares different work."""
+    want = res["config"]["max_tokens"]
+    out = []
+    for label, col in res["columns"].items():
+        made = min((r["generated_tokens"] for r in col.get("runs", []) if "generated_tokens" in r), default=want)
+        if made < want:
+            out.append(f"\n{label} generated {made:,} of the {want:,} tokens asked (a cache without a budget stops "
+                       f"at the model's trained context): its ratio to stock compares different work.")
+    return out
+
+
 def table(res: dict) -> str:
     """One row a column: KV, cells, decode median (min..max), x stock; the ratios below."""
     c = res["config"]
     out = [f"prompt {c['prompt_tokens']} + {c['max_tokens']} generated, budgets {c['prefill_budget']}/"
            f"{c['decode_budget']}, K {c['type_k']} V {c['type_v']}; {header(res['protocol']['rounds'], res['load_1m'])}"
            + ("; stock's threads are also llama-cpp-python's default" if STOCK_DEFAULT not in res["columns"] else ""),
-           "", *columns_table(res["columns"]), "", *ratios_table(res["ratios"])]
+           "", *columns_table(res["columns"]), "", *ratios_table(res["ratios"]), *short_notes(res)]
     for s, f in (res.get("fidelity") or {}).items():
         out.append(f"\nfidelity ({s}, separate untimed pass): top-1 {f['top1_agreement']:.1%}, mean KL "
                    f"{f['mean_kl']:.4f}, identical prefix {f['identical_prefix']}, ROUGE-L {f['rouge_l']:.3f}")

@@ -26,6 +26,7 @@ from scope_edge.protocol import (Threads, batched_stock, ideal_fill, ratio, run_
                                  steady_level, stock_greedy)
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+RESULTS = BENCH / "results"
 
 TINY = dict(prompt_tokens=300, max_tokens=64, prefill_budget=128, decode_budget=64, ideal_steps=16,
             engine=EngineConfig(prefill_chunk=128))
@@ -414,7 +415,21 @@ def test_headline_protocol_on_the_model(model_path):
            "load_1m": done["load_1m"], "columns": {k: headline.column(k, v) for k, v in runs.items()}, "ratios": q}
     text = headline.table(res)
     assert "| ours, slide 64/32 |" in text and f"{o['kv_bytes'] / s['kv_bytes']:.1%}" in text
+    assert "compares different work" not in text  # every column generated the 40 tokens asked
     json.dumps(res)
+
+
+def test_headline_table_flags_a_column_that_stopped_short():
+    """The goal run's no-budget column stops at the trained context (8,192 positions) while stock runs
+    on: the table says so beside the ratios, from the runs' own token counts."""
+    headline = load_script("headline")
+    res = json.loads((RESULTS / "goal_4096_12288.json").read_text())
+    made = res["columns"]["ours, no budget"]["runs"][0]["generated_tokens"]
+    assert made < res["config"]["max_tokens"]
+    assert headline.short_notes(res) == [
+        f"\nours, no budget generated {made:,} of the {res['config']['max_tokens']:,} tokens asked (a cache "
+        "without a budget stops at the model's trained context): its ratio to stock compares different work."]
+    assert headline.short_notes(json.loads((RESULTS / "headline.json").read_text())) == []
 
 
 def test_batched_stock_is_n_streams_of_our_cells(model_path):
