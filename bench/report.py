@@ -189,7 +189,7 @@ REPORTS: dict[str, Callable] = {
     "device.json": device, "steady.json": device, "one_slot.json": one_slot, "long_run.json": long_run, "fidelity_sketch.json": fidelity,
     "flash.json": flash,
     "flash_memory.json": flash,
-    "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts, "fidelity_sketch_rank_prompts.json": fidelity_prompts,
+    "capture_layers.json": capture_layers, "fidelity_sketch_prompts.json": fidelity_prompts,
     "fidelity_sketch_rank24_prompts.json": fidelity_prompts, "fidelity_prompts.json": fidelity_prompts,
     "fidelity_sketch_lookback_prompts.json": fidelity_prompts,
     "fidelity_sketch_lookback_rank32_prompts.json": fidelity_prompts,
