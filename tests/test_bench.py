@@ -575,7 +575,7 @@ def test_compare_places_a_rerun_against_the_stored_spread(tmp_path):
     ratio moved past the stored max is outside (and --strict exits 1); a
     server re-run with more conversation counts is matched by its count."""
     compare = load_script("compare")
-    results = BENCH / "results"
+    results = RESULTS
     headline = json.loads((results / "headline.json").read_text())
     server = json.loads((results / "server.json").read_text())
     (tmp_path / "headline.json").write_text(json.dumps(headline))
@@ -605,7 +605,7 @@ def test_run_all_writes_every_result_into_the_folder_asked(tmp_path):
     """run_all.py --results DIR: every run's files go to DIR (a re-run to
     compare with bench/compare.py leaves the stored files alone)."""
     run_all = load_script("run_all")
-    stored = str(BENCH / "results")
+    stored = str(RESULTS)
     for quick in (False, True):
         seen: set[str] = set()
         for i, (script, full, small) in enumerate(run_all.RUNS):
@@ -638,7 +638,7 @@ def test_report_labels_memory_by_allocated_bytes():
     text = done.stdout
     headers = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
     assert not [h for h in headers if "| memory |" in h], "a column labelled memory"
-    fidelity = json.loads((BENCH / "results" / "fidelity.json").read_text())
+    fidelity = json.loads((RESULTS / "fidelity.json").read_text())
     kv = max(r["ratios"]["kv_bytes"] for r in fidelity["sweep"]
              if (r["config"]["prefill_budget"], r["config"]["decode_budget"]) == (96, 64))
     assert f"| 96:64 | {kv:.1%} |" in text
